@@ -1,0 +1,180 @@
+//! Kernel-side traffic capture for ztunnel.
+//!
+//! Three programs, all inert unless a pod's network namespace was enrolled by ztunnel:
+//! - `zt_connect4` (cgroup/connect4, attached once at the cgroup v2 root): an outbound TCP
+//!   connect from an enrolled namespace is rewritten to ztunnel's listener on that pod's
+//!   loopback; the destination the application asked for is remembered by socket cookie.
+//! - `zt_sockops` (sock_ops, same root): when the redirected socket sends its SYN, its local
+//!   port is known; the original destination moves to a map keyed by (netns, local addr, port),
+//!   which is what the listener sees as the peer of the accepted socket.
+//! - `zt_inbound` (sk_lookup, attached per pod namespace): plaintext TCP arriving from outside
+//!   the pod for one of the pod's own ports is handed to ztunnel's inbound listener (15006).
+//!   HBONE (15008), ztunnel's own ports and anything arriving on loopback (ztunnel's
+//!   deliveries to the application) are never steered.
+//!
+//! Sockets carrying ztunnel's mark are never redirected, so ztunnel cannot capture itself.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LruHashMap, SockHash},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::{debug, info};
+use ztunnel_ebpf_common::{
+    CAPTURE_OUTBOUND, ClientKey, INBOUND_EXCLUDED_PORTS, OrigDst, PodCapture, ZTUNNEL_MARK,
+};
+
+const AF_INET: u32 = 2;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const SOL_SOCKET: i32 = 1;
+const SO_MARK: i32 = 36;
+const LOOPBACK_IFINDEX: u32 = 1;
+/// 127.0.0.1 in network byte order.
+const LOCALHOST_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+/// Enrolled pod namespaces, by netns cookie. Written by ztunnel only.
+#[map]
+static ENROLLED: HashMap<u64, PodCapture> = HashMap::with_max_entries(65536, 0);
+
+/// Original destinations of redirected sockets between connect() and their SYN.
+#[map]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+
+/// Original destinations keyed as the listener sees the client; ztunnel deletes on accept.
+#[map]
+static ORIG_BY_CLIENT: LruHashMap<ClientKey, OrigDst> = LruHashMap::with_max_entries(262144, 0);
+
+/// ztunnel's inbound (15006) listener per pod IPv4 address (network byte order).
+#[map]
+static INBOUND_LISTENERS: SockHash<u32> = SockHash::with_max_entries(65536, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
+    // Returning 1 lets connect() proceed; we never refuse a connection here.
+    redirect_connect4(&ctx);
+    1
+}
+
+fn redirect_connect4(ctx: &SockAddrContext) {
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr` for its lifetime.
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM || sa.user_family != AF_INET {
+        return;
+    }
+    // SAFETY: the helper only reads the context pointer it is given.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is plain data copied out before the map can change it.
+    let Some(pod) = (unsafe { ENROLLED.get(&netns) }).copied() else {
+        return;
+    };
+    if pod.flags & CAPTURE_OUTBOUND == 0 {
+        return;
+    }
+    // Loopback stays inside the pod: never captured.
+    if u32::from_be(sa.user_ip4) >> 24 == 127 {
+        return;
+    }
+    if has_ztunnel_mark(ctx) {
+        return;
+    }
+    let orig = OrigDst {
+        addr: [sa.user_ip4, 0, 0, 0],
+        port: sa.user_port,
+        family: AF_INET,
+    };
+    // SAFETY: the helper only reads the context pointer it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+        info!(ctx, "ztunnel capture: cannot record original destination; not redirecting");
+        return;
+    }
+    sa.user_ip4 = LOCALHOST_BE;
+    sa.user_port = u32::from(pod.outbound_port.to_be());
+    debug!(
+        ctx,
+        "ztunnel capture: netns {} connect to {:i}:{} redirected",
+        netns,
+        u32::from_be(orig.addr[0]),
+        u16::from_be(orig.port as u16)
+    );
+}
+
+fn has_ztunnel_mark(ctx: &SockAddrContext) -> bool {
+    let mut mark: u32 = 0;
+    // SAFETY: `mark` is a valid, writable u32 and its size is passed along.
+    let ret = unsafe {
+        bpf_getsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET,
+            SO_MARK,
+            (&raw mut mark).cast(),
+            core::mem::size_of::<u32>() as i32,
+        )
+    };
+    ret == 0 && mark == ZTUNNEL_MARK
+}
+
+#[sock_ops]
+pub fn zt_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        remember_client(&ctx);
+    }
+    0
+}
+
+fn remember_client(ctx: &SockOpsContext) {
+    // SAFETY: the helper only reads the context pointer it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is plain data copied out at once.
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+        return;
+    };
+    let _ = ORIG_BY_COOKIE.remove(&cookie);
+    // SAFETY: the helper only reads the context pointer it is given.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let key = ClientKey {
+        netns_cookie: netns,
+        addr: [ctx.local_ip4(), 0, 0, 0],
+        port: ctx.local_port(),
+        family: AF_INET,
+    };
+    if ORIG_BY_CLIENT.insert(&key, &orig, 0).is_err() {
+        info!(ctx, "ztunnel capture: cannot record client of redirected socket");
+    }
+}
+
+#[sk_lookup]
+pub fn zt_inbound(ctx: SkLookupContext) -> u32 {
+    const SK_PASS: u32 = 1;
+    // SAFETY: the kernel hands the program a valid `bpf_sk_lookup` for its lifetime.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.protocol != IPPROTO_TCP || lookup.family != AF_INET {
+        return SK_PASS;
+    }
+    if lookup.ingress_ifindex == LOOPBACK_IFINDEX {
+        return SK_PASS;
+    }
+    let port = lookup.local_port as u16;
+    if INBOUND_EXCLUDED_PORTS.contains(&port) {
+        return SK_PASS;
+    }
+    // No listener for this address: the pod is not enrolled for inbound capture.
+    let _ = INBOUND_LISTENERS.redirect_sk_lookup(&ctx, lookup.local_ip4, 0);
+    SK_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
