@@ -1,1 +1,18 @@
+//! Harness for the end-to-end tests: nodes and pods as network namespaces, processes run
+//! inside them, test applications and clients. Everything it creates is removed on drop,
+//! also when a test panics; what a killed run left behind is removed by the next run.
 
+pub mod netns;
+pub mod process;
+pub mod topology;
+pub mod traffic;
+
+pub use process::{Proc, wait_until};
+pub use topology::{Node, Pod, Topology};
+
+/// Fails the test early, with a clear reason, when it cannot run here (not root).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "the end-to-end tests create namespaces and load eBPF: run as root");
+}

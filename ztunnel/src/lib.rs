@@ -5,3 +5,4 @@
 //! The waypoint reuses `identity`, `tls`, `hbone` and `metrics` from this library.
 
 pub mod identity;
+pub mod capture;

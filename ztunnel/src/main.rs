@@ -1,1 +1,1 @@
-fn main() { println!("{}", include_bytes!(concat!(env!("OUT_DIR"), "/ztunnel-capture")).len()); }
+fn main() {}

@@ -9,7 +9,7 @@
 //!   which is what the listener sees as the peer of the accepted socket.
 //! - `zt_inbound` (sk_lookup, attached per pod namespace): plaintext TCP arriving from outside
 //!   the pod for one of the pod's own ports is handed to ztunnel's inbound listener (15006).
-//!   HBONE (15008), ztunnel's own ports and anything arriving on loopback (ztunnel's
+//!   HBONE (15008), ztunnel's own ports and anything from a loopback source (ztunnel's
 //!   deliveries to the application) are never steered.
 //!
 //! Sockets carrying ztunnel's mark are never redirected, so ztunnel cannot capture itself.
@@ -157,7 +157,10 @@ pub fn zt_inbound(ctx: SkLookupContext) -> u32 {
     if lookup.protocol != IPPROTO_TCP || lookup.family != AF_INET {
         return SK_PASS;
     }
-    if lookup.ingress_ifindex == LOOPBACK_IFINDEX {
+    // ztunnel delivers to the application from 127.0.0.6. Such packets travel over the
+    // loopback device, but the kernel reports the pod interface that owns the destination
+    // address as their ingress (observed on 6.18), so the loopback source is the test.
+    if lookup.ingress_ifindex == LOOPBACK_IFINDEX || u32::from_be(lookup.remote_ip4) >> 24 == 127 {
         return SK_PASS;
     }
     let port = lookup.local_port as u16;

@@ -1,0 +1,133 @@
+//! Test applications: a server that answers HTTP or echoes raw bytes, and clients, each
+//! with its sockets inside a pod's namespace.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::netns::in_netns;
+
+/// A server in a pod: for HTTP requests it answers `200` with a body naming the server and
+/// the peer it saw; anything else is echoed back until the client half-closes, after which
+/// it sends `bye` and closes. Every accepted peer address is recorded.
+#[derive(Debug)]
+pub struct AppServer {
+    pub addr: SocketAddr,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl AppServer {
+    pub fn start(netns: &str, name: &str, addr: SocketAddr) -> io::Result<AppServer> {
+        let listener = in_netns(netns, move || TcpListener::bind(addr))??;
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let name = name.to_owned();
+        let seen = peers.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { break };
+                if let Ok(peer) = conn.peer_addr() {
+                    seen.lock().map(|mut p| p.push(peer)).ok();
+                }
+                let name = name.clone();
+                std::thread::spawn(move || serve(conn, &name));
+            }
+        });
+        Ok(AppServer { addr, peers })
+    }
+
+    /// Peer addresses of the connections accepted so far.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+}
+
+fn serve(mut conn: TcpStream, name: &str) {
+    let peer = conn.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let Ok(n) = conn.read(&mut buf) else { return };
+    if n == 0 {
+        let _ = conn.write_all(b"bye");
+        return;
+    }
+    let head = &buf[..n];
+    if head.starts_with(b"GET ") || head.starts_with(b"POST ") || head.starts_with(b"HEAD ") {
+        let body = format!("hello from {name}; peer {peer}\n");
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = conn.write_all(resp.as_bytes());
+        return;
+    }
+    if conn.write_all(head).is_err() {
+        return;
+    }
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => {
+                let _ = conn.write_all(b"bye");
+                let _ = conn.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Connects from inside `netns` to `dst`.
+pub fn connect(netns: &str, dst: SocketAddr) -> io::Result<TcpStream> {
+    let stream = in_netns(netns, move || TcpStream::connect_timeout(&dst, Duration::from_secs(10)))??;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok(stream)
+}
+
+/// Sends `data` through an echo connection, half-closes, and returns everything read back
+/// (the echo followed by the server's `bye`). Writing and reading run concurrently so large
+/// payloads do not deadlock on full buffers.
+pub fn echo_roundtrip(netns: &str, dst: SocketAddr, data: Vec<u8>) -> io::Result<Vec<u8>> {
+    let stream = connect(netns, dst)?;
+    let mut writer = stream.try_clone()?;
+    let sender = std::thread::spawn(move || -> io::Result<()> {
+        writer.write_all(&data)?;
+        writer.shutdown(Shutdown::Write)
+    });
+    let mut received = Vec::new();
+    let mut reader = stream;
+    reader.read_to_end(&mut received)?;
+    sender
+        .join()
+        .map_err(|_| io::Error::other("writer panicked"))??;
+    Ok(received)
+}
+
+/// A deterministic, non-repeating-looking payload of `len` bytes.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// `curl` from inside a pod; returns (exit code, stdout).
+pub fn curl(netns: &str, url: &str) -> io::Result<(i32, String)> {
+    let out = crate::netns::exec(
+        netns,
+        "curl",
+        &["-sS", "--max-time", "10", "-o", "-", url],
+    )?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    ))
+}

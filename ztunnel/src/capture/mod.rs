@@ -1,0 +1,328 @@
+//! Traffic capture with eBPF: loading the programs, attaching them, and the maps that say
+//! which pods are enrolled and where captured connections were going.
+//!
+//! Owns every kernel-facing detail of capture (programs, links, maps, namespaces); the proxy
+//! only asks "enrol this namespace", "where was this accepted connection going". Nothing here
+//! decides policy. Links are owned by the loaded object: they go away when `Capture` is
+//! dropped or the process dies, so a crashed ztunnel never leaves a pod black-holed.
+
+pub mod netns;
+
+use std::collections::HashMap as StdHashMap;
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::Ebpf;
+use aya::maps::{HashMap, MapData, SockHash};
+use aya::programs::links::CgroupAttachMode;
+use aya::programs::{CgroupSockAddr, SkLookup, SockOps};
+use tracing::{debug, info, warn};
+
+use ztunnel_ebpf_common::{CAPTURE_OUTBOUND, ClientKey, OrigDst, PodCapture};
+
+pub use netns::{Netns, NetnsCookie, NetnsError, SocketKind};
+
+/// The object built from `ebpf/programs` by build.rs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-capture"));
+
+const AF_INET: u32 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("cannot load the eBPF capture programs (is this root, on a kernel with BPF?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("cannot open cgroup v2 root {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no cgroup v2 mount found in /proc/mounts; capture needs cgroup v2")]
+    NoCgroup2,
+}
+
+/// Counters of what the capture layer did, for metrics and `/config_dump`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CaptureStatus {
+    pub cgroup_root: PathBuf,
+    pub programs: Vec<&'static str>,
+    pub enrolled_namespaces: usize,
+    pub inbound_listeners: usize,
+    pub pending_original_destinations: usize,
+}
+
+/// The loaded programs and their maps.
+pub struct Capture {
+    cgroup_root: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    ebpf: Ebpf,
+    enrolled: HashMap<MapData, u64, PodCapture>,
+    orig: HashMap<MapData, ClientKey, OrigDst>,
+    inbound: SockHash<MapData, u32>,
+    inbound_links: StdHashMap<NetnsCookie, aya::programs::sk_lookup::SkLookupLinkId>,
+    inbound_keys: StdHashMap<NetnsCookie, Vec<u32>>,
+}
+
+impl std::fmt::Debug for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture")
+            .field("cgroup_root", &self.cgroup_root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Capture {
+    /// Loads the programs and attaches the outbound ones at the cgroup v2 root
+    /// (`cgroup_root`, or the first cgroup2 mount when `None`). Kernel-side log lines are
+    /// forwarded to `tracing` for as long as the returned task runs.
+    pub fn load(cgroup_root: Option<&Path>) -> Result<Capture, CaptureError> {
+        let cgroup_root = match cgroup_root {
+            Some(path) => path.to_owned(),
+            None => find_cgroup2()?,
+        };
+        let mut ebpf = Ebpf::load(PROGRAMS)?;
+        start_kernel_log(&mut ebpf);
+        let cgroup = File::open(&cgroup_root).map_err(|source| CaptureError::Cgroup {
+            path: cgroup_root.clone(),
+            source,
+        })?;
+
+        let connect4: &mut CgroupSockAddr = program(&mut ebpf, "zt_connect4")?;
+        connect4.load().map_err(prog_err("zt_connect4"))?;
+        connect4
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err("zt_connect4"))?;
+        let sockops: &mut SockOps = program(&mut ebpf, "zt_sockops")?;
+        sockops.load().map_err(prog_err("zt_sockops"))?;
+        sockops
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err("zt_sockops"))?;
+        let inbound_prog: &mut SkLookup = program(&mut ebpf, "zt_inbound")?;
+        inbound_prog.load().map_err(prog_err("zt_inbound"))?;
+
+        let enrolled = HashMap::try_from(take_map(&mut ebpf, "ENROLLED")?)
+            .map_err(map_err("ENROLLED"))?;
+        let orig = HashMap::try_from(take_map(&mut ebpf, "ORIG_BY_CLIENT")?)
+            .map_err(map_err("ORIG_BY_CLIENT"))?;
+        let inbound = SockHash::try_from(take_map(&mut ebpf, "INBOUND_LISTENERS")?)
+            .map_err(map_err("INBOUND_LISTENERS"))?;
+        info!(cgroup = %cgroup_root.display(), "eBPF capture programs attached");
+        Ok(Capture {
+            cgroup_root,
+            inner: Mutex::new(Inner {
+                ebpf,
+                enrolled,
+                orig,
+                inbound,
+                inbound_links: StdHashMap::new(),
+                inbound_keys: StdHashMap::new(),
+            }),
+        })
+    }
+
+    /// Starts redirecting outbound TCP connections made in `netns` to `outbound_port` on the
+    /// namespace's loopback.
+    pub fn enroll_outbound(&self, netns: NetnsCookie, outbound_port: u16) -> Result<(), CaptureError> {
+        let mut inner = self.lock();
+        let value = PodCapture {
+            outbound_port,
+            flags: CAPTURE_OUTBOUND,
+            _pad: 0,
+        };
+        inner
+            .enrolled
+            .insert(netns.0, value, 0)
+            .map_err(map_err("ENROLLED"))?;
+        debug!(netns = netns.0, "outbound capture on");
+        Ok(())
+    }
+
+    /// Steers plaintext TCP arriving at the pod's addresses (from outside the pod, to ports
+    /// other than ztunnel's) to `listener`, ztunnel's inbound socket in that namespace.
+    pub fn enroll_inbound(
+        &self,
+        netns: &Netns,
+        pod_ips: &[IpAddr],
+        listener: &impl AsRawFd,
+    ) -> Result<(), CaptureError> {
+        let mut inner = self.lock();
+        let mut keys = Vec::new();
+        for ip in pod_ips {
+            if let IpAddr::V4(v4) = ip {
+                let key = u32::from_ne_bytes(v4.octets());
+                inner
+                    .inbound
+                    .insert(key, listener.as_raw_fd(), 0)
+                    .map_err(map_err("INBOUND_LISTENERS"))?;
+                keys.push(key);
+            }
+        }
+        if !inner.inbound_links.contains_key(&netns.cookie()) {
+            let prog: &mut SkLookup = program(&mut inner.ebpf, "zt_inbound")?;
+            let link = prog.attach(netns).map_err(prog_err("zt_inbound"))?;
+            inner.inbound_links.insert(netns.cookie(), link);
+        }
+        inner.inbound_keys.insert(netns.cookie(), keys);
+        Ok(())
+    }
+
+    /// Stops all capture for `netns`: the pod's plain networking is back at once.
+    pub fn unenroll(&self, netns: NetnsCookie) {
+        let mut inner = self.lock();
+        if let Err(err) = inner.enrolled.remove(&netns.0) {
+            debug!(netns = netns.0, %err, "namespace was not enrolled for outbound capture");
+        }
+        for key in inner.inbound_keys.remove(&netns).unwrap_or_default() {
+            let _ = inner.inbound.remove(&key);
+        }
+        if let Some(link) = inner.inbound_links.remove(&netns) {
+            match program::<SkLookup>(&mut inner.ebpf, "zt_inbound") {
+                Ok(prog) => {
+                    if let Err(err) = prog.detach(link) {
+                        warn!(netns = netns.0, %err, "cannot detach inbound steering");
+                    }
+                }
+                Err(err) => warn!(netns = netns.0, %err, "cannot detach inbound steering"),
+            }
+        }
+        debug!(netns = netns.0, "capture off");
+    }
+
+    /// The destination a redirected connection was meant for, looked up by the accepted
+    /// socket's peer address in the namespace it was accepted in. Each entry is read once.
+    pub fn take_original_destination(&self, netns: NetnsCookie, peer: SocketAddr) -> Option<SocketAddr> {
+        let SocketAddr::V4(peer) = peer else {
+            return None;
+        };
+        let key = ClientKey {
+            netns_cookie: netns.0,
+            addr: [u32::from_ne_bytes(peer.ip().octets()), 0, 0, 0],
+            port: u32::from(peer.port()),
+            family: AF_INET,
+        };
+        let mut inner = self.lock();
+        let orig = inner.orig.get(&key, 0).ok()?;
+        let _ = inner.orig.remove(&key);
+        if orig.family != AF_INET {
+            return None;
+        }
+        let ip = Ipv4Addr::from(orig.addr[0].to_ne_bytes());
+        let port = u16::from_be(orig.port as u16);
+        Some(SocketAddr::V4(SocketAddrV4::new(ip, port)))
+    }
+
+    pub fn status(&self) -> CaptureStatus {
+        let inner = self.lock();
+        CaptureStatus {
+            cgroup_root: self.cgroup_root.clone(),
+            programs: vec!["zt_connect4", "zt_sockops", "zt_inbound"],
+            enrolled_namespaces: inner.enrolled.keys().filter(Result::is_ok).count(),
+            inbound_listeners: inner.inbound_links.len(),
+            pending_original_destinations: inner.orig.keys().filter(Result::is_ok).count(),
+        }
+    }
+
+    /// Whether `netns` is in the outbound map (what readiness checks).
+    pub fn is_enrolled(&self, netns: NetnsCookie) -> bool {
+        self.lock().enrolled.get(&netns.0, 0).is_ok()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves the maps consistent (each call is one map
+        // operation), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(CaptureError::Program {
+        name,
+        source: aya::programs::ProgramError::UnexpectedProgramType,
+    })?;
+    prog.try_into().map_err(prog_err(name))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CaptureError> {
+    ebpf.take_map(name).ok_or(CaptureError::Map {
+        name,
+        source: aya::maps::MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    })
+}
+
+fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> CaptureError {
+    move |source| CaptureError::Program { name, source }
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError {
+    move |source| CaptureError::Map { name, source }
+}
+
+/// The first cgroup2 mount point in /proc/mounts.
+pub fn find_cgroup2() -> Result<PathBuf, CaptureError> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|_| CaptureError::NoCgroup2)?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let _source = fields.next()?;
+            let target = fields.next()?;
+            let fstype = fields.next()?;
+            (fstype == "cgroup2").then(|| PathBuf::from(target))
+        })
+        .next()
+        .ok_or(CaptureError::NoCgroup2)
+}
+
+/// Forwards aya-log records from the programs to `log` (and from there to `tracing`).
+fn start_kernel_log(ebpf: &mut Ebpf) {
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => {
+            let Ok(handle) = tokio::runtime::Handle::try_current() else {
+                debug!("no tokio runtime: kernel-side capture logs are not forwarded");
+                return;
+            };
+            handle.spawn(async move {
+                // SAFETY: the logger owns its ring buffer's fd, which stays open and the same
+                // for as long as the logger lives, and the AsyncFd owns the logger.
+                let registered = unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        logger,
+                        tokio::io::Interest::READABLE,
+                    )
+                };
+                let Ok(mut fd) = registered else {
+                    warn!("cannot poll the eBPF log ring buffer");
+                    return;
+                };
+                loop {
+                    let Ok(mut guard) = fd.readable_mut().await else {
+                        return;
+                    };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        Err(err) => warn!(%err, "kernel-side capture logs unavailable"),
+    }
+}
