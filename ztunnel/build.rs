@@ -22,6 +22,7 @@ fn main() -> anyhow::Result<()> {
         root_dir: &root_dir,
         ..Default::default()
     };
-    aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain))
-        .context("building the eBPF programs (needs rust-src and bpf-linker: run `cargo xtask prereqs`)")
+    aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain)).context(
+        "building the eBPF programs (needs rust-src and bpf-linker: run `cargo xtask prereqs`)",
+    )
 }

@@ -14,5 +14,8 @@ pub use topology::{Node, Pod, Topology};
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "the end-to-end tests create namespaces and load eBPF: run as root");
+    assert_eq!(
+        euid, 0,
+        "the end-to-end tests create namespaces and load eBPF: run as root"
+    );
 }

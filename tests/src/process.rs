@@ -55,7 +55,9 @@ impl Proc {
 
     /// Whether the process has exited (reaping it).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Sends SIGTERM and waits for the exit status.
@@ -72,7 +74,10 @@ impl Proc {
                 return Ok(status);
             }
             if Instant::now() > deadline {
-                return Err(io::Error::other(format!("{} did not exit on SIGTERM", self.name)));
+                return Err(io::Error::other(format!(
+                    "{} did not exit on SIGTERM",
+                    self.name
+                )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

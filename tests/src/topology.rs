@@ -98,17 +98,37 @@ impl Topology {
         ip(
             &netns,
             &[
-                "link", "add", "eth0", "type", "veth", "peer", "name", &fab_if, "netns",
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &fab_if,
+                "netns",
                 &self.fabric,
             ],
         )?;
-        ip(&self.fabric, &["link", "set", &fab_if, "master", "br0", "up"])?;
-        ip(&netns, &["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+        ip(
+            &self.fabric,
+            &["link", "set", &fab_if, "master", "br0", "up"],
+        )?;
+        ip(
+            &netns,
+            &["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"],
+        )?;
         ip(&netns, &["link", "set", "eth0", "up"])?;
         ip(&netns, &["link", "add", "cbr0", "type", "bridge"])?;
         ip(
             &netns,
-            &["addr", "add", &format!("198.19.{index}.1/24"), "dev", "cbr0"],
+            &[
+                "addr",
+                "add",
+                &format!("198.19.{index}.1/24"),
+                "dev",
+                "cbr0",
+            ],
         )?;
         ip(&netns, &["link", "set", "cbr0", "up"])?;
         sysctl(&netns, "net.ipv4.ip_forward", "1")?;
@@ -145,16 +165,36 @@ impl Topology {
         ip(
             &netns,
             &[
-                "link", "add", "eth0", "type", "veth", "peer", "name", &node_if, "netns",
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &node_if,
+                "netns",
                 &node.netns,
             ],
         )?;
-        ip(&node.netns, &["link", "set", &node_if, "master", "cbr0", "up"])?;
-        ip(&netns, &["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
+        ip(
+            &node.netns,
+            &["link", "set", &node_if, "master", "cbr0", "up"],
+        )?;
+        ip(
+            &netns,
+            &["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"],
+        )?;
         ip(&netns, &["link", "set", "eth0", "up"])?;
         ip(
             &netns,
-            &["route", "add", "default", "via", &format!("198.19.{}.1", node.index)],
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("198.19.{}.1", node.index),
+            ],
         )?;
         let pod = Pod {
             netns,
@@ -176,12 +216,26 @@ impl Topology {
         ip(
             &netns,
             &[
-                "link", "add", "eth0", "type", "veth", "peer", "name", &fab_if, "netns",
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &fab_if,
+                "netns",
                 &self.fabric,
             ],
         )?;
-        ip(&self.fabric, &["link", "set", &fab_if, "master", "br0", "up"])?;
-        ip(&netns, &["addr", "add", &format!("{host_ip}/24"), "dev", "eth0"])?;
+        ip(
+            &self.fabric,
+            &["link", "set", &fab_if, "master", "br0", "up"],
+        )?;
+        ip(
+            &netns,
+            &["addr", "add", &format!("{host_ip}/24"), "dev", "eth0"],
+        )?;
         ip(&netns, &["link", "set", "eth0", "up"])?;
         for node in self.nodes.values() {
             route_pods(&netns, node)?;
@@ -201,7 +255,10 @@ impl Topology {
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.get(name).or_else(|| self.outside.get(name)).unwrap_or_else(|| panic!("no pod {name}"))
+        self.pods
+            .get(name)
+            .or_else(|| self.outside.get(name))
+            .unwrap_or_else(|| panic!("no pod {name}"))
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &Pod> {
@@ -233,7 +290,14 @@ fn route_pods(from_ns: &str, to: &Node) -> io::Result<()> {
 fn sysctl(ns: &str, key: &str, value: &str) -> io::Result<()> {
     run(
         "ip",
-        &["netns", "exec", ns, "sysctl", "-qw", &format!("{key}={value}")],
+        &[
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ],
     )
     .map(|_| ())
 }

@@ -82,7 +82,9 @@ fn serve(mut conn: TcpStream, name: &str) {
 
 /// Connects from inside `netns` to `dst`.
 pub fn connect(netns: &str, dst: SocketAddr) -> io::Result<TcpStream> {
-    let stream = in_netns(netns, move || TcpStream::connect_timeout(&dst, Duration::from_secs(10)))??;
+    let stream = in_netns(netns, move || {
+        TcpStream::connect_timeout(&dst, Duration::from_secs(10))
+    })??;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     Ok(stream)
 }
@@ -108,7 +110,9 @@ pub fn echo_roundtrip(netns: &str, dst: SocketAddr, data: Vec<u8>) -> io::Result
 
 /// A deterministic, non-repeating-looking payload of `len` bytes.
 pub fn payload(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -121,11 +125,7 @@ pub fn payload(len: usize, seed: u64) -> Vec<u8> {
 
 /// `curl` from inside a pod; returns (exit code, stdout).
 pub fn curl(netns: &str, url: &str) -> io::Result<(i32, String)> {
-    let out = crate::netns::exec(
-        netns,
-        "curl",
-        &["-sS", "--max-time", "10", "-o", "-", url],
-    )?;
+    let out = crate::netns::exec(netns, "curl", &["-sS", "--max-time", "10", "-o", "-", url])?;
     Ok((
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -45,11 +45,19 @@ async fn outbound_connect_is_redirected_with_original_destination() {
     // Each entry is read once.
     assert_eq!(capture.take_original_destination(ns.cookie(), peer), None);
     let mut buf = [0u8; 9];
-    tokio::io::AsyncReadExt::read_exact(&mut accepted, &mut buf).await.unwrap();
+    tokio::io::AsyncReadExt::read_exact(&mut accepted, &mut buf)
+        .await
+        .unwrap();
     assert_eq!(&buf, b"captured?");
-    tokio::io::AsyncWriteExt::write_all(&mut accepted, b"ok").await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut accepted, b"ok")
+        .await
+        .unwrap();
     assert_eq!(&client.join().unwrap(), b"ok");
-    assert_eq!(server.peers().len(), 1, "the server saw only the plain connection");
+    assert_eq!(
+        server.peers().len(),
+        1,
+        "the server saw only the plain connection"
+    );
 
     // ztunnel's own sockets (marked) are never redirected.
     let direct = ns.connect(server_addr, None).await.unwrap();
@@ -57,7 +65,9 @@ async fn outbound_connect_is_redirected_with_original_destination() {
     drop(direct);
 
     // Loopback stays inside the pod.
-    let local = netns::in_netns(&pod.netns, || TcpListener::bind("127.0.0.1:7070")).unwrap().unwrap();
+    let local = netns::in_netns(&pod.netns, || TcpListener::bind("127.0.0.1:7070"))
+        .unwrap()
+        .unwrap();
     let to_local = traffic::connect(&pod.netns, "127.0.0.1:7070".parse().unwrap()).unwrap();
     assert_eq!(to_local.peer_addr().unwrap(), local.local_addr().unwrap());
 
@@ -80,7 +90,9 @@ async fn inbound_plaintext_is_steered_to_the_inbound_listener() {
     let inbound = ns.listen("0.0.0.0:15006".parse().unwrap()).await.unwrap();
     let app_addr = SocketAddr::new(pod.ip.into(), 9090);
     let app = traffic::AppServer::start(&pod.netns, "app", app_addr).unwrap();
-    capture.enroll_inbound(&ns, &[pod.ip.into()], &inbound).unwrap();
+    capture
+        .enroll_inbound(&ns, &[pod.ip.into()], &inbound)
+        .unwrap();
 
     let client_ns = client.netns.clone();
     let sender = std::thread::spawn(move || {
@@ -94,7 +106,9 @@ async fn inbound_plaintext_is_steered_to_the_inbound_listener() {
     // The accepted socket's local address is where the client was going.
     assert_eq!(accepted.local_addr().unwrap(), app_addr);
     let mut buf = [0u8; 7];
-    tokio::io::AsyncReadExt::read_exact(&mut accepted, &mut buf).await.unwrap();
+    tokio::io::AsyncReadExt::read_exact(&mut accepted, &mut buf)
+        .await
+        .unwrap();
     assert_eq!(&buf, b"inbound");
     sender.join().unwrap();
 
@@ -105,7 +119,9 @@ async fn inbound_plaintext_is_steered_to_the_inbound_listener() {
         .unwrap();
     drop(delivered);
     mesh_tests::wait_until(Duration::from_secs(5), || {
-        app.peers().iter().any(|p| p.ip().to_string() == "127.0.0.6")
+        app.peers()
+            .iter()
+            .any(|p| p.ip().to_string() == "127.0.0.6")
     })
     .expect("app saw the delivery from 127.0.0.6");
 

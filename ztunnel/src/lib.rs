@@ -4,5 +4,5 @@
 //! tunnels (HTTP/2 CONNECT over mutual TLS on port 15008) and applies L4 authorization.
 //! The waypoint reuses `identity`, `tls`, `hbone` and `metrics` from this library.
 
-pub mod identity;
 pub mod capture;
+pub mod identity;

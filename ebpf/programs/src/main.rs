@@ -91,7 +91,10 @@ fn redirect_connect4(ctx: &SockAddrContext) {
     // SAFETY: the helper only reads the context pointer it is given.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
-        info!(ctx, "ztunnel capture: cannot record original destination; not redirecting");
+        info!(
+            ctx,
+            "ztunnel capture: cannot record original destination; not redirecting"
+        );
         return;
     }
     sa.user_ip4 = LOCALHOST_BE;
@@ -145,7 +148,10 @@ fn remember_client(ctx: &SockOpsContext) {
         family: AF_INET,
     };
     if ORIG_BY_CLIENT.insert(&key, &orig, 0).is_err() {
-        info!(ctx, "ztunnel capture: cannot record client of redirected socket");
+        info!(
+            ctx,
+            "ztunnel capture: cannot record client of redirected socket"
+        );
     }
 }
 

@@ -115,8 +115,8 @@ impl Capture {
         let inbound_prog: &mut SkLookup = program(&mut ebpf, "zt_inbound")?;
         inbound_prog.load().map_err(prog_err("zt_inbound"))?;
 
-        let enrolled = HashMap::try_from(take_map(&mut ebpf, "ENROLLED")?)
-            .map_err(map_err("ENROLLED"))?;
+        let enrolled =
+            HashMap::try_from(take_map(&mut ebpf, "ENROLLED")?).map_err(map_err("ENROLLED"))?;
         let orig = HashMap::try_from(take_map(&mut ebpf, "ORIG_BY_CLIENT")?)
             .map_err(map_err("ORIG_BY_CLIENT"))?;
         let inbound = SockHash::try_from(take_map(&mut ebpf, "INBOUND_LISTENERS")?)
@@ -137,7 +137,11 @@ impl Capture {
 
     /// Starts redirecting outbound TCP connections made in `netns` to `outbound_port` on the
     /// namespace's loopback.
-    pub fn enroll_outbound(&self, netns: NetnsCookie, outbound_port: u16) -> Result<(), CaptureError> {
+    pub fn enroll_outbound(
+        &self,
+        netns: NetnsCookie,
+        outbound_port: u16,
+    ) -> Result<(), CaptureError> {
         let mut inner = self.lock();
         let value = PodCapture {
             outbound_port,
@@ -205,7 +209,11 @@ impl Capture {
 
     /// The destination a redirected connection was meant for, looked up by the accepted
     /// socket's peer address in the namespace it was accepted in. Each entry is read once.
-    pub fn take_original_destination(&self, netns: NetnsCookie, peer: SocketAddr) -> Option<SocketAddr> {
+    pub fn take_original_destination(
+        &self,
+        netns: NetnsCookie,
+        peer: SocketAddr,
+    ) -> Option<SocketAddr> {
         let SocketAddr::V4(peer) = peer else {
             return None;
         };
@@ -245,7 +253,9 @@ impl Capture {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the maps consistent (each call is one map
         // operation), so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

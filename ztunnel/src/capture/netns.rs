@@ -70,16 +70,19 @@ impl Netns {
             path: path.to_owned(),
             source,
         })?;
-        let worker_fd: OwnedFd = file
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| NetnsError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+        let worker_fd: OwnedFd =
+            file.as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| NetnsError::Open {
+                    path: path.to_owned(),
+                    source,
+                })?;
         let (requests, rx) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<NetnsCookie>>();
-        let name = format!("netns-{}", path.file_name().unwrap_or_default().to_string_lossy());
+        let name = format!(
+            "netns-{}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        );
         thread::Builder::new()
             .name(name.chars().take(15).collect())
             .spawn(move || worker(worker_fd, rx, ready_tx))

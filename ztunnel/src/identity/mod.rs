@@ -19,7 +19,9 @@ pub struct Identity {
 pub enum IdentityError {
     #[error("identity {0:?} does not start with spiffe://")]
     NotSpiffe(String),
-    #[error("identity {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "identity {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     Shape(String),
 }
 
@@ -93,7 +95,9 @@ mod tests {
 
     #[test]
     fn round_trips_through_text() {
-        let id: Identity = "spiffe://cluster.local/ns/default/sa/sleep".parse().unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/default/sa/sleep"
+            .parse()
+            .unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "sleep");
