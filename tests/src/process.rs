@@ -101,16 +101,28 @@ impl Drop for Proc {
     }
 }
 
+/// A condition did not hold within its deadline.
+#[derive(Debug)]
+pub struct TimedOut(pub Duration);
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "condition not met within {:?}", self.0)
+    }
+}
+
+impl std::error::Error for TimedOut {}
+
 /// Polls `cond` until it holds or `timeout` passes. Polling is the wait, not a sleep standing
 /// in for one: it returns as soon as the condition is observed.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<(), ()> {
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<(), TimedOut> {
     let deadline = Instant::now() + timeout;
     loop {
         if cond() {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(());
+            return Err(TimedOut(timeout));
         }
         std::thread::sleep(Duration::from_millis(25));
     }

@@ -57,23 +57,14 @@ fn main() -> ExitCode {
 
 fn test(args: &[String]) -> Result<()> {
     prereqs::install()?;
-    step("cargo fmt --check", cargo(&["fmt", "--all", "--check"]))?;
-    step(
-        "cargo clippy --all-targets -- -D warnings",
-        cargo(&[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]),
-    )?;
-    step(
-        "cargo build --workspace --all-targets",
-        cargo(&["build", "--workspace", "--all-targets"]),
-    )?;
-    let mut run = vec!["nextest", "run", "--workspace", "--no-fail-fast"];
+    step("cargo fmt --check", || cargo(&["fmt", "--all", "--check"]))?;
+    step("cargo clippy --all-targets -- -D warnings", || {
+        cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
+    })?;
+    step("cargo build --all-targets", || {
+        cargo(&["build", "--all-targets"])
+    })?;
+    let mut run = vec!["nextest", "run", "--no-fail-fast"];
     run.extend(args.iter().map(String::as_str));
     println!("==> cargo {}", run.join(" "));
     cargo(&run)
@@ -81,10 +72,7 @@ fn test(args: &[String]) -> Result<()> {
 
 fn demo(args: &[String]) -> Result<()> {
     prereqs::install()?;
-    step(
-        "cargo build --workspace --bins",
-        cargo(&["build", "--workspace", "--bins"]),
-    )?;
+    step("cargo build --bins", || cargo(&["build", "--bins"]))?;
     let mut run = vec![
         "run",
         "--quiet",
@@ -98,9 +86,9 @@ fn demo(args: &[String]) -> Result<()> {
     cargo(&run)
 }
 
-fn step(what: &str, result: Result<()>) -> Result<()> {
+fn step(what: &str, run: impl FnOnce() -> Result<()>) -> Result<()> {
     println!("==> {what}");
-    result.with_context(|| format!("{what} failed"))
+    run().with_context(|| format!("{what} failed"))
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
