@@ -4,4 +4,6 @@
 //! tunnels (HTTP/2 CONNECT over mutual TLS on port 15008) and applies L4 authorization.
 //! The waypoint reuses `identity`, `tls`, `hbone` and `metrics` from this library.
 
+pub mod hbone;
 pub mod identity;
+pub mod tls;

@@ -3,6 +3,10 @@
 //!
 //! An `Identity` is parsed once at the edge (config, certificate SAN, xDS) and carried typed.
 
+pub mod ca;
+pub mod cert;
+pub mod manager;
+
 use std::fmt;
 use std::str::FromStr;
 
@@ -15,11 +19,13 @@ pub struct Identity {
 }
 
 /// Why a string is not an Istio SPIFFE identity.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum IdentityError {
     #[error("identity {0:?} does not start with spiffe://")]
     NotSpiffe(String),
-    #[error("identity {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "identity {0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     Shape(String),
 }
 
@@ -93,7 +99,9 @@ mod tests {
 
     #[test]
     fn round_trips_through_text() {
-        let id: Identity = "spiffe://cluster.local/ns/default/sa/sleep".parse().unwrap();
+        let id: Identity = "spiffe://cluster.local/ns/default/sa/sleep"
+            .parse()
+            .unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
         assert_eq!(id.namespace(), "default");
         assert_eq!(id.service_account(), "sleep");
