@@ -44,6 +44,7 @@ const PORT_ECHO: u16 = 80;
 const PORT_COUNT_THEN_REPLY: u16 = 81;
 const PORT_DENY: u16 = 401;
 const PORT_UNAVAILABLE: u16 = 503;
+const PORT_ABORT: u16 = 666;
 
 async fn start_server(cert: WorkloadCert, roots: TrustBundle) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -102,6 +103,12 @@ async fn handle(acc: Accepted) {
     match acc.authority.port() {
         PORT_DENY => acc.responder.reject(StatusCode::UNAUTHORIZED),
         PORT_UNAVAILABLE => drop(acc.responder), // dropped unanswered: 503
+        PORT_ABORT => {
+            let mut s = acc.responder.accept().unwrap();
+            let mut first = [0u8; 1];
+            s.read_exact(&mut first).await.unwrap();
+            s.abort();
+        }
         PORT_COUNT_THEN_REPLY => {
             let mut s = acc.responder.accept().unwrap();
             let mut got = Vec::new();
@@ -211,6 +218,17 @@ async fn half_close_reaches_the_server_which_can_still_reply() {
     let mut reply = String::new();
     s.read_to_string(&mut reply).await.unwrap();
     assert_eq!(reply, "got 1000 bytes");
+}
+
+#[tokio::test]
+async fn reset_by_the_peer_is_an_io_error() {
+    let (mesh, server) = setup().await;
+    let client = Client::new(&mesh, &server, SERVER, PoolConfig::default());
+    let mut s = client.open(PORT_ABORT).await.unwrap();
+    s.write_all(b"x").await.unwrap();
+    let mut rest = Vec::new();
+    let err = s.read_to_end(&mut rest).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
