@@ -5,4 +5,6 @@
 //! The waypoint reuses `identity`, `tls`, `hbone` and `metrics` from this library.
 
 pub mod capture;
+pub mod hbone;
 pub mod identity;
+pub mod tls;

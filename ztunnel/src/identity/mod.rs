@@ -3,6 +3,10 @@
 //!
 //! An `Identity` is parsed once at the edge (config, certificate SAN, xDS) and carried typed.
 
+pub mod ca;
+pub mod cert;
+pub mod manager;
+
 use std::fmt;
 use std::str::FromStr;
 
@@ -15,7 +19,7 @@ pub struct Identity {
 }
 
 /// Why a string is not an Istio SPIFFE identity.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum IdentityError {
     #[error("identity {0:?} does not start with spiffe://")]
     NotSpiffe(String),

@@ -1,0 +1,336 @@
+//! The outbound side: a pool of HTTP/2-over-mTLS connections, one CONNECT stream per tunnel.
+//!
+//! Connections are shared per `PoolKey` (source identity, peer address, peer identity), so a
+//! connection opened with one workload's certificate is never used for another's traffic and
+//! never reaches a peer that proved a different identity. A connection carries at most
+//! `max_streams_per_conn` tunnels; opening connections for one key is serialised, so a burst
+//! of connects opens one connection per `max_streams_per_conn` tunnels, not one each.
+//! Connections with no tunnel for `idle_timeout` are closed (GOAWAY).
+//!
+//! The caller supplies the TCP connect (it creates the socket inside the pod's network
+//! namespace, with the mark that keeps it out of capture) and the TLS configuration.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::StatusCode;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+
+use super::request::{ConnectHeaders, build_connect};
+use super::stream::{H2Stream, OnDrop};
+use super::{CONNECTION_WINDOW, HboneError, STREAM_WINDOW};
+use crate::identity::Identity;
+
+/// Which connections may be shared.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src: Identity,
+    /// The peer's HBONE address (`ip:15008`).
+    pub dst: SocketAddr,
+    pub dst_identity: Identity,
+}
+
+/// Pool limits; defaults are Istio's.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub max_streams_per_conn: usize,
+    pub idle_timeout: Duration,
+    pub stream_window: u32,
+    pub connection_window: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_streams_per_conn: 100,
+            idle_timeout: Duration::from_secs(300),
+            stream_window: STREAM_WINDOW,
+            connection_window: CONNECTION_WINDOW,
+        }
+    }
+}
+
+struct PooledConn {
+    id: u64,
+    send: SendRequest<Bytes>,
+    active: usize,
+    idle_since: Instant,
+}
+
+#[derive(Default)]
+struct KeyEntry {
+    conns: Vec<PooledConn>,
+    /// Held while opening a connection for this key.
+    dialing: Arc<tokio::sync::Mutex<()>>,
+}
+
+struct PoolInner {
+    config: PoolConfig,
+    keys: Mutex<HashMap<PoolKey, KeyEntry>>,
+    next_id: AtomicU64,
+}
+
+/// The outbound connection pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+impl Pool {
+    pub fn new(config: PoolConfig) -> Self {
+        Pool {
+            inner: Arc::new(PoolInner {
+                config,
+                keys: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Opens a tunnel to `authority` (the original destination) through the peer in `key`,
+    /// reusing a pooled connection when one has a free stream slot.
+    ///
+    /// `tcp_connect` is called only when a new connection is needed; `tls` must verify the
+    /// peer as `key.dst_identity` and present `key.src`'s certificate.
+    pub async fn connect<F, Fut>(
+        &self,
+        key: PoolKey,
+        authority: SocketAddr,
+        headers: &ConnectHeaders,
+        tcp_connect: F,
+        tls: Arc<ClientConfig>,
+    ) -> Result<H2Stream, HboneError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = io::Result<TcpStream>>,
+    {
+        let request = build_connect(authority, headers)?;
+        let (send, slot) = match self.reserve(&key) {
+            Some(found) => found,
+            None => {
+                let dialing = self
+                    .inner
+                    .lock()
+                    .entry(key.clone())
+                    .or_default()
+                    .dialing
+                    .clone();
+                let _dialing = dialing.lock().await;
+                match self.reserve(&key) {
+                    Some(found) => found,
+                    None => {
+                        let (id, send) = self.dial(&key, tcp_connect, tls).await?;
+                        self.insert_reserved(&key, id, send)
+                    }
+                }
+            }
+        };
+        let addr = key.dst;
+        let mut send = send
+            .ready()
+            .await
+            .map_err(|e| HboneError::from_h2(addr, e))?;
+        let (response, stream) = send
+            .send_request(request, false)
+            .map_err(|e| HboneError::from_h2(addr, e))?;
+        let response = response.await.map_err(|e| HboneError::from_h2(addr, e))?;
+        match response.status() {
+            StatusCode::OK => Ok(H2Stream::new(stream, response.into_body(), Some(slot))),
+            StatusCode::UNAUTHORIZED => Err(HboneError::Denied),
+            other => Err(HboneError::Status(other)),
+        }
+    }
+
+    /// How many connections are pooled for `key` (for tests, metrics and the admin page).
+    pub fn connection_count(&self, key: &PoolKey) -> usize {
+        self.inner.lock().get(key).map_or(0, |e| e.conns.len())
+    }
+
+    /// Takes a stream slot on a pooled connection with room, if any.
+    fn reserve(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, OnDrop)> {
+        let max = self.inner.config.max_streams_per_conn;
+        let mut keys = self.inner.lock();
+        let conn = keys
+            .get_mut(key)?
+            .conns
+            .iter_mut()
+            .find(|c| c.active < max)?;
+        conn.active += 1;
+        Some((conn.send.clone(), self.slot_guard(key, conn.id)))
+    }
+
+    fn insert_reserved(
+        &self,
+        key: &PoolKey,
+        id: u64,
+        send: SendRequest<Bytes>,
+    ) -> (SendRequest<Bytes>, OnDrop) {
+        self.inner
+            .lock()
+            .entry(key.clone())
+            .or_default()
+            .conns
+            .push(PooledConn {
+                id,
+                send: send.clone(),
+                active: 1,
+                idle_since: Instant::now(),
+            });
+        (send, self.slot_guard(key, id))
+    }
+
+    fn slot_guard(&self, key: &PoolKey, conn_id: u64) -> OnDrop {
+        let pool = Arc::downgrade(&self.inner);
+        let key = key.clone();
+        OnDrop::new(move || {
+            if let Some(pool) = pool.upgrade()
+                && let Some(conn) = pool.conn_mut(&mut pool.lock(), &key, conn_id)
+            {
+                conn.active = conn.active.saturating_sub(1);
+                if conn.active == 0 {
+                    conn.idle_since = Instant::now();
+                }
+            }
+        })
+    }
+
+    async fn dial<F, Fut>(
+        &self,
+        key: &PoolKey,
+        tcp_connect: F,
+        tls: Arc<ClientConfig>,
+    ) -> Result<(u64, SendRequest<Bytes>), HboneError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = io::Result<TcpStream>>,
+    {
+        let addr = key.dst;
+        let tcp = tcp_connect()
+            .await
+            .map_err(|source| HboneError::Connect { addr, source })?;
+        tcp.set_nodelay(true)
+            .map_err(|source| HboneError::Connect { addr, source })?;
+        // The name is neither sent (no SNI) nor checked: the verifier checks the identity.
+        let name = ServerName::IpAddress(addr.ip().into());
+        let tls_stream = TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| HboneError::Tls {
+                addr,
+                source: crate::tls::handshake_error(&e),
+            })?;
+        let config = &self.inner.config;
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(config.stream_window)
+            .initial_connection_window_size(config.connection_window)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls_stream)
+            .await
+            .map_err(|e| HboneError::from_h2(addr, e))?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(drive(
+            Arc::downgrade(&self.inner),
+            key.clone(),
+            id,
+            connection,
+        ));
+        Ok((id, send))
+    }
+}
+
+impl PoolInner {
+    fn lock(&self) -> MutexGuard<'_, HashMap<PoolKey, KeyEntry>> {
+        // Every update under this lock is a single assignment or push: still consistent
+        // after a panic elsewhere.
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn conn_mut<'a>(
+        &self,
+        keys: &'a mut HashMap<PoolKey, KeyEntry>,
+        key: &PoolKey,
+        id: u64,
+    ) -> Option<&'a mut PooledConn> {
+        keys.get_mut(key)?.conns.iter_mut().find(|c| c.id == id)
+    }
+
+    /// Drops a connection from the pool; with its `SendRequest` gone, h2 closes it once its
+    /// last stream ends.
+    fn remove(&self, key: &PoolKey, id: u64) {
+        let mut keys = self.lock();
+        if let Some(entry) = keys.get_mut(key) {
+            entry.conns.retain(|c| c.id != id);
+            if entry.conns.is_empty() && Arc::strong_count(&entry.dialing) == 1 {
+                keys.remove(key);
+            }
+        }
+    }
+
+    /// Whether connection `id` has been idle for the whole timeout; if so it is removed.
+    /// Otherwise returns when to look again.
+    fn reap_if_idle(&self, key: &PoolKey, id: u64) -> Option<Instant> {
+        let timeout = self.config.idle_timeout;
+        let next = {
+            let mut keys = self.lock();
+            let conn = self.conn_mut(&mut keys, key, id)?;
+            if conn.active > 0 {
+                Instant::now() + timeout
+            } else if conn.idle_since + timeout <= Instant::now() {
+                drop(keys);
+                self.remove(key, id);
+                return None;
+            } else {
+                conn.idle_since + timeout
+            }
+        };
+        Some(next)
+    }
+}
+
+/// Drives one connection's I/O, closes it when idle, and forgets it when it ends.
+async fn drive<T>(
+    pool: Weak<PoolInner>,
+    key: PoolKey,
+    id: u64,
+    connection: h2::client::Connection<T, Bytes>,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut connection = std::pin::pin!(connection);
+    let Some(timeout) = pool.upgrade().map(|p| p.config.idle_timeout) else {
+        return;
+    };
+    let mut check_at = Instant::now() + timeout;
+    let mut reaped = false;
+    loop {
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(error) = result {
+                    tracing::debug!(peer = %key.dst, %error, "HBONE connection ended");
+                }
+                break;
+            }
+            _ = tokio::time::sleep_until(check_at), if !reaped => {
+                let Some(inner) = pool.upgrade() else { break };
+                match inner.reap_if_idle(&key, id) {
+                    Some(next) => check_at = next,
+                    None => reaped = true,
+                }
+            }
+        }
+    }
+    if let Some(inner) = pool.upgrade() {
+        inner.remove(&key, id);
+    }
+}

@@ -1,0 +1,73 @@
+//! HBONE: TCP connections carried as HTTP/2 CONNECT streams over mutual TLS (port 15008).
+//!
+//! - `request`: the CONNECT request rules, pure (build, validate, Istio status codes);
+//! - `stream`: one tunnel as an `AsyncRead + AsyncWrite` byte stream;
+//! - `client`: the pool of outbound HTTP/2 connections, keyed by who talks to whom;
+//! - `server`: accepting tunnels on an established TLS connection; the caller decides.
+//!
+//! This module moves bytes and enforces the protocol. It never decides policy: which
+//! destination is allowed, which identity to expect, where to connect are the callers'.
+
+pub mod client;
+pub mod request;
+pub mod server;
+pub mod stream;
+
+use std::net::SocketAddr;
+
+pub use client::{Pool, PoolConfig, PoolKey};
+pub use request::{ConnectHeaders, Reject};
+pub use server::{Accepted, Responder, ServerConfig, serve};
+pub use stream::H2Stream;
+
+use crate::tls::TlsError;
+
+/// The HBONE port every mesh workload (and waypoint) listens on.
+pub const HBONE_PORT: u16 = 15008;
+/// Flow-control windows (ztunnel's sizes): per stream and per connection.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// Why a tunnel could not be opened or served.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HboneError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("mTLS with {addr}: {source}")]
+    Tls { addr: SocketAddr, source: TlsError },
+    #[error("HTTP/2 with {addr}: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("HTTP/2: {0}")]
+    Protocol(#[from] h2::Error),
+    #[error("tunnel denied by the destination (401)")]
+    Denied,
+    #[error("destination answered CONNECT with status {0}")]
+    Status(http::StatusCode),
+    #[error(transparent)]
+    Request(#[from] request::RequestError),
+}
+
+impl HboneError {
+    /// Classifies an h2 error on a connection to `addr`: a TLS alert or certificate error
+    /// that only surfaced after the handshake (TLS 1.3 client auth) is reported as TLS.
+    pub(crate) fn from_h2(addr: SocketAddr, source: h2::Error) -> Self {
+        let tls = source
+            .get_io()
+            .filter(|io| {
+                io.get_ref()
+                    .is_some_and(|inner| inner.is::<rustls::Error>())
+            })
+            .map(crate::tls::handshake_error);
+        match tls {
+            Some(source) => HboneError::Tls { addr, source },
+            None => HboneError::H2 { addr, source },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,154 @@
+//! The inbound side: serve HBONE tunnels on one established mTLS connection.
+//!
+//! `serve` runs the HTTP/2 server, answers malformed requests itself (400/405) and hands
+//! each valid CONNECT to the caller as an `Accepted`. The caller (the inbound proxy or a
+//! waypoint) decides: `Responder::accept` answers 200 and yields the tunnel's byte stream,
+//! `Responder::reject` answers with a status (401 denied by policy, 503 upstream unreachable,
+//! 400). A responder dropped without an answer is answered 503, so a caller bug cannot leave
+//! a client waiting forever.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{HeaderMap, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::request::validate;
+use super::stream::H2Stream;
+use super::{CONNECTION_WINDOW, HboneError, STREAM_WINDOW};
+use crate::identity::Identity;
+
+/// HTTP/2 server settings; defaults are Istio's.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub max_concurrent_streams: u32,
+    pub stream_window: u32,
+    pub connection_window: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_concurrent_streams: 200,
+            stream_window: STREAM_WINDOW,
+            connection_window: CONNECTION_WINDOW,
+        }
+    }
+}
+
+/// A valid CONNECT waiting for the caller's decision.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The original destination the client asked for.
+    pub authority: SocketAddr,
+    /// The identity the client proved in the TLS handshake.
+    pub peer_identity: Identity,
+    /// All request headers (`baggage`, `forwarded`, `traceparent`, ...).
+    pub headers: HeaderMap,
+    pub responder: Responder,
+}
+
+/// Answers one CONNECT, exactly once.
+pub struct Responder {
+    respond: Option<SendResponse<Bytes>>,
+    body: Option<RecvStream>,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder")
+            .field("answered", &self.respond.is_none())
+            .finish()
+    }
+}
+
+impl Responder {
+    /// Answers 200 and returns the tunnel.
+    pub fn accept(self) -> Result<H2Stream, HboneError> {
+        self.accept_with(HeaderMap::new())
+    }
+
+    /// Answers 200 with extra response headers (Istio sends `baggage` back).
+    pub fn accept_with(mut self, headers: HeaderMap) -> Result<H2Stream, HboneError> {
+        let (Some(mut respond), Some(body)) = (self.respond.take(), self.body.take()) else {
+            return Err(HboneError::Status(StatusCode::INTERNAL_SERVER_ERROR));
+        };
+        let mut response = Response::new(());
+        *response.headers_mut() = headers;
+        let send = respond.send_response(response, false)?;
+        Ok(H2Stream::new(send, body, None))
+    }
+
+    /// Answers with `status` and ends the stream.
+    pub fn reject(mut self, status: StatusCode) {
+        if let Some(respond) = self.respond.take() {
+            answer(respond, status);
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(respond) = self.respond.take() {
+            answer(respond, StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
+}
+
+fn answer(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    if let Err(error) = respond.send_response(response, true) {
+        tracing::debug!(%error, %status, "could not answer HBONE request");
+    }
+}
+
+/// Serves HBONE on `io`, an mTLS connection whose client proved `peer`, until the client
+/// closes it. `on_stream` is called once per valid CONNECT, from the accept loop: it should
+/// only build the future, which runs as its own task.
+pub async fn serve<IO, F, Fut>(
+    io: IO,
+    peer: Identity,
+    config: &ServerConfig,
+    on_stream: F,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(Accepted) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut connection = h2::server::Builder::new()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .initial_window_size(config.stream_window)
+        .initial_connection_window_size(config.connection_window)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    // `accept` also drives the connection's I/O for the streams already handed out, and
+    // returns `None` only once the connection is closed and its streams are done.
+    while let Some(next) = connection.accept().await {
+        let (request, respond) = next?;
+        let (parts, body) = request.into_parts();
+        match validate(&parts.method, &parts.uri) {
+            Err(reject) => {
+                tracing::debug!(peer = %peer, %reject, "rejecting HBONE request");
+                answer(respond, reject.status());
+            }
+            Ok(authority) => {
+                let accepted = Accepted {
+                    authority,
+                    peer_identity: peer.clone(),
+                    headers: parts.headers,
+                    responder: Responder {
+                        respond: Some(respond),
+                        body: Some(body),
+                    },
+                };
+                tokio::spawn(on_stream(accepted));
+            }
+        }
+    }
+    Ok(())
+}
