@@ -5,3 +5,5 @@
 //! The waypoint reuses `identity`, `tls`, `hbone` and `metrics` from this library.
 
 pub mod identity;
+pub mod source;
+pub mod state;
