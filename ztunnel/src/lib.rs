@@ -7,4 +7,6 @@
 pub mod capture;
 pub mod hbone;
 pub mod identity;
+pub mod source;
+pub mod state;
 pub mod tls;
