@@ -5,8 +5,11 @@
 //! The waypoint reuses `identity`, `tls`, `hbone` and `metrics` from this library.
 
 pub mod capture;
+pub mod config;
 pub mod hbone;
 pub mod identity;
+pub mod proxy;
+pub mod readiness;
 pub mod source;
 pub mod state;
 pub mod tls;

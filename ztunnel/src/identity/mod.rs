@@ -7,6 +7,10 @@ pub mod ca;
 pub mod cert;
 pub mod manager;
 
+pub use ca::{CertificateSource, LocalCa};
+pub use cert::WorkloadCert;
+pub use manager::{CertInfo, CertManager, Clock, ManagerConfig, ManagerError, SystemClock};
+
 use std::fmt;
 use std::str::FromStr;
 

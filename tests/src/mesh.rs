@@ -1,0 +1,257 @@
+//! A running mesh: a topology, a local-mode config file describing its pods, and one
+//! ztunnel per node. The config can be rewritten while the mesh runs.
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::netns::{in_netns, netns_path};
+use crate::process::{Proc, binary, wait_until};
+use crate::topology::Topology;
+
+/// A workload as the test declares it.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub name: String,
+    pub node: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// `HBONE` (in the mesh) or `TCP`.
+    pub protocol: String,
+    /// (service name, service port, target port)
+    pub services: Vec<(String, u16, u16)>,
+    pub labels: Vec<(String, String)>,
+}
+
+impl PodSpec {
+    pub fn new(name: &str, node: &str, sa: &str) -> PodSpec {
+        PodSpec {
+            name: name.to_owned(),
+            node: node.to_owned(),
+            namespace: "default".to_owned(),
+            service_account: sa.to_owned(),
+            protocol: "HBONE".to_owned(),
+            services: Vec::new(),
+            labels: Vec::new(),
+        }
+    }
+
+    pub fn service(mut self, name: &str, port: u16, target: u16) -> PodSpec {
+        self.services.push((name.to_owned(), port, target));
+        self
+    }
+}
+
+/// A service as the test declares it; VIPs are 198.18.100.<n>.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub namespace: String,
+    pub vip: Ipv4Addr,
+    pub ports: Vec<(u16, u16)>,
+}
+
+pub struct Mesh {
+    /// First field: the processes stop (and print their logs on failure) before the
+    /// directory holding the logs and the namespaces they run in go away.
+    pub ztunnels: Vec<(String, Proc)>,
+    pub topo: Topology,
+    pub dir: tempfile::TempDir,
+    pub pods: Vec<PodSpec>,
+    pub services: Vec<ServiceSpec>,
+    /// Namespace name -> dataplane-mode label value (absent: not enrolled).
+    pub namespaces: Vec<(String, Option<String>)>,
+    /// Extra YAML appended under `policies:`.
+    pub policies: String,
+}
+
+impl Mesh {
+    /// Builds nodes and pods; nothing runs yet.
+    pub fn new(nodes: &[&str], pods: Vec<PodSpec>, services: Vec<ServiceSpec>) -> io::Result<Mesh> {
+        crate::require_root();
+        let mut topo = Topology::new()?;
+        for node in nodes {
+            topo.add_node(node)?;
+        }
+        for pod in &pods {
+            topo.add_pod(&pod.node, &pod.name)?;
+        }
+        let dir = tempfile::Builder::new().prefix("ztunnel-test-").tempdir()?;
+        // One CA for the whole mesh, created before any ztunnel starts.
+        ztunnel::identity::LocalCa::load_or_create(&dir.path().join("ca"), "cluster.local")
+            .map_err(io::Error::other)?;
+        Ok(Mesh {
+            topo,
+            dir,
+            pods,
+            services,
+            namespaces: vec![("default".to_owned(), Some("ambient".to_owned()))],
+            policies: String::new(),
+            ztunnels: Vec::new(),
+        })
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("mesh.yaml")
+    }
+
+    /// The local-mode YAML for the current declaration.
+    pub fn config_yaml(&self) -> String {
+        let mut y = String::from("namespaces:\n");
+        for (ns, mode) in &self.namespaces {
+            let _ = writeln!(y, "  - name: {ns}");
+            match mode {
+                Some(mode) => {
+                    let _ = writeln!(y, "    labels:\n      istio.io/dataplane-mode: {mode}");
+                }
+                None => {
+                    let _ = writeln!(y, "    labels: {{}}");
+                }
+            }
+        }
+        y.push_str("workloads:\n");
+        for pod in &self.pods {
+            let ip = self.topo.pod(&pod.name).ip;
+            let netns = netns_path(&self.topo.pod(&pod.name).netns);
+            let _ = write!(
+                y,
+                "  - uid: cluster1//v1/Pod/{ns}/{name}\n    name: {name}\n    namespace: {ns}\n    serviceAccount: {sa}\n    workloadIps: [\"{ip}\"]\n    protocol: {proto}\n    node: {node}\n    netns: {netns}\n    canonicalName: {name}\n",
+                ns = pod.namespace,
+                name = pod.name,
+                sa = pod.service_account,
+                proto = pod.protocol,
+                node = pod.node,
+                netns = netns.display(),
+            );
+            if !pod.labels.is_empty() {
+                y.push_str("    labels:\n");
+                for (k, v) in &pod.labels {
+                    let _ = writeln!(y, "      {k}: {v}");
+                }
+            }
+            if !pod.services.is_empty() {
+                y.push_str("    services:\n");
+                for (svc, port, target) in &pod.services {
+                    let _ = writeln!(
+                        y,
+                        "      \"{ns}/{svc}.{ns}.svc.cluster.local\":\n        {port}: {target}",
+                        ns = pod.namespace
+                    );
+                }
+            }
+        }
+        y.push_str("services:\n");
+        for svc in &self.services {
+            let _ = write!(
+                y,
+                "  - name: {name}\n    namespace: {ns}\n    hostname: {name}.{ns}.svc.cluster.local\n    vips: [\"/{vip}\"]\n    ports:\n",
+                name = svc.name,
+                ns = svc.namespace,
+                vip = svc.vip
+            );
+            for (port, target) in &svc.ports {
+                let _ = writeln!(y, "      {port}: {target}");
+            }
+        }
+        y.push_str("policies:\n");
+        y.push_str(&self.policies);
+        if self.policies.trim().is_empty() {
+            y = y.replace("policies:\n", "policies: []\n");
+        }
+        y
+    }
+
+    /// Writes the config atomically (rename), so a watcher never reads half a file.
+    pub fn write_config(&self) -> io::Result<()> {
+        let tmp = self.dir.path().join("mesh.yaml.tmp");
+        std::fs::write(&tmp, self.config_yaml())?;
+        std::fs::rename(tmp, self.config_path())
+    }
+
+    /// Writes the config and starts a ztunnel on every node, waiting until each is ready.
+    pub fn start(&mut self) -> io::Result<()> {
+        self.write_config()?;
+        let nodes: Vec<String> = self.pods.iter().map(|p| p.node.clone()).collect();
+        let mut unique: Vec<String> = Vec::new();
+        for n in nodes {
+            if !unique.contains(&n) {
+                unique.push(n);
+            }
+        }
+        for node in unique {
+            self.start_ztunnel(&node)?;
+        }
+        Ok(())
+    }
+
+    pub fn start_ztunnel(&mut self, node: &str) -> io::Result<()> {
+        let netns = self.topo.node(node).netns.clone();
+        let mut cmd = Command::new(binary("ztunnel"));
+        cmd.arg("--config")
+            .arg(self.config_path())
+            .arg("--node")
+            .arg(node)
+            .arg("--ca-dir")
+            .arg(self.dir.path().join("ca"))
+            .env("RUST_LOG", "info,ztunnel=debug");
+        let proc = Proc::spawn(&format!("ztunnel-{node}"), &netns, cmd, self.dir.path())?;
+        self.ztunnels.retain(|(n, _)| n != node);
+        self.ztunnels.push((node.to_owned(), proc));
+        self.wait_ready(node, Duration::from_secs(30))
+    }
+
+    pub fn ztunnel(&mut self, node: &str) -> &mut Proc {
+        &mut self
+            .ztunnels
+            .iter_mut()
+            .find(|(n, _)| n == node)
+            .unwrap_or_else(|| panic!("no ztunnel on {node}"))
+            .1
+    }
+
+    /// Waits until `node`'s ztunnel answers 200 on /healthz/ready.
+    pub fn wait_ready(&mut self, node: &str, timeout: Duration) -> io::Result<()> {
+        let netns = self.topo.node(node).netns.clone();
+        let ready = wait_until(timeout, || {
+            http_get(&netns, "127.0.0.1:15021".parse().unwrap(), "/healthz/ready")
+                .map(|(status, _)| status == 200)
+                .unwrap_or(false)
+        });
+        ready.map_err(|_| {
+            let log = self.ztunnel(node).log();
+            io::Error::other(format!("ztunnel on {node} not ready in {timeout:?}; log:\n{log}"))
+        })
+    }
+
+    /// The pod's address.
+    pub fn ip(&self, pod: &str) -> Ipv4Addr {
+        self.topo.pod(pod).ip
+    }
+
+    pub fn netns(&self, pod: &str) -> String {
+        self.topo.pod(pod).netns.clone()
+    }
+}
+
+/// A minimal HTTP/1.0 GET from inside a namespace: (status, body).
+pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let path = path.to_owned();
+    in_netns(netns, move || -> io::Result<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let status = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("not an HTTP response: {resp:?}")))?;
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+        Ok((status, body))
+    })?
+}

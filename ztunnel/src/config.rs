@@ -1,0 +1,57 @@
+//! ztunnel's configuration: one typed struct from flags and environment, validated once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The node agent of the ambient mesh.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ztunnel", version, about)]
+pub struct Config {
+    /// Local-mode configuration file (workloads, services, policies, namespaces), watched for
+    /// changes.
+    #[arg(long, env = "ZTUNNEL_CONFIG")]
+    pub config: PathBuf,
+
+    /// Name of this node: ztunnel acts for the workloads whose `node` is this name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+
+    /// Directory of the local CA (`ca-key.pem`, `root-cert.pem`); created if both are absent.
+    #[arg(long, env = "ZTUNNEL_CA_DIR", default_value = "/var/lib/ztunnel/ca")]
+    pub ca_dir: PathBuf,
+
+    /// SPIFFE trust domain of this mesh.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Lifetime of workload certificates, in seconds; they are renewed at half-life.
+    #[arg(long, env = "ZTUNNEL_CERT_TTL_SECS", default_value_t = 86400, value_parser = clap::value_parser!(u64).range(60..))]
+    pub cert_ttl_secs: u64,
+
+    /// cgroup v2 directory the outbound capture programs attach to (default: the first
+    /// cgroup2 mount).
+    #[arg(long, env = "ZTUNNEL_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// Readiness endpoint (`/healthz/ready`).
+    #[arg(long, env = "ZTUNNEL_READY_ADDR", default_value = "0.0.0.0:15021")]
+    pub ready_addr: SocketAddr,
+
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info,ztunnel::proxy=debug`); `RUST_LOG`
+    /// overrides it.
+    #[arg(long, env = "ZTUNNEL_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Log lines as JSON objects instead of text.
+    #[arg(long, env = "ZTUNNEL_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl Config {
+    pub fn cert_ttl(&self) -> Duration {
+        Duration::from_secs(self.cert_ttl_secs)
+    }
+}

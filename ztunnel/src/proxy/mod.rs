@@ -1,0 +1,161 @@
+//! The data path: per enrolled pod, ztunnel's three listeners inside the pod's network
+//! namespace (15001 outbound, 15006 inbound plaintext, 15008 HBONE), and the copying of bytes
+//! between them and the tunnels or the application.
+//!
+//! Decisions (where a destination goes, whether policy allows a connection) are made by
+//! `state`; identities and TLS by `identity` and `tls`; this module wires them to sockets.
+
+mod copy;
+mod inbound;
+mod outbound;
+mod pods;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::capture::Capture;
+use crate::hbone;
+use crate::identity::{CertManager, Identity, WorkloadCert};
+use crate::state::State;
+use crate::tls::TrustBundle;
+
+pub use pods::{PodRegistry, wanted};
+
+/// Port of the outbound capture listener in each pod (Istio's).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Port of the inbound plaintext listener in each pod.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// HBONE port in each pod.
+pub const HBONE_PORT: u16 = 15008;
+/// Source address of ztunnel's deliveries to applications.
+pub const DELIVERY_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+
+/// Everything the per-connection tasks share.
+pub struct Proxy {
+    pub node: String,
+    pub state: watch::Receiver<Arc<State>>,
+    pub capture: Arc<Capture>,
+    pub certs: CertManager,
+    pub roots: TrustBundle,
+    pub pool: hbone::Pool,
+    pub pods: PodRegistry,
+    pub stats: Arc<copy::Stats>,
+    client_tls: Mutex<HashMap<(Identity, Identity), (Arc<WorkloadCert>, Arc<rustls::ClientConfig>)>>,
+    server_tls: Mutex<HashMap<Identity, (Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("node", &self.node).finish_non_exhaustive()
+    }
+}
+
+pub use copy::Stats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no certificate for {identity}: {source}")]
+    Certificate {
+        identity: Identity,
+        source: crate::identity::ManagerError,
+    },
+    #[error("TLS configuration for {identity}: {source}")]
+    Tls {
+        identity: Identity,
+        source: crate::tls::TlsError,
+    },
+}
+
+impl Proxy {
+    pub fn new(
+        node: String,
+        state: watch::Receiver<Arc<State>>,
+        capture: Arc<Capture>,
+        certs: CertManager,
+        roots: TrustBundle,
+    ) -> Arc<Proxy> {
+        Arc::new(Proxy {
+            node,
+            state,
+            capture,
+            certs,
+            roots,
+            pool: hbone::Pool::new(hbone::PoolConfig::default()),
+            pods: PodRegistry::default(),
+            stats: Arc::new(copy::Stats::default()),
+            client_tls: Mutex::new(HashMap::new()),
+            server_tls: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Keeps the set of enrolled pods in line with the state, until the state channel closes.
+    pub async fn run(self: Arc<Self>) {
+        let mut rx = self.state.clone();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            pods::reconcile(&self, &state).await;
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+        self.pods.clear(&self.capture);
+    }
+
+    /// Client TLS for tunnels from `src` to a peer that must prove `dst`, cached while `src`'s
+    /// certificate stays the same.
+    async fn client_tls(
+        &self,
+        src: &Identity,
+        dst: &Identity,
+    ) -> Result<Arc<rustls::ClientConfig>, ProxyError> {
+        let cert = self.certs.get(src).await.map_err(|source| ProxyError::Certificate {
+            identity: src.clone(),
+            source,
+        })?;
+        let key = (src.clone(), dst.clone());
+        let mut cache = self.client_tls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached_cert, config)) = cache.get(&key)
+            && Arc::ptr_eq(cached_cert, &cert)
+        {
+            return Ok(config.clone());
+        }
+        let config = crate::tls::client_config(&cert, &self.roots, dst.clone()).map_err(|source| {
+            ProxyError::Tls {
+                identity: src.clone(),
+                source,
+            }
+        })?;
+        cache.insert(key, (cert, config.clone()));
+        Ok(config)
+    }
+
+    /// Server TLS for `id`'s HBONE listener, cached while its certificate stays the same.
+    async fn server_tls(&self, id: &Identity) -> Result<Arc<rustls::ServerConfig>, ProxyError> {
+        let cert = self.certs.get(id).await.map_err(|source| ProxyError::Certificate {
+            identity: id.clone(),
+            source,
+        })?;
+        let mut cache = self.server_tls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached_cert, config)) = cache.get(id)
+            && Arc::ptr_eq(cached_cert, &cert)
+        {
+            return Ok(config.clone());
+        }
+        let config = crate::tls::server_config(&cert, &self.roots).map_err(|source| {
+            ProxyError::Tls {
+                identity: id.clone(),
+                source,
+            }
+        })?;
+        cache.insert(id.clone(), (cert, config.clone()));
+        Ok(config)
+    }
+}
+
+/// The address ztunnel's HBONE listener has for a workload address.
+fn hbone_addr(dst: SocketAddr) -> SocketAddr {
+    SocketAddr::new(dst.ip(), HBONE_PORT)
+}

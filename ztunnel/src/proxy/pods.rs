@@ -1,0 +1,198 @@
+//! Enrolled pods on this node: for each, its namespace, listeners and capture state, kept in
+//! line with the configuration. Adding a pod never restarts it; removing one releases its
+//! capture at once while its established connections run to their end.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, Proxy, inbound, outbound};
+use crate::capture::{Capture, Netns};
+use crate::state::State;
+use crate::state::workload::{Protocol, Workload};
+
+/// An enrolled pod.
+#[derive(Debug)]
+pub struct Pod {
+    pub workload: Arc<Workload>,
+    pub netns: Arc<Netns>,
+    listeners: Arc<Listeners>,
+}
+
+/// The accept loops of a pod. Only they stop on release: connection tasks are separate and
+/// run to their end.
+#[derive(Debug)]
+struct Listeners(Mutex<Vec<JoinHandle<()>>>);
+
+impl Listeners {
+    /// Stops the accept loops and waits until their listening sockets are closed, so the
+    /// ports can be bound again at once (re-enrolment).
+    async fn close(&self) {
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        for task in self.0.get_mut().map(std::mem::take).unwrap_or_default() {
+            task.abort();
+        }
+    }
+}
+
+/// The pods this ztunnel captures, by workload uid.
+#[derive(Debug, Default)]
+pub struct PodRegistry {
+    pods: Mutex<HashMap<String, Arc<Pod>>>,
+}
+
+impl PodRegistry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Pod>>> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The enrolled pod that owns `ip`, if it is on this node.
+    pub fn by_ip(&self, ip: IpAddr) -> Option<Arc<Pod>> {
+        self.lock()
+            .values()
+            .find(|p| p.workload.workload_ips.contains(&ip))
+            .cloned()
+    }
+
+    pub fn get(&self, uid: &str) -> Option<Arc<Pod>> {
+        self.lock().get(uid).cloned()
+    }
+
+    pub fn uids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&self, capture: &Capture) {
+        for (_, pod) in self.lock().drain() {
+            capture.unenroll(pod.netns.cookie());
+        }
+    }
+}
+
+/// Whether this ztunnel should capture `w`.
+pub fn wanted(state: &State, node: &str, w: &Workload) -> bool {
+    w.node == node && w.netns.is_some() && w.protocol == Protocol::Hbone && state.is_captured(w)
+}
+
+pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) {
+    let wanted: HashMap<String, Arc<Workload>> = state
+        .local_workloads(&proxy.node)
+        .into_iter()
+        .filter(|w| wanted(state, &proxy.node, w))
+        .map(|w| (w.uid.clone(), w))
+        .collect();
+
+    let stale: Vec<Arc<Pod>> = {
+        let mut pods = proxy.pods.lock();
+        let gone: Vec<String> = pods
+            .iter()
+            .filter(|(uid, pod)| {
+                wanted
+                    .get(*uid)
+                    .is_none_or(|w| w.netns != pod.workload.netns || w.workload_ips != pod.workload.workload_ips)
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        gone.iter().filter_map(|uid| pods.remove(uid)).collect()
+    };
+    for pod in stale {
+        proxy.capture.unenroll(pod.netns.cookie());
+        pod.listeners.close().await;
+        info!(workload = %pod.workload.name, namespace = %pod.workload.namespace(), "pod released from capture");
+    }
+
+    for (uid, w) in wanted {
+        let known = proxy.pods.lock().get(&uid).map(|p| p.workload.clone());
+        match known {
+            Some(old) if *old == *w => {}
+            Some(_) => {
+                // Same namespace and addresses, other details changed (policies, labels):
+                // keep the listeners, swap the description.
+                let mut pods = proxy.pods.lock();
+                if let Some(pod) = pods.get(&uid).cloned() {
+                    let updated = Pod {
+                        workload: w.clone(),
+                        netns: pod.netns.clone(),
+                        listeners: pod.listeners.clone(),
+                    };
+                    pods.insert(uid, Arc::new(updated));
+                }
+            }
+            None => match enroll(proxy, w.clone()).await {
+                Ok(pod) => {
+                    info!(workload = %w.name, namespace = %w.namespace(), identity = %w.identity(), "pod enrolled");
+                    proxy.pods.lock().insert(uid, Arc::new(pod));
+                }
+                Err(err) => {
+                    warn!(workload = %w.name, namespace = %w.namespace(), "cannot enroll pod: {err}");
+                }
+            },
+        }
+    }
+}
+
+async fn enroll(proxy: &Arc<Proxy>, w: Arc<Workload>) -> Result<Pod, String> {
+    let path = w.netns.clone().ok_or("no network namespace")?;
+    let netns = Arc::new(Netns::open(&path).map_err(|e| e.to_string())?);
+    // Certificate first: a pod whose tunnels cannot be authenticated is not captured.
+    proxy
+        .certs
+        .get(&w.identity())
+        .await
+        .map_err(|e| format!("certificate for {}: {e}", w.identity()))?;
+    let listen = |addr: SocketAddr| {
+        let netns = netns.clone();
+        async move {
+            netns
+                .listen(addr)
+                .await
+                .map_err(|e| format!("listen on {addr} in {}: {e}", netns.path().display()))
+        }
+    };
+    let outbound_l = listen(SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT))).await?;
+    let inbound_l = listen(SocketAddr::from(([0, 0, 0, 0], INBOUND_PLAINTEXT_PORT))).await?;
+    let hbone_l = listen(SocketAddr::from(([0, 0, 0, 0], HBONE_PORT))).await?;
+
+    proxy
+        .capture
+        .enroll_inbound(&netns, &w.workload_ips, &inbound_l)
+        .map_err(|e| e.to_string())?;
+    proxy
+        .capture
+        .enroll_outbound(netns.cookie(), OUTBOUND_PORT)
+        .map_err(|e| {
+            proxy.capture.unenroll(netns.cookie());
+            e.to_string()
+        })?;
+
+    let tasks = vec![
+        tokio::spawn(outbound::accept_loop(proxy.clone(), w.uid.clone(), netns.clone(), outbound_l)),
+        tokio::spawn(inbound::plaintext_loop(proxy.clone(), w.uid.clone(), netns.clone(), inbound_l)),
+        tokio::spawn(inbound::hbone_loop(proxy.clone(), w.uid.clone(), netns.clone(), hbone_l)),
+    ];
+    Ok(Pod {
+        workload: w,
+        netns,
+        listeners: Arc::new(Listeners(Mutex::new(tasks))),
+    })
+}

@@ -1,0 +1,74 @@
+//! `/healthz/ready` on 15021: ready only when every pod this node should capture is enrolled
+//! (certificate issued, listeners open, capture on); otherwise 503 with the reason.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use crate::proxy::Proxy;
+
+/// Why the node is not ready, or `None` when it is.
+pub fn not_ready_reason(proxy: &Proxy) -> Option<String> {
+    let state = proxy.state.borrow().clone();
+    let enrolled = proxy.pods.uids();
+    let missing: Vec<String> = state
+        .local_workloads(&proxy.node)
+        .into_iter()
+        .filter(|w| crate::proxy::wanted(&state, &proxy.node, w))
+        .filter(|w| !enrolled.contains(&w.uid))
+        .map(|w| format!("{}/{}", w.namespace(), w.name))
+        .collect();
+    if missing.is_empty() {
+        None
+    } else {
+        Some(format!("pods not yet captured: {}", missing.join(", ")))
+    }
+}
+
+/// Starts the readiness server.
+pub async fn serve(addr: SocketAddr, proxy: Arc<Proxy>) -> std::io::Result<JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let proxy = proxy.clone();
+                    async move { Ok::<_, Infallible>(answer(&proxy, &req)) }
+                });
+                if let Err(err) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(conn), service)
+                    .await
+                {
+                    debug!(%err, "readiness connection ended");
+                }
+            });
+        }
+    }))
+}
+
+fn answer(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, body) = if req.uri().path() != "/healthz/ready" {
+        (StatusCode::NOT_FOUND, "not found\n".to_owned())
+    } else {
+        match not_ready_reason(proxy) {
+            None => (StatusCode::OK, "ready\n".to_owned()),
+            Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+        }
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp
+}
