@@ -15,9 +15,10 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-use serde::de::IgnoredAny;
-
+use self::raw::{
+    RawConfig, RawGatewayAddress, RawMatch, RawPolicy, RawService, RawServiceAccountMatch,
+    RawStringMatch, RawWorkload,
+};
 use crate::identity::Identity;
 use crate::state::policy::{Cidr, Match, ServiceAccountMatch, StringMatch};
 use crate::state::workload::{GatewayAddress, GatewayDestination, HealthStatus};
@@ -140,207 +141,6 @@ fn syntax_error(file: &str, e: &serde_saphyr::Error) -> LocalConfigError {
         location,
         message,
     }
-}
-
-// ---- the file's shape -------------------------------------------------------------------
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    workloads: Vec<RawWorkload>,
-    #[serde(default)]
-    services: Vec<RawService>,
-    #[serde(default)]
-    policies: Vec<RawPolicy>,
-    /// Extension: namespaces and their labels.
-    #[serde(default)]
-    namespaces: Vec<RawNamespace>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawNamespace {
-    name: String,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-}
-
-// The Istio fields accepted and not used are never read.
-#[allow(dead_code)]
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawWorkload {
-    #[serde(default)]
-    uid: String,
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    namespace: String,
-    #[serde(default)]
-    service_account: String,
-    #[serde(default)]
-    trust_domain: String,
-    #[serde(default)]
-    workload_ips: Vec<String>,
-    #[serde(default)]
-    protocol: Option<String>,
-    #[serde(default)]
-    status: Option<String>,
-    #[serde(default)]
-    node: String,
-    #[serde(default)]
-    cluster_id: String,
-    #[serde(default)]
-    canonical_name: String,
-    #[serde(default)]
-    canonical_revision: String,
-    /// `namespace/hostname` -> { service port: target port }. Ports are read as text so a bad
-    /// one is reported with its service and port.
-    #[serde(default)]
-    services: BTreeMap<String, BTreeMap<String, String>>,
-    #[serde(default)]
-    authorization_policies: Vec<String>,
-    #[serde(default)]
-    waypoint: Option<RawGatewayAddress>,
-    /// Extension: pod labels.
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    /// Extension: the pod's network namespace, e.g. `/var/run/netns/echo-1`.
-    #[serde(default)]
-    netns: Option<String>,
-
-    // Istio fields accepted and not used (yet).
-    #[serde(default)]
-    network: Option<IgnoredAny>,
-    #[serde(default)]
-    network_mode: Option<IgnoredAny>,
-    #[serde(default)]
-    network_gateway: Option<IgnoredAny>,
-    #[serde(default)]
-    workload_name: Option<IgnoredAny>,
-    #[serde(default)]
-    workload_type: Option<IgnoredAny>,
-    #[serde(default)]
-    hostname: Option<IgnoredAny>,
-    #[serde(default)]
-    native_tunnel: Option<IgnoredAny>,
-    #[serde(default)]
-    application_tunnel: Option<IgnoredAny>,
-    #[serde(default)]
-    locality: Option<IgnoredAny>,
-    #[serde(default)]
-    capacity: Option<IgnoredAny>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawGatewayAddress {
-    /// `network/ip` or `namespace/hostname`, as Istio writes it.
-    destination: String,
-    hbone_mtls_port: u16,
-}
-
-// The Istio fields accepted and not used are never read.
-#[allow(dead_code)]
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawService {
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    namespace: String,
-    #[serde(default)]
-    hostname: String,
-    /// `network/ip` (Istio's form, network may be empty: `/10.96.0.10`) or a bare IP.
-    #[serde(default)]
-    vips: Vec<String>,
-    #[serde(default)]
-    ports: BTreeMap<String, String>,
-    #[serde(default)]
-    subject_alt_names: Vec<String>,
-    #[serde(default)]
-    waypoint: Option<RawGatewayAddress>,
-
-    // Istio fields accepted and not used (yet).
-    #[serde(default)]
-    canonical: Option<IgnoredAny>,
-    #[serde(default)]
-    cidr_vips: Option<IgnoredAny>,
-    #[serde(default)]
-    endpoints: Option<IgnoredAny>,
-    #[serde(default)]
-    load_balancer: Option<IgnoredAny>,
-    #[serde(default)]
-    ip_families: Option<IgnoredAny>,
-    #[serde(default)]
-    weighted_waypoints: Option<IgnoredAny>,
-    #[serde(default)]
-    visibility: Option<IgnoredAny>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawPolicy {
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    namespace: String,
-    #[serde(default)]
-    scope: String,
-    #[serde(default)]
-    action: String,
-    /// rules -> clauses -> matches.
-    #[serde(default)]
-    rules: Vec<Vec<Vec<RawMatch>>>,
-    #[serde(default)]
-    dry_run: bool,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawMatch {
-    #[serde(default)]
-    namespaces: Vec<RawStringMatch>,
-    #[serde(default)]
-    not_namespaces: Vec<RawStringMatch>,
-    #[serde(default)]
-    service_accounts: Vec<RawServiceAccountMatch>,
-    #[serde(default)]
-    not_service_accounts: Vec<RawServiceAccountMatch>,
-    #[serde(default)]
-    principals: Vec<RawStringMatch>,
-    #[serde(default)]
-    not_principals: Vec<RawStringMatch>,
-    #[serde(default)]
-    source_ips: Vec<String>,
-    #[serde(default)]
-    not_source_ips: Vec<String>,
-    #[serde(default)]
-    destination_ips: Vec<String>,
-    #[serde(default)]
-    not_destination_ips: Vec<String>,
-    #[serde(default)]
-    destination_ports: Vec<u16>,
-    #[serde(default)]
-    not_destination_ports: Vec<u16>,
-}
-
-/// Istio ztunnel's YAML for `StringMatch`: `{Exact: x}`, `{Prefix: x}`, `{Suffix: x}`,
-/// `{Presence: []}` (any value after `Presence` is ignored).
-#[derive(Debug, Deserialize)]
-enum RawStringMatch {
-    Exact(String),
-    Prefix(String),
-    Suffix(String),
-    Presence(IgnoredAny),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawServiceAccountMatch {
-    namespace: String,
-    service_account: String,
 }
 
 // ---- validation and conversion ---------------------------------------------------------
@@ -770,6 +570,8 @@ fn rbac_match(at: &str, here: &str, m: RawMatch, r: &mut Report) -> Match {
         not_destination_ports: m.not_destination_ports,
     }
 }
+
+mod raw;
 
 #[cfg(test)]
 mod tests;

@@ -65,7 +65,8 @@ mod tests {
         };
         let ep = BTreeMap::from([(80, 9090), (90, 9000)]);
         let ep_zero = BTreeMap::from([(80, 0)]);
-        let cases: &[(u16, Option<&BTreeMap<u16, u16>>, Option<u16>)] = &[
+        type Case<'a> = (u16, Option<&'a BTreeMap<u16, u16>>, Option<u16>);
+        let cases: &[Case] = &[
             (80, None, Some(8080)),
             (80, Some(&ep), Some(9090)),
             (80, Some(&ep_zero), Some(8080)),

@@ -383,7 +383,7 @@ fn hostile_input_is_bounded() {
     );
     for i in 1..12 {
         let prev = format!("*a{}", i - 1);
-        let list = vec![prev.as_str(); 10].join(", ");
+        let list = [prev.as_str(); 10].join(", ");
         yaml.push_str(&format!(
             "- {{name: w{i}, namespace: d, locality: &a{i} [{list}]}}\n"
         ));
