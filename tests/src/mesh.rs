@@ -222,7 +222,9 @@ impl Mesh {
         });
         ready.map_err(|_| {
             let log = self.ztunnel(node).log();
-            io::Error::other(format!("ztunnel on {node} not ready in {timeout:?}; log:\n{log}"))
+            io::Error::other(format!(
+                "ztunnel on {node} not ready in {timeout:?}; log:\n{log}"
+            ))
         })
     }
 

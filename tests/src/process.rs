@@ -129,16 +129,19 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<(
 }
 
 /// The directory with the workspace's build output (`target/debug`), found from the test
-/// executable's own path (`target/debug/deps/<test>`).
+/// executable's own path (`target/debug/deps/<test>` or `target/debug/<bin>`).
 pub fn target_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("ZTUNNEL_TARGET_DIR") {
         return PathBuf::from(dir);
     }
     let exe = std::env::current_exe().unwrap_or_default();
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    // Test executables live in `target/debug/deps`, binaries in `target/debug`.
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().unwrap_or(dir).to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path of a workspace binary, built by `cargo xtask test` before the tests run.

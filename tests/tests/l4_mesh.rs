@@ -77,11 +77,19 @@ fn pod_to_pod_across_nodes_and_on_the_same_node() {
         assert!(got[..data.len()] == data[..], "payload to {pod} corrupted");
         assert_eq!(&got[data.len()..], b"bye");
         // Delivered by ztunnel inside the pod, not by the client directly.
-        assert_eq!(peers_from(server, DELIVERY_SOURCE), 1, "{pod} peers {:?}", server.peers());
+        assert_eq!(
+            peers_from(server, DELIVERY_SOURCE),
+            1,
+            "{pod} peers {:?}",
+            server.peers()
+        );
         assert_eq!(peers_from(server, &f.mesh.ip("sleep").to_string()), 0);
     }
     let log = f.mesh.ztunnels[0].1.log();
-    assert!(log.contains("same-node"), "same-node path not taken:\n{log}");
+    assert!(
+        log.contains("same-node"),
+        "same-node path not taken:\n{log}"
+    );
 }
 
 #[test]
@@ -118,11 +126,15 @@ fn only_tls_on_15008_crosses_between_enrolled_pods() {
     let sleep = f.mesh.netns("sleep");
     let pcap = f.mesh.dir.path().join("fabric.pcap");
     let mut cmd = Command::new("tcpdump");
-    cmd.args(["-i", "eth0", "--immediate-mode", "-U", "-n", "-w"]).arg(&pcap).arg("tcp");
+    cmd.args(["-i", "eth0", "--immediate-mode", "-U", "-n", "-w"])
+        .arg(&pcap)
+        .arg("tcp");
     // sleep's node uplink carries both the tunnel to echo2 and the passthrough control.
     let node1 = f.mesh.topo.node("node1").netns.clone();
     let mut tcpdump = Proc::spawn("tcpdump", &node1, cmd, f.mesh.dir.path()).unwrap();
-    tcpdump.wait_for_log("listening on", Duration::from_secs(10)).unwrap();
+    tcpdump
+        .wait_for_log("listening on", Duration::from_secs(10))
+        .unwrap();
 
     let marker = b"PLAINTEXT-MARKER-0123456789".repeat(64);
     let got = echo_roundtrip(&sleep, addr(&f.mesh, "echo2"), marker.clone()).unwrap();
@@ -144,16 +156,31 @@ fn only_tls_on_15008_crosses_between_enrolled_pods() {
     let echo2 = f.mesh.ip("echo2").to_string();
     let sleep_ip = f.mesh.ip("sleep").to_string();
     let between_pods = format!("host {sleep_ip} and host {echo2}");
-    assert!(count(&format!("{between_pods} and tcp port 15008")) > 0, "no HBONE packets captured");
-    assert_eq!(count(&format!("{between_pods} and not tcp port 15008")), 0, "non-HBONE TCP between pods");
+    assert!(
+        count(&format!("{between_pods} and tcp port 15008")) > 0,
+        "no HBONE packets captured"
+    );
+    assert_eq!(
+        count(&format!("{between_pods} and not tcp port 15008")),
+        0,
+        "non-HBONE TCP between pods"
+    );
     let bytes = std::fs::read(&pcap).unwrap();
     let hits = bytes
         .windows(marker.len().min(27))
         .filter(|w| *w == &marker[..27])
         .count();
     // The marker crossed in clear only on the passthrough connection (there and back).
-    assert!(hits > 0, "control traffic not seen: is the capture working?");
-    assert_eq!(count(&format!("host {sleep_ip} and host {echo2} and tcp port {APP_PORT}")), 0);
+    assert!(
+        hits > 0,
+        "control traffic not seen: is the capture working?"
+    );
+    assert_eq!(
+        count(&format!(
+            "host {sleep_ip} and host {echo2} and tcp port {APP_PORT}"
+        )),
+        0
+    );
 }
 
 #[test]
@@ -161,13 +188,17 @@ fn policy_changes_apply_live_and_bad_config_keeps_the_last_good_one() {
     let mut f = fixture();
     let sleep = f.mesh.netns("sleep");
     let echo2 = addr(&f.mesh, "echo2");
-    assert_eq!(echo_roundtrip(&sleep, echo2, b"before".to_vec()).unwrap(), b"beforebye");
+    assert_eq!(
+        echo_roundtrip(&sleep, echo2, b"before".to_vec()).unwrap(),
+        b"beforebye"
+    );
 
     f.mesh.policies = "  - name: deny-sleep\n    namespace: default\n    scope: Namespace\n    action: Deny\n    rules:\n      - - - principals:\n              - Exact: cluster.local/ns/default/sa/sleep\n".into();
     f.mesh.write_config().unwrap();
-    wait_until(Duration::from_secs(10), || {
-        !matches!(echo_roundtrip(&sleep, echo2, b"x".to_vec()), Ok(ref got) if got == b"xbye")
-    })
+    wait_until(
+        Duration::from_secs(10),
+        || !matches!(echo_roundtrip(&sleep, echo2, b"x".to_vec()), Ok(ref got) if got == b"xbye"),
+    )
     .expect("deny policy not applied");
     f.mesh
         .ztunnel("node2")
@@ -186,9 +217,10 @@ fn policy_changes_apply_live_and_bad_config_keeps_the_last_good_one() {
 
     f.mesh.policies.clear();
     f.mesh.write_config().unwrap();
-    wait_until(Duration::from_secs(10), || {
-        matches!(echo_roundtrip(&sleep, echo2, b"z".to_vec()), Ok(ref got) if got == b"zbye")
-    })
+    wait_until(
+        Duration::from_secs(10),
+        || matches!(echo_roundtrip(&sleep, echo2, b"z".to_vec()), Ok(ref got) if got == b"zbye"),
+    )
     .expect("policy removal not applied");
 }
 
@@ -204,7 +236,8 @@ fn enrolment_by_label_captures_and_releases_without_breaking_connections() {
     f.mesh.write_config().unwrap();
     wait_until(Duration::from_secs(10), || {
         let before = peers_from(&f.echo2, &sleep_ip);
-        echo_roundtrip(&sleep, echo2, b"p".to_vec()).is_ok() && peers_from(&f.echo2, &sleep_ip) > before
+        echo_roundtrip(&sleep, echo2, b"p".to_vec()).is_ok()
+            && peers_from(&f.echo2, &sleep_ip) > before
     })
     .expect("pod not released");
 
@@ -218,13 +251,17 @@ fn enrolment_by_label_captures_and_releases_without_breaking_connections() {
     f.mesh.write_config().unwrap();
     wait_until(Duration::from_secs(10), || {
         let before = peers_from(&f.echo2, DELIVERY_SOURCE);
-        echo_roundtrip(&sleep, echo2, b"c".to_vec()).is_ok() && peers_from(&f.echo2, DELIVERY_SOURCE) > before
+        echo_roundtrip(&sleep, echo2, b"c".to_vec()).is_ok()
+            && peers_from(&f.echo2, DELIVERY_SOURCE) > before
     })
     .expect("pod not captured again");
 
     plain.write_all(b"two").unwrap();
     plain.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"two", "established plain connection broken by enrolment");
+    assert_eq!(
+        &buf, b"two",
+        "established plain connection broken by enrolment"
+    );
 
     // A captured connection survives un-enrolment too.
     let mut captured = connect(&sleep, echo2).unwrap();
@@ -234,7 +271,8 @@ fn enrolment_by_label_captures_and_releases_without_breaking_connections() {
     f.mesh.write_config().unwrap();
     wait_until(Duration::from_secs(10), || {
         let before = peers_from(&f.echo2, &sleep_ip);
-        echo_roundtrip(&sleep, echo2, b"p".to_vec()).is_ok() && peers_from(&f.echo2, &sleep_ip) > before
+        echo_roundtrip(&sleep, echo2, b"p".to_vec()).is_ok()
+            && peers_from(&f.echo2, &sleep_ip) > before
     })
     .expect("pod not released");
     captured.write_all(b"def").unwrap();
@@ -249,20 +287,32 @@ fn ztunnel_restart_releases_then_recaptures_pods() {
     // echo1 shares node1 with sleep: with node1's ztunnel gone, neither end is captured.
     let echo1 = addr(&f.mesh, "echo1");
     let sleep_ip = f.mesh.ip("sleep").to_string();
-    assert_eq!(echo_roundtrip(&sleep, echo1, b"a".to_vec()).unwrap(), b"abye");
+    assert_eq!(
+        echo_roundtrip(&sleep, echo1, b"a".to_vec()).unwrap(),
+        b"abye"
+    );
     assert_eq!(peers_from(&f.echo1, DELIVERY_SOURCE), 1);
 
     // A crash takes the eBPF links with the process: plain networking is back at once.
     f.mesh.ztunnel("node1").kill();
-    assert_eq!(echo_roundtrip(&sleep, echo1, b"b".to_vec()).unwrap(), b"bbye");
+    assert_eq!(
+        echo_roundtrip(&sleep, echo1, b"b".to_vec()).unwrap(),
+        b"bbye"
+    );
     assert_eq!(peers_from(&f.echo1, &sleep_ip), 1);
 
     f.mesh.start_ztunnel("node1").unwrap();
-    assert_eq!(echo_roundtrip(&sleep, echo1, b"c".to_vec()).unwrap(), b"cbye");
+    assert_eq!(
+        echo_roundtrip(&sleep, echo1, b"c".to_vec()).unwrap(),
+        b"cbye"
+    );
     assert_eq!(peers_from(&f.echo1, DELIVERY_SOURCE), 2);
     // And across nodes again.
     let echo2 = addr(&f.mesh, "echo2");
-    assert_eq!(echo_roundtrip(&sleep, echo2, b"d".to_vec()).unwrap(), b"dbye");
+    assert_eq!(
+        echo_roundtrip(&sleep, echo2, b"d".to_vec()).unwrap(),
+        b"dbye"
+    );
     assert_eq!(peers_from(&f.echo2, &sleep_ip), 0);
 }
 
@@ -275,7 +325,8 @@ fn malformed_tunnels_are_rejected_and_others_keep_flowing() {
 
     // Bytes that are not TLS.
     let mut junk = connect(&outside, hbone).unwrap();
-    junk.write_all(b"GET / HTTP/1.1\r\n\r\nnot tls at all").unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\n\r\nnot tls at all")
+        .unwrap();
     let mut rest = Vec::new();
     let _ = junk.read_to_end(&mut rest);
     f.mesh
@@ -287,10 +338,19 @@ fn malformed_tunnels_are_rejected_and_others_keep_flowing() {
     let out = mesh_tests::netns::exec(
         &outside,
         "curl",
-        &["-sS", "-k", "--max-time", "10", &format!("https://{hbone}/")],
+        &[
+            "-sS",
+            "-k",
+            "--max-time",
+            "10",
+            &format!("https://{hbone}/"),
+        ],
     )
     .unwrap();
-    assert!(!out.status.success(), "TLS without a client certificate was accepted");
+    assert!(
+        !out.status.success(),
+        "TLS without a client certificate was accepted"
+    );
     f.mesh
         .ztunnel("node2")
         .wait_for_log("no client certificate", Duration::from_secs(10))

@@ -41,7 +41,9 @@ fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true);
     if config.log_json {
         builder.json().init();
     } else {
@@ -61,7 +63,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("local CA in {}", config.ca_dir.display()))?
         .with_workload_ttl(config.cert_ttl());
     let roots = ca.roots();
-    let certs = CertManager::new(Arc::new(ca), Arc::new(SystemClock), ManagerConfig::default());
+    let certs = CertManager::new(
+        Arc::new(ca),
+        Arc::new(SystemClock),
+        ManagerConfig::default(),
+    );
 
     let capture = Arc::new(Capture::load(config.cgroup_root.as_deref())?);
     let proxy = Proxy::new(config.node.clone(), rx, capture, certs, roots);
@@ -80,7 +86,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         warn!("cannot install signal handlers; waiting forever");
         return std::future::pending().await;
     };

@@ -65,7 +65,10 @@ fn answer(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     } else {
         match not_ready_reason(proxy) {
             None => (StatusCode::OK, "ready\n".to_owned()),
-            Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+            Some(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            ),
         }
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));

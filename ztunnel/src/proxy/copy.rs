@@ -30,13 +30,18 @@ impl Stats {
 /// Copies `client` <-> `upstream` until both sides have closed; a half-close on one side is
 /// passed on to the other (copy_bidirectional shuts down the write side on EOF).
 /// Returns (bytes client -> upstream, bytes upstream -> client).
-pub(super) async fn relay<A, B>(stats: &Stats, client: &mut A, upstream: &mut B) -> std::io::Result<(u64, u64)>
+pub(super) async fn relay<A, B>(
+    stats: &Stats,
+    client: &mut A,
+    upstream: &mut B,
+) -> std::io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     Stats::add(&stats.opened, 1);
-    let result = tokio::io::copy_bidirectional_with_sizes(client, upstream, 64 * 1024, 64 * 1024).await;
+    let result =
+        tokio::io::copy_bidirectional_with_sizes(client, upstream, 64 * 1024, 64 * 1024).await;
     Stats::add(&stats.closed, 1);
     if let Ok((sent, received)) = result {
         Stats::add(&stats.bytes_sent, sent);

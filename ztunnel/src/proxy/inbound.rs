@@ -18,7 +18,12 @@ use crate::identity::Identity;
 use crate::state::authz::{Decision, authorize};
 use crate::state::policy::ConnectionInfo;
 
-pub(super) async fn hbone_loop(proxy: Arc<Proxy>, uid: String, _netns: Arc<Netns>, listener: TcpListener) {
+pub(super) async fn hbone_loop(
+    proxy: Arc<Proxy>,
+    uid: String,
+    _netns: Arc<Netns>,
+    listener: TcpListener,
+) {
     loop {
         let (conn, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -39,7 +44,12 @@ pub(super) async fn hbone_loop(proxy: Arc<Proxy>, uid: String, _netns: Arc<Netns
     }
 }
 
-async fn serve_hbone(proxy: &Arc<Proxy>, uid: &str, conn: TcpStream, peer: SocketAddr) -> Result<(), String> {
+async fn serve_hbone(
+    proxy: &Arc<Proxy>,
+    uid: &str,
+    conn: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), String> {
     let pod = proxy.pods.get(uid).ok_or("pod no longer enrolled")?;
     let tls = proxy
         .server_tls(&pod.workload.identity())
@@ -80,7 +90,15 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
     let src_ip = hbone::forwarded_for(&accepted.headers)
         .map(|a| a.ip())
         .unwrap_or(peer.ip());
-    match admit(&proxy, &pod, dst, Some(accepted.peer_identity.clone()), Some(src_ip)).await {
+    match admit(
+        &proxy,
+        &pod,
+        dst,
+        Some(accepted.peer_identity.clone()),
+        Some(src_ip),
+    )
+    .await
+    {
         Err((status, reason)) => {
             info!(%dst, identity = %accepted.peer_identity, %status, "HBONE stream refused: {reason}");
             accepted.responder.reject(status);
@@ -96,7 +114,12 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
     }
 }
 
-pub(super) async fn plaintext_loop(proxy: Arc<Proxy>, uid: String, _netns: Arc<Netns>, listener: TcpListener) {
+pub(super) async fn plaintext_loop(
+    proxy: Arc<Proxy>,
+    uid: String,
+    _netns: Arc<Netns>,
+    listener: TcpListener,
+) {
     loop {
         let (mut conn, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -146,11 +169,16 @@ pub(super) async fn admit(
         let who = src_identity.map_or_else(|| "a plaintext client".to_owned(), |id| id.to_string());
         let policy = policy.unwrap_or_else(|| "-".to_owned());
         info!(src = %who, %dst, %policy, "connection denied: {reason}");
-        return Err((StatusCode::UNAUTHORIZED, format!("denied by policy {policy}: {reason}")));
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            format!("denied by policy {policy}: {reason}"),
+        ));
     }
     let from = SocketAddr::from((DELIVERY_SOURCE, 0));
-    pod.netns
-        .connect(dst, Some(from))
-        .await
-        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("application at {dst} unreachable: {e}")))
+    pod.netns.connect(dst, Some(from)).await.map_err(|e| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("application at {dst} unreachable: {e}"),
+        )
+    })
 }

@@ -33,6 +33,9 @@ pub const HBONE_PORT: u16 = 15008;
 /// Source address of ztunnel's deliveries to applications.
 pub const DELIVERY_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
 
+/// A TLS configuration with the certificate it was built from (rebuilt when that rotates).
+type Cached<T> = (Arc<WorkloadCert>, Arc<T>);
+
 /// Everything the per-connection tasks share.
 pub struct Proxy {
     pub node: String,
@@ -43,13 +46,15 @@ pub struct Proxy {
     pub pool: hbone::Pool,
     pub pods: PodRegistry,
     pub stats: Arc<copy::Stats>,
-    client_tls: Mutex<HashMap<(Identity, Identity), (Arc<WorkloadCert>, Arc<rustls::ClientConfig>)>>,
-    server_tls: Mutex<HashMap<Identity, (Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
+    client_tls: Mutex<HashMap<(Identity, Identity), Cached<rustls::ClientConfig>>>,
+    server_tls: Mutex<HashMap<Identity, Cached<rustls::ServerConfig>>>,
 }
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("node", &self.node).finish_non_exhaustive()
+        f.debug_struct("Proxy")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
     }
 }
 
@@ -111,10 +116,14 @@ impl Proxy {
         src: &Identity,
         dst: &Identity,
     ) -> Result<Arc<rustls::ClientConfig>, ProxyError> {
-        let cert = self.certs.get(src).await.map_err(|source| ProxyError::Certificate {
-            identity: src.clone(),
-            source,
-        })?;
+        let cert = self
+            .certs
+            .get(src)
+            .await
+            .map_err(|source| ProxyError::Certificate {
+                identity: src.clone(),
+                source,
+            })?;
         let key = (src.clone(), dst.clone());
         let mut cache = self.client_tls.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((cached_cert, config)) = cache.get(&key)
@@ -122,34 +131,38 @@ impl Proxy {
         {
             return Ok(config.clone());
         }
-        let config = crate::tls::client_config(&cert, &self.roots, dst.clone()).map_err(|source| {
-            ProxyError::Tls {
-                identity: src.clone(),
-                source,
-            }
-        })?;
+        let config =
+            crate::tls::client_config(&cert, &self.roots, dst.clone()).map_err(|source| {
+                ProxyError::Tls {
+                    identity: src.clone(),
+                    source,
+                }
+            })?;
         cache.insert(key, (cert, config.clone()));
         Ok(config)
     }
 
     /// Server TLS for `id`'s HBONE listener, cached while its certificate stays the same.
     async fn server_tls(&self, id: &Identity) -> Result<Arc<rustls::ServerConfig>, ProxyError> {
-        let cert = self.certs.get(id).await.map_err(|source| ProxyError::Certificate {
-            identity: id.clone(),
-            source,
-        })?;
+        let cert = self
+            .certs
+            .get(id)
+            .await
+            .map_err(|source| ProxyError::Certificate {
+                identity: id.clone(),
+                source,
+            })?;
         let mut cache = self.server_tls.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((cached_cert, config)) = cache.get(id)
             && Arc::ptr_eq(cached_cert, &cert)
         {
             return Ok(config.clone());
         }
-        let config = crate::tls::server_config(&cert, &self.roots).map_err(|source| {
-            ProxyError::Tls {
+        let config =
+            crate::tls::server_config(&cert, &self.roots).map_err(|source| ProxyError::Tls {
                 identity: id.clone(),
                 source,
-            }
-        })?;
+            })?;
         cache.insert(id.clone(), (cert, config.clone()));
         Ok(config)
     }

@@ -16,7 +16,12 @@ use crate::hbone::{ConnectHeaders, PoolKey};
 use crate::state::Destination;
 use crate::state::workload::{Protocol, Workload};
 
-pub(super) async fn accept_loop(proxy: Arc<Proxy>, uid: String, netns: Arc<Netns>, listener: TcpListener) {
+pub(super) async fn accept_loop(
+    proxy: Arc<Proxy>,
+    uid: String,
+    netns: Arc<Netns>,
+    listener: TcpListener,
+) {
     loop {
         let (conn, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -26,7 +31,10 @@ pub(super) async fn accept_loop(proxy: Arc<Proxy>, uid: String, netns: Arc<Netns
             }
         };
         let _ = conn.set_nodelay(true);
-        let Some(orig) = proxy.capture.take_original_destination(netns.cookie(), peer) else {
+        let Some(orig) = proxy
+            .capture
+            .take_original_destination(netns.cookie(), peer)
+        else {
             warn!(%peer, "outbound connection without a recorded original destination; closing");
             Stats::add(&proxy.stats.failed, 1);
             continue;
@@ -46,7 +54,13 @@ pub(super) async fn accept_loop(proxy: Arc<Proxy>, uid: String, netns: Arc<Netns
     }
 }
 
-async fn handle(proxy: &Proxy, src: &Workload, netns: &Netns, mut conn: TcpStream, orig: SocketAddr) -> Result<(), String> {
+async fn handle(
+    proxy: &Proxy,
+    src: &Workload,
+    netns: &Netns,
+    mut conn: TcpStream,
+    orig: SocketAddr,
+) -> Result<(), String> {
     let state = proxy.state.borrow().clone();
     let (dst, addr) = match state.resolve(orig) {
         Destination::Workload(w, addr) => (Some(w), addr),
@@ -54,7 +68,13 @@ async fn handle(proxy: &Proxy, src: &Workload, netns: &Netns, mut conn: TcpStrea
             let seed = rand::random::<u64>();
             let (w, addr) = crate::state::pick_endpoint(&endpoints, seed)
                 .cloned()
-                .ok_or_else(|| format!("service {} has no healthy endpoint for port {}", service.hostname, orig.port()))?;
+                .ok_or_else(|| {
+                    format!(
+                        "service {} has no healthy endpoint for port {}",
+                        service.hostname,
+                        orig.port()
+                    )
+                })?;
             (Some(w), addr)
         }
         Destination::Unknown => (None, orig),
@@ -63,8 +83,13 @@ async fn handle(proxy: &Proxy, src: &Workload, netns: &Netns, mut conn: TcpStrea
     let Some(dst) = dst.filter(|w| w.protocol == Protocol::Hbone) else {
         // Not in the mesh: plain TCP from the pod's namespace, as if never captured.
         debug!(src = %src.name, dst = %addr, "passthrough");
-        let mut upstream = netns.connect(addr, None).await.map_err(|e| format!("connect {addr}: {e}"))?;
-        relay(&proxy.stats, &mut conn, &mut upstream).await.map_err(|e| e.to_string())?;
+        let mut upstream = netns
+            .connect(addr, None)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        relay(&proxy.stats, &mut conn, &mut upstream)
+            .await
+            .map_err(|e| e.to_string())?;
         return Ok(());
     };
 
@@ -72,16 +97,27 @@ async fn handle(proxy: &Proxy, src: &Workload, netns: &Netns, mut conn: TcpStrea
         // Same node: no tunnel, same policy, delivered straight into the destination pod.
         let src_addr = conn.peer_addr().ok();
         debug!(src = %src.name, dst = %addr, "same-node");
-        let mut upstream = inbound::admit(proxy, &local, addr, Some(src.identity()), src_ip.or(src_addr.map(|a| a.ip())))
+        let mut upstream = inbound::admit(
+            proxy,
+            &local,
+            addr,
+            Some(src.identity()),
+            src_ip.or(src_addr.map(|a| a.ip())),
+        )
+        .await
+        .map_err(|(_, reason)| reason)?;
+        relay(&proxy.stats, &mut conn, &mut upstream)
             .await
-            .map_err(|(_, reason)| reason)?;
-        relay(&proxy.stats, &mut conn, &mut upstream).await.map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?;
         return Ok(());
     }
 
     let src_id = src.identity();
     let dst_id = dst.identity();
-    let tls = proxy.client_tls(&src_id, &dst_id).await.map_err(|e| e.to_string())?;
+    let tls = proxy
+        .client_tls(&src_id, &dst_id)
+        .await
+        .map_err(|e| e.to_string())?;
     let peer = hbone_addr(addr);
     let key = PoolKey {
         src: src_id,
@@ -105,7 +141,9 @@ async fn handle(proxy: &Proxy, src: &Workload, netns: &Netns, mut conn: TcpStrea
         .await
         .map_err(|e| format!("HBONE to {peer} ({dst_id}): {e}"))?;
     debug!(src = %src.name, dst = %addr, via = %peer, "HBONE");
-    relay(&proxy.stats, &mut conn, &mut tunnel).await.map_err(|e| e.to_string())?;
+    relay(&proxy.stats, &mut conn, &mut tunnel)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 

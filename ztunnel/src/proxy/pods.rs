@@ -31,7 +31,8 @@ impl Listeners {
     /// Stops the accept loops and waits until their listening sockets are closed, so the
     /// ports can be bound again at once (re-enrolment).
     async fn close(&self) {
-        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        let tasks: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {
             task.abort();
             let _ = task.await;
@@ -107,9 +108,9 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) {
         let gone: Vec<String> = pods
             .iter()
             .filter(|(uid, pod)| {
-                wanted
-                    .get(*uid)
-                    .is_none_or(|w| w.netns != pod.workload.netns || w.workload_ips != pod.workload.workload_ips)
+                wanted.get(*uid).is_none_or(|w| {
+                    w.netns != pod.workload.netns || w.workload_ips != pod.workload.workload_ips
+                })
             })
             .map(|(uid, _)| uid.clone())
             .collect();
@@ -186,9 +187,24 @@ async fn enroll(proxy: &Arc<Proxy>, w: Arc<Workload>) -> Result<Pod, String> {
         })?;
 
     let tasks = vec![
-        tokio::spawn(outbound::accept_loop(proxy.clone(), w.uid.clone(), netns.clone(), outbound_l)),
-        tokio::spawn(inbound::plaintext_loop(proxy.clone(), w.uid.clone(), netns.clone(), inbound_l)),
-        tokio::spawn(inbound::hbone_loop(proxy.clone(), w.uid.clone(), netns.clone(), hbone_l)),
+        tokio::spawn(outbound::accept_loop(
+            proxy.clone(),
+            w.uid.clone(),
+            netns.clone(),
+            outbound_l,
+        )),
+        tokio::spawn(inbound::plaintext_loop(
+            proxy.clone(),
+            w.uid.clone(),
+            netns.clone(),
+            inbound_l,
+        )),
+        tokio::spawn(inbound::hbone_loop(
+            proxy.clone(),
+            w.uid.clone(),
+            netns.clone(),
+            hbone_l,
+        )),
     ];
     Ok(Pod {
         workload: w,
