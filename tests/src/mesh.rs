@@ -156,6 +156,9 @@ impl Mesh {
                 let _ = writeln!(y, "      {port}: {target}");
             }
         }
+        if self.services.is_empty() {
+            y = y.replace("services:\n", "services: []\n");
+        }
         y.push_str("policies:\n");
         y.push_str(&self.policies);
         if self.policies.trim().is_empty() {
@@ -215,11 +218,20 @@ impl Mesh {
     /// Waits until `node`'s ztunnel answers 200 on /healthz/ready.
     pub fn wait_ready(&mut self, node: &str, timeout: Duration) -> io::Result<()> {
         let netns = self.topo.node(node).netns.clone();
+        let mut exited = None;
         let ready = wait_until(timeout, || {
-            http_get(&netns, "127.0.0.1:15021".parse().unwrap(), "/healthz/ready")
-                .map(|(status, _)| status == 200)
-                .unwrap_or(false)
+            exited = self.ztunnel(node).exited();
+            exited.is_some()
+                || http_get(&netns, "127.0.0.1:15021".parse().unwrap(), "/healthz/ready")
+                    .map(|(status, _)| status == 200)
+                    .unwrap_or(false)
         });
+        if let Some(status) = exited {
+            let log = self.ztunnel(node).log();
+            return Err(io::Error::other(format!(
+                "ztunnel on {node} exited ({status}); log:\n{log}"
+            )));
+        }
         ready.map_err(|_| {
             let log = self.ztunnel(node).log();
             io::Error::other(format!(

@@ -361,3 +361,18 @@ fn malformed_tunnels_are_rejected_and_others_keep_flowing() {
     let got = echo_roundtrip(&sleep, addr(&f.mesh, "echo2"), b"still".to_vec()).unwrap();
     assert_eq!(got, b"stillbye");
 }
+
+#[test]
+fn workloads_in_namespaces_without_ambient_are_reached_in_plain_tcp() {
+    let mut legacy = PodSpec::new("legacy", "node2", "legacy");
+    legacy.namespace = "legacy".into();
+    let pods = vec![PodSpec::new("sleep", "node1", "sleep"), legacy];
+    let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    mesh.namespaces.push(("legacy".into(), None));
+    let server = AppServer::start(&mesh.netns("legacy"), "legacy", addr(&mesh, "legacy")).unwrap();
+    mesh.start().unwrap();
+    let got = echo_roundtrip(&mesh.netns("sleep"), addr(&mesh, "legacy"), b"hi".to_vec()).unwrap();
+    assert_eq!(got, b"hibye");
+    assert_eq!(peers_from(&server, &mesh.ip("sleep").to_string()), 1);
+    assert!(mesh.ztunnel("node1").log().contains("passthrough"));
+}

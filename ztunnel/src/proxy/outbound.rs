@@ -80,7 +80,9 @@ async fn handle(
         Destination::Unknown => (None, orig),
     };
     let src_ip = conn.peer_addr().map(|a| a.ip()).ok();
-    let Some(dst) = dst.filter(|w| w.protocol == Protocol::Hbone) else {
+    // A workload is reached through HBONE only when its ztunnel captures it: in the mesh
+    // (protocol HBONE) and enrolled (namespace label, no opt-out).
+    let Some(dst) = dst.filter(|w| w.protocol == Protocol::Hbone && state.is_captured(w)) else {
         // Not in the mesh: plain TCP from the pod's namespace, as if never captured.
         debug!(src = %src.name, dst = %addr, "passthrough");
         let mut upstream = netns
