@@ -94,31 +94,13 @@ impl Topology {
         let netns = format!("{}-{name}", self.prefix);
         self.add_netns(&netns)?;
         let node_ip = Ipv4Addr::new(198, 18, 0, index);
-        let fab_if = format!("n{index}");
-        ip(
+        plug(
             &netns,
-            &[
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &fab_if,
-                "netns",
-                &self.fabric,
-            ],
-        )?;
-        ip(
+            &format!("{node_ip}/24"),
             &self.fabric,
-            &["link", "set", &fab_if, "master", "br0", "up"],
+            &format!("n{index}"),
+            "br0",
         )?;
-        ip(
-            &netns,
-            &["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"],
-        )?;
-        ip(&netns, &["link", "set", "eth0", "up"])?;
         ip(&netns, &["link", "add", "cbr0", "type", "bridge"])?;
         ip(
             &netns,
@@ -161,31 +143,13 @@ impl Topology {
         let pod_ip = Ipv4Addr::new(198, 19, node.index, host);
         let netns = format!("{}-{name}", self.prefix);
         self.add_netns(&netns)?;
-        let node_if = format!("p{host}");
-        ip(
+        plug(
             &netns,
-            &[
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &node_if,
-                "netns",
-                &node.netns,
-            ],
-        )?;
-        ip(
+            &format!("{pod_ip}/24"),
             &node.netns,
-            &["link", "set", &node_if, "master", "cbr0", "up"],
+            &format!("p{host}"),
+            "cbr0",
         )?;
-        ip(
-            &netns,
-            &["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"],
-        )?;
-        ip(&netns, &["link", "set", "eth0", "up"])?;
         ip(
             &netns,
             &[
@@ -212,31 +176,13 @@ impl Topology {
         let host_ip = Ipv4Addr::new(198, 18, 0, n);
         let netns = format!("{}-{name}", self.prefix);
         self.add_netns(&netns)?;
-        let fab_if = format!("o{n}");
-        ip(
+        plug(
             &netns,
-            &[
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &fab_if,
-                "netns",
-                &self.fabric,
-            ],
-        )?;
-        ip(
+            &format!("{host_ip}/24"),
             &self.fabric,
-            &["link", "set", &fab_if, "master", "br0", "up"],
+            &format!("o{n}"),
+            "br0",
         )?;
-        ip(
-            &netns,
-            &["addr", "add", &format!("{host_ip}/24"), "dev", "eth0"],
-        )?;
-        ip(&netns, &["link", "set", "eth0", "up"])?;
         for node in self.nodes.values() {
             route_pods(&netns, node)?;
         }
@@ -272,6 +218,20 @@ impl Drop for Topology {
             let _ = run("ip", &["netns", "del", ns]);
         }
     }
+}
+
+/// Gives namespace `ns` an `eth0` with address `cidr`, wired by a veth to `peer_if` in
+/// `peer_ns`, where it joins `bridge`.
+fn plug(ns: &str, cidr: &str, peer_ns: &str, peer_if: &str, bridge: &str) -> io::Result<()> {
+    ip(
+        ns,
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", peer_if, "netns", peer_ns,
+        ],
+    )?;
+    ip(peer_ns, &["link", "set", peer_if, "master", bridge, "up"])?;
+    ip(ns, &["addr", "add", cidr, "dev", "eth0"])?;
+    ip(ns, &["link", "set", "eth0", "up"])
 }
 
 fn route_pods(from_ns: &str, to: &Node) -> io::Result<()> {

@@ -65,6 +65,21 @@ fn peers_from(server: &AppServer, ip: &str) -> usize {
         .count()
 }
 
+/// Waits until a new connection from `client` to `dst` reaches `server` from `peer_ip`
+/// (the client's own address when not captured, 127.0.0.6 when delivered by ztunnel).
+fn wait_for_peer(
+    server: &AppServer,
+    client: &str,
+    dst: SocketAddr,
+    peer_ip: &str,
+) -> Result<(), mesh_tests::process::TimedOut> {
+    wait_until(Duration::from_secs(10), || {
+        let before = peers_from(server, peer_ip);
+        echo_roundtrip(client, dst, b"probe".to_vec()).is_ok()
+            && peers_from(server, peer_ip) > before
+    })
+}
+
 #[test]
 fn pod_to_pod_across_nodes_and_on_the_same_node() {
     let f = fixture();
@@ -234,12 +249,7 @@ fn enrolment_by_label_captures_and_releases_without_breaking_connections() {
     // Un-enrol the namespace: plain networking, the server sees the client's own address.
     f.mesh.namespaces = vec![("default".into(), Some("none".into()))];
     f.mesh.write_config().unwrap();
-    wait_until(Duration::from_secs(10), || {
-        let before = peers_from(&f.echo2, &sleep_ip);
-        echo_roundtrip(&sleep, echo2, b"p".to_vec()).is_ok()
-            && peers_from(&f.echo2, &sleep_ip) > before
-    })
-    .expect("pod not released");
+    wait_for_peer(&f.echo2, &sleep, echo2, &sleep_ip).expect("pod not released");
 
     // A plain connection established now must survive enrolment.
     let mut plain = connect(&sleep, echo2).unwrap();
@@ -249,12 +259,7 @@ fn enrolment_by_label_captures_and_releases_without_breaking_connections() {
 
     f.mesh.namespaces = vec![("default".into(), Some("ambient".into()))];
     f.mesh.write_config().unwrap();
-    wait_until(Duration::from_secs(10), || {
-        let before = peers_from(&f.echo2, DELIVERY_SOURCE);
-        echo_roundtrip(&sleep, echo2, b"c".to_vec()).is_ok()
-            && peers_from(&f.echo2, DELIVERY_SOURCE) > before
-    })
-    .expect("pod not captured again");
+    wait_for_peer(&f.echo2, &sleep, echo2, DELIVERY_SOURCE).expect("pod not captured again");
 
     plain.write_all(b"two").unwrap();
     plain.read_exact(&mut buf).unwrap();
@@ -269,12 +274,7 @@ fn enrolment_by_label_captures_and_releases_without_breaking_connections() {
     captured.read_exact(&mut buf).unwrap();
     f.mesh.namespaces = vec![("default".into(), None)];
     f.mesh.write_config().unwrap();
-    wait_until(Duration::from_secs(10), || {
-        let before = peers_from(&f.echo2, &sleep_ip);
-        echo_roundtrip(&sleep, echo2, b"p".to_vec()).is_ok()
-            && peers_from(&f.echo2, &sleep_ip) > before
-    })
-    .expect("pod not released");
+    wait_for_peer(&f.echo2, &sleep, echo2, &sleep_ip).expect("pod not released");
     captured.write_all(b"def").unwrap();
     captured.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"def");
