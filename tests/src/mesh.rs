@@ -66,6 +66,8 @@ pub struct Mesh {
     pub namespaces: Vec<(String, Option<String>)>,
     /// Extra YAML appended under `policies:`.
     pub policies: String,
+    /// Extra command-line flags for every ztunnel started from now on.
+    pub ztunnel_args: Vec<String>,
 }
 
 impl Mesh {
@@ -90,6 +92,7 @@ impl Mesh {
             services,
             namespaces: vec![("default".to_owned(), Some("ambient".to_owned()))],
             policies: String::new(),
+            ztunnel_args: Vec::new(),
             ztunnels: Vec::new(),
         })
     }
@@ -199,6 +202,7 @@ impl Mesh {
             .arg(node)
             .arg("--ca-dir")
             .arg(self.dir.path().join("ca"))
+            .args(&self.ztunnel_args)
             .env("RUST_LOG", "info,ztunnel=debug");
         let proc = Proc::spawn(&format!("ztunnel-{node}"), &netns, cmd, self.dir.path())?;
         self.ztunnels.retain(|(n, _)| n != node);
@@ -240,6 +244,12 @@ impl Mesh {
         })
     }
 
+    /// The mesh's CA, to issue certificates in tests.
+    pub fn ca(&self) -> ztunnel::identity::LocalCa {
+        ztunnel::identity::LocalCa::load_or_create(&self.dir.path().join("ca"), "cluster.local")
+            .unwrap_or_else(|e| panic!("mesh CA: {e}"))
+    }
+
     /// The pod's address.
     pub fn ip(&self, pod: &str) -> Ipv4Addr {
         self.topo.pod(pod).ip
@@ -268,4 +278,40 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> io::Result<(u16, S
         let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
         Ok((status, body))
     })?
+}
+
+/// Opens an HBONE tunnel (real mTLS) from namespace `from` with `cert`, to `peer` (an
+/// `ip:15008`) that must prove `server`, asking for `authority`: what a peer ztunnel does.
+pub async fn tunnel(
+    mesh: &Mesh,
+    from: &str,
+    cert: &ztunnel::identity::WorkloadCert,
+    server: ztunnel::identity::Identity,
+    peer: SocketAddr,
+    authority: SocketAddr,
+) -> Result<ztunnel::hbone::H2Stream, ztunnel::hbone::HboneError> {
+    use ztunnel::hbone::{ConnectHeaders, Pool, PoolConfig, PoolKey};
+    let tls =
+        ztunnel::tls::client_config(cert, &mesh.ca().roots(), server.clone()).map_err(|e| {
+            ztunnel::hbone::HboneError::Tls {
+                addr: peer,
+                source: e,
+            }
+        })?;
+    let pool = Pool::new(PoolConfig::default());
+    let key = PoolKey {
+        src: cert.identity.clone(),
+        dst: peer,
+        dst_identity: server,
+    };
+    let netns = mesh.topo.pod(from).netns.clone();
+    let connect = || async move {
+        let std = in_netns(&netns, move || {
+            TcpStream::connect_timeout(&peer, Duration::from_secs(5))
+        })??;
+        std.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(std)
+    };
+    pool.connect(key, authority, &ConnectHeaders::default(), connect, tls)
+        .await
 }

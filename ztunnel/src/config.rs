@@ -28,7 +28,7 @@ pub struct Config {
     pub trust_domain: String,
 
     /// Lifetime of workload certificates, in seconds; they are renewed at half-life.
-    #[arg(long, env = "ZTUNNEL_CERT_TTL_SECS", default_value_t = 86400, value_parser = clap::value_parser!(u64).range(60..))]
+    #[arg(long, env = "ZTUNNEL_CERT_TTL_SECS", default_value_t = 86400, value_parser = clap::value_parser!(u64).range(2..))]
     pub cert_ttl_secs: u64,
 
     /// cgroup v2 directory the outbound capture programs attach to (default: the first

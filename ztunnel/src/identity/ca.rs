@@ -121,10 +121,13 @@ impl LocalCa {
         TrustBundle::from_ders(vec![self.root_der.clone()])
     }
 
-    /// Signs a workload certificate valid from one minute ago for `ttl`.
+    /// Signs a workload certificate valid for `ttl`, backdated by a minute (or a tenth of
+    /// `ttl` when that is shorter: renewal happens at half of the whole validity, so a long
+    /// backdate on a short-lived certificate would make it due for renewal at once).
     pub fn sign(&self, id: &Identity, ttl: Duration) -> Result<WorkloadCert, CaError> {
         let now = SystemTime::now();
-        self.sign_with_validity(id, now - BACKDATE, now + ttl)
+        let backdate = BACKDATE.min(ttl / 10);
+        self.sign_with_validity(id, now - backdate, now + ttl)
     }
 
     /// Signs a workload certificate with an explicit validity window (tests use it to make
