@@ -51,6 +51,8 @@ pub struct ServiceSpec {
     pub name: String,
     pub namespace: String,
     pub vip: Ipv4Addr,
+    /// An IPv6 VIP as well (dual-stack meshes).
+    pub vip6: Option<std::net::Ipv6Addr>,
     pub ports: Vec<(u16, u16)>,
 }
 
@@ -68,6 +70,8 @@ pub struct Mesh {
     pub policies: String,
     /// Extra command-line flags for every ztunnel started from now on.
     pub ztunnel_args: Vec<String>,
+    /// Declare pods with their IPv6 address as well (every host has one).
+    pub dual_stack: bool,
 }
 
 impl Mesh {
@@ -93,6 +97,7 @@ impl Mesh {
             namespaces: vec![("default".to_owned(), Some("ambient".to_owned()))],
             policies: String::new(),
             ztunnel_args: Vec::new(),
+            dual_stack: false,
             ztunnels: Vec::new(),
         })
     }
@@ -117,7 +122,12 @@ impl Mesh {
         }
         y.push_str("workloads:\n");
         for pod in &self.pods {
-            let ip = self.topo.pod(&pod.name).ip;
+            let host = self.topo.pod(&pod.name);
+            let ip = if self.dual_stack {
+                format!("{}\", \"{}", host.ip, host.ip6)
+            } else {
+                host.ip.to_string()
+            };
             let netns = netns_path(&self.topo.pod(&pod.name).netns);
             let _ = write!(
                 y,
@@ -153,7 +163,10 @@ impl Mesh {
                 "  - name: {name}\n    namespace: {ns}\n    hostname: {name}.{ns}.svc.cluster.local\n    vips: [\"/{vip}\"]\n    ports:\n",
                 name = svc.name,
                 ns = svc.namespace,
-                vip = svc.vip
+                vip = match svc.vip6 {
+                    Some(v6) => format!("{}\", \"/{v6}", svc.vip),
+                    None => svc.vip.to_string(),
+                }
             );
             for (port, target) in &svc.ports {
                 let _ = writeln!(y, "      {port}: {target}");

@@ -4,6 +4,9 @@
 //!   fabric ns: bridge br0 ─┬─ node1 eth0 198.18.0.1 ── cbr0 198.19.1.1 ── pods 198.19.1.10+
 //!                          ├─ node2 eth0 198.18.0.2 ── cbr0 198.19.2.1 ── pods 198.19.2.10+
 //!                          └─ outside hosts 198.18.0.200+ (not in the mesh)
+//!
+//! Every host is dual-stack: IPv6 fd00:198:18::<n> on the fabric, fd00:198:19:<node>::<n> for
+//! pods (unique local addresses, inside the test's namespaces only).
 //! ```
 //! Nodes route each other's pod subnets. Every name carries a prefix with this process's pid,
 //! so parallel tests never collide, and namespaces left by a killed run (whose pid is gone)
@@ -12,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::netns::{NETNS_DIR, ip, run};
@@ -29,6 +32,8 @@ pub struct Pod {
     pub name: String,
     pub node: String,
     pub ip: Ipv4Addr,
+    /// Every host also has an IPv6 address (unique local, fd00:198:...).
+    pub ip6: Ipv6Addr,
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +42,7 @@ pub struct Node {
     pub netns: String,
     pub index: u8,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
 }
 
 #[derive(Debug)]
@@ -94,6 +100,9 @@ impl Topology {
         let netns = format!("{}-{name}", self.prefix);
         self.add_netns(&netns)?;
         let node_ip = Ipv4Addr::new(198, 18, 0, index);
+        let node_ip6: Ipv6Addr = format!("fd00:198:18::{index}")
+            .parse()
+            .map_err(io::Error::other)?;
         plug(
             &netns,
             &format!("{node_ip}/24"),
@@ -101,6 +110,7 @@ impl Topology {
             &format!("n{index}"),
             "br0",
         )?;
+        addr6(&netns, &format!("{node_ip6}/64"), "eth0")?;
         ip(&netns, &["link", "add", "cbr0", "type", "bridge"])?;
         ip(
             &netns,
@@ -113,12 +123,15 @@ impl Topology {
             ],
         )?;
         ip(&netns, &["link", "set", "cbr0", "up"])?;
+        addr6(&netns, &format!("fd00:198:19:{index}::1/64"), "cbr0")?;
         sysctl(&netns, "net.ipv4.ip_forward", "1")?;
+        sysctl(&netns, "net.ipv6.conf.all.forwarding", "1")?;
         let node = Node {
             name: name.to_owned(),
             netns: netns.clone(),
             index,
             ip: node_ip,
+            ip6: node_ip6,
         };
         for other in self.nodes.values() {
             route_pods(&netns, other)?;
@@ -141,6 +154,9 @@ impl Topology {
         let n = self.pods.values().filter(|p| p.node == node.name).count();
         let host = u8::try_from(10 + n).map_err(io::Error::other)?;
         let pod_ip = Ipv4Addr::new(198, 19, node.index, host);
+        let pod_ip6: Ipv6Addr = format!("fd00:198:19:{}::{host}", node.index)
+            .parse()
+            .map_err(io::Error::other)?;
         let netns = format!("{}-{name}", self.prefix);
         self.add_netns(&netns)?;
         plug(
@@ -160,11 +176,24 @@ impl Topology {
                 &format!("198.19.{}.1", node.index),
             ],
         )?;
+        addr6(&netns, &format!("{pod_ip6}/64"), "eth0")?;
+        ip(
+            &netns,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:198:19:{}::1", node.index),
+            ],
+        )?;
         let pod = Pod {
             netns,
             name: name.to_owned(),
             node: node.name.clone(),
             ip: pod_ip,
+            ip6: pod_ip6,
         };
         self.pods.insert(name.to_owned(), pod.clone());
         Ok(pod)
@@ -174,6 +203,9 @@ impl Topology {
     pub fn add_outside_host(&mut self, name: &str) -> io::Result<Pod> {
         let n = u8::try_from(200 + self.outside.len()).map_err(io::Error::other)?;
         let host_ip = Ipv4Addr::new(198, 18, 0, n);
+        let host_ip6: Ipv6Addr = format!("fd00:198:18::{n}")
+            .parse()
+            .map_err(io::Error::other)?;
         let netns = format!("{}-{name}", self.prefix);
         self.add_netns(&netns)?;
         plug(
@@ -183,6 +215,7 @@ impl Topology {
             &format!("o{n}"),
             "br0",
         )?;
+        addr6(&netns, &format!("{host_ip6}/64"), "eth0")?;
         for node in self.nodes.values() {
             route_pods(&netns, node)?;
         }
@@ -191,6 +224,7 @@ impl Topology {
             name: name.to_owned(),
             node: String::new(),
             ip: host_ip,
+            ip6: host_ip6,
         };
         self.outside.insert(name.to_owned(), host.clone());
         Ok(host)
@@ -244,7 +278,23 @@ fn route_pods(from_ns: &str, to: &Node) -> io::Result<()> {
             "via",
             &to.ip.to_string(),
         ],
+    )?;
+    ip(
+        from_ns,
+        &[
+            "-6",
+            "route",
+            "add",
+            &format!("fd00:198:19:{}::/64", to.index),
+            "via",
+            &to.ip6.to_string(),
+        ],
     )
+}
+
+/// Adds an IPv6 address without duplicate address detection, so it is usable at once.
+fn addr6(ns: &str, cidr: &str, dev: &str) -> io::Result<()> {
+    ip(ns, &["-6", "addr", "add", cidr, "dev", dev, "nodad"])
 }
 
 fn sysctl(ns: &str, key: &str, value: &str) -> io::Result<()> {

@@ -91,7 +91,7 @@ async fn inbound_plaintext_is_steered_to_the_inbound_listener() {
     let app_addr = SocketAddr::new(pod.ip.into(), 9090);
     let app = traffic::AppServer::start(&pod.netns, "app", app_addr).unwrap();
     capture
-        .enroll_inbound(&ns, &[pod.ip.into()], &inbound)
+        .enroll_inbound(&ns, &[pod.ip.into()], &inbound, None)
         .unwrap();
 
     let client_ns = client.netns.clone();

@@ -1,7 +1,8 @@
 //! Kernel-side traffic capture for ztunnel.
 //!
-//! Three programs, all inert unless a pod's network namespace was enrolled by ztunnel:
-//! - `zt_connect4` (cgroup/connect4, attached once at the cgroup v2 root): an outbound TCP
+//! Four programs, all inert unless a pod's network namespace was enrolled by ztunnel:
+//! - `zt_connect4` / `zt_connect6` (cgroup/connect4 and connect6, attached once at the
+//!   cgroup v2 root): an outbound TCP
 //!   connect from an enrolled namespace is rewritten to ztunnel's listener on that pod's
 //!   loopback; the destination the application asked for is remembered by socket cookie.
 //! - `zt_sockops` (sock_ops, same root): when the redirected socket sends its SYN, its local
@@ -30,6 +31,7 @@ use ztunnel_ebpf_common::{
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const SOL_SOCKET: i32 = 1;
@@ -37,6 +39,8 @@ const SO_MARK: i32 = 36;
 const LOOPBACK_IFINDEX: u32 = 1;
 /// 127.0.0.1 in network byte order.
 const LOCALHOST_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+/// ::1 as the kernel's four network-order words.
+const LOCALHOST6_BE: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
 /// Enrolled pod namespaces, by netns cookie. Written by ztunnel only.
 #[map]
@@ -53,6 +57,10 @@ static ORIG_BY_CLIENT: LruHashMap<ClientKey, OrigDst> = LruHashMap::with_max_ent
 /// ztunnel's inbound (15006) listener per pod IPv4 address (network byte order).
 #[map]
 static INBOUND_LISTENERS: SockHash<u32> = SockHash::with_max_entries(65536, 0);
+
+/// ztunnel's inbound (15006) IPv6 listener per pod IPv6 address (network-order words).
+#[map]
+static INBOUND_LISTENERS6: SockHash<[u32; 4]> = SockHash::with_max_entries(65536, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
@@ -108,6 +116,93 @@ fn redirect_connect4(ctx: &SockAddrContext) {
     );
 }
 
+#[cgroup_sock_addr(connect6)]
+pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
+    redirect_connect6(&ctx);
+    1
+}
+
+fn redirect_connect6(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel hands the program a valid `bpf_sock_addr`; fields are read one
+    // 32-bit word at a time, the only access size the verifier allows for them.
+    let (type_, family) = unsafe {
+        (
+            read(&raw const (*sa).type_),
+            read(&raw const (*sa).user_family),
+        )
+    };
+    if type_ != SOCK_STREAM || family != AF_INET6 {
+        return;
+    }
+    // SAFETY: the helper only reads the context pointer it is given.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is plain data copied out before the map can change it.
+    let Some(pod) = (unsafe { ENROLLED.get(&netns) }).copied() else {
+        return;
+    };
+    if pod.flags & CAPTURE_OUTBOUND == 0 {
+        return;
+    }
+    // SAFETY: as above, word by word.
+    let addr = unsafe {
+        [
+            read(&raw const (*sa).user_ip6[0]),
+            read(&raw const (*sa).user_ip6[1]),
+            read(&raw const (*sa).user_ip6[2]),
+            read(&raw const (*sa).user_ip6[3]),
+        ]
+    };
+    // ::1 and IPv4-mapped addresses (whose IPv4 connect4 does not see) stay as they are:
+    // loopback is inside the pod, and mapped destinations are rare enough to pass through.
+    if addr == LOCALHOST6_BE || (addr[0] == 0 && addr[1] == 0 && addr[2] == 0xffff_u32.to_be()) {
+        return;
+    }
+    if has_ztunnel_mark(ctx) {
+        return;
+    }
+    // SAFETY: as above.
+    let port = unsafe { read(&raw const (*sa).user_port) };
+    let orig = OrigDst {
+        addr,
+        port,
+        family: AF_INET6,
+    };
+    // SAFETY: the helper only reads the context pointer it is given.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+        info!(
+            ctx,
+            "ztunnel capture: cannot record original destination; not redirecting"
+        );
+        return;
+    }
+    // SAFETY: word-sized writes to the context fields connect6 may rewrite.
+    unsafe {
+        for (i, word) in LOCALHOST6_BE.iter().enumerate() {
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[i], *word);
+        }
+        core::ptr::write_volatile(
+            &raw mut (*sa).user_port,
+            u32::from(pod.outbound_port.to_be()),
+        );
+    }
+    debug!(
+        ctx,
+        "ztunnel capture: netns {} IPv6 connect redirected", netns
+    );
+}
+
+/// A volatile 32-bit read, so the compiler keeps context accesses word-sized.
+///
+/// # Safety
+/// `ptr` must point into the program's context.
+#[inline(always)]
+unsafe fn read(ptr: *const u32) -> u32 {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::ptr::read_volatile(ptr) }
+}
+
 fn has_ztunnel_mark(ctx: &SockAddrContext) -> bool {
     let mut mark: u32 = 0;
     // SAFETY: `mark` is a valid, writable u32 and its size is passed along.
@@ -141,11 +236,25 @@ fn remember_client(ctx: &SockOpsContext) {
     let _ = ORIG_BY_COOKIE.remove(&cookie);
     // SAFETY: the helper only reads the context pointer it is given.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let addr = if orig.family == AF_INET6 {
+        let ops = ctx.ops;
+        // SAFETY: word-sized reads of the context, as the verifier requires.
+        unsafe {
+            [
+                read(&raw const (*ops).local_ip6[0]),
+                read(&raw const (*ops).local_ip6[1]),
+                read(&raw const (*ops).local_ip6[2]),
+                read(&raw const (*ops).local_ip6[3]),
+            ]
+        }
+    } else {
+        [ctx.local_ip4(), 0, 0, 0]
+    };
     let key = ClientKey {
         netns_cookie: netns,
-        addr: [ctx.local_ip4(), 0, 0, 0],
+        addr,
         port: ctx.local_port(),
-        family: AF_INET,
+        family: orig.family,
     };
     if ORIG_BY_CLIENT.insert(&key, &orig, 0).is_err() {
         info!(
@@ -160,21 +269,47 @@ pub fn zt_inbound(ctx: SkLookupContext) -> u32 {
     const SK_PASS: u32 = 1;
     // SAFETY: the kernel hands the program a valid `bpf_sk_lookup` for its lifetime.
     let lookup = unsafe { &*ctx.lookup };
-    if lookup.protocol != IPPROTO_TCP || lookup.family != AF_INET {
-        return SK_PASS;
-    }
-    // ztunnel delivers to the application from 127.0.0.6. Such packets travel over the
-    // loopback device, but the kernel reports the pod interface that owns the destination
-    // address as their ingress (observed on 6.18), so the loopback source is the test.
-    if lookup.ingress_ifindex == LOOPBACK_IFINDEX || u32::from_be(lookup.remote_ip4) >> 24 == 127 {
+    if lookup.protocol != IPPROTO_TCP || lookup.ingress_ifindex == LOOPBACK_IFINDEX {
         return SK_PASS;
     }
     let port = lookup.local_port as u16;
     if INBOUND_EXCLUDED_PORTS.contains(&port) {
         return SK_PASS;
     }
-    // No listener for this address: the pod is not enrolled for inbound capture.
-    let _ = INBOUND_LISTENERS.redirect_sk_lookup(&ctx, lookup.local_ip4, 0);
+    // ztunnel delivers to the application from 127.0.0.6 (::1 over IPv6). Such packets
+    // travel over the loopback device, but the kernel reports the pod interface that owns the
+    // destination address as their ingress (observed on 6.18), so the loopback source is
+    // the test.
+    if lookup.family == AF_INET {
+        if u32::from_be(lookup.remote_ip4) >> 24 == 127 {
+            return SK_PASS;
+        }
+        // No listener for this address: the pod is not enrolled for inbound capture.
+        let _ = INBOUND_LISTENERS.redirect_sk_lookup(&ctx, lookup.local_ip4, 0);
+    } else if lookup.family == AF_INET6 {
+        let l = ctx.lookup;
+        // SAFETY: word-sized reads of the context, as the verifier requires.
+        let (remote, local) = unsafe {
+            (
+                [
+                    read(&raw const (*l).remote_ip6[0]),
+                    read(&raw const (*l).remote_ip6[1]),
+                    read(&raw const (*l).remote_ip6[2]),
+                    read(&raw const (*l).remote_ip6[3]),
+                ],
+                [
+                    read(&raw const (*l).local_ip6[0]),
+                    read(&raw const (*l).local_ip6[1]),
+                    read(&raw const (*l).local_ip6[2]),
+                    read(&raw const (*l).local_ip6[3]),
+                ],
+            )
+        };
+        if remote == LOCALHOST6_BE {
+            return SK_PASS;
+        }
+        let _ = INBOUND_LISTENERS6.redirect_sk_lookup(&ctx, local, 0);
+    }
     SK_PASS
 }
 

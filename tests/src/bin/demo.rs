@@ -35,6 +35,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         name: "echo".into(),
         namespace: "default".into(),
         vip,
+        vip6: None,
         ports: vec![(80, 8080)],
     }];
     say("building two nodes and three pods (network namespaces on this machine)");

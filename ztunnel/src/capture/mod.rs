@@ -10,7 +10,7 @@ pub mod netns;
 
 use std::collections::HashMap as StdHashMap;
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -29,6 +29,7 @@ pub use netns::{Netns, NetnsCookie, NetnsError, SocketKind};
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-capture"));
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -74,8 +75,31 @@ struct Inner {
     enrolled: HashMap<MapData, u64, PodCapture>,
     orig: HashMap<MapData, ClientKey, OrigDst>,
     inbound: SockHash<MapData, u32>,
+    inbound6: SockHash<MapData, [u32; 4]>,
     inbound_links: StdHashMap<NetnsCookie, aya::programs::sk_lookup::SkLookupLinkId>,
-    inbound_keys: StdHashMap<NetnsCookie, Vec<u32>>,
+    inbound_keys: StdHashMap<NetnsCookie, Vec<InboundKey>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum InboundKey {
+    V4(u32),
+    V6([u32; 4]),
+}
+
+/// An IPv6 address as the kernel's four network-order words.
+fn words6(ip: &Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+fn from_words6(words: [u32; 4]) -> Ipv6Addr {
+    let mut octets = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        octets[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    Ipv6Addr::from(octets)
 }
 
 impl std::fmt::Debug for Capture {
@@ -107,6 +131,11 @@ impl Capture {
         connect4
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(prog_err("zt_connect4"))?;
+        let connect6: &mut CgroupSockAddr = program(&mut ebpf, "zt_connect6")?;
+        connect6.load().map_err(prog_err("zt_connect6"))?;
+        connect6
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err("zt_connect6"))?;
         let sockops: &mut SockOps = program(&mut ebpf, "zt_sockops")?;
         sockops.load().map_err(prog_err("zt_sockops"))?;
         sockops
@@ -121,6 +150,8 @@ impl Capture {
             .map_err(map_err("ORIG_BY_CLIENT"))?;
         let inbound = SockHash::try_from(take_map(&mut ebpf, "INBOUND_LISTENERS")?)
             .map_err(map_err("INBOUND_LISTENERS"))?;
+        let inbound6 = SockHash::try_from(take_map(&mut ebpf, "INBOUND_LISTENERS6")?)
+            .map_err(map_err("INBOUND_LISTENERS6"))?;
         info!(cgroup = %cgroup_root.display(), "eBPF capture programs attached");
         Ok(Capture {
             cgroup_root,
@@ -129,6 +160,7 @@ impl Capture {
                 enrolled,
                 orig,
                 inbound,
+                inbound6,
                 inbound_links: StdHashMap::new(),
                 inbound_keys: StdHashMap::new(),
             }),
@@ -136,7 +168,7 @@ impl Capture {
     }
 
     /// Starts redirecting outbound TCP connections made in `netns` to `outbound_port` on the
-    /// namespace's loopback.
+    /// namespace's loopback (127.0.0.1 for IPv4, ::1 for IPv6).
     pub fn enroll_outbound(
         &self,
         netns: NetnsCookie,
@@ -158,22 +190,35 @@ impl Capture {
 
     /// Steers plaintext TCP arriving at the pod's addresses (from outside the pod, to ports
     /// other than ztunnel's) to `listener`, ztunnel's inbound socket in that namespace.
+    /// `listener` takes IPv4, `listener6` (when the pod has IPv6 addresses) IPv6.
     pub fn enroll_inbound(
         &self,
         netns: &Netns,
         pod_ips: &[IpAddr],
         listener: &impl AsRawFd,
+        listener6: Option<&dyn AsRawFd>,
     ) -> Result<(), CaptureError> {
         let mut inner = self.lock();
         let mut keys = Vec::new();
         for ip in pod_ips {
-            if let IpAddr::V4(v4) = ip {
-                let key = u32::from_ne_bytes(v4.octets());
-                inner
-                    .inbound
-                    .insert(key, listener.as_raw_fd(), 0)
-                    .map_err(map_err("INBOUND_LISTENERS"))?;
-                keys.push(key);
+            match ip {
+                IpAddr::V4(v4) => {
+                    let key = u32::from_ne_bytes(v4.octets());
+                    inner
+                        .inbound
+                        .insert(key, listener.as_raw_fd(), 0)
+                        .map_err(map_err("INBOUND_LISTENERS"))?;
+                    keys.push(InboundKey::V4(key));
+                }
+                IpAddr::V6(v6) => {
+                    let Some(listener6) = listener6 else { continue };
+                    let key = words6(v6);
+                    inner
+                        .inbound6
+                        .insert(key, listener6.as_raw_fd(), 0)
+                        .map_err(map_err("INBOUND_LISTENERS6"))?;
+                    keys.push(InboundKey::V6(key));
+                }
             }
         }
         if !inner.inbound_links.contains_key(&netns.cookie()) {
@@ -192,7 +237,10 @@ impl Capture {
             debug!(netns = netns.0, %err, "namespace was not enrolled for outbound capture");
         }
         for key in inner.inbound_keys.remove(&netns).unwrap_or_default() {
-            let _ = inner.inbound.remove(&key);
+            let _ = match key {
+                InboundKey::V4(k) => inner.inbound.remove(&k),
+                InboundKey::V6(k) => inner.inbound6.remove(&k),
+            };
         }
         if let Some(link) = inner.inbound_links.remove(&netns) {
             match program::<SkLookup>(&mut inner.ebpf, "zt_inbound") {
@@ -214,31 +262,44 @@ impl Capture {
         netns: NetnsCookie,
         peer: SocketAddr,
     ) -> Option<SocketAddr> {
-        let SocketAddr::V4(peer) = peer else {
-            return None;
-        };
-        let key = ClientKey {
-            netns_cookie: netns.0,
-            addr: [u32::from_ne_bytes(peer.ip().octets()), 0, 0, 0],
-            port: u32::from(peer.port()),
-            family: AF_INET,
+        let key = match peer {
+            SocketAddr::V4(peer) => ClientKey {
+                netns_cookie: netns.0,
+                addr: [u32::from_ne_bytes(peer.ip().octets()), 0, 0, 0],
+                port: u32::from(peer.port()),
+                family: AF_INET,
+            },
+            SocketAddr::V6(peer) => ClientKey {
+                netns_cookie: netns.0,
+                addr: words6(peer.ip()),
+                port: u32::from(peer.port()),
+                family: AF_INET6,
+            },
         };
         let mut inner = self.lock();
         let orig = inner.orig.get(&key, 0).ok()?;
         let _ = inner.orig.remove(&key);
-        if orig.family != AF_INET {
-            return None;
-        }
-        let ip = Ipv4Addr::from(orig.addr[0].to_ne_bytes());
         let port = u16::from_be(orig.port as u16);
-        Some(SocketAddr::V4(SocketAddrV4::new(ip, port)))
+        match orig.family {
+            AF_INET => {
+                let ip = Ipv4Addr::from(orig.addr[0].to_ne_bytes());
+                Some(SocketAddr::V4(SocketAddrV4::new(ip, port)))
+            }
+            AF_INET6 => Some(SocketAddr::V6(SocketAddrV6::new(
+                from_words6(orig.addr),
+                port,
+                0,
+                0,
+            ))),
+            _ => None,
+        }
     }
 
     pub fn status(&self) -> CaptureStatus {
         let inner = self.lock();
         CaptureStatus {
             cgroup_root: self.cgroup_root.clone(),
-            programs: vec!["zt_connect4", "zt_sockops", "zt_inbound"],
+            programs: vec!["zt_connect4", "zt_connect6", "zt_sockops", "zt_inbound"],
             enrolled_namespaces: inner.enrolled.keys().filter(Result::is_ok).count(),
             inbound_listeners: inner.inbound_links.len(),
             pending_original_destinations: inner.orig.keys().filter(Result::is_ok).count(),

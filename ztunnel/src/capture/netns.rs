@@ -200,6 +200,10 @@ fn make_socket(kind: SocketKind) -> io::Result<Socket> {
         SocketKind::Listener(addr) => {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             socket.set_reuse_address(true)?;
+            if addr.is_ipv6() {
+                // IPv4 has its own listener; `[::]` must not take IPv4 connections too.
+                socket.set_only_v6(true)?;
+            }
             socket.set_nonblocking(true)?;
             socket.set_mark(ZTUNNEL_MARK)?;
             socket.bind(&addr.into())?;
@@ -218,7 +222,11 @@ fn make_socket(kind: SocketKind) -> io::Result<Socket> {
             if let Some(src) = bind {
                 if !src.ip().is_loopback() {
                     // Binding to a pod address that is not local to this namespace.
-                    socket.set_ip_transparent_v4(true)?;
+                    if src.is_ipv6() {
+                        socket.set_ip_transparent_v6(true)?;
+                    } else {
+                        socket.set_ip_transparent_v4(true)?;
+                    }
                 }
                 socket.bind(&src.into())?;
             }

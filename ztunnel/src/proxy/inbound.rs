@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::copy::{Stats, relay};
 use super::pods::Pod;
-use super::{DELIVERY_SOURCE, Proxy};
+use super::{DELIVERY_SOURCE, DELIVERY_SOURCE_V6, Proxy};
 use crate::capture::Netns;
 use crate::hbone;
 use crate::identity::Identity;
@@ -174,7 +174,11 @@ pub(super) async fn admit(
             format!("denied by policy {policy}: {reason}"),
         ));
     }
-    let from = SocketAddr::from((DELIVERY_SOURCE, 0));
+    let from = if dst.is_ipv6() {
+        SocketAddr::from((DELIVERY_SOURCE_V6, 0))
+    } else {
+        SocketAddr::from((DELIVERY_SOURCE, 0))
+    };
     pod.netns.connect(dst, Some(from)).await.map_err(|e| {
         (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -32,6 +32,8 @@ pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 pub const HBONE_PORT: u16 = 15008;
 /// Source address of ztunnel's deliveries to applications.
 pub const DELIVERY_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+/// Source address of deliveries to applications over IPv6 (the pod's loopback).
+pub const DELIVERY_SOURCE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::LOCALHOST;
 
 /// A TLS configuration with the certificate it was built from (rebuilt when that rotates).
 type Cached<T> = (Arc<WorkloadCert>, Arc<T>);

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -88,6 +89,14 @@ impl PodRegistry {
             capture.unenroll(pod.netns.cookie());
         }
     }
+}
+
+/// What a pod listener is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Outbound,
+    Plaintext,
+    Hbone,
 }
 
 /// Whether this ztunnel should capture `w`.
@@ -173,10 +182,36 @@ async fn enroll(proxy: &Arc<Proxy>, w: Arc<Workload>) -> Result<Pod, String> {
     let outbound_l = listen(SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT))).await?;
     let inbound_l = listen(SocketAddr::from(([0, 0, 0, 0], INBOUND_PLAINTEXT_PORT))).await?;
     let hbone_l = listen(SocketAddr::from(([0, 0, 0, 0], HBONE_PORT))).await?;
-
+    let mut listeners = vec![
+        (Kind::Outbound, outbound_l),
+        (Kind::Plaintext, inbound_l),
+        (Kind::Hbone, hbone_l),
+    ];
+    if w.workload_ips.iter().any(IpAddr::is_ipv6) {
+        let any6 = std::net::Ipv6Addr::UNSPECIFIED;
+        let lo6 = std::net::Ipv6Addr::LOCALHOST;
+        listeners.push((
+            Kind::Outbound,
+            listen(SocketAddr::from((lo6, OUTBOUND_PORT))).await?,
+        ));
+        listeners.push((
+            Kind::Plaintext,
+            listen(SocketAddr::from((any6, INBOUND_PLAINTEXT_PORT))).await?,
+        ));
+        listeners.push((
+            Kind::Hbone,
+            listen(SocketAddr::from((any6, HBONE_PORT))).await?,
+        ));
+    }
+    let plaintext: Vec<&TcpListener> = listeners
+        .iter()
+        .filter(|(k, _)| *k == Kind::Plaintext)
+        .map(|(_, l)| l)
+        .collect();
+    let listener6 = plaintext.get(1).map(|l| *l as &dyn std::os::fd::AsRawFd);
     proxy
         .capture
-        .enroll_inbound(&netns, &w.workload_ips, &inbound_l)
+        .enroll_inbound(&netns, &w.workload_ips, plaintext[0], listener6)
         .map_err(|e| e.to_string())?;
     proxy
         .capture
@@ -186,26 +221,17 @@ async fn enroll(proxy: &Arc<Proxy>, w: Arc<Workload>) -> Result<Pod, String> {
             e.to_string()
         })?;
 
-    let tasks = vec![
-        tokio::spawn(outbound::accept_loop(
-            proxy.clone(),
-            w.uid.clone(),
-            netns.clone(),
-            outbound_l,
-        )),
-        tokio::spawn(inbound::plaintext_loop(
-            proxy.clone(),
-            w.uid.clone(),
-            netns.clone(),
-            inbound_l,
-        )),
-        tokio::spawn(inbound::hbone_loop(
-            proxy.clone(),
-            w.uid.clone(),
-            netns.clone(),
-            hbone_l,
-        )),
-    ];
+    let tasks = listeners
+        .into_iter()
+        .map(|(kind, l)| {
+            let (p, uid, ns) = (proxy.clone(), w.uid.clone(), netns.clone());
+            match kind {
+                Kind::Outbound => tokio::spawn(outbound::accept_loop(p, uid, ns, l)),
+                Kind::Plaintext => tokio::spawn(inbound::plaintext_loop(p, uid, ns, l)),
+                Kind::Hbone => tokio::spawn(inbound::hbone_loop(p, uid, ns, l)),
+            }
+        })
+        .collect();
     Ok(Pod {
         workload: w,
         netns,

@@ -190,10 +190,13 @@ impl State {
         self.services.get(key).cloned()
     }
 
-    /// The healthy endpoints of `service` for `port`, each with the address to dial.
+    /// The healthy endpoints of `service` for `port`, each with the address to dial: of the
+    /// same family as `vip` when the endpoint has one (a dual-stack service answers IPv6
+    /// clients on IPv6), else its first address.
     pub fn service_endpoints(
         &self,
         service: &Service,
+        vip: IpAddr,
         port: u16,
     ) -> Vec<(Arc<Workload>, SocketAddr)> {
         let key = service.key();
@@ -204,7 +207,12 @@ impl State {
             .iter()
             .filter(|w| w.status == workload::HealthStatus::Healthy)
             .filter_map(|w| {
-                let ip = *w.workload_ips.first()?;
+                let ip = w
+                    .workload_ips
+                    .iter()
+                    .find(|ip| ip.is_ipv6() == vip.is_ipv6())
+                    .or(w.workload_ips.first())
+                    .copied()?;
                 let target = service.target_port(port, w.services.get(&key))?;
                 Some((w.clone(), SocketAddr::new(ip, target)))
             })
@@ -219,7 +227,7 @@ impl State {
         if let Some(s) = self.by_vip.get(&dst.ip()) {
             return Destination::Service {
                 service: s.clone(),
-                endpoints: self.service_endpoints(s, dst.port()),
+                endpoints: self.service_endpoints(s, dst.ip(), dst.port()),
             };
         }
         Destination::Unknown
