@@ -294,8 +294,16 @@ fn ztunnel_restart_releases_then_recaptures_pods() {
     );
     assert_eq!(peers_from(&f.echo1, DELIVERY_SOURCE), 1);
 
-    // A crash takes the eBPF links with the process: plain networking is back at once.
+    // A crash takes the eBPF programs and links with the process: plain networking is back
+    // at once, and nothing stays loaded in the kernel.
+    let ids = program_ids(&f.mesh.ztunnel("node1").log());
+    assert_eq!(ids.len(), 4, "program ids not logged");
+    assert!(ids.iter().all(|id| loaded(*id)));
     f.mesh.ztunnel("node1").kill();
+    assert!(
+        !ids.iter().any(|id| loaded(*id)),
+        "programs left loaded after a crash"
+    );
     assert_eq!(
         echo_roundtrip(&sleep, echo1, b"b".to_vec()).unwrap(),
         b"bbye"
@@ -315,6 +323,39 @@ fn ztunnel_restart_releases_then_recaptures_pods() {
         b"dbye"
     );
     assert_eq!(peers_from(&f.echo2, &sleep_ip), 0);
+
+    // An orderly stop (SIGTERM) exits 0 and unloads everything too.
+    let ids = program_ids(&f.mesh.ztunnel("node2").log());
+    let status = f
+        .mesh
+        .ztunnel("node2")
+        .terminate(Duration::from_secs(10))
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        !ids.iter().any(|id| loaded(*id)),
+        "programs left loaded after SIGTERM"
+    );
+}
+
+/// The kernel ids of the programs a ztunnel logged when it attached them.
+fn program_ids(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter_map(|l| l.split("program_ids=").nth(1))
+        .next_back()
+        .map(|ids| {
+            ids.split(|c: char| !c.is_ascii_digit())
+                .filter_map(|id| id.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a BPF program with this id is loaded in the kernel.
+fn loaded(id: u32) -> bool {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .any(|p| p.id() == id)
 }
 
 #[test]

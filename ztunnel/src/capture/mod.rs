@@ -58,6 +58,8 @@ pub enum CaptureError {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct CaptureStatus {
     pub cgroup_root: PathBuf,
+    /// Kernel ids of the loaded programs (as `bpftool prog show id N` names them).
+    pub program_ids: Vec<u32>,
     pub programs: Vec<&'static str>,
     pub enrolled_namespaces: usize,
     pub inbound_listeners: usize,
@@ -67,6 +69,7 @@ pub struct CaptureStatus {
 /// The loaded programs and their maps.
 pub struct Capture {
     cgroup_root: PathBuf,
+    program_ids: Vec<u32>,
     inner: Mutex<Inner>,
 }
 
@@ -152,9 +155,16 @@ impl Capture {
             .map_err(map_err("INBOUND_LISTENERS"))?;
         let inbound6 = SockHash::try_from(take_map(&mut ebpf, "INBOUND_LISTENERS6")?)
             .map_err(map_err("INBOUND_LISTENERS6"))?;
-        info!(cgroup = %cgroup_root.display(), "eBPF capture programs attached");
+        let ids: Vec<String> = ["zt_connect4", "zt_connect6", "zt_sockops", "zt_inbound"]
+            .into_iter()
+            .filter_map(|name| ebpf.program(name)?.info().ok())
+            .map(|info| info.id().to_string())
+            .collect();
+        let program_ids = ids.join(",");
+        info!(cgroup = %cgroup_root.display(), %program_ids, "eBPF capture programs attached");
         Ok(Capture {
             cgroup_root,
+            program_ids: ids.iter().filter_map(|id| id.parse().ok()).collect(),
             inner: Mutex::new(Inner {
                 ebpf,
                 enrolled,
@@ -299,6 +309,7 @@ impl Capture {
         let inner = self.lock();
         CaptureStatus {
             cgroup_root: self.cgroup_root.clone(),
+            program_ids: self.program_ids.clone(),
             programs: vec!["zt_connect4", "zt_connect6", "zt_sockops", "zt_inbound"],
             enrolled_namespaces: inner.enrolled.keys().filter(Result::is_ok).count(),
             inbound_listeners: inner.inbound_links.len(),
