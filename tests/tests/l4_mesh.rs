@@ -475,3 +475,64 @@ fn ipv6_pods_and_service_vip_are_captured_and_tunnelled() {
     assert_eq!(peers_from(&echo2, "::1"), before + 1);
     assert_eq!(peers_from(&echo2, &outside.ip6.to_string()), 0);
 }
+
+#[test]
+fn allow_policies_admit_only_what_they_match_and_pods_can_opt_out() {
+    let mut tcp_only = PodSpec::new("tcponly", "node2", "legacy");
+    tcp_only.protocol = "TCP".into();
+    let mut opted_out = PodSpec::new("optout", "node2", "echo");
+    opted_out
+        .labels
+        .push(("istio.io/dataplane-mode".into(), "none".into()));
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("other", "node1", "other"),
+        PodSpec::new("echo2", "node2", "echo"),
+        tcp_only,
+        opted_out,
+    ];
+    let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    // Pods of `default`: only the sleep service account, only on 8080.
+    mesh.policies = "  - name: echo-allow-sleep\n    namespace: default\n    scope: Namespace\n    action: Allow\n    rules:\n      - - - principals:\n              - Exact: cluster.local/ns/default/sa/sleep\n        - - destinationPorts: [8080]\n".into();
+    let echo2 = AppServer::start(&mesh.netns("echo2"), "echo2", addr(&mesh, "echo2")).unwrap();
+    let debug_port = SocketAddr::new(mesh.ip("echo2").into(), 9090);
+    let _debug = AppServer::start(&mesh.netns("echo2"), "echo2-debug", debug_port).unwrap();
+    let tcp_only =
+        AppServer::start(&mesh.netns("tcponly"), "tcponly", addr(&mesh, "tcponly")).unwrap();
+    let optout = AppServer::start(&mesh.netns("optout"), "optout", addr(&mesh, "optout")).unwrap();
+    mesh.start().unwrap();
+
+    let sleep = mesh.netns("sleep");
+    let other = mesh.netns("other");
+    let works = |ns: &str, dst: SocketAddr| matches!(echo_roundtrip(ns, dst, b"x".to_vec()), Ok(ref got) if got == b"xbye");
+    assert!(
+        works(&sleep, addr(&mesh, "echo2")),
+        "allowed identity and port refused"
+    );
+    assert!(
+        !works(&other, addr(&mesh, "echo2")),
+        "other service account admitted"
+    );
+    assert!(
+        !works(&sleep, debug_port),
+        "port outside the ALLOW rule admitted"
+    );
+    assert_eq!(
+        echo2.peers().len(),
+        1,
+        "denied connections reached the application"
+    );
+    mesh.ztunnel("node2")
+        .wait_for_log(
+            "ALLOW policies apply and none matched",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+
+    // protocol TCP and an opted-out pod are reached in plain TCP, from the client's address.
+    let sleep_ip = mesh.ip("sleep").to_string();
+    assert!(works(&sleep, addr(&mesh, "tcponly")));
+    assert_eq!(peers_from(&tcp_only, &sleep_ip), 1);
+    assert!(works(&sleep, addr(&mesh, "optout")));
+    assert_eq!(peers_from(&optout, &sleep_ip), 1);
+}
