@@ -207,6 +207,35 @@ impl Mesh {
     }
 
     pub fn start_ztunnel(&mut self, node: &str) -> io::Result<()> {
+        let proc = self.spawn_ztunnel(node, "")?;
+        self.ztunnels.retain(|(n, _)| n != node);
+        self.ztunnels.push((node.to_owned(), proc));
+        self.wait_ready(node, Duration::from_secs(30))
+    }
+
+    /// Starts a second ztunnel for `node` that takes over from the running one (upgrade),
+    /// waits until it is ready, and returns the old process, which drains and exits.
+    pub fn upgrade_ztunnel(&mut self, node: &str, generation: u32) -> io::Result<Proc> {
+        let proc = self.spawn_ztunnel(node, &format!("-{generation}"))?;
+        let i = self
+            .ztunnels
+            .iter()
+            .position(|(n, _)| n == node)
+            .ok_or_else(|| io::Error::other(format!("no ztunnel on {node}")))?;
+        let (_, old) = std::mem::replace(&mut self.ztunnels[i], (node.to_owned(), proc));
+        // Both processes answer on the readiness port for a while: wait for the new one.
+        self.ztunnel(node)
+            .wait_for_log("ztunnel started", Duration::from_secs(30))?;
+        self.wait_ready(node, Duration::from_secs(30))?;
+        Ok(old)
+    }
+
+    /// Where `node`'s ztunnels pin their capture maps (unique per test run).
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}-{node}", self.topo.prefix()))
+    }
+
+    fn spawn_ztunnel(&self, node: &str, suffix: &str) -> io::Result<Proc> {
         let netns = self.topo.node(node).netns.clone();
         let mut cmd = Command::new(binary("ztunnel"));
         cmd.arg("--config")
@@ -215,12 +244,18 @@ impl Mesh {
             .arg(node)
             .arg("--ca-dir")
             .arg(self.dir.path().join("ca"))
+            .arg("--bpf-pin-dir")
+            .arg(self.pin_dir(node))
+            .arg("--state-dir")
+            .arg(self.dir.path().join(format!("{node}-state")))
             .args(&self.ztunnel_args)
             .env("RUST_LOG", "info,ztunnel=debug");
-        let proc = Proc::spawn(&format!("ztunnel-{node}"), &netns, cmd, self.dir.path())?;
-        self.ztunnels.retain(|(n, _)| n != node);
-        self.ztunnels.push((node.to_owned(), proc));
-        self.wait_ready(node, Duration::from_secs(30))
+        Proc::spawn(
+            &format!("ztunnel-{node}{suffix}"),
+            &netns,
+            cmd,
+            self.dir.path(),
+        )
     }
 
     pub fn ztunnel(&mut self, node: &str) -> &mut Proc {
@@ -270,6 +305,17 @@ impl Mesh {
 
     pub fn netns(&self, pod: &str) -> String {
         self.topo.pod(pod).netns.clone()
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        // Processes first (they may hold the pins), then the pinned maps they leave.
+        let nodes: Vec<String> = self.ztunnels.iter().map(|(n, _)| n.clone()).collect();
+        self.ztunnels.clear();
+        for node in nodes {
+            let _ = std::fs::remove_dir_all(self.pin_dir(&node));
+        }
     }
 }
 

@@ -312,9 +312,26 @@ fn sysctl(ns: &str, key: &str, value: &str) -> io::Result<()> {
     .map(|_| ())
 }
 
-/// Deletes namespaces left behind by test processes that no longer run.
+/// Deletes namespaces and pinned BPF maps left behind by test processes that no longer run.
 pub fn remove_stale() {
-    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+    for (dir, remove) in [
+        (NETNS_DIR, remove_netns as fn(&str)),
+        ("/sys/fs/bpf", remove_pins as fn(&str)),
+    ] {
+        remove_stale_in(dir, remove);
+    }
+}
+
+fn remove_netns(name: &str) {
+    let _ = run("ip", &["netns", "del", name]);
+}
+
+fn remove_pins(name: &str) {
+    let _ = std::fs::remove_dir_all(std::path::Path::new("/sys/fs/bpf").join(name));
+}
+
+fn remove_stale_in(dir: &str, remove: fn(&str)) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
@@ -327,7 +344,7 @@ pub fn remove_stale() {
             continue;
         };
         if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = run("ip", &["netns", "del", &name]);
+            remove(&name);
         }
     }
 }

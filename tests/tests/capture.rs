@@ -16,7 +16,8 @@ async fn outbound_connect_is_redirected_with_original_destination() {
     let pod = topo.add_pod("node1", "client").unwrap();
     let other = topo.add_pod("node1", "server").unwrap();
 
-    let capture = Capture::load(None).expect("load capture programs");
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-capture", topo.prefix()));
+    let capture = Capture::load(None, &pin).expect("load capture programs");
     let ns = Netns::open(&netns::netns_path(&pod.netns)).unwrap();
     let listener = ns.listen("127.0.0.1:15001".parse().unwrap()).await.unwrap();
 
@@ -75,6 +76,8 @@ async fn outbound_connect_is_redirected_with_original_destination() {
     capture.unenroll(ns.cookie());
     let got = traffic::echo_roundtrip(&pod.netns, server_addr, b"again".to_vec()).unwrap();
     assert_eq!(got, b"againbye");
+    capture.unpin();
+    assert!(!pin.exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +88,8 @@ async fn inbound_plaintext_is_steered_to_the_inbound_listener() {
     let pod = topo.add_pod("node1", "server").unwrap();
     let client = topo.add_pod("node1", "client").unwrap();
 
-    let capture = Capture::load(None).expect("load capture programs");
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}-capture", topo.prefix()));
+    let capture = Capture::load(None, &pin).expect("load capture programs");
     let ns = Netns::open(&netns::netns_path(&pod.netns)).unwrap();
     let inbound = ns.listen("0.0.0.0:15006".parse().unwrap()).await.unwrap();
     let app_addr = SocketAddr::new(pod.ip.into(), 9090);
@@ -128,4 +132,5 @@ async fn inbound_plaintext_is_steered_to_the_inbound_listener() {
     capture.unenroll(ns.cookie());
     let got = traffic::echo_roundtrip(&client.netns, app_addr, b"plain".to_vec()).unwrap();
     assert_eq!(got, b"plainbye");
+    capture.unpin();
 }

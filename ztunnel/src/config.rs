@@ -36,6 +36,20 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
 
+    /// Directory for the pinned capture maps, on a BPF filesystem (mounted at /sys/fs/bpf if
+    /// needed). Default: /sys/fs/bpf/ztunnel/<node>.
+    #[arg(long, env = "ZTUNNEL_BPF_PIN_DIR")]
+    pub bpf_pin_dir: Option<PathBuf>,
+
+    /// Directory for the upgrade handoff socket. Default: /var/run/ztunnel/<node>.
+    #[arg(long, env = "ZTUNNEL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// How long a stopping or replaced ztunnel keeps serving its established connections
+    /// before it exits anyway, in seconds.
+    #[arg(long, env = "ZTUNNEL_DRAIN_DEADLINE_SECS", default_value_t = 600)]
+    pub drain_deadline_secs: u64,
+
     /// Readiness endpoint (`/healthz/ready`).
     #[arg(long, env = "ZTUNNEL_READY_ADDR", default_value = "0.0.0.0:15021")]
     pub ready_addr: SocketAddr,
@@ -53,5 +67,21 @@ pub struct Config {
 impl Config {
     pub fn cert_ttl(&self) -> Duration {
         Duration::from_secs(self.cert_ttl_secs)
+    }
+
+    pub fn bpf_pin_dir(&self) -> PathBuf {
+        self.bpf_pin_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/ztunnel").join(&self.node))
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/run/ztunnel").join(&self.node))
+    }
+
+    pub fn drain_deadline(&self) -> Duration {
+        Duration::from_secs(self.drain_deadline_secs)
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod capture;
 pub mod config;
+pub mod handoff;
 pub mod hbone;
 pub mod identity;
 pub mod proxy;

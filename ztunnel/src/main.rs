@@ -12,7 +12,7 @@ use ztunnel::capture::Capture;
 use ztunnel::config::Config;
 use ztunnel::identity::{CertManager, LocalCa, ManagerConfig, SystemClock};
 use ztunnel::proxy::Proxy;
-use ztunnel::{readiness, source};
+use ztunnel::{handoff, readiness, source};
 
 fn main() -> ExitCode {
     let config = Config::parse();
@@ -72,18 +72,67 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ManagerConfig::default(),
     );
 
-    let capture = Arc::new(Capture::load(config.cgroup_root.as_deref())?);
-    let proxy = Proxy::new(config.node.clone(), rx, capture, certs, roots);
+    // A predecessor for this node hands over its listening sockets first (upgrade).
+    let state_dir = config.state_dir();
+    let inherited = match handoff::take_over(&state_dir) {
+        Ok(found) => found.map(Arc::new),
+        Err(err) => {
+            warn!("could not take over from the previous ztunnel, starting afresh: {err}");
+            None
+        }
+    };
+    let capture = Arc::new(Capture::load(
+        config.cgroup_root.as_deref(),
+        &config.bpf_pin_dir(),
+    )?);
+    let proxy = Proxy::new(config.node.clone(), rx, capture, certs, roots, inherited);
     let ready = readiness::serve(config.ready_addr, proxy.clone()).await?;
-    info!(node = %config.node, config = %config.config.display(), "ztunnel started");
     let serving = tokio::spawn(proxy.clone().run());
+    let mut synced = proxy.synced.subscribe();
+    let _ = synced.wait_for(|s| *s).await;
+    info!(node = %config.node, config = %config.config.display(), "ztunnel started");
 
-    shutdown_signal().await;
-    info!("shutting down: releasing captured pods");
-    serving.abort();
+    let successor = {
+        let proxy = proxy.clone();
+        handoff::serve_once(&state_dir, move || proxy.pods.handoff_sockets())
+    };
+    let replaced = tokio::select! {
+        _ = shutdown_signal() => false,
+        result = successor => match result {
+            Ok(()) => true,
+            Err(err) => {
+                warn!("handoff socket: {err}; an upgrade will start afresh");
+                shutdown_signal().await;
+                false
+            }
+        },
+    };
     ready.abort();
     drop(watch);
-    proxy.pods.clear(&proxy.capture);
+    proxy.draining.send_replace(true);
+    if replaced {
+        // The successor accepts from now on, with the same capture maps: stop accepting,
+        // keep capture on, and let established connections finish.
+        info!("replaced by a new ztunnel: draining established connections");
+        serving.abort();
+        proxy.pods.stop_accepting().await;
+    } else {
+        info!("shutting down: releasing captured pods");
+        serving.abort();
+        proxy.pods.stop_accepting().await;
+        proxy.pods.clear(&proxy.capture);
+    }
+    let open = tokio::select! {
+        open = proxy.drain(config.drain_deadline()) => open,
+        _ = shutdown_signal() => proxy.active_connections(),
+    };
+    if open > 0 {
+        warn!(open, "exiting with connections still open");
+    }
+    if !replaced {
+        proxy.capture.unpin();
+    }
+    info!("ztunnel stopped");
     Ok(())
 }
 

@@ -14,6 +14,10 @@
 //!   deliveries to the application) are never steered.
 //!
 //! Sockets carrying ztunnel's mark are never redirected, so ztunnel cannot capture itself.
+//!
+//! The maps are pinned (by name, in a directory ztunnel chooses per node): a new ztunnel
+//! taking over from an old one during an upgrade shares them, so a connection redirected by
+//! the old process's program is found by the new process's listener, and vice versa.
 #![no_std]
 #![no_main]
 
@@ -44,23 +48,23 @@ const LOCALHOST6_BE: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
 /// Enrolled pod namespaces, by netns cookie. Written by ztunnel only.
 #[map]
-static ENROLLED: HashMap<u64, PodCapture> = HashMap::with_max_entries(65536, 0);
+static ENROLLED: HashMap<u64, PodCapture> = HashMap::pinned(65536, 0);
 
 /// Original destinations of redirected sockets between connect() and their SYN.
 #[map]
-static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(65536, 0);
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(65536, 0);
 
 /// Original destinations keyed as the listener sees the client; ztunnel deletes on accept.
 #[map]
-static ORIG_BY_CLIENT: LruHashMap<ClientKey, OrigDst> = LruHashMap::with_max_entries(262144, 0);
+static ORIG_BY_CLIENT: LruHashMap<ClientKey, OrigDst> = LruHashMap::pinned(262144, 0);
 
 /// ztunnel's inbound (15006) listener per pod IPv4 address (network byte order).
 #[map]
-static INBOUND_LISTENERS: SockHash<u32> = SockHash::with_max_entries(65536, 0);
+static INBOUND_LISTENERS: SockHash<u32> = SockHash::pinned(65536, 0);
 
 /// ztunnel's inbound (15006) IPv6 listener per pod IPv6 address (network-order words).
 #[map]
-static INBOUND_LISTENERS6: SockHash<[u32; 4]> = SockHash::with_max_entries(65536, 0);
+static INBOUND_LISTENERS6: SockHash<[u32; 4]> = SockHash::pinned(65536, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn zt_connect4(ctx: SockAddrContext) -> i32 {

@@ -6,6 +6,7 @@
 //! decides policy. Links are owned by the loaded object: they go away when `Capture` is
 //! dropped or the process dies, so a crashed ztunnel never leaves a pod black-holed.
 
+pub mod bpffs;
 pub mod netns;
 
 use std::collections::HashMap as StdHashMap;
@@ -52,6 +53,11 @@ pub enum CaptureError {
     },
     #[error("no cgroup v2 mount found in /proc/mounts; capture needs cgroup v2")]
     NoCgroup2,
+    #[error("BPF filesystem for pinned maps at {path}: {source}")]
+    Bpffs {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Counters of what the capture layer did, for metrics and `/config_dump`.
@@ -68,6 +74,7 @@ pub struct CaptureStatus {
 
 /// The loaded programs and their maps.
 pub struct Capture {
+    pin_dir: PathBuf,
     cgroup_root: PathBuf,
     program_ids: Vec<u32>,
     inner: Mutex<Inner>,
@@ -115,14 +122,32 @@ impl std::fmt::Debug for Capture {
 
 impl Capture {
     /// Loads the programs and attaches the outbound ones at the cgroup v2 root
-    /// (`cgroup_root`, or the first cgroup2 mount when `None`). Kernel-side log lines are
-    /// forwarded to `tracing` for as long as the returned task runs.
-    pub fn load(cgroup_root: Option<&Path>) -> Result<Capture, CaptureError> {
+    /// (`cgroup_root`, or the first cgroup2 mount when `None`). The maps are pinned in
+    /// `pin_dir` (on a BPF filesystem, mounted if needed) and reused when already there, so
+    /// a predecessor's or successor's programs share them. Kernel-side log lines are
+    /// forwarded to `tracing`.
+    pub fn load(cgroup_root: Option<&Path>, pin_dir: &Path) -> Result<Capture, CaptureError> {
         let cgroup_root = match cgroup_root {
             Some(path) => path.to_owned(),
             None => find_cgroup2()?,
         };
-        let mut ebpf = Ebpf::load(PROGRAMS)?;
+        let bpffs_err = |source| CaptureError::Bpffs {
+            path: pin_dir.to_owned(),
+            source,
+        };
+        let root = pin_dir
+            .ancestors()
+            .find(|a| a.parent() == Some(Path::new("/sys/fs")));
+        if let Some(root) = root {
+            bpffs::ensure_mounted(root).map_err(bpffs_err)?;
+        }
+        std::fs::create_dir_all(pin_dir).map_err(bpffs_err)?;
+        if !bpffs::is_bpffs(pin_dir) {
+            return Err(bpffs_err(std::io::Error::other("not on a BPF filesystem")));
+        }
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(PROGRAMS)?;
         start_kernel_log(&mut ebpf);
         let cgroup = File::open(&cgroup_root).map_err(|source| CaptureError::Cgroup {
             path: cgroup_root.clone(),
@@ -163,6 +188,7 @@ impl Capture {
         let program_ids = ids.join(",");
         info!(cgroup = %cgroup_root.display(), %program_ids, "eBPF capture programs attached");
         Ok(Capture {
+            pin_dir: pin_dir.to_owned(),
             cgroup_root,
             program_ids: ids.iter().filter_map(|id| id.parse().ok()).collect(),
             inner: Mutex::new(Inner {
@@ -315,6 +341,37 @@ impl Capture {
             inbound_listeners: inner.inbound_links.len(),
             pending_original_destinations: inner.orig.keys().filter(Result::is_ok).count(),
         }
+    }
+
+    /// Removes outbound enrolments of namespaces not in `keep`: entries a crashed predecessor
+    /// left in the pinned map.
+    pub fn prune_enrolled(&self, keep: &[NetnsCookie]) -> usize {
+        let mut inner = self.lock();
+        let stale: Vec<u64> = inner
+            .enrolled
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(&NetnsCookie(*k)))
+            .collect();
+        for key in &stale {
+            let _ = inner.enrolled.remove(key);
+        }
+        stale.len()
+    }
+
+    /// Removes the pinned maps: the last ztunnel of this node is going away. (The maps live
+    /// on while a program or process still holds them.)
+    pub fn unpin(&self) {
+        for name in [
+            "ENROLLED",
+            "ORIG_BY_COOKIE",
+            "ORIG_BY_CLIENT",
+            "INBOUND_LISTENERS",
+            "INBOUND_LISTENERS6",
+        ] {
+            let _ = std::fs::remove_file(self.pin_dir.join(name));
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
     }
 
     /// Whether `netns` is in the outbound map (what readiness checks).

@@ -115,40 +115,61 @@ impl Pool {
         F: FnOnce() -> Fut,
         Fut: Future<Output = io::Result<TcpStream>>,
     {
-        let request = build_connect(authority, headers)?;
-        let (send, slot) = match self.reserve(&key) {
-            Some(found) => found,
-            None => {
-                let dialing = self
-                    .inner
-                    .lock()
-                    .entry(key.clone())
-                    .or_default()
-                    .dialing
-                    .clone();
-                let _dialing = dialing.lock().await;
-                match self.reserve(&key) {
-                    Some(found) => found,
-                    None => {
-                        let (id, send) = self.dial(&key, tcp_connect, tls).await?;
-                        self.insert_reserved(&key, id, send)
-                    }
+        // A pooled connection first. If it fails before answering (the peer sent GOAWAY
+        // because it is being replaced, or the connection died unnoticed), nothing reached
+        // the destination yet: drop that connection and try once on a fresh one.
+        if let Some((send, slot, conn_id)) = self.reserve(&key) {
+            match self.open_stream(&key, send, slot, authority, headers).await {
+                Err(Attempt::Unanswered(error)) => {
+                    tracing::debug!(peer = %key.dst, %error, "pooled HBONE connection unusable; dialing anew");
+                    self.inner.remove(&key, conn_id);
+                }
+                Err(Attempt::Answered(error)) => return Err(error),
+                Ok(stream) => return Ok(stream),
+            }
+        }
+        let dialing = self
+            .inner
+            .lock()
+            .entry(key.clone())
+            .or_default()
+            .dialing
+            .clone();
+        let (send, slot) = {
+            let _dialing = dialing.lock().await;
+            match self.reserve(&key) {
+                Some((send, slot, _)) => (send, slot),
+                None => {
+                    let (id, send) = self.dial(&key, tcp_connect, tls).await?;
+                    self.insert_reserved(&key, id, send)
                 }
             }
         };
-        let addr = key.dst;
-        let mut send = send
-            .ready()
+        self.open_stream(&key, send, slot, authority, headers)
             .await
-            .map_err(|e| HboneError::from_h2(addr, e))?;
-        let (response, stream) = send
-            .send_request(request, false)
-            .map_err(|e| HboneError::from_h2(addr, e))?;
-        let response = response.await.map_err(|e| HboneError::from_h2(addr, e))?;
+            .map_err(Attempt::into_error)
+    }
+
+    /// Sends the CONNECT on `send` and waits for the answer.
+    async fn open_stream(
+        &self,
+        key: &PoolKey,
+        send: SendRequest<Bytes>,
+        slot: OnDrop,
+        authority: SocketAddr,
+        headers: &ConnectHeaders,
+    ) -> Result<H2Stream, Attempt> {
+        let request = build_connect(authority, headers)
+            .map_err(|e| Attempt::Answered(HboneError::from(e)))?;
+        let addr = key.dst;
+        let unanswered = |e| Attempt::Unanswered(HboneError::from_h2(addr, e));
+        let mut send = send.ready().await.map_err(unanswered)?;
+        let (response, stream) = send.send_request(request, false).map_err(unanswered)?;
+        let response = response.await.map_err(unanswered)?;
         match response.status() {
             StatusCode::OK => Ok(H2Stream::new(stream, response.into_body(), Some(slot))),
-            StatusCode::UNAUTHORIZED => Err(HboneError::Denied),
-            other => Err(HboneError::Status(other)),
+            StatusCode::UNAUTHORIZED => Err(Attempt::Answered(HboneError::Denied)),
+            other => Err(Attempt::Answered(HboneError::Status(other))),
         }
     }
 
@@ -158,7 +179,7 @@ impl Pool {
     }
 
     /// Takes a stream slot on a pooled connection with room, if any.
-    fn reserve(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, OnDrop)> {
+    fn reserve(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, OnDrop, u64)> {
         let max = self.inner.config.max_streams_per_conn;
         let mut keys = self.inner.lock();
         let conn = keys
@@ -167,7 +188,7 @@ impl Pool {
             .iter_mut()
             .find(|c| c.active < max)?;
         conn.active += 1;
-        Some((conn.send.clone(), self.slot_guard(key, conn.id)))
+        Some((conn.send.clone(), self.slot_guard(key, conn.id), conn.id))
     }
 
     fn insert_reserved(
@@ -246,6 +267,22 @@ impl Pool {
             connection,
         ));
         Ok((id, send))
+    }
+}
+
+/// How an attempt to open a stream ended, when it did not give a tunnel.
+enum Attempt {
+    /// The connection failed before the peer answered: safe to retry elsewhere.
+    Unanswered(HboneError),
+    /// The peer answered (a refusal), or the request could not be built.
+    Answered(HboneError),
+}
+
+impl Attempt {
+    fn into_error(self) -> HboneError {
+        match self {
+            Attempt::Unanswered(e) | Attempt::Answered(e) => e,
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 
 pub use client::{Pool, PoolConfig, PoolKey};
 pub use request::{ConnectHeaders, Reject, forwarded_for};
-pub use server::{Accepted, Responder, ServerConfig, serve};
+pub use server::{Accepted, Responder, ServerConfig, serve, serve_until};
 pub use stream::H2Stream;
 
 use crate::tls::TlsError;

@@ -120,6 +120,27 @@ where
     F: Fn(Accepted) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    serve_until(io, peer, config, on_stream, std::future::pending()).await
+}
+
+/// Like [`serve`], and when `shutdown` completes, sends GOAWAY: the client opens no new
+/// stream here (it goes to a new connection, e.g. to the process replacing this one) while
+/// the streams already open run to their end.
+pub async fn serve_until<IO, F, Fut, S>(
+    io: IO,
+    peer: Identity,
+    config: &ServerConfig,
+    on_stream: F,
+    shutdown: S,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(Accepted) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+    S: Future<Output = ()>,
+{
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut going_away = false;
     let mut connection = h2::server::Builder::new()
         .max_concurrent_streams(config.max_concurrent_streams)
         .initial_window_size(config.stream_window)
@@ -128,7 +149,16 @@ where
         .await?;
     // `accept` also drives the connection's I/O for the streams already handed out, and
     // returns `None` only once the connection is closed and its streams are done.
-    while let Some(next) = connection.accept().await {
+    loop {
+        let next = tokio::select! {
+            next = connection.accept() => next,
+            () = &mut shutdown, if !going_away => {
+                going_away = true;
+                connection.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         let (request, respond) = next?;
         let (parts, body) = request.into_parts();
         match validate(&parts.method, &parts.uri) {

@@ -66,11 +66,21 @@ async fn serve_hbone(
     let config = hbone::ServerConfig::default();
     let handler_proxy = proxy.clone();
     let handler_uid = uid.to_owned();
-    hbone::serve(stream, peer_id.clone(), &config, move |accepted| {
-        let proxy = handler_proxy.clone();
-        let uid = handler_uid.clone();
-        async move { on_stream(proxy, uid, peer, accepted).await }
-    })
+    let mut draining = proxy.draining.subscribe();
+    let shutdown = async move {
+        let _ = draining.wait_for(|d| *d).await;
+    };
+    hbone::serve_until(
+        stream,
+        peer_id.clone(),
+        &config,
+        move |accepted| {
+            let proxy = handler_proxy.clone();
+            let uid = handler_uid.clone();
+            async move { on_stream(proxy, uid, peer, accepted).await }
+        },
+        shutdown,
+    )
     .await
     .map_err(|e| format!("HBONE from {peer_id}: {e}"))
 }

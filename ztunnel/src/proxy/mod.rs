@@ -48,6 +48,13 @@ pub struct Proxy {
     pub pool: hbone::Pool,
     pub pods: PodRegistry,
     pub stats: Arc<copy::Stats>,
+    /// Listening sockets handed over by the process this one replaces.
+    pub inherited: Option<Arc<crate::handoff::Inherited>>,
+    /// Set once the first configuration has been applied to the pods.
+    pub synced: watch::Sender<bool>,
+    /// Set when this process stops taking new work (replaced, or shutting down): HBONE
+    /// connections get GOAWAY so peers open new streams elsewhere.
+    pub draining: watch::Sender<bool>,
     client_tls: Mutex<HashMap<(Identity, Identity), Cached<rustls::ClientConfig>>>,
     server_tls: Mutex<HashMap<Identity, Cached<rustls::ServerConfig>>>,
 }
@@ -83,6 +90,7 @@ impl Proxy {
         capture: Arc<Capture>,
         certs: CertManager,
         roots: TrustBundle,
+        inherited: Option<Arc<crate::handoff::Inherited>>,
     ) -> Arc<Proxy> {
         Arc::new(Proxy {
             node,
@@ -93,6 +101,9 @@ impl Proxy {
             pool: hbone::Pool::new(hbone::PoolConfig::default()),
             pods: PodRegistry::default(),
             stats: Arc::new(copy::Stats::default()),
+            inherited,
+            synced: watch::Sender::new(false),
+            draining: watch::Sender::new(false),
             client_tls: Mutex::new(HashMap::new()),
             server_tls: Mutex::new(HashMap::new()),
         })
@@ -104,11 +115,38 @@ impl Proxy {
         loop {
             let state = rx.borrow_and_update().clone();
             pods::reconcile(&self, &state).await;
+            if !*self.synced.borrow() {
+                // Enrolments a crashed predecessor left in the pinned map, for pods that are
+                // gone or no longer ours.
+                let pruned = self.capture.prune_enrolled(&self.pods.cookies());
+                if pruned > 0 {
+                    tracing::info!(pruned, "removed stale capture entries");
+                }
+                self.synced.send_replace(true);
+            }
             if rx.changed().await.is_err() {
                 break;
             }
         }
-        self.pods.clear(&self.capture);
+    }
+
+    /// Connections being relayed right now.
+    pub fn active_connections(&self) -> u64 {
+        copy::Stats::get(&self.stats.opened).saturating_sub(copy::Stats::get(&self.stats.closed))
+    }
+
+    /// Waits until no connection is being relayed, or `deadline` passes. Returns how many
+    /// were still open at the end.
+    pub async fn drain(&self, deadline: std::time::Duration) -> u64 {
+        let until = tokio::time::Instant::now() + deadline;
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        loop {
+            let open = self.active_connections();
+            if open == 0 || tokio::time::Instant::now() >= until {
+                return open;
+            }
+            tick.tick().await;
+        }
     }
 
     /// Client TLS for tunnels from `src` to a peer that must prove `dst`, cached while `src`'s

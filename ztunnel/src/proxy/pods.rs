@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
@@ -12,6 +13,7 @@ use tracing::{info, warn};
 
 use super::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, Proxy, inbound, outbound};
 use crate::capture::{Capture, Netns};
+use crate::handoff::{ListenerKind as Kind, PodSockets};
 use crate::state::State;
 use crate::state::workload::{Protocol, Workload};
 
@@ -23,27 +25,43 @@ pub struct Pod {
     listeners: Arc<Listeners>,
 }
 
-/// The accept loops of a pod. Only they stop on release: connection tasks are separate and
+/// The accept loops of a pod, and duplicates of their listening sockets (what a successor
+/// receives on upgrade). Only the loops stop on release: connection tasks are separate and
 /// run to their end.
 #[derive(Debug)]
-struct Listeners(Mutex<Vec<JoinHandle<()>>>);
+struct Listeners {
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    sockets: Mutex<Vec<(Kind, SocketAddr, OwnedFd)>>,
+}
 
 impl Listeners {
     /// Stops the accept loops and waits until their listening sockets are closed, so the
     /// ports can be bound again at once (re-enrolment).
     async fn close(&self) {
         let tasks: Vec<JoinHandle<()>> =
-            std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {
             task.abort();
             let _ = task.await;
         }
+        self.sockets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    fn duplicate(&self) -> Vec<(Kind, SocketAddr, OwnedFd)> {
+        let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        sockets
+            .iter()
+            .filter_map(|(k, a, fd)| Some((*k, *a, fd.try_clone().ok()?)))
+            .collect()
     }
 }
 
 impl Drop for Listeners {
     fn drop(&mut self) {
-        for task in self.0.get_mut().map(std::mem::take).unwrap_or_default() {
+        for task in self.tasks.get_mut().map(std::mem::take).unwrap_or_default() {
             task.abort();
         }
     }
@@ -84,19 +102,36 @@ impl PodRegistry {
         self.len() == 0
     }
 
+    /// Duplicates of every pod's listening sockets, for a successor.
+    pub fn handoff_sockets(&self) -> Vec<PodSockets> {
+        self.lock()
+            .values()
+            .map(|pod| PodSockets {
+                uid: pod.workload.uid.clone(),
+                sockets: pod.listeners.duplicate(),
+            })
+            .collect()
+    }
+
+    /// Stops accepting on every pod (a successor accepts now) but leaves capture on and
+    /// established connections running.
+    pub async fn stop_accepting(&self) {
+        let pods: Vec<Arc<Pod>> = self.lock().values().cloned().collect();
+        for pod in pods {
+            pod.listeners.close().await;
+        }
+    }
+
+    /// The namespaces of the enrolled pods.
+    pub fn cookies(&self) -> Vec<crate::capture::NetnsCookie> {
+        self.lock().values().map(|p| p.netns.cookie()).collect()
+    }
+
     pub fn clear(&self, capture: &Capture) {
         for (_, pod) in self.lock().drain() {
             capture.unenroll(pod.netns.cookie());
         }
     }
-}
-
-/// What a pod listener is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Outbound,
-    Plaintext,
-    Hbone,
 }
 
 /// Whether this ztunnel should capture `w`.
@@ -170,43 +205,58 @@ async fn enroll(proxy: &Arc<Proxy>, w: Arc<Workload>) -> Result<Pod, String> {
         .get(&w.identity())
         .await
         .map_err(|e| format!("certificate for {}: {e}", w.identity()))?;
-    let listen = |addr: SocketAddr| {
-        let netns = netns.clone();
-        async move {
-            netns
-                .listen(addr)
-                .await
-                .map_err(|e| format!("listen on {addr} in {}: {e}", netns.path().display()))
-        }
-    };
-    let outbound_l = listen(SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT))).await?;
-    let inbound_l = listen(SocketAddr::from(([0, 0, 0, 0], INBOUND_PLAINTEXT_PORT))).await?;
-    let hbone_l = listen(SocketAddr::from(([0, 0, 0, 0], HBONE_PORT))).await?;
-    let mut listeners = vec![
-        (Kind::Outbound, outbound_l),
-        (Kind::Plaintext, inbound_l),
-        (Kind::Hbone, hbone_l),
+
+    let mut wanted = vec![
+        (
+            Kind::Outbound,
+            SocketAddr::from(([127, 0, 0, 1], OUTBOUND_PORT)),
+        ),
+        (
+            Kind::Plaintext,
+            SocketAddr::from(([0, 0, 0, 0], INBOUND_PLAINTEXT_PORT)),
+        ),
+        (Kind::Hbone, SocketAddr::from(([0, 0, 0, 0], HBONE_PORT))),
     ];
     if w.workload_ips.iter().any(IpAddr::is_ipv6) {
         let any6 = std::net::Ipv6Addr::UNSPECIFIED;
         let lo6 = std::net::Ipv6Addr::LOCALHOST;
-        listeners.push((
-            Kind::Outbound,
-            listen(SocketAddr::from((lo6, OUTBOUND_PORT))).await?,
-        ));
-        listeners.push((
+        wanted.push((Kind::Outbound, SocketAddr::from((lo6, OUTBOUND_PORT))));
+        wanted.push((
             Kind::Plaintext,
-            listen(SocketAddr::from((any6, INBOUND_PLAINTEXT_PORT))).await?,
+            SocketAddr::from((any6, INBOUND_PLAINTEXT_PORT)),
         ));
-        listeners.push((
-            Kind::Hbone,
-            listen(SocketAddr::from((any6, HBONE_PORT))).await?,
-        ));
+        wanted.push((Kind::Hbone, SocketAddr::from((any6, HBONE_PORT))));
     }
+    let mut listeners = Vec::new();
+    for (kind, addr) in wanted {
+        let listener = match proxy
+            .inherited
+            .as_ref()
+            .and_then(|i| i.take(&w.uid, kind, addr))
+        {
+            // The predecessor's very socket: its accept queue carries over.
+            Some(fd) => {
+                let std = std::net::TcpListener::from(fd);
+                std.set_nonblocking(true)
+                    .and_then(|()| TcpListener::from_std(std))
+                    .map_err(|e| format!("inherited listener {addr}: {e}"))?
+            }
+            None => netns
+                .listen(addr)
+                .await
+                .map_err(|e| format!("listen on {addr} in {}: {e}", netns.path().display()))?,
+        };
+        let dup = listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| format!("listener {addr}: {e}"))?;
+        listeners.push((kind, addr, listener, dup));
+    }
+
     let plaintext: Vec<&TcpListener> = listeners
         .iter()
-        .filter(|(k, _)| *k == Kind::Plaintext)
-        .map(|(_, l)| l)
+        .filter(|(k, ..)| *k == Kind::Plaintext)
+        .map(|(_, _, l, _)| l)
         .collect();
     let listener6 = plaintext.get(1).map(|l| *l as &dyn std::os::fd::AsRawFd);
     proxy
@@ -221,20 +271,23 @@ async fn enroll(proxy: &Arc<Proxy>, w: Arc<Workload>) -> Result<Pod, String> {
             e.to_string()
         })?;
 
-    let tasks = listeners
-        .into_iter()
-        .map(|(kind, l)| {
-            let (p, uid, ns) = (proxy.clone(), w.uid.clone(), netns.clone());
-            match kind {
-                Kind::Outbound => tokio::spawn(outbound::accept_loop(p, uid, ns, l)),
-                Kind::Plaintext => tokio::spawn(inbound::plaintext_loop(p, uid, ns, l)),
-                Kind::Hbone => tokio::spawn(inbound::hbone_loop(p, uid, ns, l)),
-            }
-        })
-        .collect();
+    let mut tasks = Vec::new();
+    let mut sockets = Vec::new();
+    for (kind, addr, l, dup) in listeners {
+        let (p, uid, ns) = (proxy.clone(), w.uid.clone(), netns.clone());
+        tasks.push(match kind {
+            Kind::Outbound => tokio::spawn(outbound::accept_loop(p, uid, ns, l)),
+            Kind::Plaintext => tokio::spawn(inbound::plaintext_loop(p, uid, ns, l)),
+            Kind::Hbone => tokio::spawn(inbound::hbone_loop(p, uid, ns, l)),
+        });
+        sockets.push((kind, addr, dup));
+    }
     Ok(Pod {
         workload: w,
         netns,
-        listeners: Arc::new(Listeners(Mutex::new(tasks))),
+        listeners: Arc::new(Listeners {
+            tasks: Mutex::new(tasks),
+            sockets: Mutex::new(sockets),
+        }),
     })
 }
