@@ -50,6 +50,11 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_DRAIN_DEADLINE_SECS", default_value_t = 600)]
     pub drain_deadline_secs: u64,
 
+    /// Seconds a peer may take to complete the TLS handshake on a pod's HBONE port before
+    /// its connection is closed (slow or stalled clients).
+    #[arg(long, env = "ZTUNNEL_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout_secs: u64,
+
     /// Readiness endpoint (`/healthz/ready`).
     #[arg(long, env = "ZTUNNEL_READY_ADDR", default_value = "0.0.0.0:15021")]
     pub ready_addr: SocketAddr,

@@ -17,6 +17,7 @@ use ztunnel::{handoff, readiness, source};
 fn main() -> ExitCode {
     let config = Config::parse();
     init_logging(&config);
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ztunnel")
@@ -33,6 +34,28 @@ fn main() -> ExitCode {
         Err(err) => {
             error!("{err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Every proxied connection holds two or three sockets: take the whole hard limit of open
+/// files (the soft limit is often 1024).
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, writable rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                warn!(
+                    "cannot raise the open files limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
         }
     }
 }
@@ -85,7 +108,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.cgroup_root.as_deref(),
         &config.bpf_pin_dir(),
     )?);
-    let proxy = Proxy::new(config.node.clone(), rx, capture, certs, roots, inherited);
+    let proxy = Proxy::new(
+        config.node.clone(),
+        rx,
+        capture,
+        certs,
+        roots,
+        inherited,
+        std::time::Duration::from_secs(config.handshake_timeout_secs),
+    );
     let ready = readiness::serve(config.ready_addr, proxy.clone()).await?;
     let serving = tokio::spawn(proxy.clone().run());
     let mut synced = proxy.synced.subscribe();

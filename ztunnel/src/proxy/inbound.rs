@@ -56,7 +56,7 @@ async fn serve_hbone(
         .await
         .map_err(|e| e.to_string())?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(conn));
+    let handshake = tokio::time::timeout(proxy.handshake_timeout, acceptor.accept(conn));
     let stream = handshake
         .await
         .map_err(|_| "TLS handshake timed out".to_owned())?

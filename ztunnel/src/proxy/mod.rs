@@ -52,6 +52,8 @@ pub struct Proxy {
     pub inherited: Option<Arc<crate::handoff::Inherited>>,
     /// Set once the first configuration has been applied to the pods.
     pub synced: watch::Sender<bool>,
+    /// How long a peer may take to complete the TLS handshake on 15008 (slowloris bound).
+    pub handshake_timeout: std::time::Duration,
     /// Set when this process stops taking new work (replaced, or shutting down): HBONE
     /// connections get GOAWAY so peers open new streams elsewhere.
     pub draining: watch::Sender<bool>,
@@ -91,6 +93,7 @@ impl Proxy {
         certs: CertManager,
         roots: TrustBundle,
         inherited: Option<Arc<crate::handoff::Inherited>>,
+        handshake_timeout: std::time::Duration,
     ) -> Arc<Proxy> {
         Arc::new(Proxy {
             node,
@@ -104,6 +107,7 @@ impl Proxy {
             inherited,
             synced: watch::Sender::new(false),
             draining: watch::Sender::new(false),
+            handshake_timeout,
             client_tls: Mutex::new(HashMap::new()),
             server_tls: Mutex::new(HashMap::new()),
         })
