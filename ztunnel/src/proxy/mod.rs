@@ -9,6 +9,7 @@ mod copy;
 mod inbound;
 mod outbound;
 mod pods;
+pub mod tracker;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -46,6 +47,8 @@ pub struct Proxy {
     pub pool: hbone::Pool,
     pub pods: PodRegistry,
     pub stats: Arc<copy::Stats>,
+    /// Live connections, their history, Istio's traffic metrics and the access log.
+    pub tracker: Arc<tracker::Tracker>,
     client_tls: Mutex<HashMap<(Identity, Identity), Cached<rustls::ClientConfig>>>,
     server_tls: Mutex<HashMap<Identity, Cached<rustls::ServerConfig>>>,
 }
@@ -91,6 +94,9 @@ impl Proxy {
             pool: hbone::Pool::new(hbone::PoolConfig::default()),
             pods: PodRegistry::default(),
             stats: Arc::new(copy::Stats::default()),
+            tracker: Arc::new(tracker::Tracker::new(Arc::new(
+                crate::metrics::Metrics::new(),
+            ))),
             client_tls: Mutex::new(HashMap::new()),
             server_tls: Mutex::new(HashMap::new()),
         })
