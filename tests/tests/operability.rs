@@ -600,3 +600,43 @@ fn denied_wrong_identity_and_unknown_destination_explain_themselves() {
         "{table}"
     );
 }
+
+#[test]
+fn same_node_connections_are_reported_as_source_and_destination() {
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("echo1", "node1", "echo"),
+    ];
+    let mut mesh = Mesh::new(&["node1"], pods, Vec::new()).unwrap();
+    let _echo1 = AppServer::start(&mesh.netns("echo1"), "echo1", app(&mesh, "echo1")).unwrap();
+    mesh.start().unwrap();
+    for i in 0..2 {
+        let got = echo_roundtrip(&mesh.netns("sleep"), app(&mesh, "echo1"), payload(1000, i));
+        assert_eq!(got.unwrap().len(), 1003);
+    }
+    for reporter in ["source", "destination"] {
+        let want = [
+            ("reporter", reporter),
+            ("source_workload", "sleep"),
+            ("source_principal", SLEEP),
+            ("destination_workload", "echo1"),
+            ("destination_principal", ECHO),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        wait("same-node connections closed", || {
+            sample(
+                &scrape(&mesh, "node1"),
+                "istio_tcp_connections_closed_total",
+                &want,
+            ) == 2
+        });
+        let m = scrape(&mesh, "node1");
+        assert_eq!(sample(&m, "istio_tcp_connections_opened_total", &want), 2);
+        assert_eq!(sample(&m, "istio_tcp_received_bytes_total", &want), 2000);
+        assert_eq!(sample(&m, "istio_tcp_sent_bytes_total", &want), 2006);
+    }
+    let same = connections(&mesh, "node1", |c| c["path"] == "same-node");
+    assert_eq!(same.len(), 2);
+    assert_eq!(same[0]["reporter"], "source+destination");
+    assert_eq!(same[0]["policy"], "allow");
+}

@@ -67,8 +67,6 @@ pub struct Agent {
     pub config_updates: Family<ConfigUpdateLabels, Counter>,
     /// Unix time of the last configuration change applied.
     pub config_last_update: Gauge,
-    /// 1 while the configuration source is connected (a file: readable and valid).
-    pub config_source_connected: Gauge,
     pub pods_enrolled: Gauge,
     /// Pods this node should capture and does not (enrolment failed or pending).
     pub pods_not_captured: Gauge,
@@ -158,11 +156,6 @@ impl Metrics {
             "ztunnel_config_last_update_timestamp_seconds",
             "When the configuration in force was applied (Unix time)",
             agent.config_last_update.clone(),
-        );
-        registry.register(
-            "ztunnel_config_source_connected",
-            "1 when the configuration source is reachable and its last input was valid",
-            agent.config_source_connected.clone(),
         );
         registry.register(
             "ztunnel_pods_enrolled",

@@ -576,7 +576,7 @@ mod access_log {
                 $level,
                 id = v.id,
                 path = %v.path,
-                direction = direction(v),
+                direction = %direction(v),
                 src.addr = %v.src,
                 src.workload = v.src_workload.as_deref(),
                 src.identity = v.src_identity.as_deref(),
