@@ -608,6 +608,7 @@ fn same_node_connections_are_reported_as_source_and_destination() {
         PodSpec::new("echo1", "node1", "echo"),
     ];
     let mut mesh = Mesh::new(&["node1"], pods, Vec::new()).unwrap();
+    mesh.ztunnel_args = vec!["--log-json".into()];
     let _echo1 = AppServer::start(&mesh.netns("echo1"), "echo1", app(&mesh, "echo1")).unwrap();
     mesh.start().unwrap();
     for i in 0..2 {
@@ -639,4 +640,21 @@ fn same_node_connections_are_reported_as_source_and_destination() {
     assert_eq!(same.len(), 2);
     assert_eq!(same[0]["reporter"], "source+destination");
     assert_eq!(same[0]["policy"], "allow");
+
+    // With --log-json, the access log is one JSON object per connection.
+    let log = mesh.ztunnel("node1").log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "access")
+        .collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    let fields = &lines[0]["fields"];
+    assert_eq!(fields["message"], "connection complete");
+    assert_eq!(fields["path"], "same-node");
+    assert_eq!(fields["src.identity"], SLEEP);
+    assert_eq!(fields["dst.identity"], ECHO);
+    assert_eq!(fields["bytes_sent"], 1000);
+    assert_eq!(fields["bytes_recv"], 1003);
+    assert_eq!(fields["state"], "closed");
 }
