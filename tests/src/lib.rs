@@ -4,6 +4,7 @@
 
 pub mod mesh;
 pub mod netns;
+pub mod operator;
 pub mod process;
 pub mod topology;
 pub mod traffic;

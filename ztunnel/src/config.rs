@@ -59,6 +59,15 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_READY_ADDR", default_value = "0.0.0.0:15021")]
     pub ready_addr: SocketAddr,
 
+    /// Admin endpoint (`/config_dump`, `/connections`, `/logging`, `/quitquitquit`). Keep it
+    /// on the node's loopback: it is never opened in a pod's namespace.
+    #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus endpoint (`/metrics`, `/stats/prometheus`).
+    #[arg(long, env = "ZTUNNEL_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info,ztunnel::proxy=debug`); `RUST_LOG`
     /// overrides it.
     #[arg(long, env = "ZTUNNEL_LOG", default_value = "info")]

@@ -8,6 +8,7 @@ use clap::Parser;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use ztunnel::admin::{self, LogControl, SourceInfo};
 use ztunnel::capture::Capture;
 use ztunnel::config::Config;
 use ztunnel::identity::{CertManager, LocalCa, ManagerConfig, SystemClock};
@@ -15,8 +16,12 @@ use ztunnel::proxy::Proxy;
 use ztunnel::{handoff, readiness, source};
 
 fn main() -> ExitCode {
+    // `ztunnel admin ...` is the debug CLI; anything else runs the agent.
+    if std::env::args().nth(1).as_deref() == Some("admin") {
+        return ztunnel::admin::cli::main(std::env::args().skip(1));
+    }
     let config = Config::parse();
-    init_logging(&config);
+    let logging = init_logging(&config);
     raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -29,7 +34,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, logging)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!("{err:#}");
@@ -60,24 +65,46 @@ fn raise_open_files_limit() {
     }
 }
 
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal as _;
-    // Colours only for a person at a terminal; files and collectors get plain text.
+/// Installs the log subscriber; the returned control changes its filter at runtime.
+fn init_logging(config: &Config) -> LogControl {
+    use tracing_subscriber::EnvFilter;
+    // RUST_LOG wins over --log; an invalid filter falls back to the next one.
+    let initial = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|f| EnvFilter::try_new(f).is_ok())
+        .or_else(|| {
+            EnvFilter::try_new(&config.log)
+                .is_ok()
+                .then(|| config.log.clone())
+        })
+        .unwrap_or_else(|| "info".to_owned());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(EnvFilter::new(&initial))
         .with_target(true)
-        .with_ansi(std::io::stdout().is_terminal());
+        .with_ansi(ansi);
+    macro_rules! install {
+        ($builder:expr) => {{
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            LogControl::new(
+                &initial,
+                Box::new(move |f: &str| {
+                    let filter = EnvFilter::try_new(f).map_err(|e| format!("{f:?}: {e}"))?;
+                    handle.reload(filter).map_err(|e| e.to_string())
+                }),
+            )
+        }};
+    }
     if config.log_json {
-        builder.json().init();
+        install!(builder.json())
     } else {
-        builder.init();
+        install!(builder)
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let initial = source::local::load(&config.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (tx, rx) = watch::channel(Arc::new(initial));
@@ -118,6 +145,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         std::time::Duration::from_secs(config.handshake_timeout_secs),
     );
     let ready = readiness::serve(config.ready_addr, proxy.clone()).await?;
+    let source = SourceInfo::new("file", &config.config.display().to_string(), watch.stats());
+    let _versions = source.follow(proxy.state.clone());
+    let (agent, operator) = admin::start(
+        proxy.clone(),
+        source,
+        logging,
+        config.admin_addr,
+        config.metrics_addr,
+    )
+    .await?;
     let serving = tokio::spawn(proxy.clone().run());
     let mut synced = proxy.synced.subscribe();
     let _ = synced.wait_for(|s| *s).await;
@@ -129,6 +166,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let replaced = tokio::select! {
         _ = shutdown_signal() => false,
+        _ = agent.shutdown.notified() => false,
         result = successor => match result {
             Ok(()) => true,
             Err(err) => {
@@ -139,6 +177,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
     };
     ready.abort();
+    operator.abort();
     drop(watch);
     proxy.draining.send_replace(true);
     if replaced {

@@ -18,20 +18,25 @@ use crate::proxy::Proxy;
 
 /// Why the node is not ready, or `None` when it is.
 pub fn not_ready_reason(proxy: &Proxy) -> Option<String> {
-    let state = proxy.state.borrow().clone();
-    let enrolled = proxy.pods.uids();
-    let missing: Vec<String> = state
-        .local_workloads(&proxy.node)
-        .into_iter()
-        .filter(|w| crate::proxy::wanted(&state, &proxy.node, w))
-        .filter(|w| !enrolled.contains(&w.uid))
-        .map(|w| format!("{}/{}", w.namespace(), w.name))
-        .collect();
+    let missing = not_captured(proxy);
     if missing.is_empty() {
         None
     } else {
         Some(format!("pods not yet captured: {}", missing.join(", ")))
     }
+}
+
+/// The pods (`namespace/name`) this node should capture and does not.
+pub fn not_captured(proxy: &Proxy) -> Vec<String> {
+    let state = proxy.state.borrow().clone();
+    let enrolled = proxy.pods.uids();
+    state
+        .local_workloads(&proxy.node)
+        .into_iter()
+        .filter(|w| crate::proxy::wanted(&state, &proxy.node, w))
+        .filter(|w| !enrolled.contains(&w.uid))
+        .map(|w| format!("{}/{}", w.namespace(), w.name))
+        .collect()
 }
 
 /// Starts the readiness server.

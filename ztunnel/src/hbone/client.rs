@@ -178,6 +178,11 @@ impl Pool {
         self.inner.lock().get(key).map_or(0, |e| e.conns.len())
     }
 
+    /// How many connections are pooled, over all keys.
+    pub fn total_connections(&self) -> usize {
+        self.inner.lock().values().map(|e| e.conns.len()).sum()
+    }
+
     /// Takes a stream slot on a pooled connection with room, if any.
     fn reserve(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, OnDrop, u64)> {
         let max = self.inner.config.max_streams_per_conn;

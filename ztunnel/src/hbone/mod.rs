@@ -16,7 +16,7 @@ pub mod stream;
 use std::net::SocketAddr;
 
 pub use client::{Pool, PoolConfig, PoolKey};
-pub use request::{ConnectHeaders, Reject, forwarded_for};
+pub use request::{ConnectHeaders, Reject, forwarded_for, forwarded_host};
 pub use server::{Accepted, Responder, ServerConfig, serve, serve_until};
 pub use stream::H2Stream;
 

@@ -140,6 +140,17 @@ pub fn forwarded_for(headers: &HeaderMap) -> Option<SocketAddr> {
     })
 }
 
+/// The service hostname a client addressed, from `forwarded: ...;host=<hostname>`.
+pub fn forwarded_host(headers: &HeaderMap) -> Option<String> {
+    let text = headers.get(FORWARDED)?.to_str().ok()?;
+    let first = text.split(',').next()?;
+    first.split(';').find_map(|pair| {
+        let (key, val) = pair.trim().split_once('=')?;
+        key.eq_ignore_ascii_case("host")
+            .then(|| val.trim_matches('"').to_owned())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,12 +11,14 @@ use tracing::{debug, info, warn};
 
 use super::copy::{Stats, relay};
 use super::pods::Pod;
+use super::tracker::{ConnMeta, ConnPath, Outcome, Policy, Tracked};
 use super::{DELIVERY_SOURCE, DELIVERY_SOURCE_V6, Proxy};
 use crate::capture::Netns;
 use crate::hbone;
 use crate::identity::Identity;
 use crate::state::authz::{Decision, authorize};
 use crate::state::policy::ConnectionInfo;
+use crate::state::{Service, State, Workload};
 
 pub(super) async fn hbone_loop(
     proxy: Arc<Proxy>,
@@ -33,35 +35,52 @@ pub(super) async fn hbone_loop(
             }
         };
         let _ = conn.set_nodelay(true);
+        let local = conn
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], super::HBONE_PORT)));
         let proxy = proxy.clone();
         let uid = uid.clone();
+        let busy = proxy.busy();
         tokio::spawn(async move {
-            if let Err(reason) = serve_hbone(&proxy, &uid, conn, peer).await {
+            let _busy = busy;
+            if let Err((kind, reason)) = serve_hbone(&proxy, &uid, conn, peer).await {
                 Stats::add(&proxy.stats.rejected_inputs, 1);
                 warn!(%peer, "HBONE connection rejected: {reason}");
+                let meta = ConnMeta::new(ConnPath::HboneIn, peer, local);
+                proxy.tracker.reject(meta, kind, &reason);
             }
         });
     }
 }
+
+/// Why a tunnel was refused: a short kind (the metric label) and the full reason.
+type Rejection = (&'static str, String);
 
 async fn serve_hbone(
     proxy: &Arc<Proxy>,
     uid: &str,
     conn: TcpStream,
     peer: SocketAddr,
-) -> Result<(), String> {
-    let pod = proxy.pods.get(uid).ok_or("pod no longer enrolled")?;
+) -> Result<(), Rejection> {
+    let pod = proxy
+        .pods
+        .get(uid)
+        .ok_or(("not_enrolled", "pod no longer enrolled".to_owned()))?;
     let tls = proxy
         .server_tls(&pod.workload.identity())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ("certificate", e.to_string()))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshake = tokio::time::timeout(proxy.handshake_timeout, acceptor.accept(conn));
     let stream = handshake
         .await
-        .map_err(|_| "TLS handshake timed out".to_owned())?
-        .map_err(|e| format!("TLS handshake: {}", crate::tls::handshake_error(&e)))?;
-    let peer_id = crate::tls::peer_identity(stream.get_ref().1).map_err(|e| e.to_string())?;
+        .map_err(|_| ("tls_handshake", "TLS handshake timed out".to_owned()))?
+        .map_err(|e| {
+            let reason = format!("TLS handshake: {}", crate::tls::handshake_error(&e));
+            ("tls_handshake", reason)
+        })?;
+    let peer_id = crate::tls::peer_identity(stream.get_ref().1)
+        .map_err(|e| ("peer_identity", e.to_string()))?;
     debug!(%peer, identity = %peer_id, "HBONE connection accepted");
     let config = hbone::ServerConfig::default();
     let handler_proxy = proxy.clone();
@@ -82,45 +101,118 @@ async fn serve_hbone(
         shutdown,
     )
     .await
-    .map_err(|e| format!("HBONE from {peer_id}: {e}"))
+    .map_err(|e| ("hbone_protocol", format!("HBONE from {peer_id}: {e}")))
 }
 
 async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: hbone::Accepted) {
+    let _busy = proxy.busy();
     let Some(pod) = proxy.pods.get(&uid) else {
         accepted.responder.reject(StatusCode::SERVICE_UNAVAILABLE);
         return;
     };
     let dst = accepted.authority;
+    let client = hbone::forwarded_for(&accepted.headers).unwrap_or(peer);
+    let peer_id = accepted.peer_identity.clone();
     if !pod.workload.workload_ips.contains(&dst.ip()) {
         Stats::add(&proxy.stats.rejected_inputs, 1);
-        warn!(%dst, identity = %accepted.peer_identity, "HBONE authority is not this pod; answering 400");
+        warn!(%dst, identity = %peer_id, "HBONE authority is not this pod; answering 400");
+        let mut meta = ConnMeta::new(ConnPath::HboneIn, client, dst);
+        meta.src_identity = Some(peer_id);
+        proxy.tracker.reject(
+            meta,
+            "bad_authority",
+            &format!("CONNECT to {dst}, which is not this pod; answered 400"),
+        );
         accepted.responder.reject(StatusCode::BAD_REQUEST);
         return;
     }
-    let src_ip = hbone::forwarded_for(&accepted.headers)
-        .map(|a| a.ip())
-        .unwrap_or(peer.ip());
+    let state = proxy.state.borrow().clone();
+    let mut meta = ConnMeta::new(ConnPath::HboneIn, client, dst);
+    meta.upstream = Some(dst);
+    // The workload table names the client only when it agrees with the proven identity.
+    meta.src_workload = state
+        .workload_by_ip(client.ip())
+        .filter(|w| *w.identity_ref() == peer_id);
+    meta.src_identity = Some(peer_id.clone());
+    meta.dst_identity = Some(pod.workload.identity());
+    meta.dst_workload = Some(pod.workload.clone());
+    meta.dst_service = inbound_service(
+        &state,
+        &pod.workload,
+        dst.port(),
+        hbone::forwarded_host(&accepted.headers),
+    );
+    let tracked = proxy.tracker.open(meta);
     match admit(
         &proxy,
         &pod,
         dst,
-        Some(accepted.peer_identity.clone()),
-        Some(src_ip),
+        Some(peer_id.clone()),
+        Some(client.ip()),
+        &tracked,
     )
     .await
     {
         Err((status, reason)) => {
-            info!(%dst, identity = %accepted.peer_identity, %status, "HBONE stream refused: {reason}");
+            info!(%dst, identity = %peer_id, %status, "HBONE stream refused: {reason}");
             accepted.responder.reject(status);
+            tracked.finish(outcome(status, reason));
         }
         Ok(mut upstream) => {
             let Ok(mut tunnel) = accepted.responder.accept() else {
+                tracked.finish(Outcome::Error(
+                    "the client went away before the answer".into(),
+                ));
                 return;
             };
-            if let Err(err) = relay(&proxy.stats, &mut tunnel, &mut upstream).await {
+            let result = relay(
+                &proxy.stats,
+                &mut tracked.counting(&mut tunnel),
+                &mut upstream,
+            )
+            .await;
+            if let Err(err) = &result {
                 debug!(%dst, %err, "HBONE stream ended with an error");
             }
+            tracked.finish_relay(&result);
         }
+    }
+}
+
+/// The service a tunnel was meant for: the one the client named (`forwarded: host=`), else
+/// the only service of the workload that targets `port`.
+fn inbound_service(
+    state: &State,
+    w: &Workload,
+    port: u16,
+    host: Option<String>,
+) -> Option<Arc<Service>> {
+    if let Some(host) = host
+        && let Some(key) = w.services.keys().find(|k| k.hostname == host)
+    {
+        return state.service(key);
+    }
+    let mut serving = w.services.iter().filter_map(|(key, ports)| {
+        let svc = state.service(key)?;
+        let targets_port = svc
+            .ports
+            .keys()
+            .any(|p| svc.target_port(*p, Some(ports)) == Some(port));
+        targets_port.then_some(svc)
+    });
+    match (serving.next(), serving.next()) {
+        (Some(svc), None) => Some(svc),
+        _ => None,
+    }
+}
+
+/// How a refused admission ends a connection: 401 is a policy denial, anything else a
+/// failure to reach the application.
+pub(super) fn outcome(status: StatusCode, reason: String) -> Outcome {
+    if status == StatusCode::UNAUTHORIZED {
+        Outcome::Denied(reason)
+    } else {
+        Outcome::ConnectFailed(reason)
     }
 }
 
@@ -147,11 +239,30 @@ pub(super) async fn plaintext_loop(
             continue;
         };
         let proxy = proxy.clone();
+        let busy = proxy.busy();
         tokio::spawn(async move {
-            match admit(&proxy, &pod, dst, None, Some(peer.ip())).await {
-                Err((_, reason)) => info!(%peer, %dst, "inbound plaintext refused: {reason}"),
+            let _busy = busy;
+            let state = proxy.state.borrow().clone();
+            let mut meta = ConnMeta::new(ConnPath::PlaintextIn, peer, dst);
+            meta.upstream = Some(dst);
+            meta.src_workload = state.workload_by_ip(peer.ip());
+            meta.dst_workload = Some(pod.workload.clone());
+            meta.dst_identity = Some(pod.workload.identity());
+            meta.dst_service = inbound_service(&state, &pod.workload, dst.port(), None);
+            let tracked = proxy.tracker.open(meta);
+            match admit(&proxy, &pod, dst, None, Some(peer.ip()), &tracked).await {
+                Err((status, reason)) => {
+                    info!(%peer, %dst, "inbound plaintext refused: {reason}");
+                    tracked.finish(outcome(status, reason));
+                }
                 Ok(mut upstream) => {
-                    let _ = relay(&proxy.stats, &mut conn, &mut upstream).await;
+                    let result = relay(
+                        &proxy.stats,
+                        &mut tracked.counting(&mut conn),
+                        &mut upstream,
+                    )
+                    .await;
+                    tracked.finish_relay(&result);
                 }
             }
         });
@@ -166,6 +277,7 @@ pub(super) async fn admit(
     dst: SocketAddr,
     src_identity: Option<Identity>,
     src_ip: Option<IpAddr>,
+    tracked: &Tracked,
 ) -> Result<TcpStream, (StatusCode, String)> {
     let state = proxy.state.borrow().clone();
     let info = ConnectionInfo {
@@ -177,6 +289,10 @@ pub(super) async fn admit(
     if let Decision::Deny { policy, reason } = authorize(&info, &pod.workload, &state) {
         Stats::add(&proxy.stats.denied, 1);
         let who = src_identity.map_or_else(|| "a plaintext client".to_owned(), |id| id.to_string());
+        tracked.set_policy(Policy::Denied {
+            policy: policy.clone(),
+            reason: reason.to_string(),
+        });
         let policy = policy.unwrap_or_else(|| "-".to_owned());
         info!(src = %who, %dst, %policy, "connection denied: {reason}");
         return Err((
@@ -184,6 +300,7 @@ pub(super) async fn admit(
             format!("denied by policy {policy}: {reason}"),
         ));
     }
+    tracked.set_policy(Policy::Allowed);
     let from = if dst.is_ipv6() {
         SocketAddr::from((DELIVERY_SOURCE_V6, 0))
     } else {

@@ -9,6 +9,7 @@ mod copy;
 mod inbound;
 mod outbound;
 mod pods;
+pub mod tracker;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,6 +36,16 @@ pub const DELIVERY_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 
 /// Source address of deliveries to applications over IPv6 (the pod's loopback).
 pub const DELIVERY_SOURCE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::LOCALHOST;
 
+/// An accepted connection in progress (see [`Proxy::busy`]).
+#[derive(Debug)]
+pub struct Busy(Arc<std::sync::atomic::AtomicU64>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A TLS configuration with the certificate it was built from (rebuilt when that rotates).
 type Cached<T> = (Arc<WorkloadCert>, Arc<T>);
 
@@ -52,11 +63,14 @@ pub struct Proxy {
     pub inherited: Option<Arc<crate::handoff::Inherited>>,
     /// Set once the first configuration has been applied to the pods.
     pub synced: watch::Sender<bool>,
+    busy: Arc<std::sync::atomic::AtomicU64>,
     /// How long a peer may take to complete the TLS handshake on 15008 (slowloris bound).
     pub handshake_timeout: std::time::Duration,
     /// Set when this process stops taking new work (replaced, or shutting down): HBONE
     /// connections get GOAWAY so peers open new streams elsewhere.
     pub draining: watch::Sender<bool>,
+    /// Live connections, their history, Istio's traffic metrics and the access log.
+    pub tracker: Arc<tracker::Tracker>,
     client_tls: Mutex<HashMap<(Identity, Identity), Cached<rustls::ClientConfig>>>,
     server_tls: Mutex<HashMap<Identity, Cached<rustls::ServerConfig>>>,
 }
@@ -108,6 +122,10 @@ impl Proxy {
             synced: watch::Sender::new(false),
             draining: watch::Sender::new(false),
             handshake_timeout,
+            busy: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            tracker: Arc::new(tracker::Tracker::new(Arc::new(
+                crate::metrics::Metrics::new(),
+            ))),
             client_tls: Mutex::new(HashMap::new()),
             server_tls: Mutex::new(HashMap::new()),
         })
@@ -134,9 +152,17 @@ impl Proxy {
         }
     }
 
-    /// Connections being relayed right now.
+    /// Marks one accepted connection (or HBONE stream) as in progress until the guard is
+    /// dropped: from accept to the end of its relay, so draining never cuts one that is still
+    /// being set up.
+    pub fn busy(&self) -> Busy {
+        self.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Busy(self.busy.clone())
+    }
+
+    /// Connections and HBONE streams in progress right now.
     pub fn active_connections(&self) -> u64 {
-        copy::Stats::get(&self.stats.opened).saturating_sub(copy::Stats::get(&self.stats.closed))
+        self.busy.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until no connection is being relayed, or `deadline` passes. Returns how many

@@ -3,16 +3,17 @@
 //! straight to the destination pod's inbound path when it is on this node, plain TCP to
 //! workloads outside the mesh and to unknown addresses (passthrough).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use super::copy::{Stats, relay};
+use super::tracker::{ConnMeta, ConnPath, Outcome, Policy, Tracked};
 use super::{Proxy, hbone_addr, inbound};
 use crate::capture::Netns;
-use crate::hbone::{ConnectHeaders, PoolKey};
+use crate::hbone::{ConnectHeaders, HboneError, PoolKey};
 use crate::state::Destination;
 use crate::state::workload::{Protocol, Workload};
 
@@ -37,6 +38,12 @@ pub(super) async fn accept_loop(
         else {
             warn!(%peer, "outbound connection without a recorded original destination; closing");
             Stats::add(&proxy.stats.failed, 1);
+            let here = SocketAddr::from(([127, 0, 0, 1], super::OUTBOUND_PORT));
+            proxy.tracker.reject(
+                ConnMeta::new(ConnPath::NoRoute, peer, here),
+                "no_original_destination",
+                "the capture recorded no original destination for this connection",
+            );
             continue;
         };
         let Some(pod) = proxy.pods.get(&uid) else {
@@ -45,7 +52,9 @@ pub(super) async fn accept_loop(
         let proxy = proxy.clone();
         let src = pod.workload.clone();
         let netns = netns.clone();
+        let busy = proxy.busy();
         tokio::spawn(async move {
+            let _busy = busy;
             if let Err(reason) = handle(&proxy, &src, &netns, conn, orig).await {
                 Stats::add(&proxy.stats.failed, 1);
                 info!(src = %src.name, dst = %orig, "outbound connection failed: {reason}");
@@ -56,71 +65,116 @@ pub(super) async fn accept_loop(
 
 async fn handle(
     proxy: &Proxy,
-    src: &Workload,
+    src: &Arc<Workload>,
     netns: &Netns,
     mut conn: TcpStream,
     orig: SocketAddr,
 ) -> Result<(), String> {
     let state = proxy.state.borrow().clone();
+    let app = conn.peer_addr().ok();
+    // The application's socket is on the pod's loopback after the redirect; its pod address
+    // and port are what the destination (and the operator) should see as the client.
+    let client = SocketAddr::new(
+        src.workload_ips
+            .first()
+            .copied()
+            .or(app.map(|a| a.ip()))
+            .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        app.map_or(0, |a| a.port()),
+    );
+    let mut meta = ConnMeta::new(ConnPath::Passthrough, client, orig);
+    meta.src_workload = Some(src.clone());
+    meta.src_identity = Some(src.identity());
     let (dst, addr) = match state.resolve(orig) {
         Destination::Workload(w, addr) => (Some(w), addr),
         Destination::Service { service, endpoints } => {
+            meta.dst_service = Some(service.clone());
             let seed = rand::random::<u64>();
-            let (w, addr) = crate::state::pick_endpoint(&endpoints, seed)
-                .cloned()
-                .ok_or_else(|| {
-                    format!(
+            match crate::state::pick_endpoint(&endpoints, seed).cloned() {
+                Some((w, addr)) => (Some(w), addr),
+                None => {
+                    meta.path = ConnPath::NoRoute;
+                    let reason = format!(
                         "service {} has no healthy endpoint for port {}",
                         service.hostname,
                         orig.port()
-                    )
-                })?;
-            (Some(w), addr)
+                    );
+                    return Err(failed(
+                        proxy.tracker.open(meta),
+                        Outcome::ConnectFailed(reason),
+                    ));
+                }
+            }
         }
         Destination::Unknown => (None, orig),
     };
-    let src_ip = conn.peer_addr().map(|a| a.ip()).ok();
+    meta.upstream = Some(addr);
+    meta.dst_workload = dst.clone();
     // A workload is reached through HBONE only when its ztunnel captures it: in the mesh
     // (protocol HBONE) and enrolled (namespace label, no opt-out).
     let Some(dst) = dst.filter(|w| w.protocol == Protocol::Hbone && state.is_captured(w)) else {
         // Not in the mesh: plain TCP from the pod's namespace, as if never captured.
         debug!(src = %src.name, dst = %addr, "passthrough");
-        let mut upstream = netns
-            .connect(addr, None)
-            .await
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        relay(&proxy.stats, &mut conn, &mut upstream)
-            .await
-            .map_err(|e| e.to_string())?;
-        return Ok(());
+        let tracked = proxy.tracker.open(meta);
+        let mut upstream = match netns.connect(addr, None).await {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                let reason = format!("connect {addr}: {e}");
+                return Err(failed(tracked, Outcome::ConnectFailed(reason)));
+            }
+        };
+        let result = relay(
+            &proxy.stats,
+            &mut tracked.counting(&mut conn),
+            &mut upstream,
+        )
+        .await;
+        tracked.finish_relay(&result);
+        return result.map(drop).map_err(|e| e.to_string());
     };
+    meta.dst_identity = Some(dst.identity());
 
     if let Some(local) = proxy.pods.by_ip(addr.ip()) {
         // Same node: no tunnel, same policy, delivered straight into the destination pod.
-        let src_addr = conn.peer_addr().ok();
         debug!(src = %src.name, dst = %addr, "same-node");
-        let mut upstream = inbound::admit(
+        meta.path = ConnPath::SameNode;
+        let tracked = proxy.tracker.open(meta);
+        let admitted = inbound::admit(
             proxy,
             &local,
             addr,
             Some(src.identity()),
-            src_ip.or(src_addr.map(|a| a.ip())),
+            Some(client.ip()),
+            &tracked,
         )
-        .await
-        .map_err(|(_, reason)| reason)?;
-        relay(&proxy.stats, &mut conn, &mut upstream)
-            .await
-            .map_err(|e| e.to_string())?;
-        return Ok(());
+        .await;
+        let mut upstream = match admitted {
+            Ok(upstream) => upstream,
+            Err((status, reason)) => {
+                return Err(failed(tracked, inbound::outcome(status, reason)));
+            }
+        };
+        let result = relay(
+            &proxy.stats,
+            &mut tracked.counting(&mut conn),
+            &mut upstream,
+        )
+        .await;
+        tracked.finish_relay(&result);
+        return result.map(drop).map_err(|e| e.to_string());
     }
 
     let src_id = src.identity();
     let dst_id = dst.identity();
-    let tls = proxy
-        .client_tls(&src_id, &dst_id)
-        .await
-        .map_err(|e| e.to_string())?;
     let peer = hbone_addr(addr);
+    meta.path = ConnPath::HboneOut;
+    meta.upstream = Some(peer);
+    let forwarded_host = meta.dst_service.as_ref().map(|s| s.hostname.clone());
+    let tracked = proxy.tracker.open(meta);
+    let tls = match proxy.client_tls(&src_id, &dst_id).await {
+        Ok(tls) => tls,
+        Err(e) => return Err(failed(tracked, Outcome::ConnectFailed(e.to_string()))),
+    };
     let key = PoolKey {
         src: src_id,
         dst: peer,
@@ -128,25 +182,46 @@ async fn handle(
     };
     let headers = ConnectHeaders {
         baggage: Some(baggage(src)),
-        // The application's socket is on the pod's loopback after the redirect; its pod
-        // address and port are what the destination should see as the client.
-        forwarded_for: src
-            .workload_ips
-            .first()
-            .map(|ip| SocketAddr::new(*ip, conn.peer_addr().map(|a| a.port()).unwrap_or(0))),
-        forwarded_host: None,
+        forwarded_for: Some(client),
+        forwarded_host,
         traceparent: None,
     };
-    let mut tunnel = proxy
+    let connected = proxy
         .pool
         .connect(key, addr, &headers, || netns.connect(peer, None), tls)
-        .await
-        .map_err(|e| format!("HBONE to {peer} ({dst_id}): {e}"))?;
+        .await;
+    let mut tunnel = match connected {
+        Ok(tunnel) => tunnel,
+        Err(HboneError::Denied) => {
+            let reason = format!("HBONE to {peer} ({dst_id}): denied by the destination's policy");
+            tracked.set_policy(Policy::Denied {
+                policy: None,
+                reason: "refused by the destination's ztunnel (401)".to_owned(),
+            });
+            return Err(failed(tracked, Outcome::Denied(reason)));
+        }
+        Err(e) => {
+            let reason = format!("HBONE to {peer} ({dst_id}): {e}");
+            return Err(failed(tracked, Outcome::ConnectFailed(reason)));
+        }
+    };
     debug!(src = %src.name, dst = %addr, via = %peer, "HBONE");
-    relay(&proxy.stats, &mut conn, &mut tunnel)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
+    let result = relay(&proxy.stats, &mut tracked.counting(&mut conn), &mut tunnel).await;
+    tracked.finish_relay(&result);
+    result.map(drop).map_err(|e| e.to_string())
+}
+
+/// Ends `tracked` with `outcome` and returns the reason, for the caller's log line.
+fn failed(tracked: Tracked, outcome: Outcome) -> String {
+    let reason = match &outcome {
+        Outcome::Denied(r)
+        | Outcome::ConnectFailed(r)
+        | Outcome::Error(r)
+        | Outcome::Rejected(r) => r.clone(),
+        Outcome::Complete | Outcome::Aborted => String::new(),
+    };
+    tracked.finish(outcome);
+    reason
 }
 
 /// W3C baggage describing the source, as Istio's ztunnel sends it.

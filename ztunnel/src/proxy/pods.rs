@@ -50,6 +50,19 @@ impl Listeners {
             .clear();
     }
 
+    /// Starts the accept loops of a registered pod.
+    fn start(&self, proxy: &Arc<Proxy>, pod: &Pod, listeners: Vec<(Kind, TcpListener)>) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        for (kind, l) in listeners {
+            let (p, uid, ns) = (proxy.clone(), pod.workload.uid.clone(), pod.netns.clone());
+            tasks.push(match kind {
+                Kind::Outbound => tokio::spawn(outbound::accept_loop(p, uid, ns, l)),
+                Kind::Plaintext => tokio::spawn(inbound::plaintext_loop(p, uid, ns, l)),
+                Kind::Hbone => tokio::spawn(inbound::hbone_loop(p, uid, ns, l)),
+            });
+        }
+    }
+
     fn duplicate(&self) -> Vec<(Kind, SocketAddr, OwnedFd)> {
         let sockets = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
         sockets
@@ -184,9 +197,13 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) {
                 }
             }
             None => match enroll(proxy, w.clone()).await {
-                Ok(pod) => {
+                Ok((pod, listeners)) => {
+                    // Registered before its accept loops start: a connection accepted at once
+                    // (one already queued on an inherited socket) must find its pod.
+                    let pod = Arc::new(pod);
+                    proxy.pods.lock().insert(uid, pod.clone());
+                    pod.listeners.start(proxy, &pod, listeners);
                     info!(workload = %w.name, namespace = %w.namespace(), identity = %w.identity(), "pod enrolled");
-                    proxy.pods.lock().insert(uid, Arc::new(pod));
                 }
                 Err(err) => {
                     warn!(workload = %w.name, namespace = %w.namespace(), "cannot enroll pod: {err}");
@@ -196,7 +213,12 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) {
     }
 }
 
-async fn enroll(proxy: &Arc<Proxy>, w: Arc<Workload>) -> Result<Pod, String> {
+/// Opens (or inherits) a pod's listeners and turns capture on; the accept loops start once
+/// the caller has registered the pod.
+async fn enroll(
+    proxy: &Arc<Proxy>,
+    w: Arc<Workload>,
+) -> Result<(Pod, Vec<(Kind, TcpListener)>), String> {
     let path = w.netns.clone().ok_or("no network namespace")?;
     let netns = Arc::new(Netns::open(&path).map_err(|e| e.to_string())?);
     // Certificate first: a pod whose tunnels cannot be authenticated is not captured.
@@ -271,23 +293,19 @@ async fn enroll(proxy: &Arc<Proxy>, w: Arc<Workload>) -> Result<Pod, String> {
             e.to_string()
         })?;
 
-    let mut tasks = Vec::new();
     let mut sockets = Vec::new();
+    let mut ready = Vec::new();
     for (kind, addr, l, dup) in listeners {
-        let (p, uid, ns) = (proxy.clone(), w.uid.clone(), netns.clone());
-        tasks.push(match kind {
-            Kind::Outbound => tokio::spawn(outbound::accept_loop(p, uid, ns, l)),
-            Kind::Plaintext => tokio::spawn(inbound::plaintext_loop(p, uid, ns, l)),
-            Kind::Hbone => tokio::spawn(inbound::hbone_loop(p, uid, ns, l)),
-        });
         sockets.push((kind, addr, dup));
+        ready.push((kind, l));
     }
-    Ok(Pod {
+    let pod = Pod {
         workload: w,
         netns,
         listeners: Arc::new(Listeners {
-            tasks: Mutex::new(tasks),
+            tasks: Mutex::new(Vec::new()),
             sockets: Mutex::new(sockets),
         }),
-    })
+    };
+    Ok((pod, ready))
 }
