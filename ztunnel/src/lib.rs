@@ -6,8 +6,10 @@
 
 pub mod capture;
 pub mod config;
+pub mod grpc;
 pub mod hbone;
 pub mod identity;
+pub mod proto;
 pub mod proxy;
 pub mod readiness;
 pub mod source;

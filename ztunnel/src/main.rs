@@ -5,13 +5,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use ztunnel::capture::Capture;
 use ztunnel::config::Config;
-use ztunnel::identity::{CertManager, LocalCa, ManagerConfig, SystemClock};
+use ztunnel::grpc::GrpcTarget;
+use ztunnel::identity::{
+    CertManager, CertificateSource, IstioCa, LocalCa, ManagerConfig, SystemClock,
+};
 use ztunnel::proxy::Proxy;
+use ztunnel::tls::TrustBundle;
 use ztunnel::{readiness, source};
 
 fn main() -> ExitCode {
@@ -52,36 +55,53 @@ fn init_logging(config: &Config) {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    let initial = source::local::load(&config.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (tx, rx) = watch::channel(Arc::new(initial));
-    let watch = source::watch::spawn_file_watch(config.config.clone(), tx, |err| {
-        warn!("configuration not applied, keeping the last good one: {err}");
-    });
-
-    let ca = LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)
-        .with_context(|| format!("local CA in {}", config.ca_dir.display()))?
-        .with_workload_ttl(config.cert_ttl());
-    let roots = ca.roots();
-    let certs = CertManager::new(
-        Arc::new(ca),
-        Arc::new(SystemClock),
-        ManagerConfig::default(),
-    );
+    let (rx, source) = source::start(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (ca, roots) = certificate_source(&config)?;
+    let certs = CertManager::new(ca, Arc::new(SystemClock), ManagerConfig::default());
 
     let capture = Arc::new(Capture::load(config.cgroup_root.as_deref())?);
     let proxy = Proxy::new(config.node.clone(), rx, capture, certs, roots);
     let ready = readiness::serve(config.ready_addr, proxy.clone()).await?;
-    info!(node = %config.node, config = %config.config.display(), "ztunnel started");
+    match &config.xds_address {
+        Some(xds) => info!(node = %config.node, %xds, "ztunnel started (xDS)"),
+        None => info!(node = %config.node, config = ?config.config, "ztunnel started"),
+    }
     let serving = tokio::spawn(proxy.clone().run());
 
     shutdown_signal().await;
     info!("shutting down: releasing captured pods");
     serving.abort();
     ready.abort();
-    drop(watch);
+    drop(source);
     proxy.pods.clear(&proxy.capture);
     Ok(())
+}
+
+/// Where workload certificates come from (the Istio CA at `--ca-address`, else the local CA
+/// in `--ca-dir`) and the roots peers' certificates are checked against.
+fn certificate_source(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn CertificateSource>, TrustBundle)> {
+    use anyhow::Context as _;
+    if let (Some(address), Some(root)) = (&config.ca_address, &config.ca_root_cert) {
+        let pem = std::fs::read_to_string(root)
+            .with_context(|| format!("CA root certificate {}", root.display()))?;
+        let roots = TrustBundle::from_pem(&pem)
+            .with_context(|| format!("CA root certificate {}", root.display()))?;
+        let target = GrpcTarget {
+            address: address.clone(),
+            root_cert: Some(root.clone()),
+            token_file: config.token_file.clone(),
+            cluster_id: config.cluster_id.clone(),
+        };
+        let ca = IstioCa::new(target, config.cert_ttl()).context("Istio CA")?;
+        return Ok((Arc::new(ca), roots));
+    }
+    let ca = LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)
+        .with_context(|| format!("local CA in {}", config.ca_dir.display()))?
+        .with_workload_ttl(config.cert_ttl());
+    let roots = ca.roots();
+    Ok((Arc::new(ca), roots))
 }
 
 async fn shutdown_signal() {
