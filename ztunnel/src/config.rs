@@ -51,11 +51,20 @@ pub struct Config {
     #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
     pub pod_name: String,
 
+    /// This agent's own namespace (part of its xDS node id).
     #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
     pub pod_namespace: String,
 
+    /// This agent's own IP (part of its xDS node id).
     #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
     pub instance_ip: String,
+
+    /// xDS mode without Kubernetes pod discovery: the network namespace of this node's pod
+    /// `<namespace>/<name>` is `<dir>/<namespace>.<name>` (a link or bind mount, e.g. to
+    /// `/var/run/netns/<pod>`). Without it, xDS workloads have no namespace and are not
+    /// enrolled.
+    #[arg(long, env = "ZTUNNEL_NETNS_DIR", requires = "xds_address")]
+    pub netns_dir: Option<PathBuf>,
 
     /// Name of this node: ztunnel acts for the workloads whose `node` is this name.
     #[arg(long, env = "NODE_NAME")]

@@ -136,6 +136,7 @@ async fn start() -> Harness {
             initial: Duration::from_millis(10),
             max: Duration::from_millis(100),
         },
+        netns_dir: None,
     };
     let mut empty = State::builder();
     empty.capture_by_protocol(true);

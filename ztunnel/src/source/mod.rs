@@ -52,6 +52,7 @@ pub fn start(config: &Config) -> Result<(channel::Receiver<Arc<State>>, Running)
             },
             trust_domain: config.trust_domain.clone(),
             backoff: xds::Backoff::default(),
+            netns_dir: config.netns_dir.clone(),
         };
         return Ok((rx, Running::Xds(xds::spawn(xds_config, tx))));
     }

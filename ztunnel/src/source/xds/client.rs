@@ -4,6 +4,7 @@
 //! stream ends, keeping the last good state meanwhile.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -98,6 +99,9 @@ pub struct XdsConfig {
     /// Fills in a workload's elided trust domain.
     pub trust_domain: String,
     pub backoff: Backoff,
+    /// See [`Store::with_netns_dir`]: this node's pods' namespaces, by name, until they are
+    /// discovered through `/proc`.
+    pub netns_dir: Option<PathBuf>,
 }
 
 /// Counters about the client, for metrics and tests.
@@ -171,6 +175,9 @@ pub fn spawn(config: XdsConfig, tx: watch::Sender<Arc<State>>) -> XdsClient {
 
 async fn run(config: XdsConfig, tx: watch::Sender<Arc<State>>, stats: Arc<XdsStats>) {
     let mut store = Store::new(config.trust_domain.clone());
+    if let Some(dir) = &config.netns_dir {
+        store = store.with_netns_dir(config.node.node_name.clone(), dir.clone());
+    }
     let mut base = config.backoff.initial;
     loop {
         let result = stream(&config, &mut store, &tx, &stats).await;

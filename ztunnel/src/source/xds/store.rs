@@ -11,6 +11,7 @@
 //!   as `initial_resource_versions` when it reconnects.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 
 use prost::Message as _;
 
@@ -54,6 +55,9 @@ pub struct Store {
     policies: BTreeMap<String, Entry<Authorization>>,
     /// Types that have had at least one response (the first full push).
     synced: Vec<String>,
+    /// Where this node's pods' network namespaces are, when not discovered (see
+    /// [`Store::with_netns_dir`]).
+    netns_dir: Option<(String, PathBuf)>,
 }
 
 impl Store {
@@ -63,6 +67,18 @@ impl Store {
             trust_domain: trust_domain.into(),
             ..Store::default()
         }
+    }
+
+    /// Gives the workloads of `node` a network namespace at `<dir>/<namespace>.<name>`.
+    ///
+    /// The workload API carries no namespace path: in Kubernetes the agent finds each pod's
+    /// namespace through `/proc` (not built yet). This is the stand-in for machines where
+    /// something else creates the namespaces (the local test harness, `ip netns`): it links
+    /// or mounts them under these names. Only the path is computed here; whether it exists
+    /// is found out when the pod is enrolled.
+    pub fn with_netns_dir(mut self, node: impl Into<String>, dir: impl Into<PathBuf>) -> Self {
+        self.netns_dir = Some((node.into(), dir.into()));
+        self
     }
 
     /// The first request for `type_url` on a new stream: a wildcard subscription, with the
@@ -164,9 +180,16 @@ impl Store {
             }
         }
         for (name, e) in &self.addresses {
-            if let AddressResource::Workload(w) = &e.value
-                && let Err(err) = b.workload(w.clone())
+            let AddressResource::Workload(w) = &e.value else {
+                continue;
+            };
+            let mut w = w.clone();
+            if let Some((node, dir)) = &self.netns_dir
+                && w.node == *node
             {
+                w.netns = Some(dir.join(format!("{}.{}", w.namespace(), w.name)));
+            }
+            if let Err(err) = b.workload(w) {
                 dropped.push(format!("workload {name:?}: {err}"));
             }
         }

@@ -268,3 +268,26 @@ fn policies_apply() {
         ["default/allow"]
     );
 }
+
+#[test]
+fn netns_dir_names_this_nodes_pods_only() {
+    let mut store = Store::new("td").with_netns_dir("node-a", "/run/pods");
+    let mut here = workload("here", [10, 0, 0, 1]);
+    here.node = "node-a".into();
+    let mut there = workload("there", [10, 0, 0, 2]);
+    there.node = "node-b".into();
+    store.apply(response(
+        "n1",
+        vec![
+            addr_resource("here", "1", here),
+            addr_resource("there", "1", there),
+        ],
+        &[],
+    ));
+    let (state, _) = store.state();
+    assert_eq!(
+        state.workload_by_uid("here").unwrap().netns,
+        Some("/run/pods/default.here".into())
+    );
+    assert_eq!(state.workload_by_uid("there").unwrap().netns, None);
+}
