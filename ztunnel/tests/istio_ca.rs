@@ -177,3 +177,31 @@ async fn a_ca_outage_leaves_the_current_certificate_served() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn tls_to_the_ca_is_verified_against_the_configured_root() {
+    let ca = CaServer::start_tls().await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root-cert.pem");
+    std::fs::write(&root, &ca.root_pem).unwrap();
+    let target = |root_cert| GrpcTarget {
+        address: ca.url(),
+        root_cert,
+        token_file: None,
+        cluster_id: "c".into(),
+    };
+    let istio_ca = IstioCa::new(target(Some(root)), Duration::from_secs(600)).unwrap();
+    let cert = istio_ca.issue(&id()).await.unwrap();
+    assert_eq!(cert.identity, id());
+
+    // Another root: the handshake fails and the error says so.
+    let other = CaServer::start().await;
+    let wrong = dir.path().join("other-root.pem");
+    std::fs::write(&wrong, &other.root_pem).unwrap();
+    let err = IstioCa::new(target(Some(wrong)), Duration::from_secs(600))
+        .unwrap()
+        .issue(&id())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&ca.url()), "{err}");
+}

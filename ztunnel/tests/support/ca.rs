@@ -107,11 +107,22 @@ pub struct CaServer {
     pub root_pem: String,
     pub seen: mpsc::UnboundedReceiver<Seen>,
     inner: Arc<Inner>,
+    tls: bool,
 }
 
 impl CaServer {
-    /// Serves on 127.0.0.1; issues one-hour certificates unless told otherwise.
+    /// Serves plaintext on 127.0.0.1; issues one-hour certificates unless told otherwise.
     pub async fn start() -> CaServer {
+        Self::start_with(false).await
+    }
+
+    /// Serves TLS on 127.0.0.1 with a serving certificate (IP SAN 127.0.0.1) from the same
+    /// root as the workload certificates, as istiod does.
+    pub async fn start_tls() -> CaServer {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> CaServer {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -134,8 +145,19 @@ impl CaServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let svc = IstioCertificateServiceServer::new(Service(inner.clone()));
+        let mut builder = tonic::transport::Server::builder();
+        if tls {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = vec![rcgen::SanType::IpAddress(addr.ip())];
+            let cert = params.signed_by(&key, &inner.issuer).unwrap();
+            let identity = tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem());
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .unwrap();
+        }
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            builder
                 .add_service(svc)
                 .serve_with_incoming(TcpListenerStream::new(listener))
                 .await
@@ -146,11 +168,13 @@ impl CaServer {
             root_pem: inner.root_pem.clone(),
             seen,
             inner,
+            tls,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Queues what the next requests get.
