@@ -63,7 +63,7 @@ pub struct Config {
     /// `<namespace>/<name>` is `<dir>/<namespace>.<name>` (a link or bind mount, e.g. to
     /// `/var/run/netns/<pod>`). Without it, xDS workloads have no namespace and are not
     /// enrolled.
-    #[arg(long, env = "ZTUNNEL_NETNS_DIR", requires = "xds_address")]
+    #[arg(long, env = "ZTUNNEL_NETNS_DIR", conflicts_with = "config")]
     pub netns_dir: Option<PathBuf>,
 
     /// Name of this node: ztunnel acts for the workloads whose `node` is this name.
