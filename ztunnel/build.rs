@@ -1,11 +1,36 @@
 //! Builds the eBPF capture programs (ebpf/programs) for the BPF target and leaves the object
-//! in OUT_DIR, where `capture` embeds it.
+//! in OUT_DIR, where `capture` embeds it; and generates the protobuf/gRPC code of the
+//! control-plane APIs (`proto/`) with protox (a protobuf compiler in Rust, so no `protoc` is
+//! needed) and tonic-prost-build.
 //!
 //! Stable Rust cannot build `core` for the BPF target without `-Z build-std`, so the inner
 //! cargo run alone gets `RUSTC_BOOTSTRAP=1`; the outer build stays on plain stable.
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
+    protos()?;
+    ebpf()
+}
+
+/// The `.proto` files compiled, relative to `proto/`.
+const PROTOS: &[&str] = &[
+    "istio/workload.proto",
+    "istio/authorization.proto",
+    "istio/ca.proto",
+    "envoy/discovery.proto",
+];
+
+fn protos() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors = protox::compile(PROTOS, ["proto"]).context("compiling proto/")?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)
+        .context("generating Rust code from proto/")
+}
+
+fn ebpf() -> anyhow::Result<()> {
     let metadata_root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .ok_or_else(|| anyhow!("ztunnel crate has no parent directory"))?

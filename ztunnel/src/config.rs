@@ -11,9 +11,60 @@ use clap::Parser;
 #[command(name = "ztunnel", version, about)]
 pub struct Config {
     /// Local-mode configuration file (workloads, services, policies, namespaces), watched for
-    /// changes.
-    #[arg(long, env = "ZTUNNEL_CONFIG")]
-    pub config: PathBuf,
+    /// changes. Required unless `--xds-address` is given.
+    #[arg(long, env = "ZTUNNEL_CONFIG", required_unless_present = "xds_address")]
+    pub config: Option<PathBuf>,
+
+    /// xDS mode: istiod's address (`https://istiod.istio-system.svc:15012`, or `http://...`
+    /// for a plaintext control plane); workloads, services and policies come from there
+    /// instead of `--config`.
+    #[arg(long, env = "XDS_ADDRESS", conflicts_with = "config")]
+    pub xds_address: Option<String>,
+
+    /// Root certificate (PEM) istiod's xDS serving certificate must chain to (default: the
+    /// `--ca-root-cert`).
+    #[arg(long, env = "XDS_ROOT_CA")]
+    pub xds_root_cert: Option<PathBuf>,
+
+    /// Istio CA address (`https://istiod.istio-system.svc:15012`): workload certificates come
+    /// from `IstioCertificateService/CreateCertificate` instead of the local CA in `--ca-dir`.
+    #[arg(long, env = "CA_ADDRESS", requires = "ca_root_cert")]
+    pub ca_address: Option<String>,
+
+    /// The mesh root certificate (PEM): the Istio CA's TLS is verified against it, and so are
+    /// peers' workload certificates when certificates come from `--ca-address`.
+    #[arg(long, env = "CA_ROOT_CA")]
+    pub ca_root_cert: Option<PathBuf>,
+
+    /// Bearer token file sent to istiod (xDS and CA), re-read for every request, e.g. the
+    /// projected token `/var/run/secrets/tokens/istio-token`.
+    #[arg(long, env = "AUTH_TOKEN")]
+    pub token_file: Option<PathBuf>,
+
+    /// Cluster this agent runs in; sent to istiod (`clusterid` header, `CLUSTER_ID` node
+    /// metadata).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+
+    /// This agent's own pod, namespace and IP, which make its xDS node id
+    /// (`ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`).
+    #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
+    pub pod_name: String,
+
+    /// This agent's own namespace (part of its xDS node id).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub pod_namespace: String,
+
+    /// This agent's own IP (part of its xDS node id).
+    #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
+    pub instance_ip: String,
+
+    /// xDS mode without Kubernetes pod discovery: the network namespace of this node's pod
+    /// `<namespace>/<name>` is `<dir>/<namespace>.<name>` (a link or bind mount, e.g. to
+    /// `/var/run/netns/<pod>`). Without it, xDS workloads have no namespace and are not
+    /// enrolled.
+    #[arg(long, env = "ZTUNNEL_NETNS_DIR", conflicts_with = "config")]
+    pub netns_dir: Option<PathBuf>,
 
     /// Name of this node: ztunnel acts for the workloads whose `node` is this name.
     #[arg(long, env = "NODE_NAME")]

@@ -7,10 +7,12 @@
 pub mod admin;
 pub mod capture;
 pub mod config;
+pub mod grpc;
 pub mod handoff;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;
+pub mod proto;
 pub mod proxy;
 pub mod readiness;
 pub mod source;

@@ -5,14 +5,17 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use ztunnel::admin::{self, LogControl, SourceInfo};
 use ztunnel::capture::Capture;
 use ztunnel::config::Config;
-use ztunnel::identity::{CertManager, LocalCa, ManagerConfig, SystemClock};
+use ztunnel::grpc::GrpcTarget;
+use ztunnel::identity::{
+    CertManager, CertificateSource, IstioCa, LocalCa, ManagerConfig, SystemClock,
+};
 use ztunnel::proxy::Proxy;
+use ztunnel::tls::TrustBundle;
 use ztunnel::{handoff, readiness, source};
 
 fn main() -> ExitCode {
@@ -105,22 +108,9 @@ fn init_logging(config: &Config) -> LogControl {
 }
 
 async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    let initial = source::local::load(&config.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (tx, rx) = watch::channel(Arc::new(initial));
-    let watch = source::watch::spawn_file_watch(config.config.clone(), tx, |err| {
-        warn!("configuration not applied, keeping the last good one: {err}");
-    });
-
-    let ca = LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)
-        .with_context(|| format!("local CA in {}", config.ca_dir.display()))?
-        .with_workload_ttl(config.cert_ttl());
-    let roots = ca.roots();
-    let certs = CertManager::new(
-        Arc::new(ca),
-        Arc::new(SystemClock),
-        ManagerConfig::default(),
-    );
+    let (rx, running) = source::start(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (ca, roots) = certificate_source(&config)?;
+    let certs = CertManager::new(ca, Arc::new(SystemClock), ManagerConfig::default());
 
     // A predecessor for this node hands over its listening sockets first (upgrade).
     let state_dir = config.state_dir();
@@ -145,7 +135,22 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
         std::time::Duration::from_secs(config.handshake_timeout_secs),
     );
     let ready = readiness::serve(config.ready_addr, proxy.clone()).await?;
-    let source = SourceInfo::new("file", &config.config.display().to_string(), watch.stats());
+    let source = match &running {
+        source::Running::File(watch) => SourceInfo::new(
+            "file",
+            &config
+                .config
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            watch.stats(),
+        ),
+        source::Running::Xds(_) => SourceInfo::new(
+            "xds",
+            config.xds_address.as_deref().unwrap_or_default(),
+            Arc::new(source::watch::SourceStats::default()),
+        ),
+    };
     let _versions = source.follow(proxy.state.clone());
     let (agent, operator) = admin::start(
         proxy.clone(),
@@ -158,7 +163,10 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
     let serving = tokio::spawn(proxy.clone().run());
     let mut synced = proxy.synced.subscribe();
     let _ = synced.wait_for(|s| *s).await;
-    info!(node = %config.node, config = %config.config.display(), "ztunnel started");
+    match &config.xds_address {
+        Some(xds) => info!(node = %config.node, %xds, "ztunnel started (xDS)"),
+        None => info!(node = %config.node, config = ?config.config, "ztunnel started"),
+    }
 
     let successor = {
         let proxy = proxy.clone();
@@ -178,7 +186,7 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
     };
     ready.abort();
     operator.abort();
-    drop(watch);
+    drop(running);
     proxy.draining.send_replace(true);
     if replaced {
         // The successor accepts from now on, with the same capture maps: stop accepting,
@@ -204,6 +212,33 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
     }
     info!("ztunnel stopped");
     Ok(())
+}
+
+/// Where workload certificates come from (the Istio CA at `--ca-address`, else the local CA
+/// in `--ca-dir`) and the roots peers' certificates are checked against.
+fn certificate_source(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn CertificateSource>, TrustBundle)> {
+    use anyhow::Context as _;
+    if let (Some(address), Some(root)) = (&config.ca_address, &config.ca_root_cert) {
+        let pem = std::fs::read_to_string(root)
+            .with_context(|| format!("CA root certificate {}", root.display()))?;
+        let roots = TrustBundle::from_pem(&pem)
+            .with_context(|| format!("CA root certificate {}", root.display()))?;
+        let target = GrpcTarget {
+            address: address.clone(),
+            root_cert: Some(root.clone()),
+            token_file: config.token_file.clone(),
+            cluster_id: config.cluster_id.clone(),
+        };
+        let ca = IstioCa::new(target, config.cert_ttl()).context("Istio CA")?;
+        return Ok((Arc::new(ca), roots));
+    }
+    let ca = LocalCa::load_or_create(&config.ca_dir, &config.trust_domain)
+        .with_context(|| format!("local CA in {}", config.ca_dir.display()))?
+        .with_workload_ttl(config.cert_ttl());
+    let roots = ca.roots();
+    Ok((Arc::new(ca), roots))
 }
 
 async fn shutdown_signal() {

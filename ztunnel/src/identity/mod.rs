@@ -5,10 +5,12 @@
 
 pub mod ca;
 pub mod cert;
+pub mod istio_ca;
 pub mod manager;
 
 pub use ca::{CertificateSource, LocalCa};
 pub use cert::WorkloadCert;
+pub use istio_ca::IstioCa;
 pub use manager::{CertInfo, CertManager, Clock, ManagerConfig, ManagerError, SystemClock};
 
 use std::fmt;

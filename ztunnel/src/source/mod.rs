@@ -1,9 +1,68 @@
-//! Where the `State` comes from: the local YAML file (watched for changes) and, later, xDS.
+//! Where the `State` comes from: the local YAML file (watched for changes) or istiod (xDS).
 //! A source only ever publishes a complete, validated `State`; a bad input never replaces a
 //! good state.
 
 pub mod local;
 pub mod watch;
+pub mod xds;
 
 pub use local::{LocalConfigError, load};
 pub use watch::{FileWatch, SourceStats, spawn_file_watch};
+
+use std::sync::Arc;
+
+use tokio::sync::watch as channel;
+
+use crate::config::Config;
+use crate::grpc::GrpcTarget;
+use crate::state::State;
+
+/// A running source; dropping it stops it (the last state stays published).
+#[derive(Debug)]
+pub enum Running {
+    File(FileWatch),
+    Xds(xds::XdsClient),
+}
+
+/// Starts the source the configuration names (`--xds-address`, else the `--config` file) and
+/// returns the channel its states arrive on. A local file that cannot be loaded is an error;
+/// in xDS mode the first state is empty (nothing captured) until istiod answers. Must be
+/// called inside a tokio runtime.
+pub fn start(config: &Config) -> Result<(channel::Receiver<Arc<State>>, Running), String> {
+    if let Some(address) = &config.xds_address {
+        let mut empty = State::builder();
+        empty.capture_by_protocol(true);
+        let (tx, rx) = channel::channel(Arc::new(empty.build()));
+        let xds_config = xds::XdsConfig {
+            target: GrpcTarget {
+                address: address.clone(),
+                root_cert: config
+                    .xds_root_cert
+                    .clone()
+                    .or_else(|| config.ca_root_cert.clone()),
+                token_file: config.token_file.clone(),
+                cluster_id: config.cluster_id.clone(),
+            },
+            node: xds::NodeInfo {
+                node_name: config.node.clone(),
+                pod_name: config.pod_name.clone(),
+                pod_namespace: config.pod_namespace.clone(),
+                instance_ip: config.instance_ip.clone(),
+                cluster_id: config.cluster_id.clone(),
+            },
+            trust_domain: config.trust_domain.clone(),
+            backoff: xds::Backoff::default(),
+            netns_dir: config.netns_dir.clone(),
+        };
+        return Ok((rx, Running::Xds(xds::spawn(xds_config, tx))));
+    }
+    let Some(path) = &config.config else {
+        return Err("either --config or --xds-address is required".to_owned());
+    };
+    let initial = local::load(path).map_err(|e| e.to_string())?;
+    let (tx, rx) = channel::channel(Arc::new(initial));
+    let watch = spawn_file_watch(path.clone(), tx, |err| {
+        tracing::warn!("configuration not applied, keeping the last good one: {err}");
+    });
+    Ok((rx, Running::File(watch)))
+}

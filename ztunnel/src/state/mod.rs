@@ -112,6 +112,13 @@ impl StateBuilder {
         Ok(())
     }
 
+    /// Capture by protocol instead of by namespace label: a workload is captured when istiod
+    /// says it speaks HBONE. The xDS source sets this: the workload API has no namespaces,
+    /// and istiod marks ambient workloads with `tunnel_protocol: HBONE`.
+    pub fn capture_by_protocol(&mut self, yes: bool) {
+        self.state.capture_by_protocol = yes;
+    }
+
     pub fn build(mut self) -> State {
         let mut endpoints: HashMap<NamespacedHostname, Vec<Arc<Workload>>> = HashMap::new();
         // BTreeMap order: endpoints come out sorted by uid, so picks are reproducible.
@@ -135,6 +142,7 @@ pub struct State {
     endpoints: HashMap<NamespacedHostname, Vec<Arc<Workload>>>,
     policies: BTreeMap<String, Arc<Authorization>>,
     namespaces: BTreeMap<String, Namespace>,
+    capture_by_protocol: bool,
 }
 
 impl State {
@@ -255,13 +263,24 @@ impl State {
             .collect()
     }
 
-    /// Whether the mesh captures `w`'s traffic: its namespace is labelled
+    /// Whether the mesh captures `w`'s traffic. Local mode: its namespace is labelled
     /// `istio.io/dataplane-mode=ambient` and the workload does not opt out with `none`.
+    /// xDS mode ([`StateBuilder::capture_by_protocol`]): istiod already applied those labels
+    /// and says so with the workload's protocol, HBONE.
     pub fn is_captured(&self, w: &Workload) -> bool {
-        let enrolled = self.namespaces.get(w.namespace()).is_some_and(|ns| {
-            ns.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("ambient")
-        });
+        let enrolled = if self.capture_by_protocol {
+            w.protocol == Protocol::Hbone
+        } else {
+            self.namespaces.get(w.namespace()).is_some_and(|ns| {
+                ns.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) == Some("ambient")
+            })
+        };
         enrolled && !w.opted_out()
+    }
+
+    /// True when capture follows the workloads' protocol (xDS) rather than namespace labels.
+    pub fn captures_by_protocol(&self) -> bool {
+        self.capture_by_protocol
     }
 }
 

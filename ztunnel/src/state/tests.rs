@@ -155,6 +155,29 @@ fn capture_follows_namespace_and_workload_labels() {
 }
 
 #[test]
+fn capture_by_protocol_ignores_namespace_labels() {
+    let mut b = State::builder();
+    b.capture_by_protocol(true);
+    // A labelled namespace changes nothing in this mode.
+    b.namespace(Namespace {
+        name: "default".into(),
+        labels: BTreeMap::from([(DATAPLANE_MODE_LABEL.into(), "ambient".into())]),
+    })
+    .unwrap();
+    let s = b.build();
+    assert!(s.captures_by_protocol());
+    let mut w = workload("w", "anywhere", "10.0.0.1", "n");
+    assert!(!s.is_captured(&w), "TCP workload captured");
+    w.protocol = Protocol::Hbone;
+    assert!(s.is_captured(&w));
+    w.labels.insert(DATAPLANE_MODE_LABEL.into(), "none".into());
+    assert!(!s.is_captured(&w), "opt-out label ignored");
+    let mut tcp_in_ambient_ns = workload("x", "default", "10.0.0.2", "n");
+    tcp_in_ambient_ns.protocol = Protocol::Tcp;
+    assert!(!s.is_captured(&tcp_in_ambient_ns));
+}
+
+#[test]
 fn duplicates_are_rejected() {
     let mut b = State::builder();
     b.workload(workload("a", "default", "10.0.0.1", "n"))

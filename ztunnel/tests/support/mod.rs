@@ -1,0 +1,34 @@
+//! In-process control plane for the integration tests: a delta ADS server and an Istio CA
+//! server (tonic, real gRPC over 127.0.0.1) that hand every stream and request to the test,
+//! so the test decides what istiod says and when, and waits on channels instead of sleeping.
+
+#![allow(dead_code)]
+
+pub mod ca;
+pub mod xds;
+
+use std::time::Duration;
+
+/// How long any single expected event may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The next item of `rx`, or a panic naming `what` after [`DEADLINE`].
+pub async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, what: &str) -> T {
+    match tokio::time::timeout(DEADLINE, rx.recv()).await {
+        Ok(Some(v)) => v,
+        Ok(None) => panic!("{what}: channel closed"),
+        Err(_) => panic!("{what}: nothing within {DEADLINE:?}"),
+    }
+}
+
+/// Waits until `cond` holds, checking every few milliseconds, for at most [`DEADLINE`].
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
