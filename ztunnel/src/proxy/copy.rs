@@ -49,3 +49,22 @@ where
     }
     result
 }
+
+/// Ending a connection abruptly, so that a reset on one side of a relay reaches the other
+/// side as a reset (not as a clean end of stream).
+pub(super) trait Reset {
+    fn reset(&mut self);
+}
+
+impl Reset for tokio::net::TcpStream {
+    fn reset(&mut self) {
+        // Closing with a zero linger sends RST instead of FIN.
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Reset for crate::hbone::H2Stream {
+    fn reset(&mut self) {
+        self.abort();
+    }
+}

@@ -9,7 +9,7 @@ use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::copy::{Stats, relay};
+use super::copy::{Reset as _, Stats, relay};
 use super::pods::Pod;
 use super::tracker::{ConnMeta, ConnPath, Outcome, Policy, Tracked};
 use super::{DELIVERY_SOURCE, DELIVERY_SOURCE_V6, Proxy};
@@ -173,6 +173,8 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
             .await;
             if let Err(err) = &result {
                 debug!(%dst, %err, "HBONE stream ended with an error");
+                tunnel.reset();
+                upstream.reset();
             }
             tracked.finish_relay(&result);
         }
@@ -262,6 +264,10 @@ pub(super) async fn plaintext_loop(
                         &mut upstream,
                     )
                     .await;
+                    if result.is_err() {
+                        conn.reset();
+                        upstream.reset();
+                    }
                     tracked.finish_relay(&result);
                 }
             }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::copy::{Stats, relay};
+use super::copy::{Reset as _, Stats, relay};
 use super::tracker::{ConnMeta, ConnPath, Outcome, Policy, Tracked};
 use super::{Proxy, hbone_addr, inbound};
 use crate::capture::Netns;
@@ -129,6 +129,10 @@ async fn handle(
             &mut upstream,
         )
         .await;
+        if result.is_err() {
+            conn.reset();
+            upstream.reset();
+        }
         tracked.finish_relay(&result);
         return result.map(drop).map_err(|e| e.to_string());
     };
@@ -160,6 +164,10 @@ async fn handle(
             &mut upstream,
         )
         .await;
+        if result.is_err() {
+            conn.reset();
+            upstream.reset();
+        }
         tracked.finish_relay(&result);
         return result.map(drop).map_err(|e| e.to_string());
     }
@@ -207,6 +215,10 @@ async fn handle(
     };
     debug!(src = %src.name, dst = %addr, via = %peer, "HBONE");
     let result = relay(&proxy.stats, &mut tracked.counting(&mut conn), &mut tunnel).await;
+    if result.is_err() {
+        conn.reset();
+        tunnel.reset();
+    }
     tracked.finish_relay(&result);
     result.map(drop).map_err(|e| e.to_string())
 }

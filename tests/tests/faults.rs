@@ -1,0 +1,221 @@
+//! Faults and hostile peers around the L4 path: resets and half-closes pass through the
+//! tunnel as they happened, a dead peer ztunnel is noticed at once, a client that never
+//! completes its handshake is cut off, and an HTTP/2 rapid-reset flood is bounded, while
+//! other tunnels keep flowing.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use mesh_tests::mesh::{Mesh, PodSpec};
+use mesh_tests::netns::in_netns;
+use mesh_tests::traffic::{AppServer, connect, echo_roundtrip};
+
+fn mesh(extra_args: &[&str]) -> (Mesh, AppServer) {
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("local", "node1", "echo"),
+        PodSpec::new("echo", "node2", "echo"),
+    ];
+    let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    mesh.topo.add_outside_host("attacker").unwrap();
+    mesh.ztunnel_args = extra_args.iter().map(|a| a.to_string()).collect();
+    let echo = AppServer::start(&mesh.netns("echo"), "echo", addr(&mesh, "echo", 8080)).unwrap();
+    mesh.start().unwrap();
+    (mesh, echo)
+}
+
+fn addr(mesh: &Mesh, pod: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(mesh.ip(pod).into(), port)
+}
+
+/// A server in `netns` that, for each connection, runs `f` on it in its own thread.
+fn serve(netns: &str, at: SocketAddr, f: impl Fn(TcpStream) + Send + Sync + 'static) {
+    let listener = in_netns(netns, move || TcpListener::bind(at))
+        .unwrap()
+        .unwrap();
+    let f = std::sync::Arc::new(f);
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let f = f.clone();
+            std::thread::spawn(move || f(conn));
+        }
+    });
+}
+
+fn is_prompt_end(r: &std::io::Result<usize>) -> bool {
+    !matches!(r, Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut))
+}
+
+#[test]
+fn a_server_reset_reaches_the_client_as_a_reset() {
+    let (mesh, _echo) = mesh(&[]);
+    // Reads what arrives, then closes with a zero linger: an RST.
+    fn resetter(mut conn: TcpStream) {
+        let mut buf = [0u8; 5];
+        let _ = conn.read_exact(&mut buf);
+        let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+    }
+    for pod in ["echo", "local"] {
+        serve(&mesh.netns(pod), addr(&mesh, pod, 9000), resetter);
+        let mut conn = connect(&mesh.netns("sleep"), addr(&mesh, pod, 9000)).unwrap();
+        conn.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 16];
+        let got = conn.read(&mut buf);
+        assert!(
+            matches!(&got, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+            "via {pod}: expected a reset, got {got:?}"
+        );
+    }
+}
+
+#[test]
+fn a_server_half_close_reaches_the_client_and_the_client_can_still_send() {
+    let (mesh, _echo) = mesh(&[]);
+    // Says hello, half-closes, then reports what it received after that.
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let tx = std::sync::Mutex::new(tx);
+    serve(
+        &mesh.netns("echo"),
+        addr(&mesh, "echo", 9001),
+        move |mut conn| {
+            let _ = conn.write_all(b"hello");
+            let _ = conn.shutdown(Shutdown::Write);
+            let mut rest = Vec::new();
+            let _ = conn.read_to_end(&mut rest);
+            let _ = tx.lock().map(|tx| tx.send(rest));
+        },
+    );
+    let mut conn = connect(&mesh.netns("sleep"), addr(&mesh, "echo", 9001)).unwrap();
+    let mut greeting = Vec::new();
+    conn.read_to_end(&mut greeting).unwrap();
+    assert_eq!(
+        greeting, b"hello",
+        "server half-close not seen as EOF after the data"
+    );
+    conn.write_all(b"after your FIN").unwrap();
+    conn.shutdown(Shutdown::Write).unwrap();
+    let got = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("server did not hear the client's end");
+    assert_eq!(got, b"after your FIN");
+}
+
+#[test]
+fn a_killed_peer_ztunnel_ends_tunnels_promptly() {
+    let (mut mesh, _echo) = mesh(&[]);
+    let mut conn = connect(&mesh.netns("sleep"), addr(&mesh, "echo", 8080)).unwrap();
+    conn.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    conn.read_exact(&mut buf).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+
+    mesh.ztunnel("node2").kill();
+    // The tunnel's TCP connection is closed by the kernel with the process: the client
+    // hears of it at once, instead of hanging until a timeout.
+    let got = conn.read(&mut buf);
+    assert!(is_prompt_end(&got), "client left hanging: {got:?}");
+    if let Ok(n) = got {
+        assert_eq!(n, 0, "unexpected data");
+    }
+}
+
+#[test]
+fn a_client_that_never_finishes_its_handshake_is_cut_off() {
+    let (mesh, _echo) = mesh(&["--handshake-timeout-secs", "1"]);
+    let attacker = mesh.topo.pod("attacker").netns.clone();
+    let hbone = addr(&mesh, "echo", 15008);
+    // One sends nothing; one sends the first bytes of a TLS record and stalls.
+    let mut silent = connect(&attacker, hbone).unwrap();
+    let mut partial = connect(&attacker, hbone).unwrap();
+    partial.write_all(&[0x16, 0x03, 0x01, 0x02]).unwrap();
+    for conn in [&mut silent, &mut partial] {
+        conn.set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let got = conn.read(&mut buf);
+        assert!(is_prompt_end(&got), "stalled handshake kept open: {got:?}");
+    }
+    let log = mesh.ztunnels[1].1.log();
+    assert!(log.contains("TLS handshake timed out"), "{log}");
+    // Meanwhile tunnels work.
+    let got = echo_roundtrip(
+        &mesh.netns("sleep"),
+        addr(&mesh, "echo", 8080),
+        b"ok".to_vec(),
+    );
+    assert_eq!(got.unwrap(), b"okbye");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_rapid_reset_flood_is_cut_off_and_others_keep_flowing() {
+    let (mesh, echo) = mesh(&[]);
+    let client = mesh
+        .ca()
+        .sign(
+            &"spiffe://cluster.local/ns/default/sa/sleep"
+                .parse()
+                .unwrap(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let server_id: ztunnel::identity::Identity =
+        "spiffe://cluster.local/ns/default/sa/echo".parse().unwrap();
+    let tls = ztunnel::tls::client_config(&client, &mesh.ca().roots(), server_id).unwrap();
+    let hbone = addr(&mesh, "echo", 15008);
+    let attacker = mesh.topo.pod("attacker").netns.clone();
+    let tcp = in_netns(&attacker, move || TcpStream::connect(hbone))
+        .unwrap()
+        .unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(hbone.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (send, connection) = h2::client::handshake(tls).await.unwrap();
+    let driver = tokio::spawn(connection);
+
+    // Open CONNECT streams and cancel each at once (RST_STREAM), as fast as possible.
+    let mut send = send;
+    let mut cut_off = false;
+    for _ in 0..20_000 {
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("{}", addr(&mesh, "echo", 8080)))
+            .body(())
+            .unwrap();
+        let ready = match send.ready().await {
+            Ok(ready) => ready,
+            Err(_) => {
+                cut_off = true;
+                break;
+            }
+        };
+        send = ready;
+        match send.send_request(req, false) {
+            Ok((response, stream)) => {
+                drop(response);
+                drop(stream);
+            }
+            Err(_) => {
+                cut_off = true;
+                break;
+            }
+        }
+    }
+    assert!(cut_off, "20,000 reset streams were all accepted");
+    let _ = tokio::time::timeout(Duration::from_secs(10), driver).await;
+
+    // The flood left ztunnel serving: a tunnel still works.
+    let sleep = mesh.netns("sleep");
+    let target = addr(&mesh, "echo", 8080);
+    let got = tokio::task::spawn_blocking(move || echo_roundtrip(&sleep, target, b"ok".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(got.unwrap(), b"okbye");
+    assert!(!echo.peers().is_empty());
+}
