@@ -3,6 +3,7 @@
 //! - `prereqs`: installs what building and testing need (idempotent).
 //! - `test`: prereqs, format and lint checks, build, then the whole test suite.
 //! - `demo`: prereqs, build, then a mesh of nodes and pods on this machine.
+//! - `soak`: the long versions of the load and upgrade tests.
 //!
 //! xtask depends on nothing of the workspace, so it builds on a machine that cannot build the
 //! eBPF programs yet, and can install what they need.
@@ -37,6 +38,12 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// The long versions of the load and upgrade tests (10,000 held connections, 50,000
+    /// short ones); CI runs bounded versions of the same tests.
+    Soak {
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +52,7 @@ fn main() -> ExitCode {
         Task::Prereqs => prereqs::install(),
         Task::Test { args } => test(&args),
         Task::Demo { args } => demo(&args),
+        Task::Soak { args } => soak(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -83,6 +91,30 @@ fn demo(args: &[String]) -> Result<()> {
         "--",
     ];
     run.extend(args.iter().map(String::as_str));
+    cargo(&run)
+}
+
+fn soak(args: &[String]) -> Result<()> {
+    prereqs::install()?;
+    step("cargo build --all-targets", || {
+        cargo(&["build", "--all-targets"])
+    })?;
+    // SAFETY: single-threaded at this point; the variable is for the test processes.
+    unsafe { std::env::set_var("ZTUNNEL_SOAK", "1") };
+    let mut run = vec![
+        "nextest",
+        "run",
+        "--no-fail-fast",
+        "--no-capture",
+        "-p",
+        "mesh-tests",
+        "--test",
+        "load",
+        "--test",
+        "upgrade",
+    ];
+    run.extend(args.iter().map(String::as_str));
+    println!("==> ZTUNNEL_SOAK=1 cargo {}", run.join(" "));
     cargo(&run)
 }
 
