@@ -219,3 +219,70 @@ async fn an_http2_rapid_reset_flood_is_cut_off_and_others_keep_flowing() {
     assert_eq!(got.unwrap(), b"okbye");
     assert!(!echo.peers().is_empty());
 }
+
+/// Replaces node2's forwarding filter with `rule` (nft rule words), or removes it.
+fn node2_filter(mesh: &Mesh, rule: Option<&[&str]>) {
+    let ns = mesh.topo.node("node2").netns.clone();
+    let nft = |args: &[&str]| {
+        let out = mesh_tests::netns::exec(&ns, "nft", args).unwrap();
+        assert!(
+            out.status.success(),
+            "nft {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let _ = mesh_tests::netns::exec(&ns, "nft", &["delete", "table", "inet", "faults"]);
+    if let Some(rule) = rule {
+        nft(&["add", "table", "inet", "faults"]);
+        nft(&[
+            "add", "chain", "inet", "faults", "links", "{", "type", "filter", "hook", "forward",
+            "priority", "0", ";", "}",
+        ]);
+        let mut add = vec!["add", "rule", "inet", "faults", "links"];
+        add.extend_from_slice(rule);
+        nft(&add);
+    }
+}
+
+#[test]
+fn a_lossy_then_dead_link_fails_tunnels_cleanly_and_they_recover() {
+    let (mesh, _echo) = mesh(&["--connect-timeout-secs", "4"]);
+    let sleep = mesh.netns("sleep");
+    let dst = addr(&mesh, "echo", 8080);
+    let data = mesh_tests::traffic::payload(256 * 1024, 5);
+    // A pooled tunnel connection exists before the link degrades.
+    assert_eq!(
+        echo_roundtrip(&sleep, dst, b"warm".to_vec()).unwrap(),
+        b"warmbye"
+    );
+
+    // A fifth of the packets between the nodes lost: TCP under the tunnel retransmits.
+    node2_filter(
+        &mesh,
+        Some(&["numgen", "random", "mod", "10", "<", "2", "drop"]),
+    );
+    let got = echo_roundtrip(&sleep, dst, data.clone()).unwrap();
+    assert!(got.len() == data.len() + 3 && got[..data.len()] == data[..]);
+
+    // Nothing gets through: a new connection ends promptly instead of hanging.
+    node2_filter(&mesh, Some(&["drop"]));
+    let mut conn = connect(&sleep, dst).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let _ = conn.write_all(b"lost");
+    let mut buf = [0u8; 8];
+    let got = conn.read(&mut buf);
+    assert!(
+        is_prompt_end(&got),
+        "tunnel over a dead link left hanging: {got:?}"
+    );
+    assert!(!matches!(got, Ok(n) if n > 0), "data through a dead link?");
+
+    // The link comes back: so do tunnels.
+    node2_filter(&mesh, None);
+    mesh_tests::wait_until(
+        Duration::from_secs(30),
+        || matches!(echo_roundtrip(&sleep, dst, b"back".to_vec()), Ok(ref g) if g == b"backbye"),
+    )
+    .expect("tunnels did not recover after the link came back");
+}

@@ -17,6 +17,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nghttp2-client", "h2load, HTTP/2 load"),
     ("tcpdump", "packet captures in the tests"),
     ("procps", "sysctl"),
+    (
+        "nftables",
+        "nft: packet loss between test nodes (the kernel has no netem)",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

@@ -106,6 +106,11 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_HANDSHAKE_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub handshake_timeout_secs: u64,
 
+    /// Seconds to wait for a connection to open (to a peer's HBONE port, an application, a
+    /// passthrough destination) and for a tunnel to be answered.
+    #[arg(long, env = "ZTUNNEL_CONNECT_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub connect_timeout_secs: u64,
+
     /// Readiness endpoint (`/healthz/ready`).
     #[arg(long, env = "ZTUNNEL_READY_ADDR", default_value = "0.0.0.0:15021")]
     pub ready_addr: SocketAddr,

@@ -132,7 +132,10 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
         certs,
         roots,
         inherited,
-        std::time::Duration::from_secs(config.handshake_timeout_secs),
+        ztunnel::proxy::ProxyOptions {
+            handshake_timeout: std::time::Duration::from_secs(config.handshake_timeout_secs),
+            connect_timeout: std::time::Duration::from_secs(config.connect_timeout_secs),
+        },
     );
     let ready = readiness::serve(config.ready_addr, proxy.clone()).await?;
     let source = match &running {

@@ -48,6 +48,10 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     pub stream_window: u32,
     pub connection_window: u32,
+    /// Bound on opening a connection (TCP, TLS, HTTP/2) and on waiting for a CONNECT's
+    /// answer: a peer that stopped answering (dead node, lossy link) fails the tunnel
+    /// instead of hanging it, and a pooled connection that timed out is dropped.
+    pub connect_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -57,6 +61,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(300),
             stream_window: STREAM_WINDOW,
             connection_window: CONNECTION_WINDOW,
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -140,7 +145,14 @@ impl Pool {
             match self.reserve(&key) {
                 Some((send, slot, _)) => (send, slot),
                 None => {
-                    let (id, send) = self.dial(&key, tcp_connect, tls).await?;
+                    let timeout = self.inner.config.connect_timeout;
+                    let (id, send) =
+                        tokio::time::timeout(timeout, self.dial(&key, tcp_connect, tls))
+                            .await
+                            .map_err(|_| HboneError::Timeout {
+                                addr: key.dst,
+                                after: timeout,
+                            })??;
                     self.insert_reserved(&key, id, send)
                 }
             }
@@ -163,9 +175,19 @@ impl Pool {
             .map_err(|e| Attempt::Answered(HboneError::from(e)))?;
         let addr = key.dst;
         let unanswered = |e| Attempt::Unanswered(HboneError::from_h2(addr, e));
-        let mut send = send.ready().await.map_err(unanswered)?;
-        let (response, stream) = send.send_request(request, false).map_err(unanswered)?;
-        let response = response.await.map_err(unanswered)?;
+        let timeout = self.inner.config.connect_timeout;
+        let answer = async {
+            let mut send = send.ready().await.map_err(unanswered)?;
+            let (response, stream) = send.send_request(request, false).map_err(unanswered)?;
+            let response = response.await.map_err(unanswered)?;
+            Ok::<_, Attempt>((response, stream))
+        };
+        let (response, stream) = tokio::time::timeout(timeout, answer).await.map_err(|_| {
+            Attempt::Unanswered(HboneError::Timeout {
+                addr,
+                after: timeout,
+            })
+        })??;
         match response.status() {
             StatusCode::OK => Ok(H2Stream::new(stream, response.into_body(), Some(slot))),
             StatusCode::UNAUTHORIZED => Err(Attempt::Answered(HboneError::Denied)),

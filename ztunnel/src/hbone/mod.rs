@@ -43,6 +43,11 @@ pub enum HboneError {
     H2 { addr: SocketAddr, source: h2::Error },
     #[error("HTTP/2: {0}")]
     Protocol(#[from] h2::Error),
+    #[error("{addr} did not answer within {after:?}")]
+    Timeout {
+        addr: SocketAddr,
+        after: std::time::Duration,
+    },
     #[error("tunnel denied by the destination (401)")]
     Denied,
     #[error("destination answered CONNECT with status {0}")]

@@ -312,10 +312,13 @@ pub(super) async fn admit(
     } else {
         SocketAddr::from((DELIVERY_SOURCE, 0))
     };
-    pod.netns.connect(dst, Some(from)).await.map_err(|e| {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("application at {dst} unreachable: {e}"),
-        )
-    })
+    proxy
+        .connect_within(pod.netns.connect(dst, Some(from)))
+        .await
+        .map_err(|e| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("application at {dst} unreachable: {e}"),
+            )
+        })
 }

@@ -36,6 +36,22 @@ pub const DELIVERY_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 
 /// Source address of deliveries to applications over IPv6 (the pod's loopback).
 pub const DELIVERY_SOURCE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::LOCALHOST;
 
+/// Timeouts of the data path.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxyOptions {
+    pub handshake_timeout: std::time::Duration,
+    pub connect_timeout: std::time::Duration,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            handshake_timeout: std::time::Duration::from_secs(10),
+            connect_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
 /// An accepted connection in progress (see [`Proxy::busy`]).
 #[derive(Debug)]
 pub struct Busy(Arc<std::sync::atomic::AtomicU64>);
@@ -66,6 +82,8 @@ pub struct Proxy {
     busy: Arc<std::sync::atomic::AtomicU64>,
     /// How long a peer may take to complete the TLS handshake on 15008 (slowloris bound).
     pub handshake_timeout: std::time::Duration,
+    /// Bound on connecting anywhere (peers, applications, passthrough destinations).
+    pub connect_timeout: std::time::Duration,
     /// Set when this process stops taking new work (replaced, or shutting down): HBONE
     /// connections get GOAWAY so peers open new streams elsewhere.
     pub draining: watch::Sender<bool>,
@@ -107,7 +125,7 @@ impl Proxy {
         certs: CertManager,
         roots: TrustBundle,
         inherited: Option<Arc<crate::handoff::Inherited>>,
-        handshake_timeout: std::time::Duration,
+        options: ProxyOptions,
     ) -> Arc<Proxy> {
         Arc::new(Proxy {
             node,
@@ -115,13 +133,17 @@ impl Proxy {
             capture,
             certs,
             roots,
-            pool: hbone::Pool::new(hbone::PoolConfig::default()),
+            pool: hbone::Pool::new(hbone::PoolConfig {
+                connect_timeout: options.connect_timeout,
+                ..hbone::PoolConfig::default()
+            }),
             pods: PodRegistry::default(),
             stats: Arc::new(copy::Stats::default()),
             inherited,
             synced: watch::Sender::new(false),
             draining: watch::Sender::new(false),
-            handshake_timeout,
+            handshake_timeout: options.handshake_timeout,
+            connect_timeout: options.connect_timeout,
             busy: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             tracker: Arc::new(tracker::Tracker::new(Arc::new(
                 crate::metrics::Metrics::new(),
@@ -158,6 +180,21 @@ impl Proxy {
     pub fn busy(&self) -> Busy {
         self.busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Busy(self.busy.clone())
+    }
+
+    /// `connect`, failed with `TimedOut` after the connect timeout.
+    pub async fn connect_within<T>(
+        &self,
+        connect: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> std::io::Result<T> {
+        tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {:?}", self.connect_timeout),
+                )
+            })?
     }
 
     /// Connections and HBONE streams in progress right now.

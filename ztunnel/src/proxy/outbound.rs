@@ -116,7 +116,7 @@ async fn handle(
         // Not in the mesh: plain TCP from the pod's namespace, as if never captured.
         debug!(src = %src.name, dst = %addr, "passthrough");
         let tracked = proxy.tracker.open(meta);
-        let mut upstream = match netns.connect(addr, None).await {
+        let mut upstream = match proxy.connect_within(netns.connect(addr, None)).await {
             Ok(upstream) => upstream,
             Err(e) => {
                 let reason = format!("connect {addr}: {e}");
