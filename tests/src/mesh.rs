@@ -66,6 +66,9 @@ pub struct Mesh {
     pub namespaces: Vec<(String, Option<String>)>,
     /// Extra YAML appended under `policies:`.
     pub policies: String,
+    /// `RUST_LOG` for the ztunnels: debug by default (tests read the logs), quieter for
+    /// benchmarks, where a log line per connection would be measured too.
+    pub log_filter: String,
 }
 
 impl Mesh {
@@ -90,6 +93,7 @@ impl Mesh {
             services,
             namespaces: vec![("default".to_owned(), Some("ambient".to_owned()))],
             policies: String::new(),
+            log_filter: "info,ztunnel=debug".to_owned(),
             ztunnels: Vec::new(),
         })
     }
@@ -199,7 +203,7 @@ impl Mesh {
             .arg(node)
             .arg("--ca-dir")
             .arg(self.dir.path().join("ca"))
-            .env("RUST_LOG", "info,ztunnel=debug");
+            .env("RUST_LOG", &self.log_filter);
         let proc = Proc::spawn(&format!("ztunnel-{node}"), &netns, cmd, self.dir.path())?;
         self.ztunnels.retain(|(n, _)| n != node);
         self.ztunnels.push((node.to_owned(), proc));
