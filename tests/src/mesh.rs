@@ -72,6 +72,9 @@ pub struct Mesh {
     pub ztunnel_args: Vec<String>,
     /// Declare pods with their IPv6 address as well (every host has one).
     pub dual_stack: bool,
+    /// `RUST_LOG` for the ztunnels: debug by default (tests read the logs), quieter for
+    /// benchmarks, where a log line per connection would be measured too.
+    pub log_filter: String,
 }
 
 impl Mesh {
@@ -98,6 +101,7 @@ impl Mesh {
             policies: String::new(),
             ztunnel_args: Vec::new(),
             dual_stack: false,
+            log_filter: "info,ztunnel=debug".to_owned(),
             ztunnels: Vec::new(),
         })
     }
@@ -249,7 +253,7 @@ impl Mesh {
             .arg("--state-dir")
             .arg(self.dir.path().join(format!("{node}-state")))
             .args(&self.ztunnel_args)
-            .env("RUST_LOG", "info,ztunnel=debug");
+            .env("RUST_LOG", &self.log_filter);
         Proc::spawn(
             &format!("ztunnel-{node}{suffix}"),
             &netns,

@@ -4,6 +4,7 @@
 //! - `test`: prereqs, format and lint checks, build, then the whole test suite.
 //! - `demo`: prereqs, build, then a mesh of nodes and pods on this machine.
 //! - `soak`: the long versions of the load and upgrade tests.
+//! - `bench`: prereqs, release build, then the L4 benchmark (direct vs mesh vs same-node).
 //!
 //! xtask depends on nothing of the workspace, so it builds on a machine that cannot build the
 //! eBPF programs yet, and can install what they need.
@@ -44,6 +45,13 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Build release binaries and run the L4 benchmark: direct vs mesh vs same-node mesh,
+    /// with ztunnel CPU and memory. Writes `target/bench/{results.json,results.md,bench.svg}`
+    /// and updates `docs/bench.svg`. Arguments go to the benchmark (`-- --help` lists them).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +61,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Demo { args } => demo(&args),
         Task::Soak { args } => soak(&args),
+        Task::Bench { args } => bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -116,6 +125,48 @@ fn soak(args: &[String]) -> Result<()> {
     run.extend(args.iter().map(String::as_str));
     println!("==> ZTUNNEL_SOAK=1 cargo {}", run.join(" "));
     cargo(&run)
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    prereqs::install()?;
+    step("cargo build --release --bins", || {
+        cargo(&["build", "--release", "--bins"])
+    })?;
+    let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let out = target.join("bench");
+    let out_arg = out.to_string_lossy().into_owned();
+    let mut run = vec![
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "mesh-tests",
+        "--bin",
+        "bench",
+        "--",
+        "--out",
+        &out_arg,
+    ];
+    run.extend(args.iter().map(String::as_str));
+    cargo(&run)?;
+    let svg = out.join("bench.svg");
+    if svg.exists() {
+        let docs = root.join("docs");
+        std::fs::create_dir_all(&docs)?;
+        std::fs::copy(&svg, docs.join("bench.svg"))
+            .with_context(|| format!("copying {} to docs/", svg.display()))?;
+        println!("==> docs/bench.svg updated (the README embeds it)");
+    }
+    Ok(())
+}
+
+/// The workspace root: xtask's manifest directory is `<root>/xtask`.
+fn workspace_root() -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
 fn step(what: &str, run: impl FnOnce() -> Result<()>) -> Result<()> {

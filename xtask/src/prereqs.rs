@@ -6,7 +6,8 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-/// Debian packages: LLVM 22 for bpf-linker, and the real tools the tests drive.
+/// Debian packages: LLVM 22 for bpf-linker, and the real tools the tests and the benchmark
+/// drive.
 const PACKAGES: &[(&str, &str)] = &[
     ("llvm-22-dev", "LLVM 22 libraries, for bpf-linker"),
     ("libpolly-22-dev", "LLVM 22 Polly, linked by llvm-sys"),
@@ -21,6 +22,13 @@ const PACKAGES: &[(&str, &str)] = &[
         "nftables",
         "nft: packet loss between test nodes (the kernel has no netem)",
     ),
+    ("iperf3", "bulk throughput, in the benchmark"),
+    (
+        "sockperf",
+        "1 KiB round-trip latency percentiles, in the benchmark",
+    ),
+    ("wrk", "HTTP/1.1 load, in the benchmark"),
+    ("nginx-light", "HTTP server in the benchmark's server pods"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

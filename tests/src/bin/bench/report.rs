@@ -1,0 +1,468 @@
+//! The figures of a benchmark run, and their three outputs: the terminal table (also written
+//! as Markdown for the README), the JSON file, and the verdict on each target of issue 13.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use crate::procfs::Machine;
+
+/// The paths compared, in display order.
+pub const PATHS: [&str; 3] = ["direct", "mesh", "same-node"];
+
+/// A measured quantity: key, unit, what it is, and whether more is better.
+pub struct Metric {
+    pub key: &'static str,
+    pub unit: &'static str,
+    pub what: &'static str,
+    pub higher_is_better: bool,
+}
+
+pub const METRICS: &[Metric] = &[
+    m("tput_1", "Gbit/s", "throughput, iperf3 1 stream", true),
+    m("tput_8", "Gbit/s", "throughput, iperf3 8 streams", true),
+    m("rtt_p50", "us", "1 KiB round trip p50 (sockperf)", false),
+    m("rtt_p99", "us", "1 KiB round trip p99", false),
+    m("rtt_p999", "us", "1 KiB round trip p99.9", false),
+    m(
+        "conn_rate",
+        "conn/s",
+        "new connections/s (wrk, Connection: close)",
+        true,
+    ),
+    m("ka_rps", "req/s", "keep-alive 1 KiB requests/s (wrk)", true),
+    m("ka_p50", "ms", "keep-alive latency p50", false),
+    m("ka_p99", "ms", "keep-alive latency p99", false),
+    m(
+        "cpu_per_gb_1",
+        "s/GB",
+        "ztunnel CPU per GB, 1 stream",
+        false,
+    ),
+    m(
+        "cpu_per_gb_8",
+        "s/GB",
+        "ztunnel CPU per GB, 8 streams",
+        false,
+    ),
+    m(
+        "cpu_per_1k_req",
+        "s",
+        "ztunnel CPU per 1,000 keep-alive requests",
+        false,
+    ),
+    m(
+        "cpu_per_1k_conn",
+        "s",
+        "ztunnel CPU per 1,000 new connections",
+        false,
+    ),
+];
+
+const fn m(key: &'static str, unit: &'static str, what: &'static str, higher: bool) -> Metric {
+    Metric {
+        key,
+        unit,
+        what,
+        higher_is_better: higher,
+    }
+}
+
+/// Every sample of every figure, by path and metric; memory figures by ztunnel.
+#[derive(Default)]
+pub struct Figures {
+    samples: BTreeMap<(String, String), Vec<f64>>,
+    /// `<node>` -> figure name -> MiB.
+    pub memory: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Per-ztunnel CPU samples: (path, metric, node) -> samples.
+    pub cpu_by_node: BTreeMap<(String, String, String), Vec<f64>>,
+    /// Anything that went wrong but did not stop the run (errors reported by a tool).
+    pub warnings: Vec<String>,
+}
+
+impl Figures {
+    pub fn record(&mut self, path: &str, metric: &str, value: f64) {
+        self.samples
+            .entry((path.to_owned(), metric.to_owned()))
+            .or_default()
+            .push(value);
+    }
+
+    pub fn samples(&self, path: &str, metric: &str) -> &[f64] {
+        self.samples
+            .get(&(path.to_owned(), metric.to_owned()))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    pub fn median(&self, path: &str, metric: &str) -> Option<f64> {
+        median(self.samples(path, metric))
+    }
+
+    /// The worst sample: the lowest of a higher-is-better figure, else the highest. Printed
+    /// as "min" for throughputs, where it is the minimum the issue asks for.
+    pub fn worst(&self, path: &str, metric: &Metric) -> Option<f64> {
+        let s = self.samples(path, metric.key);
+        let fold = if metric.higher_is_better {
+            f64::min
+        } else {
+            f64::max
+        };
+        s.iter().copied().reduce(fold)
+    }
+
+    pub fn min(&self, path: &str, metric: &str) -> Option<f64> {
+        self.samples(path, metric).iter().copied().reduce(f64::min)
+    }
+}
+
+pub fn median(samples: &[f64]) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    let mid = s.len() / 2;
+    Some(if s.len() % 2 == 1 {
+        s[mid]
+    } else {
+        (s[mid - 1] + s[mid]) / 2.0
+    })
+}
+
+/// One target of the issue and how this run did against it.
+pub struct Verdict {
+    pub target: String,
+    pub measured: Option<f64>,
+    pub limit: f64,
+    /// `x` for a ratio to direct, else the unit.
+    pub unit: &'static str,
+    pub at_least: bool,
+}
+
+impl Verdict {
+    pub fn met(&self) -> Option<bool> {
+        let m = self.measured?;
+        Some(if self.at_least {
+            m >= self.limit
+        } else {
+            m <= self.limit
+        })
+    }
+}
+
+/// The targets of issue 13, from the medians of this run.
+pub fn verdicts(f: &Figures) -> Vec<Verdict> {
+    let ratio = |path: &str, metric: &str| -> Option<f64> {
+        Some(f.median(path, metric)? / f.median("direct", metric)?)
+    };
+    let added = |path: &str, metric: &str| -> Option<f64> {
+        Some(f.median(path, metric)? - f.median("direct", metric)?)
+    };
+    let v = |target: String, measured, limit, unit, at_least| Verdict {
+        target,
+        measured,
+        limit,
+        unit,
+        at_least,
+    };
+    let mut out = Vec::new();
+    for path in ["mesh", "same-node"] {
+        out.push(v(
+            format!("{path}: throughput 1 stream >= 0.5x direct"),
+            ratio(path, "tput_1"),
+            0.5,
+            "x",
+            true,
+        ));
+        out.push(v(
+            format!("{path}: throughput 8 streams >= 0.3x direct"),
+            ratio(path, "tput_8"),
+            0.3,
+            "x",
+            true,
+        ));
+        out.push(v(
+            format!("{path}: round trip p50 added <= 30 us"),
+            added(path, "rtt_p50"),
+            30.0,
+            "us",
+            false,
+        ));
+        out.push(v(
+            format!("{path}: round trip p99 added <= 70 us"),
+            added(path, "rtt_p99"),
+            70.0,
+            "us",
+            false,
+        ));
+        out.push(v(
+            format!("{path}: new connections/s >= 0.3x direct"),
+            ratio(path, "conn_rate"),
+            0.3,
+            "x",
+            true,
+        ));
+        out.push(v(
+            format!("{path}: keep-alive requests/s >= 0.5x direct"),
+            ratio(path, "ka_rps"),
+            0.5,
+            "x",
+            true,
+        ));
+        let per_gb = match (
+            f.median(path, "cpu_per_gb_1"),
+            f.median(path, "cpu_per_gb_8"),
+        ) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        out.push(v(
+            format!("{path}: ztunnel CPU <= 1.0 s per GB (worse of 1 and 8 streams)"),
+            per_gb,
+            1.0,
+            "s",
+            false,
+        ));
+        out.push(v(
+            format!("{path}: ztunnel CPU <= 0.035 s per 1,000 keep-alive requests"),
+            f.median(path, "cpu_per_1k_req"),
+            0.035,
+            "s",
+            false,
+        ));
+    }
+    let worst = |key: &str| -> Option<f64> {
+        f.memory
+            .values()
+            .filter_map(|m| m.get(key).copied())
+            .reduce(f64::max)
+    };
+    out.push(v(
+        "ztunnel idle RSS <= 10 MB (worst node)".into(),
+        worst("idle_rss_mib"),
+        10.0,
+        "MiB",
+        false,
+    ));
+    out.push(v(
+        "ztunnel RSS <= 10 MB more per 1,000 held connections (worst node)".into(),
+        worst("per_1k_held_mib"),
+        10.0,
+        "MiB",
+        false,
+    ));
+    out
+}
+
+fn fmt_value(v: Option<f64>) -> String {
+    match v {
+        None => "-".to_owned(),
+        Some(v) if v.abs() >= 1000.0 => format!("{v:.0}"),
+        Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
+        Some(v) if v.abs() >= 0.1 => format!("{v:.2}"),
+        Some(v) => format!("{v:.4}"),
+    }
+}
+
+/// The figures as a table: one row per metric, "median (worst)" per path. `markdown`
+/// writes pipes for the README.
+pub fn table(f: &Figures, markdown: bool) -> String {
+    let mut rows: Vec<Vec<String>> = vec![{
+        let mut h = vec!["figure".to_owned(), "unit".to_owned()];
+        h.extend(PATHS.iter().map(|p| format!("{p} median (worst)")));
+        h
+    }];
+    for metric in METRICS {
+        let mut row = vec![metric.what.to_owned(), metric.unit.to_owned()];
+        for path in PATHS {
+            let cell = match f.median(path, metric.key) {
+                None => "-".to_owned(),
+                med => format!("{} ({})", fmt_value(med), fmt_value(f.worst(path, metric))),
+            };
+            row.push(cell);
+        }
+        rows.push(row);
+    }
+    let mut out = render(&rows, markdown);
+    out.push('\n');
+    let mut mem_rows = vec![vec![
+        "ztunnel memory (MiB)".to_owned(),
+        "idle RSS".to_owned(),
+        "peak RSS (under load)".to_owned(),
+        "RSS, 1,000 held".to_owned(),
+        "RSS, 10,000 held".to_owned(),
+        "before holding".to_owned(),
+        "per 1,000 held".to_owned(),
+    ]];
+    for (node, m) in &f.memory {
+        let g = |k: &str| fmt_value(m.get(k).copied());
+        mem_rows.push(vec![
+            node.clone(),
+            g("idle_rss_mib"),
+            g("peak_rss_mib"),
+            g("held_1k_rss_mib"),
+            g("held_10k_rss_mib"),
+            g("before_held_rss_mib"),
+            g("per_1k_held_mib"),
+        ]);
+    }
+    out.push_str(&render(&mem_rows, markdown));
+    out
+}
+
+pub fn verdict_lines(verdicts: &[Verdict]) -> String {
+    let mut out = String::new();
+    for v in verdicts {
+        let status = match v.met() {
+            Some(true) => "met    ",
+            Some(false) => "NOT MET",
+            None => "no data",
+        };
+        let _ = writeln!(
+            out,
+            "  {status}  {:<80} measured {} {}",
+            v.target,
+            fmt_value(v.measured),
+            v.unit
+        );
+    }
+    out
+}
+
+fn render(rows: &[Vec<String>], markdown: bool) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for (i, row) in rows.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(s, w)| format!("{s:<w$}"))
+            .collect();
+        if markdown {
+            let _ = writeln!(out, "| {} |", cells.join(" | "));
+            if i == 0 {
+                let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+                let _ = writeln!(out, "|-{}-|", rule.join("-|-"));
+            }
+        } else {
+            let _ = writeln!(out, "  {}", cells.join("  "));
+            if i == 0 {
+                let total = widths.iter().sum::<usize>() + 2 * widths.len().saturating_sub(1);
+                let _ = writeln!(out, "  {}", "-".repeat(total));
+            }
+        }
+    }
+    out
+}
+
+/// Everything, for `results.json`.
+pub fn json(f: &Figures, machine: &Machine, settings: Value, verdicts: &[Verdict]) -> Value {
+    let mut paths = serde_json::Map::new();
+    for path in PATHS {
+        let mut metrics = serde_json::Map::new();
+        for metric in METRICS {
+            let samples = f.samples(path, metric.key);
+            if samples.is_empty() {
+                continue;
+            }
+            let by_node: serde_json::Map<String, Value> = f
+                .cpu_by_node
+                .iter()
+                .filter(|((p, m, _), _)| p == path && m == metric.key)
+                .map(|((_, _, node), s)| (node.clone(), json!({ "runs": s, "median": median(s) })))
+                .collect();
+            let mut entry = json!({
+                "what": metric.what,
+                "unit": metric.unit,
+                "runs": samples,
+                "min": f.min(path, metric.key),
+                "median": f.median(path, metric.key),
+            });
+            if !by_node.is_empty() {
+                entry["by_ztunnel"] = Value::Object(by_node);
+            }
+            metrics.insert(metric.key.to_owned(), entry);
+        }
+        paths.insert(path.to_owned(), Value::Object(metrics));
+    }
+    let targets: Vec<Value> = verdicts
+        .iter()
+        .map(|v| {
+            json!({
+                "target": v.target,
+                "measured": v.measured,
+                "unit": v.unit,
+                "limit": v.limit,
+                "met": v.met(),
+            })
+        })
+        .collect();
+    json!({
+        "machine": {
+            "cpu_model": machine.cpu_model,
+            "cores": machine.cores,
+            "kernel": machine.kernel,
+            "memory_mib": machine.memory_mib,
+            "load_average_at_start": machine.load_average,
+        },
+        "settings": settings,
+        "paths": paths,
+        "ztunnel_memory_mib": f.memory,
+        "targets": targets,
+        "warnings": f.warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+
+    #[test]
+    fn verdicts_compare_medians_with_direct() {
+        let mut f = Figures::default();
+        for v in [10.0, 9.0, 11.0] {
+            f.record("direct", "tput_1", v);
+        }
+        for v in [4.0, 6.0, 5.0] {
+            f.record("mesh", "tput_1", v);
+        }
+        f.record("direct", "rtt_p50", 20.0);
+        f.record("mesh", "rtt_p50", 60.0);
+        let all = verdicts(&f);
+        let find = |name: &str| all.iter().find(|v| v.target.starts_with(name)).unwrap();
+        let tput = find("mesh: throughput 1 stream");
+        assert_eq!(tput.measured, Some(0.5));
+        assert_eq!(tput.met(), Some(true));
+        let rtt = find("mesh: round trip p50");
+        assert_eq!(rtt.measured, Some(40.0));
+        assert_eq!(rtt.met(), Some(false));
+        assert_eq!(find("same-node: throughput 1").met(), None);
+    }
+
+    #[test]
+    fn worst_depends_on_direction() {
+        let mut f = Figures::default();
+        for v in [1.0, 3.0, 2.0] {
+            f.record("mesh", "tput_1", v);
+            f.record("mesh", "rtt_p50", v);
+        }
+        assert_eq!(f.worst("mesh", &METRICS[0]), Some(1.0));
+        assert_eq!(f.worst("mesh", &METRICS[2]), Some(3.0));
+    }
+}
