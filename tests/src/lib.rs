@@ -3,11 +3,13 @@
 //! also when a test panics; what a killed run left behind is removed by the next run.
 
 pub mod mesh;
+pub mod mesh_xds;
 pub mod netns;
 pub mod operator;
 pub mod process;
 pub mod topology;
 pub mod traffic;
+pub mod xds;
 
 pub use process::{Proc, wait_until};
 pub use topology::{Node, Pod, Topology};

@@ -60,6 +60,9 @@ pub struct Mesh {
     /// First field: the processes stop (and print their logs on failure) before the
     /// directory holding the logs and the namespaces they run in go away.
     pub ztunnels: Vec<(String, Proc)>,
+    /// The in-process control plane when the mesh runs in xDS mode (`start_xds`); stops
+    /// after the ztunnels, before the namespaces it listens in go away.
+    pub xds: Option<crate::xds::XdsServer>,
     pub topo: Topology,
     pub dir: tempfile::TempDir,
     pub pods: Vec<PodSpec>,
@@ -103,6 +106,7 @@ impl Mesh {
             dual_stack: false,
             log_filter: "info,ztunnel=debug".to_owned(),
             ztunnels: Vec::new(),
+            xds: None,
         })
     }
 
@@ -242,9 +246,15 @@ impl Mesh {
     fn spawn_ztunnel(&self, node: &str, suffix: &str) -> io::Result<Proc> {
         let netns = self.topo.node(node).netns.clone();
         let mut cmd = Command::new(binary("ztunnel"));
-        cmd.arg("--config")
-            .arg(self.config_path())
-            .arg("--node")
+        match &self.xds {
+            Some(xds) => cmd
+                .arg("--xds-address")
+                .arg(xds.url())
+                .arg("--netns-dir")
+                .arg(self.netns_links()),
+            None => cmd.arg("--config").arg(self.config_path()),
+        };
+        cmd.arg("--node")
             .arg(node)
             .arg("--ca-dir")
             .arg(self.dir.path().join("ca"))

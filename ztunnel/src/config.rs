@@ -66,6 +66,12 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_NETNS_DIR", conflicts_with = "config")]
     pub netns_dir: Option<PathBuf>,
 
+    /// xDS mode in Kubernetes: find this node's pods' network namespaces under this proc
+    /// root (normally `/proc`): processes whose cgroup names a pod UID, matched to workloads
+    /// by pod IP; rescanned on every xDS change and every 2 seconds.
+    #[arg(long, env = "ZTUNNEL_PROC_ROOT", conflicts_with_all = ["config", "netns_dir"])]
+    pub proc_root: Option<PathBuf>,
+
     /// Name of this node: ztunnel acts for the workloads whose `node` is this name.
     #[arg(long, env = "NODE_NAME")]
     pub node: String,

@@ -1,6 +1,8 @@
 //! The local demo (`cargo xtask demo`): two nodes, a `sleep` client and an `echo` service
 //! with a pod on each node, one ztunnel per node. It shows a connection captured by eBPF,
 //! carried over HBONE with mutual TLS, checked and answered; then removes everything.
+//! With `--xds` (`cargo xtask demo -- --xds`), the ztunnels are fed by an in-process xDS
+//! server (Istio's workload API over delta ADS, as istiod serves it) instead of the file.
 
 use std::net::SocketAddr;
 use std::process::{Command, ExitCode};
@@ -25,6 +27,7 @@ fn say(line: &str) {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let xds = std::env::args().skip(1).any(|a| a == "--xds");
     let pods = vec![
         PodSpec::new("sleep", "node1", "sleep"),
         PodSpec::new("echo-a", "node1", "echo").service("echo", 80, 8080),
@@ -54,10 +57,28 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         SocketAddr::new(mesh.ip("echo-b").into(), 8080),
     )?;
 
-    say("local config (namespace `default` labelled istio.io/dataplane-mode=ambient)");
-    println!("{}", mesh.config_yaml());
-    say("starting one ztunnel per node");
-    mesh.start()?;
+    if xds {
+        say("control plane: an in-process xDS server on the fabric (istio.workload.Address)");
+        for pod in &mesh.pods {
+            let w = mesh.workload_resource(pod);
+            println!(
+                "   Workload {} node={} sa={} tunnel=HBONE services={:?}",
+                w.uid,
+                w.node,
+                w.service_account,
+                w.services.keys().collect::<Vec<_>>()
+            );
+        }
+        println!("   Service default/echo.default.svc.cluster.local vip {vip} ports 80->8080");
+        say("starting one ztunnel per node (--xds-address http://198.18.0.254:15010)");
+        mesh.start_xds()?;
+        println!("   both subscribed, applied the push (ACK) and ready");
+    } else {
+        say("local config (namespace `default` labelled istio.io/dataplane-mode=ambient)");
+        println!("{}", mesh.config_yaml());
+        say("starting one ztunnel per node");
+        mesh.start()?;
+    }
     println!("   both ready (/healthz/ready answered 200)");
 
     let node1 = mesh.topo.node("node1").netns.clone();

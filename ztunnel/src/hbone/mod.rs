@@ -16,7 +16,9 @@ pub mod stream;
 use std::net::SocketAddr;
 
 pub use client::{Pool, PoolConfig, PoolKey};
-pub use request::{ConnectHeaders, Reject, forwarded_for, forwarded_host};
+pub use request::{
+    ConnectHeaders, Reject, forwarded_for, forwarded_host, is_traceparent, new_traceparent,
+};
 pub use server::{Accepted, Responder, ServerConfig, serve, serve_until};
 pub use stream::H2Stream;
 

@@ -111,6 +111,32 @@ fn value(name: &'static str, v: &str) -> Result<HeaderValue, RequestError> {
     })
 }
 
+/// A fresh W3C `traceparent` (Trace Context, §3.2 "traceparent Header"): version `00`, a
+/// random 16-byte trace id and 8-byte parent id in lowercase hex, flags `01` (sampled). Each
+/// proxied connection starts its own trace, as Istio's ztunnel does.
+pub fn new_traceparent() -> String {
+    traceparent(rand::random(), rand::random())
+}
+
+/// `traceparent` for the given ids; an all-zero id is invalid (§3.2.2.3, §3.2.2.4), so zero
+/// becomes one.
+pub fn traceparent(trace_id: u128, parent_id: u64) -> String {
+    format!("00-{:032x}-{:016x}-01", trace_id.max(1), parent_id.max(1))
+}
+
+/// True when `value` has the shape of a version-00 `traceparent`.
+pub fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    matches!(parts.as_slice(), [v, t, p, f]
+        if *v == "00" && hex(t, 32) && hex(p, 16) && hex(f, 2)
+            && t.bytes().any(|b| b != b'0') && p.bytes().any(|b| b != b'0'))
+}
+
 /// Checks an incoming request and returns the destination it asks for.
 pub fn validate(method: &Method, uri: &Uri) -> Result<SocketAddr, Reject> {
     if method != Method::CONNECT {
@@ -157,6 +183,27 @@ mod tests {
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn traceparents_are_w3c_version_00_with_random_ids() {
+        assert_eq!(
+            traceparent(0xabc, 0x12),
+            "00-00000000000000000000000000000abc-0000000000000012-01"
+        );
+        assert!(is_traceparent(&traceparent(0, 0)), "zero ids are invalid");
+        let (a, b) = (new_traceparent(), new_traceparent());
+        assert!(is_traceparent(&a), "{a}");
+        assert_ne!(a, b);
+        for bad in [
+            "",
+            "01-00000000000000000000000000000abc-0000000000000012-01",
+            "00-00000000000000000000000000000000-0000000000000012-01",
+            "00-00000000000000000000000000000ABC-0000000000000012-01",
+            "00-0abc-0000000000000012-01",
+        ] {
+            assert!(!is_traceparent(bad), "{bad}");
+        }
     }
 
     #[test]

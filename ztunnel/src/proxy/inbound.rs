@@ -112,6 +112,10 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
     };
     let dst = accepted.authority;
     let client = hbone::forwarded_for(&accepted.headers).unwrap_or(peer);
+    // Optional (Istio's ztunnel sends them; nothing here requires them): logged for tracing.
+    let header = |name: &str| accepted.headers.get(name).and_then(|v| v.to_str().ok());
+    debug!(%dst, baggage = ?header("baggage"), forwarded = ?header("forwarded"),
+        traceparent = ?header("traceparent"), "HBONE CONNECT headers");
     let peer_id = accepted.peer_identity.clone();
     if !pod.workload.workload_ips.contains(&dst.ip()) {
         Stats::add(&proxy.stats.rejected_inputs, 1);

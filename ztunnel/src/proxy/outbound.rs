@@ -13,7 +13,7 @@ use super::copy::{Reset as _, Stats, relay};
 use super::tracker::{ConnMeta, ConnPath, Outcome, Policy, Tracked};
 use super::{Proxy, hbone_addr, inbound};
 use crate::capture::Netns;
-use crate::hbone::{ConnectHeaders, HboneError, PoolKey};
+use crate::hbone::{ConnectHeaders, HboneError, PoolKey, new_traceparent};
 use crate::state::Destination;
 use crate::state::workload::{Protocol, Workload};
 
@@ -192,7 +192,7 @@ async fn handle(
         baggage: Some(baggage(src)),
         forwarded_for: Some(client),
         forwarded_host,
-        traceparent: None,
+        traceparent: Some(new_traceparent()),
     };
     let connected = proxy
         .pool

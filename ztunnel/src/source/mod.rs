@@ -2,6 +2,7 @@
 //! A source only ever publishes a complete, validated `State`; a bad input never replaces a
 //! good state.
 
+pub mod discovery;
 pub mod local;
 pub mod watch;
 pub mod xds;
@@ -54,7 +55,21 @@ pub fn start(config: &Config) -> Result<(channel::Receiver<Arc<State>>, Running)
             backoff: xds::Backoff::default(),
             netns_dir: config.netns_dir.clone(),
         };
-        return Ok((rx, Running::Xds(xds::spawn(xds_config, tx))));
+        let Some(proc_root) = &config.proc_root else {
+            return Ok((rx, Running::Xds(xds::spawn(xds_config, tx))));
+        };
+        // Discovery sits between the client and the proxy; it ends when the client does.
+        let mut empty = State::builder();
+        empty.capture_by_protocol(true);
+        let (raw_tx, raw_rx) = channel::channel(Arc::new(empty.build()));
+        let client = xds::spawn(xds_config, raw_tx);
+        let discovery = discovery::DiscoveryConfig {
+            node: config.node.clone(),
+            proc_root: proc_root.clone(),
+            rescan: std::time::Duration::from_secs(2),
+        };
+        drop(discovery::spawn(discovery, raw_rx, tx));
+        return Ok((rx, Running::Xds(client)));
     }
     let Some(path) = &config.config else {
         return Err("either --config or --xds-address is required".to_owned());

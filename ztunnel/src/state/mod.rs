@@ -166,6 +166,38 @@ impl State {
         Ok(())
     }
 
+    /// This state with the workloads named in `netns` (by uid) placed in those network
+    /// namespaces, the others unchanged: pod discovery finds namespaces the source does not
+    /// know.
+    pub fn with_netns(&self, netns: &BTreeMap<String, std::path::PathBuf>) -> State {
+        let mut b = StateBuilder {
+            state: State {
+                services: self.services.clone(),
+                by_vip: self.by_vip.clone(),
+                policies: self.policies.clone(),
+                namespaces: self.namespaces.clone(),
+                capture_by_protocol: self.capture_by_protocol,
+                ..State::default()
+            },
+        };
+        for w in self.workloads.values() {
+            let w = match netns.get(&w.uid) {
+                Some(path) if w.netns.as_ref() != Some(path) => {
+                    let mut w = (**w).clone();
+                    w.netns = Some(path.clone());
+                    Arc::new(w)
+                }
+                _ => w.clone(),
+            };
+            // Same uids and addresses as an already valid state: nothing can collide.
+            for ip in &w.workload_ips {
+                b.state.by_ip.insert(*ip, w.clone());
+            }
+            b.state.workloads.insert(w.uid.clone(), w);
+        }
+        b.build()
+    }
+
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.workloads.values()
     }

@@ -9,9 +9,8 @@
 //! What it must never do: publish a `State` that drops good resources because one was bad,
 //! or drop the last good state because istiod went away.
 //!
-//! Not here yet: finding pods' network namespaces in Kubernetes (through `/proc`); in xDS
-//! mode workloads come without a `netns`, so nothing is enrolled on the node until that
-//! discovery exists (issue 4).
+//! Workloads come without a `netns`: `source::discovery` finds this node's pods' namespaces
+//! through `/proc` (`--proc-root`), or `--netns-dir` names them (local harness).
 
 pub mod client;
 pub mod convert;
