@@ -75,6 +75,8 @@ pub struct Mesh {
     pub ztunnel_args: Vec<String>,
     /// Declare pods with their IPv6 address as well (every host has one).
     pub dual_stack: bool,
+    /// Run ztunnel with only these capabilities (e.g. `net_admin`), instead of all of root's.
+    pub capabilities: Option<Vec<String>>,
     /// `RUST_LOG` for the ztunnels: debug by default (tests read the logs), quieter for
     /// benchmarks, where a log line per connection would be measured too.
     pub log_filter: String,
@@ -104,6 +106,7 @@ impl Mesh {
             policies: String::new(),
             ztunnel_args: Vec::new(),
             dual_stack: false,
+            capabilities: None,
             log_filter: "info,ztunnel=debug".to_owned(),
             ztunnels: Vec::new(),
             xds: None,
@@ -245,7 +248,18 @@ impl Mesh {
 
     fn spawn_ztunnel(&self, node: &str, suffix: &str) -> io::Result<Proc> {
         let netns = self.topo.node(node).netns.clone();
-        let mut cmd = Command::new(binary("ztunnel"));
+        let mut cmd = match &self.capabilities {
+            // Only these capabilities survive exec (util-linux setpriv).
+            Some(caps) => {
+                let mut c = Command::new("setpriv");
+                let keep: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+                c.arg(format!("--bounding-set=-all,{}", keep.join(",")))
+                    .arg("--")
+                    .arg(binary("ztunnel"));
+                c
+            }
+            None => Command::new(binary("ztunnel")),
+        };
         match &self.xds {
             Some(xds) => cmd
                 .arg("--xds-address")
@@ -351,6 +365,44 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> io::Result<(u16, S
         let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
         Ok((status, body))
     })?
+}
+
+/// Sends one CONNECT for `authority` with extra request `headers`, over mTLS with `cert`
+/// from namespace `from` to `peer`, and returns the status the peer answered.
+pub async fn connect_status_with_headers(
+    mesh: &Mesh,
+    from: &str,
+    cert: &ztunnel::identity::WorkloadCert,
+    server: ztunnel::identity::Identity,
+    peer: SocketAddr,
+    authority: SocketAddr,
+    headers: &[(&str, &str)],
+) -> io::Result<http::StatusCode> {
+    let tls =
+        ztunnel::tls::client_config(cert, &mesh.ca().roots(), server).map_err(io::Error::other)?;
+    let netns = mesh.topo.pod(from).netns.clone();
+    let std = in_netns(&netns, move || {
+        TcpStream::connect_timeout(&peer, Duration::from_secs(5))
+    })??;
+    std.set_nonblocking(true)?;
+    let tcp = tokio::net::TcpStream::from_std(std)?;
+    let name = rustls::pki_types::ServerName::IpAddress(peer.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await?;
+    let (send, connection) = h2::client::handshake(tls).await.map_err(io::Error::other)?;
+    tokio::spawn(connection);
+    let mut send = send.ready().await.map_err(io::Error::other)?;
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority.to_string());
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(()).map_err(io::Error::other)?;
+    let (response, _stream) = send.send_request(req, false).map_err(io::Error::other)?;
+    let response = response.await.map_err(io::Error::other)?;
+    Ok(response.status())
 }
 
 /// Opens an HBONE tunnel (real mTLS) from namespace `from` with `cert`, to `peer` (an

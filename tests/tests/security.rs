@@ -1,0 +1,163 @@
+//! Security properties of the node agent: it works with a small set of capabilities, a pod
+//! cannot use another pod's ztunnel listeners to get around the mesh, and an identity claimed
+//! in request headers counts for nothing (only the certificate does).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mesh_tests::mesh::{Mesh, PodSpec, tunnel};
+use mesh_tests::traffic::{AppServer, connect, echo_roundtrip};
+
+/// The capabilities ztunnel needs: entering pod network namespaces and mounting the BPF
+/// filesystem (sys_admin), loading and attaching programs (bpf, perfmon, net_admin), and
+/// marking its sockets (net_admin).
+const CAPABILITIES: [&str; 4] = ["sys_admin", "net_admin", "bpf", "perfmon"];
+
+#[test]
+fn ztunnel_runs_with_only_the_capabilities_it_needs() {
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("echo", "node2", "echo"),
+    ];
+    let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    mesh.capabilities = Some(CAPABILITIES.iter().map(|c| c.to_string()).collect());
+    let dst = SocketAddr::new(mesh.ip("echo").into(), 8080);
+    let server = AppServer::start(&mesh.netns("echo"), "echo", dst).unwrap();
+    mesh.start().unwrap();
+    // The bounding set really is reduced.
+    let pid = mesh.ztunnel("node1").pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let bounding = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    // sys_admin 21, net_admin 12, bpf 39, perfmon 38.
+    assert_eq!(
+        bounding,
+        (1 << 21) | (1 << 12) | (1 << 39) | (1 << 38),
+        "{bounding:x}"
+    );
+    let got = echo_roundtrip(&mesh.netns("sleep"), dst, b"least".to_vec()).unwrap();
+    assert_eq!(got, b"leastbye");
+    assert_eq!(server.peers()[0].ip().to_string(), "127.0.0.6");
+}
+
+#[test]
+fn a_pod_cannot_use_another_pods_ztunnel_listeners() {
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("other", "node1", "other"),
+    ];
+    let mut mesh = Mesh::new(&["node1"], pods, Vec::new()).unwrap();
+    let outside = mesh.topo.add_outside_host("outside").unwrap();
+    mesh.start().unwrap();
+    let other = mesh.netns("other");
+    let sleep_ip = mesh.ip("sleep");
+    // The outbound listener is on the pod's loopback only: from outside the pod it is not
+    // there, and the inbound steering never hands ztunnel's ports to it.
+    let outbound = connect(&outside.netns, SocketAddr::new(sleep_ip.into(), 15001));
+    assert!(
+        outbound.is_err(),
+        "a host reached sleep's outbound listener"
+    );
+    // A captured pod's attempt goes through its own ztunnel, which finds nothing there
+    // either: the connection ends without a byte.
+    let mut via_mesh = connect(&other, SocketAddr::new(sleep_ip.into(), 15001)).unwrap();
+    let _ = std::io::Write::write_all(&mut via_mesh, b"hello");
+    let mut buf = [0u8; 8];
+    let got = std::io::Read::read(&mut via_mesh, &mut buf);
+    assert!(
+        !matches!(got, Ok(n) if n > 0),
+        "data from sleep's outbound listener"
+    );
+    // The HBONE listener answers only mutual TLS (curl without a client certificate fails).
+    let out = mesh_tests::netns::exec(
+        &other,
+        "curl",
+        &[
+            "-sk",
+            "--max-time",
+            "5",
+            &format!("https://{sleep_ip}:15008/"),
+        ],
+    )
+    .unwrap();
+    assert!(
+        !out.status.success(),
+        "HBONE without a client certificate was accepted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_claimed_in_headers_is_ignored() {
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("echo", "node2", "echo"),
+    ];
+    let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    mesh.topo.add_outside_host("attacker").unwrap();
+    // Only the sleep service account may reach echo.
+    mesh.policies = "  - name: only-sleep\n    namespace: default\n    scope: Namespace\n    action: Allow\n    rules:\n      - - - principals:\n              - Exact: cluster.local/ns/default/sa/sleep\n".into();
+    let dst = SocketAddr::new(mesh.ip("echo").into(), 8080);
+    let server = AppServer::start(&mesh.netns("echo"), "echo", dst).unwrap();
+    mesh.start().unwrap();
+
+    // A valid certificate for another service account, with headers that claim sleep.
+    let other = mesh
+        .ca()
+        .sign(
+            &"spiffe://cluster.local/ns/default/sa/other"
+                .parse()
+                .unwrap(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let status = mesh_tests::mesh::connect_status_with_headers(
+        &mesh,
+        "attacker",
+        &other,
+        "spiffe://cluster.local/ns/default/sa/echo".parse().unwrap(),
+        SocketAddr::new(mesh.ip("echo").into(), 15008),
+        dst,
+        &[
+            (
+                "baggage",
+                "k8s.namespace.name=default,k8s.pod.name=sleep,service.name=sleep",
+            ),
+            (
+                "x-forwarded-client-cert",
+                "URI=spiffe://cluster.local/ns/default/sa/sleep",
+            ),
+            ("forwarded", &format!("for=\"{}:1234\"", mesh.ip("sleep"))),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status,
+        http::StatusCode::UNAUTHORIZED,
+        "a claimed identity was accepted"
+    );
+    assert!(server.peers().is_empty());
+    // The real sleep certificate is admitted.
+    let sleep = mesh
+        .ca()
+        .sign(
+            &"spiffe://cluster.local/ns/default/sa/sleep"
+                .parse()
+                .unwrap(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    tunnel(
+        &mesh,
+        "attacker",
+        &sleep,
+        "spiffe://cluster.local/ns/default/sa/echo".parse().unwrap(),
+        SocketAddr::new(mesh.ip("echo").into(), 15008),
+        dst,
+    )
+    .await
+    .expect("the real identity was refused");
+}
