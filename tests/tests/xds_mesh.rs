@@ -236,6 +236,15 @@ fn traffic_is_unaffected_while_the_control_plane_is_away() {
             .wait_for_log("keeping the last good state", EFFECT)
             .unwrap();
     }
+    // The outage shows in each node's metrics.
+    for node in ["node1", "node2"] {
+        let metrics = mesh_tests::operator::scrape(&f.mesh, node);
+        assert_eq!(
+            mesh_tests::operator::sample(&metrics, "ztunnel_control_plane_connected", &[]),
+            0,
+            "{node}"
+        );
+    }
     // Nothing changes for traffic: new connections, the service, the open connection.
     for _ in 0..5 {
         assert!(works(&f.mesh, "sleep", echo2));
@@ -248,6 +257,14 @@ fn traffic_is_unaffected_while_the_control_plane_is_away() {
     wait_until(EFFECT, || f.mesh.xds().streams_opened() >= opened + 2)
         .expect("ztunnels did not reconnect");
     f.mesh.wait_xds_applied().unwrap();
+    for node in ["node1", "node2"] {
+        let metrics = mesh_tests::operator::scrape(&f.mesh, node);
+        assert_eq!(
+            mesh_tests::operator::sample(&metrics, "ztunnel_control_plane_connected", &[]),
+            1,
+            "{node}"
+        );
+    }
     exchange(&mut long_lived, b"after");
     assert!(works(&f.mesh, "sleep", echo2));
     f.mesh

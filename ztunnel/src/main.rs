@@ -148,10 +148,9 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
                 .unwrap_or_default(),
             watch.stats(),
         ),
-        source::Running::Xds(_) => SourceInfo::new(
-            "xds",
+        source::Running::Xds(client) => SourceInfo::xds(
             config.xds_address.as_deref().unwrap_or_default(),
-            Arc::new(source::watch::SourceStats::default()),
+            client.stats(),
         ),
     };
     let _versions = source.follow(proxy.state.clone());

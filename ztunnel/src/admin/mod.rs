@@ -45,17 +45,29 @@ pub struct SourceInfo {
     /// The file path or the server address.
     pub location: String,
     pub stats: Arc<SourceStats>,
+    /// The xDS client's own counters and connection state (xDS mode).
+    pub xds: Option<Arc<crate::source::xds::XdsStats>>,
     /// States published since start (the initial one is 1).
     version: AtomicU64,
     last_update: Mutex<SystemTime>,
 }
 
 impl SourceInfo {
+    /// A source fed by xDS: updates are the ACKed and NACKed responses.
+    pub fn xds(location: &str, stats: Arc<crate::source::xds::XdsStats>) -> Arc<SourceInfo> {
+        let mut info = SourceInfo::new("xds", location, Arc::new(SourceStats::default()));
+        if let Some(info) = Arc::get_mut(&mut info) {
+            info.xds = Some(stats);
+        }
+        info
+    }
+
     pub fn new(kind: &str, location: &str, stats: Arc<SourceStats>) -> Arc<SourceInfo> {
         Arc::new(SourceInfo {
             kind: kind.to_owned(),
             location: location.to_owned(),
             stats,
+            xds: None,
             version: AtomicU64::new(1),
             last_update: Mutex::new(SystemTime::now()),
         })
@@ -186,10 +198,16 @@ impl Agent {
                 })
                 .set(time::unix(cert.not_after));
         }
-        for (result, value) in [
-            ("applied", self.source.stats.applied()),
-            ("rejected", self.source.stats.rejected()),
-        ] {
+        let (applied, rejected) = match &self.source.xds {
+            Some(xds) => (xds.acks(), xds.nacks()),
+            None => (self.source.stats.applied(), self.source.stats.rejected()),
+        };
+        if let Some(xds) = &self.source.xds {
+            agent
+                .control_plane_connected
+                .set(i64::from(xds.connected()));
+        }
+        for (result, value) in [("applied", applied), ("rejected", rejected)] {
             mirror(
                 &agent
                     .config_updates

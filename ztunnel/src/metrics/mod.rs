@@ -71,6 +71,8 @@ pub struct Agent {
     /// Pods this node should capture and does not (enrolment failed or pending).
     pub pods_not_captured: Gauge,
     pub capture_namespaces: Gauge,
+    /// 1 while the xDS stream to the control plane is up, 0 while it is not (xDS mode only).
+    pub control_plane_connected: Gauge,
 }
 
 /// Every metric of one ztunnel, registered once.
@@ -171,6 +173,11 @@ impl Metrics {
             "ztunnel_capture_namespaces",
             "Network namespaces in the eBPF outbound capture map",
             agent.capture_namespaces.clone(),
+        );
+        registry.register(
+            "ztunnel_control_plane_connected",
+            "1 while the xDS stream to the control plane is up, else 0 (xDS mode)",
+            agent.control_plane_connected.clone(),
         );
         Metrics {
             registry,

@@ -107,6 +107,7 @@ pub struct XdsConfig {
 /// Counters about the client, for metrics and tests.
 #[derive(Debug, Default)]
 pub struct XdsStats {
+    connected: std::sync::atomic::AtomicBool,
     streams: AtomicU64,
     responses: AtomicU64,
     acks: AtomicU64,
@@ -115,6 +116,10 @@ pub struct XdsStats {
 }
 
 impl XdsStats {
+    /// Whether a stream to the control plane is up right now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
     /// Streams established (1 + reconnections).
     pub fn streams(&self) -> u64 {
         self.streams.load(Ordering::Relaxed)
@@ -181,6 +186,7 @@ async fn run(config: XdsConfig, tx: watch::Sender<Arc<State>>, stats: Arc<XdsSta
     let mut base = config.backoff.initial;
     loop {
         let result = stream(&config, &mut store, &tx, &stats).await;
+        stats.connected.store(false, Ordering::Relaxed);
         if tx.is_closed() {
             return;
         }
@@ -234,6 +240,7 @@ async fn stream(
         .await?
         .into_inner();
     stats.streams.fetch_add(1, Ordering::Relaxed);
+    stats.connected.store(true, Ordering::Relaxed);
     info!(address = %config.target.address, "xDS stream established");
 
     let mut delivered = false;
