@@ -4,10 +4,12 @@
 //! - `test`: prereqs, format and lint checks, build, then the whole test suite.
 //! - `demo`: prereqs, build, then a mesh of nodes and pods on this machine.
 //! - `soak`: the long versions of the load and upgrade tests.
+//! - `fuzz`: every fuzz target of `ztunnel/fuzz` for a bounded time (`test` runs it short).
 //!
 //! xtask depends on nothing of the workspace, so it builds on a machine that cannot build the
 //! eBPF programs yet, and can install what they need.
 
+mod fuzz;
 mod prereqs;
 
 use std::process::{Command, ExitCode};
@@ -44,6 +46,15 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Run each fuzz target (ztunnel/fuzz) for a bounded time, from the corpus in the
+    /// repository; fails on the first crash, leaving the input in ztunnel/fuzz/artifacts.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +64,9 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Demo { args } => demo(&args),
         Task::Soak { args } => soak(&args),
+        Task::Fuzz { seconds, targets } => {
+            prereqs::install().and_then(|()| fuzz::run(seconds, &targets))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -75,7 +89,12 @@ fn test(args: &[String]) -> Result<()> {
     let mut run = vec!["nextest", "run", "--no-fail-fast"];
     run.extend(args.iter().map(String::as_str));
     println!("==> cargo {}", run.join(" "));
-    cargo(&run)
+    cargo(&run)?;
+    // A filtered run is someone iterating on a few tests: no fuzzing then.
+    if args.is_empty() {
+        fuzz::run(fuzz::CI_SECONDS, &[])?;
+    }
+    Ok(())
 }
 
 fn demo(args: &[String]) -> Result<()> {

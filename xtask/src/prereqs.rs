@@ -20,6 +20,8 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
+/// cargo-fuzz 0.13 builds on Rust 1.95 (0.13.2 checked).
+const CARGO_FUZZ_VERSION: &str = "0.13";
 
 pub fn install() -> Result<()> {
     check_system()?;
@@ -27,6 +29,7 @@ pub fn install() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     nextest()?;
+    cargo_fuzz()?;
     Ok(())
 }
 
@@ -166,6 +169,26 @@ fn nextest() -> Result<()> {
     }
     progress("cargo-nextest", "installing");
     run("cargo", &["install", "cargo-nextest", "--locked"])
+}
+
+fn cargo_fuzz() -> Result<()> {
+    if let Ok(version) = output("cargo", &["fuzz", "--version"])
+        && version.contains(&format!(" {CARGO_FUZZ_VERSION}."))
+    {
+        progress("cargo-fuzz", &format!("ok ({})", version.trim()));
+        return Ok(());
+    }
+    progress("cargo-fuzz", &format!("installing {CARGO_FUZZ_VERSION}"));
+    run(
+        "cargo",
+        &[
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            &format!("^{CARGO_FUZZ_VERSION}"),
+        ],
+    )
 }
 
 fn output(program: &str, args: &[&str]) -> Result<String> {
