@@ -5,10 +5,12 @@
 //! - `demo`: prereqs, build, then a mesh of nodes and pods on this machine.
 //! - `soak`: the long versions of the load and upgrade tests.
 //! - `bench`: prereqs, release build, then the L4 benchmark (direct vs mesh vs same-node).
+//! - `fuzz`: every fuzz target of `ztunnel/fuzz` for a bounded time.
 //!
 //! xtask depends on nothing of the workspace, so it builds on a machine that cannot build the
 //! eBPF programs yet, and can install what they need.
 
+mod fuzz;
 mod prereqs;
 
 use std::process::{Command, ExitCode};
@@ -52,6 +54,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run each fuzz target (ztunnel/fuzz) for a bounded time, from the corpus in the
+    /// repository; fails on the first crash, leaving the input in ztunnel/fuzz/artifacts.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +73,9 @@ fn main() -> ExitCode {
         Task::Demo { args } => demo(&args),
         Task::Soak { args } => soak(&args),
         Task::Bench { args } => bench(&args),
+        Task::Fuzz { seconds, targets } => prereqs::install()
+            .and_then(|()| prereqs::cargo_fuzz())
+            .and_then(|()| fuzz::run(seconds, &targets)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,6 +32,8 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
+/// cargo-fuzz 0.13 builds on Rust 1.95 (0.13.2 checked).
+const CARGO_FUZZ_VERSION: &str = "0.13";
 
 pub fn install() -> Result<()> {
     check_system()?;
@@ -178,6 +180,27 @@ fn nextest() -> Result<()> {
     }
     progress("cargo-nextest", "installing");
     run("cargo", &["install", "cargo-nextest", "--locked"])
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` only (not needed by the test suite).
+pub fn cargo_fuzz() -> Result<()> {
+    if let Ok(version) = output("cargo", &["fuzz", "--version"])
+        && version.contains(&format!(" {CARGO_FUZZ_VERSION}."))
+    {
+        progress("cargo-fuzz", &format!("ok ({})", version.trim()));
+        return Ok(());
+    }
+    progress("cargo-fuzz", &format!("installing {CARGO_FUZZ_VERSION}"));
+    run(
+        "cargo",
+        &[
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            &format!("^{CARGO_FUZZ_VERSION}"),
+        ],
+    )
 }
 
 fn output(program: &str, args: &[&str]) -> Result<String> {
