@@ -1,6 +1,6 @@
 //! `cargo xtask fuzz`: builds the cargo-fuzz targets of `ztunnel/fuzz` (AddressSanitizer,
 //! libFuzzer) and runs each for a bounded time, starting from the corpus kept in the
-//! repository. [`CI_SECONDS`] is the bounded run meant for CI once the build time allows it.
+//! repository.
 //!
 //! cargo-fuzz passes `-Z` flags to rustc, which stable Rust refuses unless
 //! `RUSTC_BOOTSTRAP=1`: it is set for the cargo-fuzz processes only, never for the
@@ -15,9 +15,6 @@ use anyhow::{Context as _, Result, bail};
 
 /// The fuzz targets, one per hostile input (`ztunnel/fuzz/fuzz_targets/<name>.rs`).
 pub const TARGETS: &[&str] = &["hbone_request", "local_config", "xds_resource", "cert_san"];
-
-/// Seconds per target in `cargo xtask test`.
-pub const CI_SECONDS: u64 = 15;
 
 /// More codegen units than cargo-fuzz's default of 1: the build is several times faster
 /// and the fuzzers barely slower, which is the right trade for bounded runs.
