@@ -49,7 +49,7 @@ enum Task {
     },
     /// Build release binaries and run the L4 benchmark: direct vs mesh vs same-node mesh,
     /// with ztunnel CPU and memory. Writes `target/bench/{results.json,results.md,bench.svg}`
-    /// and updates `docs/bench.svg`. Arguments go to the benchmark (`-- --help` lists them).
+    /// and updates `tests/bench/bench.svg`. Arguments go to the benchmark (`-- --help` lists them).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -168,11 +168,11 @@ fn bench(args: &[String]) -> Result<()> {
     cargo(&run)?;
     let svg = out.join("bench.svg");
     if svg.exists() {
-        let docs = root.join("docs");
+        let docs = root.join("tests").join("bench");
         std::fs::create_dir_all(&docs)?;
         std::fs::copy(&svg, docs.join("bench.svg"))
-            .with_context(|| format!("copying {} to docs/", svg.display()))?;
-        println!("==> docs/bench.svg updated (the README embeds it)");
+            .with_context(|| format!("copying {} to tests/bench/", svg.display()))?;
+        println!("==> tests/bench/bench.svg updated (the README embeds it)");
     }
     Ok(())
 }
