@@ -440,3 +440,28 @@ pub async fn tunnel(
     pool.connect(key, authority, &ConnectHeaders::default(), connect, tls)
         .await
 }
+
+/// Writes a certificate chain and key as PEM files (`<name>.crt`, `<name>.key` in `dir`), for
+/// clients such as curl.
+pub fn write_pem(
+    dir: &std::path::Path,
+    name: &str,
+    cert: &ztunnel::identity::WorkloadCert,
+) -> io::Result<(PathBuf, PathBuf)> {
+    let chain: String = cert
+        .chain
+        .iter()
+        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref().to_vec())))
+        .collect();
+    let key = pem::encode(&pem::Pem::new(
+        "PRIVATE KEY",
+        cert.key().secret_der().to_vec(),
+    ));
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, chain)?;
+    std::fs::write(&k, key)?;
+    Ok((c, k))
+}

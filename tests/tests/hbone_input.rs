@@ -3,15 +3,15 @@
 //! well-behaved peers keep working.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use mesh_tests::mesh::{Mesh, PodSpec, tunnel};
+use mesh_tests::mesh::{Mesh, PodSpec, tunnel, write_pem};
 use mesh_tests::netns::exec;
 use mesh_tests::traffic::{AppServer, echo_roundtrip};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ztunnel::hbone::HboneError;
-use ztunnel::identity::{Identity, LocalCa, WorkloadCert};
+use ztunnel::identity::{Identity, LocalCa};
 
 fn mesh() -> (Mesh, AppServer) {
     let pods = vec![
@@ -36,26 +36,6 @@ fn hbone(mesh: &Mesh, pod: &str) -> SocketAddr {
 
 fn id(s: &str) -> Identity {
     s.parse().unwrap()
-}
-
-/// Writes a certificate chain and key as PEM files for curl.
-fn write_pem(dir: &Path, name: &str, cert: &WorkloadCert) -> (PathBuf, PathBuf) {
-    let chain: String = cert
-        .chain
-        .iter()
-        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref().to_vec())))
-        .collect();
-    let key = pem::encode(&pem::Pem::new(
-        "PRIVATE KEY",
-        cert.key().secret_der().to_vec(),
-    ));
-    let (c, k) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&c, chain).unwrap();
-    std::fs::write(&k, key).unwrap();
-    (c, k)
 }
 
 fn curl_with_cert(mesh: &Mesh, cert: &(PathBuf, PathBuf), url: &str) -> (bool, String) {
@@ -100,7 +80,7 @@ fn certificates_from_another_trust_domain_expired_or_plain_http2_are_refused() {
             Duration::from_secs(600),
         )
         .unwrap();
-    let good = write_pem(&dir, "good", &good);
+    let good = write_pem(&dir, "good", &good).unwrap();
     assert_eq!(curl_with_cert(&mesh, &good, &url), (true, "405".to_owned()));
 
     // Another trust domain's CA.
@@ -111,7 +91,7 @@ fn certificates_from_another_trust_domain_expired_or_plain_http2_are_refused() {
             Duration::from_secs(600),
         )
         .unwrap();
-    let evil = write_pem(&dir, "evil", &evil);
+    let evil = write_pem(&dir, "evil", &evil).unwrap();
     let (ok, _) = curl_with_cert(&mesh, &evil, &url);
     assert!(!ok, "a certificate from another CA was accepted");
 
@@ -125,7 +105,7 @@ fn certificates_from_another_trust_domain_expired_or_plain_http2_are_refused() {
             now - Duration::from_secs(3600),
         )
         .unwrap();
-    let expired = write_pem(&dir, "expired", &expired);
+    let expired = write_pem(&dir, "expired", &expired).unwrap();
     let (ok, _) = curl_with_cert(&mesh, &expired, &url);
     assert!(!ok, "an expired certificate was accepted");
 

@@ -4,14 +4,13 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mesh_tests::mesh::{Mesh, PodSpec, ServiceSpec, http_get};
+use mesh_tests::mesh::{Mesh, PodSpec, ServiceSpec, http_get, write_pem};
 use mesh_tests::operator::{admin_json, admin_request, cli, connections, sample, scrape};
 use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, payload};
 use mesh_tests::wait_until;
-use ztunnel::identity::{Identity, LocalCa, WorkloadCert};
+use ztunnel::identity::{Identity, LocalCa};
 
 const APP_PORT: u16 = 8080;
 const VIP: &str = "198.18.100.1";
@@ -388,26 +387,6 @@ fn readiness_names_a_pod_that_cannot_be_captured_and_admin_is_not_reachable_from
     }
 }
 
-/// Writes a certificate chain and key as PEM files for curl.
-fn write_pem(dir: &Path, name: &str, cert: &WorkloadCert) -> (PathBuf, PathBuf) {
-    let chain: String = cert
-        .chain
-        .iter()
-        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref().to_vec())))
-        .collect();
-    let key = pem::encode(&pem::Pem::new(
-        "PRIVATE KEY",
-        cert.key().secret_der().to_vec(),
-    ));
-    let (c, k) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&c, chain).unwrap();
-    std::fs::write(&k, key).unwrap();
-    (c, k)
-}
-
 #[test]
 fn denied_wrong_identity_and_unknown_destination_explain_themselves() {
     let mut f = fixture();
@@ -499,7 +478,8 @@ fn denied_wrong_identity_and_unknown_destination_explain_themselves() {
         &dir,
         "evil",
         &evil_ca.sign(&id, Duration::from_secs(600)).unwrap(),
-    );
+    )
+    .unwrap();
     let url = format!("https://{}:15008/", f.mesh.ip("echo2"));
     let out = mesh_tests::netns::exec(
         &f.mesh.topo.pod("outside").netns,
