@@ -27,6 +27,7 @@ fn main() -> ExitCode {
     let logging = init_logging(&config);
     raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(config.worker_threads))
         .enable_all()
         .thread_name("ztunnel")
         .build()

@@ -29,7 +29,7 @@ use tokio_rustls::TlsConnector;
 
 use super::request::{ConnectHeaders, build_connect};
 use super::stream::{H2Stream, OnDrop};
-use super::{CONNECTION_WINDOW, HboneError, STREAM_WINDOW};
+use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, STREAM_WINDOW, tls_io};
 use crate::identity::Identity;
 
 /// Which connections may be shared.
@@ -48,6 +48,7 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     pub stream_window: u32,
     pub connection_window: u32,
+    pub max_frame_size: u32,
     /// Bound on opening a connection (TCP, TLS, HTTP/2) and on waiting for a CONNECT's
     /// answer: a peer that stopped answering (dead node, lossy link) fails the tunnel
     /// instead of hanging it, and a pooled connection that timed out is dropped.
@@ -61,6 +62,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(300),
             stream_window: STREAM_WINDOW,
             connection_window: CONNECTION_WINDOW,
+            max_frame_size: MAX_FRAME_SIZE,
             connect_timeout: Duration::from_secs(10),
         }
     }
@@ -272,7 +274,7 @@ impl Pool {
         // The name is neither sent (no SNI) nor checked: the verifier checks the identity.
         let name = ServerName::IpAddress(addr.ip().into());
         let tls_stream = TlsConnector::from(tls)
-            .connect(name, tcp)
+            .connect(name, tls_io(tcp))
             .await
             .map_err(|e| HboneError::Tls {
                 addr,
@@ -282,6 +284,7 @@ impl Pool {
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(config.stream_window)
             .initial_connection_window_size(config.connection_window)
+            .max_frame_size(config.max_frame_size)
             .enable_push(false)
             .handshake::<_, Bytes>(tls_stream)
             .await

@@ -29,6 +29,21 @@ pub const HBONE_PORT: u16 = 15008;
 /// Flow-control windows (ztunnel's sizes): per stream and per connection.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest HTTP/2 frame either side accepts (Istio's ztunnel advertises the same). With the
+/// default 16 KiB, every DATA frame is its own TLS record and its own socket write; larger
+/// frames let one write carry several records.
+pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+/// Bytes read from the socket at once under TLS. rustls asks for 4 KiB at a time; this
+/// buffer turns four or more of those reads into one system call.
+pub(crate) const TLS_READ_BUFFER: usize = 64 * 1024;
+
+/// The TCP connection under an HBONE TLS session, read through [`TLS_READ_BUFFER`].
+pub type TlsIo = tokio::io::BufReader<tokio::net::TcpStream>;
+
+/// Wraps an HBONE TCP connection for TLS (see [`TlsIo`]).
+pub fn tls_io(tcp: tokio::net::TcpStream) -> TlsIo {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+}
 
 /// Why a tunnel could not be opened or served.
 #[derive(Debug, thiserror::Error)]

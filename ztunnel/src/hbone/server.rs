@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::request::validate;
 use super::stream::H2Stream;
-use super::{CONNECTION_WINDOW, HboneError, STREAM_WINDOW};
+use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, STREAM_WINDOW};
 use crate::identity::Identity;
 
 /// HTTP/2 server settings; defaults are Istio's.
@@ -27,6 +27,7 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     pub stream_window: u32,
     pub connection_window: u32,
+    pub max_frame_size: u32,
 }
 
 impl Default for ServerConfig {
@@ -35,6 +36,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: 200,
             stream_window: STREAM_WINDOW,
             connection_window: CONNECTION_WINDOW,
+            max_frame_size: MAX_FRAME_SIZE,
         }
     }
 }
@@ -145,6 +147,7 @@ where
         .max_concurrent_streams(config.max_concurrent_streams)
         .initial_window_size(config.stream_window)
         .initial_connection_window_size(config.connection_window)
+        .max_frame_size(config.max_frame_size)
         .handshake::<_, Bytes>(io)
         .await?;
     // `accept` also drives the connection's I/O for the streams already handed out, and

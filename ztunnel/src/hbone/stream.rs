@@ -60,6 +60,78 @@ impl H2Stream {
         }
     }
 
+    /// The next chunk of received bytes, as h2 received it (no copy); `None` at end of
+    /// stream. Its size goes back to the flow-control window at once: the caller holds one
+    /// chunk at a time.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.pending))));
+        }
+        loop {
+            if self.read_done {
+                return Poll::Ready(Ok(None));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                None => self.read_done = true,
+                Some(Ok(data)) => {
+                    // The bytes leave h2's buffer now, so the peer may send that much more.
+                    self.recv
+                        .flow_control()
+                        .release_capacity(data.len())
+                        .map_err(h2_to_io)?;
+                    if !data.is_empty() {
+                        return Poll::Ready(Ok(Some(data)));
+                    }
+                }
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) && e.is_reset() => {
+                    self.read_done = true;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+            }
+        }
+    }
+
+    /// Sends as much of `data` as the peer's flow-control window allows (at least one
+    /// byte, waiting for window if there is none), advancing `data` past it. The bytes are
+    /// handed to h2 as they are (no copy).
+    pub fn poll_send(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        if self.write_done {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if data.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        let n = ready!(self.poll_window(cx, data.len()))?;
+        self.send
+            .send_data(data.split_to(n), false)
+            .map_err(h2_to_io)?;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Waits until up to `want` bytes may be sent; returns how many.
+    fn poll_window(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        self.send.reserve_capacity(want);
+        let capacity = match self.send.capacity() {
+            0 => match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => return Poll::Ready(Err(closed_error(&mut self.send, cx))),
+            },
+            n => n,
+        };
+        Poll::Ready(Ok(capacity.min(want)))
+    }
+
+    /// Ends the sending direction with END_STREAM (a half-close); reading goes on.
+    pub fn finish(&mut self) -> io::Result<()> {
+        if !self.write_done {
+            self.write_done = true;
+            self.send.reserve_capacity(0);
+            self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+        }
+        Ok(())
+    }
+
     /// Aborts the tunnel with RST_STREAM(CANCEL), e.g. when the upstream connection failed.
     pub fn abort(&mut self) {
         self.send.send_reset(Reason::CANCEL);
@@ -100,32 +172,13 @@ impl AsyncRead for H2Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        loop {
-            if !this.pending.is_empty() {
-                let n = this.pending.len().min(buf.remaining());
-                buf.put_slice(&this.pending[..n]);
-                this.pending.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            if this.read_done {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.recv.poll_data(cx)) {
-                None => this.read_done = true,
-                Some(Ok(data)) => {
-                    // The bytes leave h2's buffer now, so the peer may send that much more.
-                    this.recv
-                        .flow_control()
-                        .release_capacity(data.len())
-                        .map_err(h2_to_io)?;
-                    this.pending = data;
-                }
-                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) && e.is_reset() => {
-                    this.read_done = true;
-                }
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-            }
+        if let Some(mut chunk) = ready!(this.poll_chunk(cx))? {
+            let n = chunk.len().min(buf.remaining());
+            buf.put_slice(&chunk[..n]);
+            chunk.advance(n);
+            this.pending = chunk;
         }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -142,16 +195,7 @@ impl AsyncWrite for H2Stream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        this.send.reserve_capacity(buf.len());
-        let capacity = match this.send.capacity() {
-            0 => match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(n)) => n,
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => return Poll::Ready(Err(closed_error(&mut this.send, cx))),
-            },
-            n => n,
-        };
-        let n = capacity.min(buf.len());
+        let n = ready!(this.poll_window(cx, buf.len()))?;
         this.send
             .send_data(Bytes::copy_from_slice(&buf[..n]), false)
             .map_err(h2_to_io)?;
@@ -164,13 +208,7 @@ impl AsyncWrite for H2Stream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.write_done {
-            this.write_done = true;
-            this.send.reserve_capacity(0);
-            this.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
-        }
-        Poll::Ready(Ok(()))
+        Poll::Ready(self.get_mut().finish())
     }
 }
 

@@ -9,7 +9,7 @@ use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::copy::{Reset as _, Stats, relay};
+use super::copy::{Side as _, Stats, relay};
 use super::pods::Pod;
 use super::tracker::{ConnMeta, ConnPath, Outcome, Policy, Tracked};
 use super::{DELIVERY_SOURCE, DELIVERY_SOURCE_V6, Proxy};
@@ -71,7 +71,10 @@ async fn serve_hbone(
         .await
         .map_err(|e| ("certificate", e.to_string()))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let handshake = tokio::time::timeout(proxy.handshake_timeout, acceptor.accept(conn));
+    let handshake = tokio::time::timeout(
+        proxy.handshake_timeout,
+        acceptor.accept(hbone::tls_io(conn)),
+    );
     let stream = handshake
         .await
         .map_err(|_| ("tls_handshake", "TLS handshake timed out".to_owned()))?
@@ -169,12 +172,7 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
                 ));
                 return;
             };
-            let result = relay(
-                &proxy.stats,
-                &mut tracked.counting(&mut tunnel),
-                &mut upstream,
-            )
-            .await;
+            let result = relay(&proxy.stats, &tracked, &mut tunnel, &mut upstream).await;
             if let Err(err) = &result {
                 debug!(%dst, %err, "HBONE stream ended with an error");
                 tunnel.reset();
@@ -262,12 +260,7 @@ pub(super) async fn plaintext_loop(
                     tracked.finish(outcome(status, reason));
                 }
                 Ok(mut upstream) => {
-                    let result = relay(
-                        &proxy.stats,
-                        &mut tracked.counting(&mut conn),
-                        &mut upstream,
-                    )
-                    .await;
+                    let result = relay(&proxy.stats, &tracked, &mut conn, &mut upstream).await;
                     if result.is_err() {
                         conn.reset();
                         upstream.reset();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use super::copy::{Reset as _, Stats, relay};
+use super::copy::{Side as _, Stats, relay};
 use super::tracker::{ConnMeta, ConnPath, Outcome, Policy, Tracked};
 use super::{Proxy, hbone_addr, inbound};
 use crate::capture::Netns;
@@ -123,12 +123,7 @@ async fn handle(
                 return Err(failed(tracked, Outcome::ConnectFailed(reason)));
             }
         };
-        let result = relay(
-            &proxy.stats,
-            &mut tracked.counting(&mut conn),
-            &mut upstream,
-        )
-        .await;
+        let result = relay(&proxy.stats, &tracked, &mut conn, &mut upstream).await;
         if result.is_err() {
             conn.reset();
             upstream.reset();
@@ -158,12 +153,7 @@ async fn handle(
                 return Err(failed(tracked, inbound::outcome(status, reason)));
             }
         };
-        let result = relay(
-            &proxy.stats,
-            &mut tracked.counting(&mut conn),
-            &mut upstream,
-        )
-        .await;
+        let result = relay(&proxy.stats, &tracked, &mut conn, &mut upstream).await;
         if result.is_err() {
             conn.reset();
             upstream.reset();
@@ -214,7 +204,7 @@ async fn handle(
         }
     };
     debug!(src = %src.name, dst = %addr, via = %peer, "HBONE");
-    let result = relay(&proxy.stats, &mut tracked.counting(&mut conn), &mut tunnel).await;
+    let result = relay(&proxy.stats, &tracked, &mut conn, &mut tunnel).await;
     if result.is_err() {
         conn.reset();
         tunnel.reset();

@@ -9,15 +9,12 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::identity::Identity;
 use crate::metrics::traffic::Peer;
@@ -453,11 +450,14 @@ impl Tracked {
     }
 
     /// Wraps the client side of the relay so its bytes are counted as they move.
-    pub fn counting<S>(&self, client: S) -> Counted<S> {
-        Counted {
-            inner: client,
-            record: self.record.clone(),
-        }
+    /// Client-to-server bytes, as they are read from the client.
+    pub(super) fn add_received(&self, n: u64) {
+        self.record.add_received(n);
+    }
+
+    /// Server-to-client bytes, as they are written to the client.
+    pub(super) fn add_sent(&self, n: u64) {
+        self.record.add_sent(n);
     }
 
     pub fn finish(mut self, outcome: Outcome) {
@@ -479,68 +479,6 @@ impl Drop for Tracked {
         if !self.done {
             self.tracker.close(&self.record, &Outcome::Aborted);
         }
-    }
-}
-
-/// The client side of a relayed connection: reads are client-to-server bytes, writes
-/// server-to-client bytes.
-#[derive(Debug)]
-pub struct Counted<S> {
-    inner: S,
-    record: Arc<Record>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            self.record
-                .add_received((buf.filled().len() - before) as u64);
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.record.add_sent(n as u64);
-        }
-        polled
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.record.add_sent(n as u64);
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -53,6 +53,16 @@ struct Args {
     /// Where results.json, bench.svg and results.md go (default: `<target>/bench`).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Only these paths (for profiling one; the ratios need `direct`).
+    #[arg(long, value_delimiter = ',', default_values_t = ["direct", "mesh", "same-node"].map(String::from))]
+    paths: Vec<String>,
+    /// Only these workloads: `tput` (iperf3), `rtt` (sockperf), `conn` (wrk, Connection:
+    /// close), `ka` (wrk keep-alive).
+    #[arg(long, value_delimiter = ',', default_values_t = ["tput", "rtt", "conn", "ka"].map(String::from))]
+    workloads: Vec<String>,
+    /// Extra ztunnel arguments, e.g. `--ztunnel-arg=--worker-threads=1` (repeatable).
+    #[arg(long, allow_hyphen_values = true)]
+    ztunnel_arg: Vec<String>,
 }
 
 /// One compared path: who connects to whom.
@@ -124,6 +134,7 @@ fn bench(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     mesh.namespaces.push(("plain".to_owned(), None));
     // One log line per connection would be measured along with the proxy.
     mesh.log_filter = "info".to_owned();
+    mesh.ztunnel_args.clone_from(&args.ztunnel_arg);
     for pod in mesh.topo.pods() {
         println!("   {:<13} on {} ip {}", pod.name, pod.node, pod.ip);
         tune_pod(&pod.netns)?;
@@ -226,8 +237,11 @@ fn bench(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let time = Duration::from_secs(args.seconds);
     for run in 1..=args.runs {
         say(&format!("run {run} of {}", args.runs));
-        for path in &paths {
-            measure(path, &ztunnels, time, args.connections, &mut figures)?;
+        for path in paths
+            .iter()
+            .filter(|p| args.paths.iter().any(|n| n == p.name))
+        {
+            measure(path, &ztunnels, time, args, &mut figures)?;
         }
     }
     for (node, pid) in &ztunnels {
@@ -316,9 +330,11 @@ fn measure(
     path: &Path,
     ztunnels: &[(String, u32)],
     time: Duration,
-    connections: u32,
+    args: &Args,
     f: &mut Figures,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let connections = args.connections;
+    let runs = |workload: &str| args.workloads.iter().any(|w| w == workload);
     let meshed = path.name != "direct";
     let netns = &path.client_netns;
     // Records the CPU the ztunnels used since `before`, divided by `per`, for a mesh path.
@@ -344,7 +360,8 @@ fn measure(
         Ok(())
     };
 
-    for (streams, tput, cpu_key) in [(1, "tput_1", "cpu_per_gb_1"), (8, "tput_8", "cpu_per_gb_8")] {
+    let bulk = [(1, "tput_1", "cpu_per_gb_1"), (8, "tput_8", "cpu_per_gb_8")];
+    for (streams, tput, cpu_key) in bulk.into_iter().filter(|_| runs("tput")) {
         let before = cpu_now(ztunnels)?;
         let t = load::iperf3(
             netns,
@@ -360,50 +377,56 @@ fn measure(
         );
     }
 
-    let rt = load::sockperf(
-        netns,
-        SocketAddr::new(path.server.into(), SOCKPERF_PORT),
-        time,
-    )?;
-    f.record(path.name, "rtt_p50", rt.p50_us);
-    f.record(path.name, "rtt_p99", rt.p99_us);
-    f.record(path.name, "rtt_p999", rt.p999_us);
-    println!(
-        "   {:<9} 1 KiB round trips: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us",
-        path.name, rt.p50_us, rt.p99_us, rt.p999_us
-    );
-
-    let before = cpu_now(ztunnels)?;
-    let close = load::wrk(netns, &url(path), connections / 2, true, time)?;
-    cpu(f, "cpu_per_1k_conn", &before, close.requests / 1000.0)?;
-    f.record(path.name, "conn_rate", close.requests_per_s);
-    if close.errors > 0.0 {
-        f.warnings.push(format!(
-            "{}: wrk Connection: close had {} errors",
-            path.name, close.errors
-        ));
+    if runs("rtt") {
+        let rt = load::sockperf(
+            netns,
+            SocketAddr::new(path.server.into(), SOCKPERF_PORT),
+            time,
+        )?;
+        f.record(path.name, "rtt_p50", rt.p50_us);
+        f.record(path.name, "rtt_p99", rt.p99_us);
+        f.record(path.name, "rtt_p999", rt.p999_us);
+        println!(
+            "   {:<9} 1 KiB round trips: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us",
+            path.name, rt.p50_us, rt.p99_us, rt.p999_us
+        );
     }
-    println!(
-        "   {:<9} new connections: {:.0}/s",
-        path.name, close.requests_per_s
-    );
 
-    let before = cpu_now(ztunnels)?;
-    let ka = load::wrk(netns, &url(path), connections, false, time)?;
-    cpu(f, "cpu_per_1k_req", &before, ka.requests / 1000.0)?;
-    f.record(path.name, "ka_rps", ka.requests_per_s);
-    f.record(path.name, "ka_p50", ka.p50_ms);
-    f.record(path.name, "ka_p99", ka.p99_ms);
-    if ka.errors > 0.0 {
-        f.warnings.push(format!(
-            "{}: wrk keep-alive had {} errors",
-            path.name, ka.errors
-        ));
+    if runs("conn") {
+        let before = cpu_now(ztunnels)?;
+        let close = load::wrk(netns, &url(path), connections / 2, true, time)?;
+        cpu(f, "cpu_per_1k_conn", &before, close.requests / 1000.0)?;
+        f.record(path.name, "conn_rate", close.requests_per_s);
+        if close.errors > 0.0 {
+            f.warnings.push(format!(
+                "{}: wrk Connection: close had {} errors",
+                path.name, close.errors
+            ));
+        }
+        println!(
+            "   {:<9} new connections: {:.0}/s",
+            path.name, close.requests_per_s
+        );
     }
-    println!(
-        "   {:<9} keep-alive: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
-        path.name, ka.requests_per_s, ka.p50_ms, ka.p99_ms
-    );
+
+    if runs("ka") {
+        let before = cpu_now(ztunnels)?;
+        let ka = load::wrk(netns, &url(path), connections, false, time)?;
+        cpu(f, "cpu_per_1k_req", &before, ka.requests / 1000.0)?;
+        f.record(path.name, "ka_rps", ka.requests_per_s);
+        f.record(path.name, "ka_p50", ka.p50_ms);
+        f.record(path.name, "ka_p99", ka.p99_ms);
+        if ka.errors > 0.0 {
+            f.warnings.push(format!(
+                "{}: wrk keep-alive had {} errors",
+                path.name, ka.errors
+            ));
+        }
+        println!(
+            "   {:<9} keep-alive: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+            path.name, ka.requests_per_s, ka.p50_ms, ka.p99_ms
+        );
+    }
     Ok(())
 }
 
