@@ -367,6 +367,30 @@ pub fn http_get(netns: &str, addr: SocketAddr, path: &str) -> io::Result<(u16, S
     })?
 }
 
+/// An mTLS connection (ALPN `h2`) from namespace `from` with `cert` to `peer` (an
+/// `ip:15008`), which must prove `server`: what lies under HBONE, for tests that speak
+/// HTTP/2 over it themselves.
+pub async fn mtls_connect(
+    mesh: &Mesh,
+    from: &str,
+    cert: &ztunnel::identity::WorkloadCert,
+    server: ztunnel::identity::Identity,
+    peer: SocketAddr,
+) -> io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tls =
+        ztunnel::tls::client_config(cert, &mesh.ca().roots(), server).map_err(io::Error::other)?;
+    let netns = mesh.topo.pod(from).netns.clone();
+    let std = in_netns(&netns, move || {
+        TcpStream::connect_timeout(&peer, Duration::from_secs(5))
+    })??;
+    std.set_nonblocking(true)?;
+    let tcp = tokio::net::TcpStream::from_std(std)?;
+    let name = rustls::pki_types::ServerName::IpAddress(peer.ip().into());
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+}
+
 /// Sends one CONNECT for `authority` with extra request `headers`, over mTLS with `cert`
 /// from namespace `from` to `peer`, and returns the status the peer answered.
 pub async fn connect_status_with_headers(
@@ -378,18 +402,7 @@ pub async fn connect_status_with_headers(
     authority: SocketAddr,
     headers: &[(&str, &str)],
 ) -> io::Result<http::StatusCode> {
-    let tls =
-        ztunnel::tls::client_config(cert, &mesh.ca().roots(), server).map_err(io::Error::other)?;
-    let netns = mesh.topo.pod(from).netns.clone();
-    let std = in_netns(&netns, move || {
-        TcpStream::connect_timeout(&peer, Duration::from_secs(5))
-    })??;
-    std.set_nonblocking(true)?;
-    let tcp = tokio::net::TcpStream::from_std(std)?;
-    let name = rustls::pki_types::ServerName::IpAddress(peer.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await?;
+    let tls = mtls_connect(mesh, from, cert, server, peer).await?;
     let (send, connection) = h2::client::handshake(tls).await.map_err(io::Error::other)?;
     tokio::spawn(connection);
     let mut send = send.ready().await.map_err(io::Error::other)?;

@@ -8,7 +8,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use mesh_tests::mesh::{Mesh, PodSpec};
+use mesh_tests::mesh::{Mesh, PodSpec, mtls_connect};
 use mesh_tests::netns::in_netns;
 use mesh_tests::traffic::{AppServer, connect, echo_roundtrip};
 
@@ -165,17 +165,8 @@ async fn an_http2_rapid_reset_flood_is_cut_off_and_others_keep_flowing() {
         .unwrap();
     let server_id: ztunnel::identity::Identity =
         "spiffe://cluster.local/ns/default/sa/echo".parse().unwrap();
-    let tls = ztunnel::tls::client_config(&client, &mesh.ca().roots(), server_id).unwrap();
     let hbone = addr(&mesh, "echo", 15008);
-    let attacker = mesh.topo.pod("attacker").netns.clone();
-    let tcp = in_netns(&attacker, move || TcpStream::connect(hbone))
-        .unwrap()
-        .unwrap();
-    tcp.set_nonblocking(true).unwrap();
-    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
-    let name = rustls::pki_types::ServerName::IpAddress(hbone.ip().into());
-    let tls = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
+    let tls = mtls_connect(&mesh, "attacker", &client, server_id, hbone)
         .await
         .unwrap();
     let (send, connection) = h2::client::handshake(tls).await.unwrap();

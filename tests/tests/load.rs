@@ -31,12 +31,7 @@ fn raise_fd_limit() -> u64 {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    mesh_tests::process::status_kib(pid, "VmRSS:")
 }
 
 /// An echo server process on `addr` inside `netns`.

@@ -65,6 +65,8 @@ pub enum HboneError {
         addr: SocketAddr,
         after: std::time::Duration,
     },
+    #[error("peer left a PING unanswered for {0:?}: it is gone or stopped reading")]
+    KeepaliveTimeout(std::time::Duration),
     #[error("tunnel denied by the destination (401)")]
     Denied,
     #[error("destination answered CONNECT with status {0}")]

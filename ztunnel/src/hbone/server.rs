@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -21,13 +22,30 @@ use super::stream::H2Stream;
 use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, STREAM_WINDOW};
 use crate::identity::Identity;
 
-/// HTTP/2 server settings; defaults are Istio's.
+/// HTTP/2 server settings; defaults are Istio's. Each bounds what one (authenticated but
+/// possibly hostile) peer can make this process hold.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// Streams open at once on one connection; a peer that opens more gets each extra one
+    /// refused with RST_STREAM(REFUSED_STREAM) (h2 answers a GOAWAY(ENHANCE_YOUR_CALM) after
+    /// 1,024 such refusals).
     pub max_concurrent_streams: u32,
     pub stream_window: u32,
     pub connection_window: u32,
     pub max_frame_size: u32,
+    /// Largest request header block (decoded, RFC 9113 SETTINGS_MAX_HEADER_LIST_SIZE) that is
+    /// read: a larger one is answered 431 without being kept; one four times larger, or a
+    /// block spread over more CONTINUATION frames than this size needs, ends the connection
+    /// with GOAWAY(ENHANCE_YOUR_CALM). h2's own default would be 16 MiB; CONNECT carries a
+    /// few short headers.
+    pub max_header_list_size: u32,
+    /// Bytes h2 queues per stream for a peer that does not open its flow-control window;
+    /// past that, writing to the tunnel waits, and so does reading from the application.
+    pub max_send_buffer_size: usize,
+    /// A PING is sent after this much time without one, and a peer that has not answered it
+    /// within twice this time is taken for dead or stalled (it stopped reading): the
+    /// connection is closed. `None`: never.
+    pub keepalive: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -37,6 +55,9 @@ impl Default for ServerConfig {
             stream_window: STREAM_WINDOW,
             connection_window: CONNECTION_WINDOW,
             max_frame_size: MAX_FRAME_SIZE,
+            max_header_list_size: 64 * 1024,
+            max_send_buffer_size: 400 * 1024,
+            keepalive: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -148,8 +169,11 @@ where
         .initial_window_size(config.stream_window)
         .initial_connection_window_size(config.connection_window)
         .max_frame_size(config.max_frame_size)
+        .max_header_list_size(config.max_header_list_size)
+        .max_send_buffer_size(config.max_send_buffer_size)
         .handshake::<_, Bytes>(io)
         .await?;
+    let mut keepalive = std::pin::pin!(keepalive(connection.ping_pong(), config.keepalive));
     // `accept` also drives the connection's I/O for the streams already handed out, and
     // returns `None` only once the connection is closed and its streams are done.
     loop {
@@ -159,6 +183,11 @@ where
                 going_away = true;
                 connection.graceful_shutdown();
                 continue;
+            }
+            unanswered = &mut keepalive => {
+                // The peer reads nothing (a GOAWAY would not reach it either): dropping the
+                // connection closes the socket and ends its streams.
+                return Err(HboneError::KeepaliveTimeout(unanswered));
             }
         };
         let Some(next) = next else { break };
@@ -184,4 +213,22 @@ where
         }
     }
     Ok(())
+}
+
+/// Pings the peer every `interval` and completes, with the time waited, when a PING stays
+/// unanswered for twice that. Pends forever when disabled or once the connection is closing
+/// (`accept` reports that).
+async fn keepalive(ping_pong: Option<h2::PingPong>, interval: Option<Duration>) -> Duration {
+    let (Some(mut ping_pong), Some(interval)) = (ping_pong, interval) else {
+        return std::future::pending().await;
+    };
+    let timeout = interval * 2;
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_closing)) => return std::future::pending().await,
+            Err(_) => return timeout,
+        }
+    }
 }

@@ -473,6 +473,60 @@ async fn idle_connections_are_released() {
     assert_eq!(server.accepts.load(Ordering::SeqCst), 2);
 }
 
+/// `serve` on one end of an in-memory pipe with keep-alive every 10 s; the other end is
+/// returned. Time is the test's (paused) clock.
+fn serve_in_memory() -> (
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<Result<(), HboneError>>,
+) {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let config = ServerConfig {
+        keepalive: Some(Duration::from_secs(10)),
+        ..Default::default()
+    };
+    let serving = tokio::spawn(async move { serve(server, id(CLIENT), &config, handle).await });
+    (client, serving)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_stops_reading_is_cut_off_by_keepalive() {
+    let (mut client, serving) = serve_in_memory();
+    client
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    // Nothing is read: the PING sent after 10 s is never answered.
+    let result = tokio::time::timeout(Duration::from_secs(60), serving)
+        .await
+        .expect("a silent peer kept")
+        .unwrap();
+    assert!(
+        matches!(result, Err(HboneError::KeepaliveTimeout(after)) if after == Duration::from_secs(20)),
+        "{result:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_answers_pings_is_kept_however_idle() {
+    let (client, serving) = serve_in_memory();
+    let (send, connection) = h2::client::handshake(client).await.unwrap();
+    tokio::spawn(connection); // answers PINGs
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert!(!serving.is_finished(), "{:?}", serving.await);
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri("10.0.0.1:80")
+        .body(())
+        .unwrap();
+    let (response, _stream) = send
+        .ready()
+        .await
+        .unwrap()
+        .send_request(req, false)
+        .unwrap();
+    assert_eq!(response.await.unwrap().status(), StatusCode::OK);
+}
+
 /// Accepts any server certificate: only for the no-client-certificate test.
 #[derive(Debug)]
 struct AcceptAnything;

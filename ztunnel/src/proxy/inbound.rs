@@ -85,7 +85,10 @@ async fn serve_hbone(
     let peer_id = crate::tls::peer_identity(stream.get_ref().1)
         .map_err(|e| ("peer_identity", e.to_string()))?;
     debug!(%peer, identity = %peer_id, "HBONE connection accepted");
-    let config = hbone::ServerConfig::default();
+    let config = hbone::ServerConfig {
+        keepalive: Some(proxy.hbone_keepalive),
+        ..Default::default()
+    };
     let handler_proxy = proxy.clone();
     let handler_uid = uid.to_owned();
     let mut draining = proxy.draining.subscribe();
@@ -104,7 +107,13 @@ async fn serve_hbone(
         shutdown,
     )
     .await
-    .map_err(|e| ("hbone_protocol", format!("HBONE from {peer_id}: {e}")))
+    .map_err(|e| {
+        let kind = match e {
+            hbone::HboneError::KeepaliveTimeout(_) => "keepalive_timeout",
+            _ => "hbone_protocol",
+        };
+        (kind, format!("HBONE from {peer_id}: {e}"))
+    })
 }
 
 async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: hbone::Accepted) {

@@ -41,6 +41,7 @@ pub const DELIVERY_SOURCE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::LOCALHOST
 pub struct ProxyOptions {
     pub handshake_timeout: std::time::Duration,
     pub connect_timeout: std::time::Duration,
+    pub hbone_keepalive: std::time::Duration,
 }
 
 impl Default for ProxyOptions {
@@ -48,6 +49,7 @@ impl Default for ProxyOptions {
         ProxyOptions {
             handshake_timeout: std::time::Duration::from_secs(10),
             connect_timeout: std::time::Duration::from_secs(10),
+            hbone_keepalive: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -84,6 +86,8 @@ pub struct Proxy {
     pub handshake_timeout: std::time::Duration,
     /// Bound on connecting anywhere (peers, applications, passthrough destinations).
     pub connect_timeout: std::time::Duration,
+    /// PING interval on inbound HBONE connections; a peer silent for twice that is cut off.
+    pub hbone_keepalive: std::time::Duration,
     /// Set when this process stops taking new work (replaced, or shutting down): HBONE
     /// connections get GOAWAY so peers open new streams elsewhere.
     pub draining: watch::Sender<bool>,
@@ -144,6 +148,7 @@ impl Proxy {
             draining: watch::Sender::new(false),
             handshake_timeout: options.handshake_timeout,
             connect_timeout: options.connect_timeout,
+            hbone_keepalive: options.hbone_keepalive,
             busy: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             tracker: Arc::new(tracker::Tracker::new(Arc::new(
                 crate::metrics::Metrics::new(),
