@@ -70,19 +70,20 @@ impl Side for TcpStream {
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<Option<Bytes>>> {
-        loop {
-            ready!(self.poll_read_ready(cx))?;
-            if buf.capacity() - buf.len() < READ_CHUNK / 8 {
-                *buf = BytesMut::with_capacity(READ_CHUNK);
-            }
-            match self.try_read_buf(buf) {
-                Ok(0) => return Poll::Ready(Ok(None)),
-                Ok(_) => return Poll::Ready(Ok(Some(buf.split().freeze()))),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Drained: an idle connection keeps no buffer.
-                    *buf = BytesMut::new();
-                }
-                Err(e) => return Poll::Ready(Err(e)),
+        // No buffer until there is something to read: idle connections hold none.
+        ready!(self.poll_read_ready(cx))?;
+        if buf.capacity() - buf.len() < READ_CHUNK / 8 {
+            *buf = BytesMut::with_capacity(READ_CHUNK);
+        }
+        // tokio's read notes a short read as "drained", saving the system call that would
+        // only say so.
+        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *self), cx, buf) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Ok(None)),
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(Some(buf.split().freeze()))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                *buf = BytesMut::new();
+                Poll::Pending
             }
         }
     }
