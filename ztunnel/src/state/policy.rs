@@ -197,7 +197,8 @@ impl Match {
         // Without an identity, namespace and principal are the empty string: only `not*`
         // lists and `Exact("")` can match it, and `Presence` cannot.
         let ns = id.map(Identity::namespace).unwrap_or("");
-        let principal = id.map(Identity::principal).unwrap_or_default();
+        // Formatted only if a principal list is there to match it.
+        let principal = std::cell::OnceCell::new();
         let sa_hit = |m: &ServiceAccountMatch| {
             id.is_some_and(|i| {
                 i.namespace() == m.namespace && i.service_account() == m.service_account
@@ -206,7 +207,7 @@ impl Match {
         field(&self.namespaces, &self.not_namespaces, |m| m.matches(ns))
             && field(&self.service_accounts, &self.not_service_accounts, sa_hit)
             && field(&self.principals, &self.not_principals, |m| {
-                id.is_some() && m.matches(&principal)
+                id.is_some_and(|i| m.matches(principal.get_or_init(|| i.principal())))
             })
             && field(&self.source_ips, &self.not_source_ips, |c| {
                 c.contains(conn.src_ip)

@@ -166,14 +166,13 @@ fn bench(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     for (node, pid) in &ztunnels {
         let m = procfs::memory(*pid)?;
         println!(
-            "   ztunnel {node}: pid {pid}, idle RSS {:.1} MiB",
-            m.rss_mib
+            "   ztunnel {node}: pid {pid}, idle RSS {:.1} MiB ({:.1} private, {:.1} file pages)",
+            m.rss_mib, m.anon_mib, m.file_mib
         );
-        figures
-            .memory
-            .entry(node.clone())
-            .or_default()
-            .insert("idle_rss_mib".into(), m.rss_mib);
+        let memory = figures.memory.entry(node.clone()).or_default();
+        memory.insert("idle_rss_mib".into(), m.rss_mib);
+        memory.insert("idle_anon_mib".into(), m.anon_mib);
+        memory.insert("idle_file_mib".into(), m.file_mib);
     }
 
     let paths = [

@@ -34,6 +34,10 @@ fn clock_ticks_per_second() -> f64 {
 pub struct Memory {
     pub rss_mib: f64,
     pub peak_mib: f64,
+    /// Of the RSS: private memory (heap, stacks, maps)...
+    pub anon_mib: f64,
+    /// ...and pages of files, the executable's code above all (shared, and reclaimable).
+    pub file_mib: f64,
 }
 
 pub fn memory(pid: u32) -> io::Result<Memory> {
@@ -54,6 +58,8 @@ fn parse_status(status: &str) -> Option<Memory> {
     Some(Memory {
         rss_mib: kib("VmRSS:")? / 1024.0,
         peak_mib: kib("VmHWM:")? / 1024.0,
+        anon_mib: kib("RssAnon:").unwrap_or(0.0) / 1024.0,
+        file_mib: kib("RssFile:").unwrap_or(0.0) / 1024.0,
     })
 }
 
