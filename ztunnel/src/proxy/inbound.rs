@@ -119,6 +119,7 @@ async fn serve_hbone(
 async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: hbone::Accepted) {
     let _busy = proxy.busy();
     let Some(pod) = proxy.pods.get(&uid) else {
+        info!(%peer, dst = %accepted.authority, "HBONE stream for a pod no longer enrolled: 503");
         accepted.responder.reject(StatusCode::SERVICE_UNAVAILABLE);
         return;
     };
@@ -245,10 +246,17 @@ pub(super) async fn plaintext_loop(
         };
         let _ = conn.set_nodelay(true);
         // Steered by sk_lookup: the local address is where the client was going.
-        let Ok(dst) = conn.local_addr() else {
-            continue;
+        let dst = match conn.local_addr() {
+            Ok(dst) => dst,
+            Err(err) => {
+                info!(%peer, %err, "inbound connection closed before it was read; dropping");
+                continue;
+            }
         };
         let Some(pod) = proxy.pods.get(&uid) else {
+            // Released between the connect and now: closed, as without the mesh.
+            info!(%peer, %dst, "inbound connection to a pod no longer enrolled; closing");
+            Stats::add(&proxy.stats.failed, 1);
             continue;
         };
         let proxy = proxy.clone();

@@ -47,6 +47,10 @@ pub(super) async fn accept_loop(
             continue;
         };
         let Some(pod) = proxy.pods.get(&uid) else {
+            // Released (removed or opted out) between the connect and now: the connection
+            // closes, as it would have without the mesh's listener.
+            info!(%peer, dst = %orig, "outbound connection from a pod no longer enrolled; closing");
+            Stats::add(&proxy.stats.failed, 1);
             continue;
         };
         let proxy = proxy.clone();

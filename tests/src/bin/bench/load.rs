@@ -35,6 +35,10 @@ pub struct Throughput {
     pub gbit_per_s: f64,
     /// Bytes the receiver got.
     pub bytes: f64,
+    /// CPU seconds iperf3's client and server used per GB (iperf3's own accounting), the
+    /// kernel's work of sending, forwarding and receiving included: what moving the bytes
+    /// costs without any proxy.
+    pub endpoints_cpu_per_gb: Option<f64>,
 }
 
 pub fn iperf3(
@@ -74,9 +78,21 @@ fn parse_iperf3(json: &str) -> Result<Throughput, String> {
         .as_f64()
         .ok_or("no end.sum_received.bits_per_second")?;
     let bytes = sum["bytes"].as_f64().ok_or("no end.sum_received.bytes")?;
+    let cpu = &v["end"]["cpu_utilization_percent"];
+    let endpoints_cpu_per_gb = match (
+        cpu["host_total"].as_f64(),
+        cpu["remote_total"].as_f64(),
+        sum["seconds"].as_f64(),
+    ) {
+        (Some(host), Some(remote), Some(seconds)) if bytes > 0.0 => {
+            Some((host + remote) / 100.0 * seconds / (bytes / 1e9))
+        }
+        _ => None,
+    };
     Ok(Throughput {
         gbit_per_s: bps / 1e9,
         bytes,
+        endpoints_cpu_per_gb,
     })
 }
 
@@ -246,10 +262,13 @@ mod tests {
     #[test]
     fn iperf3_json() {
         let json = r#"{"start":{},"intervals":[],"end":{"sum_sent":{"bytes":2,"bits_per_second":3},
-            "sum_received":{"bytes":5000000000,"bits_per_second":8000000000.0}}}"#;
+            "sum_received":{"bytes":5000000000,"seconds":5.0,"bits_per_second":8000000000.0},
+            "cpu_utilization_percent":{"host_total":60.0,"remote_total":40.0}}}"#;
         let t = parse_iperf3(json).unwrap();
         assert_eq!(t.gbit_per_s, 8.0);
         assert_eq!(t.bytes, 5e9);
+        // 1.0 CPU for 5 s moving 5 GB.
+        assert_eq!(t.endpoints_cpu_per_gb, Some(1.0));
         let err = r#"{"start":{},"end":{},"error":"unable to connect to server"}"#;
         assert_eq!(
             parse_iperf3(err).unwrap_err(),

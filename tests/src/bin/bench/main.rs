@@ -370,6 +370,9 @@ fn measure(
         )?;
         cpu(f, cpu_key, &before, t.bytes / 1e9)?;
         f.record(path.name, tput, t.gbit_per_s);
+        if let Some(endpoints) = t.endpoints_cpu_per_gb {
+            f.record(path.name, &format!("endpoints_{cpu_key}"), endpoints);
+        }
         println!(
             "   {:<9} iperf3 {streams} stream(s): {:.2} Gbit/s",
             path.name, t.gbit_per_s

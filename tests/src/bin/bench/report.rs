@@ -47,6 +47,12 @@ pub const METRICS: &[Metric] = &[
         false,
     ),
     m(
+        "endpoints_cpu_per_gb_1",
+        "s/GB",
+        "iperf3 client + server CPU per GB, 1 stream",
+        false,
+    ),
+    m(
         "cpu_per_1k_req",
         "s",
         "ztunnel CPU per 1,000 keep-alive requests",
