@@ -22,7 +22,17 @@ pub const HTTP_PATH: &str = "/1k";
 
 /// The load servers of one pod; stopped on drop.
 pub struct PodServers {
-    _procs: Vec<Proc>,
+    procs: Vec<Proc>,
+}
+
+impl Drop for PodServers {
+    /// SIGTERM first: nginx's master then stops its workers, which a plain kill of the
+    /// master would leave running.
+    fn drop(&mut self) {
+        for proc in &mut self.procs {
+            let _ = proc.terminate(Duration::from_secs(5));
+        }
+    }
 }
 
 impl PodServers {
@@ -79,7 +89,7 @@ impl PodServers {
                 ))
             })?;
         }
-        Ok(PodServers { _procs: procs })
+        Ok(PodServers { procs })
     }
 }
 
