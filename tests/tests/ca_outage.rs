@@ -252,7 +252,7 @@ fn ca_outage_serves_until_expiry_then_fails_closed_and_recovers() {
     }
     let renewed_in = back.elapsed();
     println!(
-        "CA outage timeline (certificate lifetime {lifetime}s): CA stopped at {t_stop:.1?}, \
+        "CA outage timeline (certificates of {TTL:?}, {lifetime}s left at the start): CA stopped at {t_stop:.1?}, \
          renewal failures seen at {t_renewal_failed:.1?}, both certificates expired and \
          logged at {t_expired:.1?}; a new connection was refused in {refused_in:.0?} \
          (node1: {client_reason:?}; node2: {server_reason:?}); after the CA returned, a new connection worked in {recovered_in:.1?}, \
