@@ -2,6 +2,7 @@
 //! inside them, test applications and clients. Everything it creates is removed on drop,
 //! also when a test panics; what a killed run left behind is removed by the next run.
 
+pub mod ca;
 pub mod h2raw;
 pub mod mesh;
 pub mod mesh_xds;

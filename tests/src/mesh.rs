@@ -63,6 +63,9 @@ pub struct Mesh {
     /// The in-process control plane when the mesh runs in xDS mode (`start_xds`); stops
     /// after the ztunnels, before the namespaces it listens in go away.
     pub xds: Option<crate::xds::XdsServer>,
+    /// The in-process Istio CA when the ztunnels take their certificates from one
+    /// (`use_istio_ca`); stops after the ztunnels, before the namespaces go away.
+    pub istio_ca: Option<crate::ca::CaServer>,
     pub topo: Topology,
     pub dir: tempfile::TempDir,
     pub pods: Vec<PodSpec>,
@@ -110,6 +113,7 @@ impl Mesh {
             log_filter: "info,ztunnel=debug".to_owned(),
             ztunnels: Vec::new(),
             xds: None,
+            istio_ca: None,
         })
     }
 

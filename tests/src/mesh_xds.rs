@@ -13,7 +13,7 @@ use std::time::Duration;
 use ztunnel::proto::istio::workload as pbw;
 
 use crate::mesh::{Mesh, PodSpec, ServiceSpec};
-use crate::netns::{ip, netns_path};
+use crate::netns::netns_path;
 use crate::xds::{XdsServer, octets};
 
 /// Where the control plane listens, on the fabric's bridge.
@@ -27,10 +27,7 @@ impl Mesh {
     /// declared pods and services. Returns once every node has applied them and is ready.
     pub fn start_xds(&mut self) -> io::Result<()> {
         let addr: SocketAddr = XDS_ADDR.parse().map_err(io::Error::other)?;
-        ip(
-            self.topo.fabric(),
-            &["addr", "add", &format!("{}/24", addr.ip()), "dev", "br0"],
-        )?;
+        crate::ca::add_control_plane_address(self.topo.fabric(), addr)?;
         let mut server = XdsServer::new(self.topo.fabric(), addr)?;
         server.start()?;
         self.xds = Some(server);

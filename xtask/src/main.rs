@@ -1,7 +1,8 @@
 //! Developer tasks: `cargo xtask <task>`.
 //!
 //! - `prereqs`: installs what building and testing need (idempotent).
-//! - `test`: prereqs, format and lint checks, build, then the whole test suite.
+//! - `test`: prereqs, format and lint checks, build, the whole test suite, then every fuzz
+//!   target for a bounded time.
 //! - `demo`: prereqs, build, then a mesh of nodes and pods on this machine.
 //! - `soak`: the long versions of the load and upgrade tests.
 //! - `bench`: prereqs, release build, then the L4 benchmark (direct vs mesh vs same-node).
@@ -29,8 +30,12 @@ struct Cli {
 enum Task {
     /// Install the prerequisites (Debian packages, rust-src, bpf-linker); safe to repeat.
     Prereqs,
-    /// Run everything CI runs: prerequisites, `cargo fmt --check`, clippy, the test suite.
+    /// Run everything CI runs: prerequisites, `cargo fmt --check`, clippy, the test suite,
+    /// then each fuzz target for a bounded time (no sanitizer).
     Test {
+        /// Seconds each fuzz target runs after the tests (0: no fuzzing).
+        #[arg(long, default_value_t = FUZZ_SECONDS_IN_TEST)]
+        fuzz_seconds: u64,
         /// Extra arguments for the test runner (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -60,6 +65,9 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+        /// Instrumentation: AddressSanitizer (the default here) or none (what CI uses).
+        #[arg(long, value_enum, default_value_t = fuzz::Sanitizer::Address)]
+        sanitizer: fuzz::Sanitizer,
         /// Targets to run (default: all).
         targets: Vec<String>,
     },
@@ -69,13 +77,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Prereqs => prereqs::install(),
-        Task::Test { args } => test(&args),
+        Task::Test { fuzz_seconds, args } => test(fuzz_seconds, &args),
         Task::Demo { args } => demo(&args),
         Task::Soak { args } => soak(&args),
         Task::Bench { args } => bench(&args),
-        Task::Fuzz { seconds, targets } => prereqs::install()
+        Task::Fuzz {
+            seconds,
+            sanitizer,
+            targets,
+        } => prereqs::install()
             .and_then(|()| prereqs::cargo_fuzz())
-            .and_then(|()| fuzz::run(seconds, &targets)),
+            .and_then(|()| {
+                fuzz::run(&fuzz::Run {
+                    seconds,
+                    sanitizer,
+                    targets,
+                })
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -86,8 +104,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn test(args: &[String]) -> Result<()> {
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
+
+fn test(fuzz_seconds: u64, args: &[String]) -> Result<()> {
     prereqs::install()?;
+    if fuzz_seconds > 0 {
+        prereqs::cargo_fuzz()?;
+    }
     step("cargo fmt --check", || cargo(&["fmt", "--all", "--check"]))?;
     step("cargo clippy --all-targets -- -D warnings", || {
         cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
@@ -98,7 +122,23 @@ fn test(args: &[String]) -> Result<()> {
     let mut run = vec!["nextest", "run", "--no-fail-fast"];
     run.extend(args.iter().map(String::as_str));
     println!("==> cargo {}", run.join(" "));
-    cargo(&run)
+    let tests = cargo(&run);
+    // Fuzzed even when a test failed: both verdicts are worth having from one CI run.
+    let fuzzing = if fuzz_seconds > 0 {
+        fuzz::run(&fuzz::Run {
+            seconds: fuzz_seconds,
+            sanitizer: fuzz::Sanitizer::None,
+            targets: Vec::new(),
+        })
+    } else {
+        Ok(())
+    };
+    match (tests, fuzzing) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) => Err(e),
+        (Ok(()), Err(e)) => Err(e),
+        (Err(tests), Err(fuzzing)) => bail!("{tests:#}; and fuzzing: {fuzzing:#}"),
+    }
 }
 
 fn demo(args: &[String]) -> Result<()> {

@@ -32,7 +32,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::metrics::{ConfigUpdateLabels, IdentityLabels, Metrics, mirror};
+use crate::metrics::{ConfigUpdateLabels, IdentityLabels, Metrics, ResultLabels, mirror};
 use crate::proxy::Proxy;
 use crate::source::SourceStats;
 use crate::state::State;
@@ -197,6 +197,17 @@ impl Agent {
                     identity: cert.identity.to_string(),
                 })
                 .set(time::unix(cert.not_after));
+        }
+        let requests = proxy.certs.stats();
+        for (result, value) in [("issued", requests.issued), ("failed", requests.failed)] {
+            mirror(
+                &agent
+                    .certificate_requests
+                    .get_or_create_owned(&ResultLabels {
+                        result: result.to_owned(),
+                    }),
+                value,
+            );
         }
         let (applied, rejected) = match &self.source.xds {
             Some(xds) => (xds.acks(), xds.nacks()),

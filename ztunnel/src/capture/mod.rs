@@ -26,7 +26,7 @@ use ztunnel_ebpf_common::{CAPTURE_OUTBOUND, ClientKey, OrigDst, PodCapture};
 
 pub use netns::{Netns, NetnsCookie, NetnsError, SocketKind};
 
-/// The object built from `ebpf/programs` by build.rs.
+/// The object built from `ebpf/programs` by build.rs (empty without the `ebpf` feature).
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-capture"));
 
 const AF_INET: u32 = 2;
@@ -34,6 +34,8 @@ const AF_INET6: u32 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
+    #[error("this ztunnel was built without the eBPF capture programs (feature `ebpf`)")]
+    NotBuilt,
     #[error("cannot load the eBPF capture programs (is this root, on a kernel with BPF?): {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
@@ -144,6 +146,9 @@ impl Capture {
         std::fs::create_dir_all(pin_dir).map_err(bpffs_err)?;
         if !bpffs::is_bpffs(pin_dir) {
             return Err(bpffs_err(std::io::Error::other("not on a BPF filesystem")));
+        }
+        if PROGRAMS.is_empty() {
+            return Err(CaptureError::NotBuilt);
         }
         let mut ebpf = aya::EbpfLoader::new()
             .default_map_pin_directory(pin_dir)

@@ -28,6 +28,10 @@ use crate::proto::istio::v1::auth::istio_certificate_service_client::IstioCertif
 /// The metadata key istiod reads to issue for another identity than the caller's.
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
+/// How long one `CreateCertificate` may take, connecting included: a CA that accepts
+/// connections and never answers must not hold the callers waiting for a certificate.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A client of an Istio CA.
 pub struct IstioCa {
     target: GrpcTarget,
@@ -66,6 +70,7 @@ impl IstioCa {
             validity_duration: i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX),
             metadata: Some(metadata),
         });
+        req.set_timeout(REQUEST_TIMEOUT);
         self.target
             .authorize(&mut req)
             .map_err(|e| remote("authentication", &e))?;
@@ -74,12 +79,7 @@ impl IstioCa {
             .clone()
             .create_certificate(req)
             .await
-            .map_err(|status| {
-                remote(
-                    "CreateCertificate",
-                    &format_args!("{:?}: {}", status.code(), status.message()),
-                )
-            })?
+            .map_err(|status| remote("CreateCertificate", &status_text(&status)))?
             .into_inner();
         let chain = parse_chain(&resp.cert_chain).map_err(|e| remote("response", &e))?;
         let cert = WorkloadCert::from_parts(chain, key.serialize_der())?;
@@ -95,8 +95,36 @@ impl IstioCa {
 
 impl CertificateSource for IstioCa {
     fn issue<'a>(&'a self, id: &'a Identity) -> IssueFuture<'a> {
-        Box::pin(self.create(id))
+        Box::pin(async move {
+            tokio::time::timeout(REQUEST_TIMEOUT, self.create(id))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(CaError::Remote(format!(
+                        "{} for {id}: CreateCertificate: no answer within {REQUEST_TIMEOUT:?}",
+                        self.target.address
+                    )))
+                })
+        })
     }
+}
+
+/// A gRPC status with the root cause tonic keeps out of its message (`tcp connect error`
+/// alone does not say whether the CA refused, timed out or could not be resolved).
+fn status_text(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut root = None;
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        root = Some(e);
+        cause = e.source();
+    }
+    if let Some(root) = root.map(ToString::to_string)
+        && !text.contains(&root)
+    {
+        text.push_str(": ");
+        text.push_str(&root);
+    }
+    text
 }
 
 /// A PEM PKCS#10 request for `id`, signed by `key`: only the URI SAN, no subject.

@@ -2,9 +2,15 @@
 //! and re-issued in the background half-way through its lifetime.
 //!
 //! Rules this module keeps:
-//! - concurrent callers asking for the same identity share one fetch;
-//! - a failed refresh is retried with exponential backoff while the old certificate keeps
-//!   being served, until it expires (then callers wait for a fresh fetch, or get its error);
+//! - concurrent callers asking for the same identity share one fetch (renewals included);
+//! - a failed renewal is retried with exponential backoff, capped at an eighth of the
+//!   certificate's lifetime (so a short-lived certificate gets several tries before it
+//!   expires), while the old certificate keeps being served until it expires;
+//! - an expired certificate is never served: callers get `ManagerError::Expired`, naming the
+//!   identity, the expiry and the CA's last error. Right after a failure callers get it at
+//!   once (no hang, and no request to the CA per connection); after `initial_backoff` the
+//!   next caller asks the CA again and waits for that answer, so traffic brings a
+//!   certificate back as soon as the CA answers;
 //! - `forget` drops an identity and stops its refresh, so certificates of workloads that left
 //!   the node are neither served nor renewed.
 //!
@@ -13,6 +19,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -22,6 +29,7 @@ use futures::future::{BoxFuture, Shared};
 use super::Identity;
 use super::ca::{CaError, CertificateSource};
 use super::cert::WorkloadCert;
+use crate::admin::time::rfc3339;
 
 /// Wall-clock time and sleeping, injectable for tests.
 pub trait Clock: Send + Sync {
@@ -44,10 +52,14 @@ impl Clock for SystemClock {
     }
 }
 
-/// Retry timing for failed refreshes.
+/// Retry timing for failed fetches.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
+    /// First wait after a failed renewal; also how long callers get the last failure at once
+    /// before one of them asks the CA again.
     pub initial_backoff: Duration,
+    /// Longest wait between renewal attempts (lowered to an eighth of the certificate's
+    /// lifetime for short-lived certificates).
     pub max_backoff: Duration,
 }
 
@@ -69,6 +81,15 @@ pub enum ManagerError {
         identity: Identity,
         source: Arc<CaError>,
     },
+    #[error(
+        "the certificate for {identity} expired at {} and could not be renewed: {source}",
+        rfc3339(*not_after)
+    )]
+    Expired {
+        identity: Identity,
+        not_after: SystemTime,
+        source: Arc<CaError>,
+    },
     #[error("certificate fetch for {0} was aborted")]
     Aborted(Identity),
 }
@@ -82,13 +103,32 @@ pub struct CertInfo {
     pub not_after: SystemTime,
 }
 
+/// Requests to the certificate source since start, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ManagerStats {
+    /// Certificates issued (first fetches and renewals).
+    pub issued: u64,
+    /// Requests that failed (the CA unreachable, or refusing).
+    pub failed: u64,
+}
+
 type Fetch = Shared<BoxFuture<'static, Result<Arc<WorkloadCert>, ManagerError>>>;
+
+/// The last failed fetch of an identity, kept until a certificate is issued.
+#[derive(Clone)]
+struct Failure {
+    at: SystemTime,
+    error: Arc<CaError>,
+}
 
 #[derive(Default)]
 struct Slot {
     cert: Option<Arc<WorkloadCert>>,
     fetch: Option<Fetch>,
     refresher: Option<tokio::task::AbortHandle>,
+    failure: Option<Failure>,
+    /// Set once the expiry of `cert` without a replacement has been logged.
+    expiry_logged: bool,
 }
 
 struct Inner {
@@ -96,6 +136,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     config: ManagerConfig,
     slots: Mutex<HashMap<Identity, Slot>>,
+    issued: AtomicU64,
+    failed: AtomicU64,
 }
 
 /// Caches and rotates workload certificates. Cheap to clone; must be used inside a tokio
@@ -117,28 +159,49 @@ impl CertManager {
                 clock,
                 config,
                 slots: Mutex::new(HashMap::new()),
+                issued: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
             }),
         }
     }
 
     /// The current certificate for `id`, fetching one if there is none or it has expired.
+    /// Never an expired certificate: then the error says so (`ManagerError::Expired`).
     pub async fn get(&self, id: &Identity) -> Result<Arc<WorkloadCert>, ManagerError> {
-        let fetch = {
+        let now = self.inner.clock.now();
+        let (fetch, expired) = {
             let mut slots = self.inner.lock();
             let slot = slots.entry(id.clone()).or_default();
-            match (&slot.cert, &slot.fetch) {
-                (Some(cert), _) if !cert.expired_at(self.inner.clock.now()) => {
-                    return Ok(cert.clone());
+            let expired = match &slot.cert {
+                Some(cert) if !cert.expired_at(now) => return Ok(cert.clone()),
+                Some(cert) => Some(cert.not_after),
+                None => None,
+            };
+            let fetch = match (&slot.fetch, &slot.failure) {
+                (Some(fetch), _) => fetch.clone(),
+                // Failed a moment ago: say so at once rather than ask the CA again.
+                (None, Some(failure)) if now < failure.at + self.inner.config.initial_backoff => {
+                    let error = failure.error.clone();
+                    if let Some(not_after) = expired {
+                        note_expired(slot, id, not_after, &error);
+                    }
+                    return Err(refusal(id, expired, error));
                 }
-                (_, Some(fetch)) => fetch.clone(),
-                _ => {
-                    let fetch = start_fetch(&self.inner, id.clone());
-                    slot.fetch = Some(fetch.clone());
-                    fetch
-                }
-            }
+                _ => fetch_in(&self.inner, slot, id),
+            };
+            (fetch, expired)
         };
-        fetch.await
+        match fetch.await {
+            Err(ManagerError::Issue { source, .. }) => {
+                if let Some(not_after) = expired
+                    && let Some(slot) = self.inner.lock().get_mut(id)
+                {
+                    note_expired(slot, id, not_after, &source);
+                }
+                Err(refusal(id, expired, source))
+            }
+            other => other,
+        }
     }
 
     /// Drops the certificate of a workload that left and stops renewing it.
@@ -166,6 +229,48 @@ impl CertManager {
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
     }
+
+    /// Requests issued and failed since start.
+    pub fn stats(&self) -> ManagerStats {
+        ManagerStats {
+            issued: self.inner.issued.load(Ordering::Relaxed),
+            failed: self.inner.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The error for a caller that gets no certificate: `Expired` when there was one.
+fn refusal(id: &Identity, expired: Option<SystemTime>, source: Arc<CaError>) -> ManagerError {
+    match expired {
+        Some(not_after) => ManagerError::Expired {
+            identity: id.clone(),
+            not_after,
+            source,
+        },
+        None => ManagerError::Issue {
+            identity: id.clone(),
+            source,
+        },
+    }
+}
+
+/// Logs, once per certificate, that it expired with no replacement.
+fn note_expired(slot: &mut Slot, id: &Identity, not_after: SystemTime, error: &CaError) {
+    if !slot.expiry_logged {
+        slot.expiry_logged = true;
+        tracing::error!(identity = %id, expired_at = %rfc3339(not_after), %error,
+            "certificate expired and could not be renewed: connections of this identity are refused until the CA issues a new one");
+    }
+}
+
+/// The fetch in flight for `id`, or a new one.
+fn fetch_in(inner: &Arc<Inner>, slot: &mut Slot, id: &Identity) -> Fetch {
+    if let Some(fetch) = &slot.fetch {
+        return fetch.clone();
+    }
+    let fetch = start_fetch(inner, id.clone());
+    slot.fetch = Some(fetch.clone());
+    fetch
 }
 
 impl Inner {
@@ -184,16 +289,41 @@ impl Inner {
         let Some(slot) = slots.get_mut(id) else {
             return;
         };
+        match (&slot.cert, &slot.failure) {
+            (Some(_), Some(failure)) => {
+                tracing::info!(identity = %id, serial = %cert.serial, not_after = %rfc3339(cert.not_after),
+                    after_error = %failure.error, "certificate renewed after failed attempts");
+            }
+            (Some(_), None) => {
+                tracing::debug!(identity = %id, serial = %cert.serial, "certificate renewed");
+            }
+            (None, _) => {
+                tracing::debug!(identity = %id, serial = %cert.serial, "certificate issued");
+            }
+        }
         slot.cert = Some(cert);
+        slot.failure = None;
+        slot.expiry_logged = false;
         if slot.refresher.is_none() {
             let task = tokio::spawn(refresh_loop(Arc::downgrade(self), id.clone()));
             slot.refresher = Some(task.abort_handle());
         }
     }
+
+    /// Longest wait between renewal attempts for `cert`.
+    fn retry_cap(&self, cert: &WorkloadCert) -> Duration {
+        let lifetime = cert
+            .not_after
+            .duration_since(cert.not_before)
+            .unwrap_or(Duration::ZERO);
+        (lifetime / 8)
+            .max(self.config.initial_backoff)
+            .min(self.config.max_backoff)
+    }
 }
 
 /// Runs the fetch as its own task, so a caller that gives up does not cancel it for the
-/// others waiting on the same identity.
+/// others waiting on the same identity. Its outcome is recorded in the slot.
 fn start_fetch(inner: &Arc<Inner>, id: Identity) -> Fetch {
     let task_inner = inner.clone();
     let task_id = id.clone();
@@ -203,17 +333,28 @@ fn start_fetch(inner: &Arc<Inner>, id: Identity) -> Fetch {
         if let Some(slot) = slots.get_mut(&task_id) {
             slot.fetch = None;
         }
-        drop(slots);
         match result {
             Ok(cert) => {
+                drop(slots);
+                task_inner.issued.fetch_add(1, Ordering::Relaxed);
                 let cert = Arc::new(cert);
                 task_inner.install(&task_id, cert.clone());
                 Ok(cert)
             }
-            Err(e) => Err(ManagerError::Issue {
-                identity: task_id,
-                source: Arc::new(e),
-            }),
+            Err(e) => {
+                task_inner.failed.fetch_add(1, Ordering::Relaxed);
+                let error = Arc::new(e);
+                if let Some(slot) = slots.get_mut(&task_id) {
+                    slot.failure = Some(Failure {
+                        at: task_inner.clock.now(),
+                        error: error.clone(),
+                    });
+                }
+                Err(ManagerError::Issue {
+                    identity: task_id,
+                    source: error,
+                })
+            }
         }
     });
     async move { task.await.unwrap_or(Err(ManagerError::Aborted(id))) }
@@ -221,6 +362,8 @@ fn start_fetch(inner: &Arc<Inner>, id: Identity) -> Fetch {
         .shared()
 }
 
+/// Renews `id`'s certificate half-way through its lifetime, retrying failures with backoff,
+/// until the identity is forgotten or the manager dropped.
 async fn refresh_loop(inner: Weak<Inner>, id: Identity) {
     let mut backoff: Option<Duration> = None;
     loop {
@@ -228,30 +371,47 @@ async fn refresh_loop(inner: Weak<Inner>, id: Identity) {
             return;
         };
         let clock = strong.clock.clone();
-        let due = match strong.lock().get(&id).and_then(|slot| slot.cert.clone()) {
-            Some(cert) => cert.refresh_at(),
-            None => return,
-        };
         let now = clock.now();
-        if now < due {
-            drop(strong);
-            clock
-                .sleep(due.duration_since(now).unwrap_or_default())
-                .await;
-            continue;
-        }
-        match strong.source.issue(&id).await {
-            Ok(cert) => {
-                tracing::debug!(identity = %id, serial = %cert.serial, "certificate renewed");
-                strong.install(&id, Arc::new(cert));
-                backoff = None;
+        let step = {
+            let mut slots = strong.lock();
+            let Some(slot) = slots.get_mut(&id) else {
+                return;
+            };
+            let Some(cert) = slot.cert.clone() else {
+                return;
+            };
+            let due = cert.refresh_at();
+            if now < due {
+                // Not due (again: a caller may have renewed it meanwhile).
+                Err(due.duration_since(now).unwrap_or_default())
+            } else {
+                Ok((cert, fetch_in(&strong, slot, &id)))
             }
+        };
+        let (cert, fetch) = match step {
+            Ok(renew) => renew,
+            Err(until_due) => {
+                drop(strong);
+                backoff = None;
+                clock.sleep(until_due).await;
+                continue;
+            }
+        };
+        match fetch.await {
+            Ok(_) => backoff = None,
             Err(error) => {
-                let config = &strong.config;
+                let cap = strong.retry_cap(&cert);
                 let wait = backoff
-                    .map(|b| (b * 2).min(config.max_backoff))
-                    .unwrap_or(config.initial_backoff);
-                tracing::warn!(identity = %id, %error, retry_in = ?wait, "certificate renewal failed");
+                    .map(|b| (b * 2).min(cap))
+                    .unwrap_or(strong.config.initial_backoff.min(cap));
+                let expired = cert.expired_at(clock.now());
+                tracing::warn!(identity = %id, %error, expired, retry_in = ?wait, "certificate renewal failed");
+                if expired
+                    && let ManagerError::Issue { source, .. } = &error
+                    && let Some(slot) = strong.lock().get_mut(&id)
+                {
+                    note_expired(slot, &id, cert.not_after, source);
+                }
                 backoff = Some(wait);
                 drop(strong);
                 clock.sleep(wait).await;

@@ -30,6 +30,12 @@ pub struct IdentityLabels {
     pub identity: String,
 }
 
+/// A label set with a single `result`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
 /// Configuration updates by source and result (`applied` or `rejected`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConfigUpdateLabels {
@@ -64,6 +70,8 @@ pub struct Agent {
     pub hbone_pool_connections: Gauge,
     /// Unix time at which each cached workload certificate expires.
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
+    /// Requests to the certificate authority by result (`issued` or `failed`).
+    pub certificate_requests: Family<ResultLabels, Counter>,
     pub config_updates: Family<ConfigUpdateLabels, Counter>,
     /// Unix time of the last configuration change applied.
     pub config_last_update: Gauge,
@@ -148,6 +156,11 @@ impl Metrics {
             "ztunnel_certificate_expiry_timestamp_seconds",
             "When each workload certificate this node holds expires (Unix time)",
             agent.certificate_expiry.clone(),
+        );
+        registry.register(
+            "ztunnel_certificate_requests",
+            "Workload certificate requests to the certificate authority, issued or failed",
+            agent.certificate_requests.clone(),
         );
         registry.register(
             "ztunnel_config_updates",

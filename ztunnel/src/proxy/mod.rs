@@ -109,7 +109,8 @@ pub use copy::Stats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("no certificate for {identity}: {source}")]
+    /// The source names the identity.
+    #[error("no valid certificate: {source}")]
     Certificate {
         identity: Identity,
         source: crate::identity::ManagerError,
@@ -228,14 +229,15 @@ impl Proxy {
         src: &Identity,
         dst: &Identity,
     ) -> Result<Arc<rustls::ClientConfig>, ProxyError> {
-        let cert = self
-            .certs
-            .get(src)
-            .await
-            .map_err(|source| ProxyError::Certificate {
+        let cert = self.certs.get(src).await.map_err(|source| {
+            // Counted as the server side counts a tunnel it cannot accept for want of a
+            // certificate (`inbound`): the application's connection is refused.
+            self.tracker.metrics().reject("certificate");
+            ProxyError::Certificate {
                 identity: src.clone(),
                 source,
-            })?;
+            }
+        })?;
         let key = (src.clone(), dst.clone());
         let mut cache = self.client_tls.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((cached_cert, config)) = cache.get(&key)

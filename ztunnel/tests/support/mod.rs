@@ -1,10 +1,10 @@
-//! In-process control plane for the integration tests: a delta ADS server and an Istio CA
-//! server (tonic, real gRPC over 127.0.0.1) that hand every stream and request to the test,
-//! so the test decides what istiod says and when, and waits on channels instead of sleeping.
+//! In-process control plane for the integration tests: a delta ADS server (tonic, real gRPC
+//! over 127.0.0.1) that hands every stream to the test, so the test decides what istiod says
+//! and when, and waits on channels instead of sleeping. (The Istio CA stand-in is the
+//! harness's, `mesh_tests::ca`, with the tests of the CA client in `tests/tests/istio_ca.rs`.)
 
 #![allow(dead_code)]
 
-pub mod ca;
 pub mod xds;
 
 use std::time::Duration;

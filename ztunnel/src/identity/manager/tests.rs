@@ -227,10 +227,72 @@ async fn expired_certificate_is_not_served() {
     source.fail_next.store(usize::MAX, Ordering::SeqCst);
     clock.advance(LIFETIME);
     let err = certs.get(&who).await.unwrap_err();
+    assert!(matches!(err, ManagerError::Expired { .. }), "{err:?}");
     assert_eq!(
         err.to_string(),
-        "issuing a certificate for spiffe://td/ns/a/sa/b: certificate authority: CA unavailable"
+        "the certificate for spiffe://td/ns/a/sa/b expired at 2023-11-14T22:15:00Z and could not \
+         be renewed: certificate authority: CA unavailable"
     );
+}
+
+#[tokio::test]
+async fn after_expiry_callers_fail_fast_then_bring_the_certificate_back() {
+    let clock = ManualClock::new();
+    let source = Arc::new(FakeSource::new(&clock));
+    let certs = manager(&clock, &source);
+    let who = id("spiffe://td/ns/a/sa/b");
+    certs.get(&who).await.unwrap();
+    source.fail_next.store(usize::MAX, Ordering::SeqCst);
+    // Past half-life: the renewal fails (then waits 1 s); past expiry, the next callers
+    // see the expiry.
+    clock.advance(LIFETIME / 2);
+    eventually("renewal attempt", || source.attempts() == 2).await;
+    clock.advance(LIFETIME / 2);
+    let err = certs.get(&who).await.unwrap_err();
+    assert!(matches!(err, ManagerError::Expired { .. }), "{err:?}");
+    settle().await;
+    let attempts = source.attempts();
+    // Right after a failure, callers are answered without asking the CA again.
+    for _ in 0..5 {
+        let err = certs.get(&who).await.unwrap_err();
+        assert!(matches!(err, ManagerError::Expired { .. }), "{err:?}");
+    }
+    assert_eq!(source.attempts(), attempts, "a CA request per caller");
+    // The CA is back: after the backoff, a caller asks again and gets a fresh certificate.
+    source.fail_next.store(0, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(1));
+    let cert = certs.get(&who).await.unwrap();
+    assert!(!cert.expired_at(clock.now()));
+    let stats = certs.stats();
+    assert_eq!(stats.failed + stats.issued, source.attempts() as u64);
+    assert_eq!(stats.issued, 2);
+}
+
+#[tokio::test]
+async fn renewal_retries_are_capped_at_an_eighth_of_the_lifetime() {
+    let clock = ManualClock::new();
+    let source = Arc::new(FakeSource::new(&clock));
+    let certs = manager(&clock, &source);
+    let who = id("spiffe://td/ns/a/sa/b");
+    certs.get(&who).await.unwrap();
+    source.fail_next.store(usize::MAX, Ordering::SeqCst);
+    clock.advance(LIFETIME / 2);
+    eventually("renewal attempt", || source.attempts() == 2).await;
+    // 1, 2, 4, 8 s, then 12.5 s (100 s / 8) instead of 16.
+    for (wait, attempts) in [
+        (1000, 3),
+        (2000, 4),
+        (4000, 5),
+        (8000, 6),
+        (12500, 7),
+        (12500, 8),
+    ] {
+        clock.advance(Duration::from_millis(wait - 100));
+        settle().await;
+        assert_eq!(source.attempts(), attempts - 1, "retried too early");
+        clock.advance(Duration::from_millis(100));
+        eventually("retry", || source.attempts() == attempts).await;
+    }
 }
 
 #[tokio::test]

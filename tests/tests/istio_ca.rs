@@ -1,19 +1,32 @@
-//! The Istio CA client against an in-process `IstioCertificateService` over real gRPC: the
-//! certificate obtained, its rotation by `CertManager`, and a CA outage survived.
-
-mod support;
+//! The Istio CA client against an in-process `IstioCertificateService` over real gRPC (the
+//! harness's [`CaServer`]): the certificate obtained, its rotation by `CertManager`, and a
+//! CA outage survived. No namespaces: these run without root.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_tests::ca::{CaServer, Plan};
 use prost_types::value::Kind;
 use rcgen::PublicKeyData as _;
-
-use support::ca::{CaServer, Plan};
 use ztunnel::grpc::GrpcTarget;
 use ztunnel::identity::{
     CertManager, CertificateSource, Identity, IstioCa, ManagerConfig, SystemClock,
 };
+
+/// How long any single expected event may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Waits until `cond` holds, checking every few milliseconds, for at most [`DEADLINE`].
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 fn id() -> Identity {
     "spiffe://cluster.local/ns/default/sa/echo".parse().unwrap()
@@ -37,7 +50,7 @@ fn token() -> tempfile::NamedTempFile {
 
 #[tokio::test]
 async fn issues_a_certificate_for_the_identity_with_token_and_impersonation() {
-    let mut ca = CaServer::start().await;
+    let mut ca = CaServer::start().unwrap();
     let token = token();
     let istio_ca = client(&ca, &token);
     let cert = istio_ca.issue(&id()).await.unwrap();
@@ -75,7 +88,7 @@ async fn issues_a_certificate_for_the_identity_with_token_and_impersonation() {
 
 #[tokio::test]
 async fn errors_name_the_ca_and_the_identity() {
-    let ca = CaServer::start().await;
+    let ca = CaServer::start().unwrap();
     ca.plan([Plan::Fail]);
     let token = token();
     let err = client(&ca, &token).issue(&id()).await.unwrap_err();
@@ -122,7 +135,7 @@ const DUE: Plan = Plan::Issue {
 
 #[tokio::test]
 async fn cert_manager_rotates_through_the_istio_ca() {
-    let mut ca = CaServer::start().await;
+    let mut ca = CaServer::start().unwrap();
     let token = token();
     ca.plan([DUE]);
     let certs = manager(&ca, &token);
@@ -131,7 +144,7 @@ async fn cert_manager_rotates_through_the_istio_ca() {
     // Half-way through its life already: the manager renews it in the background.
     let second = ca.next().await;
     assert_eq!(second.serial, Some(2));
-    support::eventually("the renewed certificate served", || {
+    eventually("the renewed certificate served", || {
         certs.snapshot().first().map(|c| c.serial.clone()) != Some(first.serial.clone())
     })
     .await;
@@ -143,7 +156,7 @@ async fn cert_manager_rotates_through_the_istio_ca() {
 
 #[tokio::test]
 async fn a_ca_outage_leaves_the_current_certificate_served() {
-    let mut ca = CaServer::start().await;
+    let mut ca = CaServer::start().unwrap();
     let token = token();
     ca.plan([DUE]);
     ca.set_default(Plan::Fail);
@@ -154,7 +167,7 @@ async fn a_ca_outage_leaves_the_current_certificate_served() {
     for _ in 0..3 {
         assert_eq!(ca.next().await.serial, None);
         // ...and the current certificate is still what callers get.
-        let served = tokio::time::timeout(support::DEADLINE, certs.get(&id()))
+        let served = tokio::time::timeout(DEADLINE, certs.get(&id()))
             .await
             .unwrap()
             .unwrap();
@@ -172,7 +185,7 @@ async fn a_ca_outage_leaves_the_current_certificate_served() {
         }
     };
     assert!(renewed >= 2);
-    support::eventually("the renewed certificate served", || {
+    eventually("the renewed certificate served", || {
         certs.snapshot().first().map(|c| c.serial.clone()) != Some(first.serial.clone())
     })
     .await;
@@ -180,7 +193,7 @@ async fn a_ca_outage_leaves_the_current_certificate_served() {
 
 #[tokio::test]
 async fn tls_to_the_ca_is_verified_against_the_configured_root() {
-    let ca = CaServer::start_tls().await;
+    let ca = CaServer::start_tls().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root-cert.pem");
     std::fs::write(&root, &ca.root_pem).unwrap();
@@ -195,7 +208,7 @@ async fn tls_to_the_ca_is_verified_against_the_configured_root() {
     assert_eq!(cert.identity, id());
 
     // Another root: the handshake fails and the error says so.
-    let other = CaServer::start().await;
+    let other = CaServer::start().unwrap();
     let wrong = dir.path().join("other-root.pem");
     std::fs::write(&wrong, &other.root_pem).unwrap();
     let err = IstioCa::new(target(Some(wrong)), Duration::from_secs(600))
@@ -204,4 +217,25 @@ async fn tls_to_the_ca_is_verified_against_the_configured_root() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains(&ca.url()), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_ca_is_reported_with_the_cause() {
+    let mut ca = CaServer::start().unwrap();
+    let token = token();
+    let istio_ca = client(&ca, &token);
+    istio_ca.issue(&id()).await.unwrap();
+    // Stopping waits for the client's connection to close: this runtime must keep running.
+    tokio::task::block_in_place(|| ca.stop()).unwrap();
+    let msg = istio_ca.issue(&id()).await.unwrap_err().to_string();
+    assert!(msg.contains(&ca.url()), "{msg}");
+    assert!(msg.contains("Unavailable"), "{msg}");
+    assert!(msg.contains("Connection refused"), "{msg}");
+    // Back on the same address: the same client is answered again.
+    ca.listen().unwrap();
+    istio_ca.issue(&id()).await.unwrap();
+    assert_eq!(
+        ca.requests().iter().filter(|r| r.serial.is_some()).count(),
+        2
+    );
 }
