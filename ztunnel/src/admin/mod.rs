@@ -32,7 +32,9 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::metrics::{ConfigUpdateLabels, IdentityLabels, Metrics, ResultLabels, mirror};
+use crate::metrics::{
+    ConfigUpdateLabels, IdentityLabels, Metrics, ReasonLabels, ResultLabels, mirror,
+};
 use crate::proxy::Proxy;
 use crate::source::SourceStats;
 use crate::state::State;
@@ -189,6 +191,14 @@ impl Agent {
         agent
             .hbone_pool_connections
             .set(proxy.pool.total_connections() as i64);
+        mirror(
+            &agent
+                .hbone_pool_evictions
+                .get_or_create_owned(&ReasonLabels {
+                    reason: "certificate_expired".to_owned(),
+                }),
+            proxy.pool.stats().certificate_expired,
+        );
         agent.certificate_expiry.clear();
         for cert in proxy.certs.snapshot() {
             agent
