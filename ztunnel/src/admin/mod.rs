@@ -191,14 +191,20 @@ impl Agent {
         agent
             .hbone_pool_connections
             .set(proxy.pool.total_connections() as i64);
-        mirror(
-            &agent
-                .hbone_pool_evictions
-                .get_or_create_owned(&ReasonLabels {
-                    reason: "certificate_expired".to_owned(),
-                }),
-            proxy.pool.stats().certificate_expired,
-        );
+        let pool = proxy.pool.stats();
+        for (reason, value) in [
+            ("certificate_expired", pool.certificate_expired),
+            ("keepalive_timeout", pool.keepalive_timeout),
+        ] {
+            mirror(
+                &agent
+                    .hbone_pool_evictions
+                    .get_or_create_owned(&ReasonLabels {
+                        reason: reason.to_owned(),
+                    }),
+                value,
+            );
+        }
         agent.certificate_expiry.clear();
         for cert in proxy.certs.snapshot() {
             agent

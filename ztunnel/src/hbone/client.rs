@@ -10,7 +10,9 @@
 //! A connection takes new tunnels only while both certificates of its handshake (the one
 //! this side presented, the peer's) are valid: at the first expiry it leaves the pool, and h2
 //! closes it once its last tunnel ends; the next tunnel dials anew with the certificates in
-//! force.
+//! force. With `keepalive` set, each connection is PINGed that often, and one whose peer
+//! leaves a PING unanswered for twice that (gone, or stopped reading) is dropped at once with
+//! its tunnels, rather than noticed only when a CONNECT on it times out.
 //!
 //! The caller supplies the TCP connect (it creates the socket inside the pod's network
 //! namespace, with the mark that keeps it out of capture) and the TLS configuration.
@@ -32,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use super::lifetime::wall_clock_reaches;
+use super::lifetime::{keepalive, wall_clock_reaches};
 use super::request::{ConnectHeaders, build_connect};
 use super::stream::{H2Stream, OnDrop};
 use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, STREAM_WINDOW, tls_io};
@@ -61,6 +63,10 @@ pub struct PoolConfig {
     /// answer: a peer that stopped answering (dead node, lossy link) fails the tunnel
     /// instead of hanging it, and a pooled connection that timed out is dropped.
     pub connect_timeout: Duration,
+    /// A PING is sent on each connection this often, and a peer that leaves one unanswered
+    /// for twice that is taken for gone or stalled: the connection is dropped with its
+    /// tunnels. `None`: never.
+    pub keepalive: Option<Duration>,
 }
 
 impl Default for PoolConfig {
@@ -72,6 +78,7 @@ impl Default for PoolConfig {
             connection_window: CONNECTION_WINDOW,
             max_frame_size: MAX_FRAME_SIZE,
             connect_timeout: Duration::from_secs(10),
+            keepalive: Some(Duration::from_secs(10)),
         }
     }
 }
@@ -104,6 +111,8 @@ impl ClientTls {
 pub struct PoolStats {
     /// A certificate of the handshake expired (the connection's tunnels ran on).
     pub certificate_expired: u64,
+    /// The peer left a PING unanswered (the connection was dropped with its tunnels).
+    pub keepalive_timeout: u64,
 }
 
 struct PooledConn {
@@ -127,6 +136,7 @@ struct PoolInner {
     keys: Mutex<HashMap<PoolKey, KeyEntry>>,
     next_id: AtomicU64,
     expired: AtomicU64,
+    keepalive_timeouts: AtomicU64,
 }
 
 /// The outbound connection pool. Cheap to clone.
@@ -143,6 +153,7 @@ impl Pool {
                 keys: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
                 expired: AtomicU64::new(0),
+                keepalive_timeouts: AtomicU64::new(0),
             }),
         }
     }
@@ -253,6 +264,7 @@ impl Pool {
     pub fn stats(&self) -> PoolStats {
         PoolStats {
             certificate_expired: self.inner.expired.load(Ordering::Relaxed),
+            keepalive_timeout: self.inner.keepalive_timeouts.load(Ordering::Relaxed),
         }
     }
 
@@ -435,19 +447,24 @@ impl PoolInner {
 }
 
 /// Drives one connection's I/O, closes it when idle, takes it out of the pool when its
-/// certificates expire, and forgets it when it ends.
+/// certificates expire, drops it when the peer stops answering PINGs, and forgets it when it
+/// ends.
 async fn drive<T>(
     pool: Weak<PoolInner>,
     key: PoolKey,
     id: u64,
     expires: SystemTime,
-    connection: h2::client::Connection<T, Bytes>,
+    mut connection: h2::client::Connection<T, Bytes>,
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let Some(timeout) = pool.upgrade().map(|p| p.config.idle_timeout) else {
+    let Some((timeout, interval)) = pool
+        .upgrade()
+        .map(|p| (p.config.idle_timeout, p.config.keepalive))
+    else {
         return;
     };
+    let mut keepalive = std::pin::pin!(keepalive(connection.ping_pong(), interval));
     let mut expiry = std::pin::pin!(wall_clock_reaches(expires));
     let mut connection = std::pin::pin!(connection);
     let mut check_at = Instant::now() + timeout;
@@ -477,6 +494,17 @@ async fn drive<T>(
                 if let Some(entry) = keys.get_mut(&key) {
                     inner.drop_expired(&key, entry, SystemTime::now());
                 }
+            }
+            unanswered = &mut keepalive => {
+                if let Some(inner) = pool.upgrade() {
+                    inner.keepalive_timeouts.fetch_add(1, Ordering::Relaxed);
+                    inner.remove(&key, id);
+                }
+                tracing::warn!(peer = %key.dst, identity = %key.dst_identity, src = %key.src,
+                    "HBONE peer left a PING unanswered for {unanswered:?}: connection dropped \
+                    with its tunnels");
+                // Returning drops the connection: the socket closes and its streams fail.
+                return;
             }
         }
     }

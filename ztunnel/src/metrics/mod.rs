@@ -69,7 +69,7 @@ pub struct Agent {
     pub connections_open: Gauge,
     pub hbone_pool_connections: Gauge,
     /// Pooled outbound HBONE connections taken out of the pool before their end, by reason
-    /// (`certificate_expired`).
+    /// (`certificate_expired`, `keepalive_timeout`).
     pub hbone_pool_evictions: Family<ReasonLabels, Counter>,
     /// Unix time at which each cached workload certificate expires.
     pub certificate_expiry: Family<IdentityLabels, Gauge>,

@@ -86,7 +86,8 @@ pub struct Proxy {
     pub handshake_timeout: std::time::Duration,
     /// Bound on connecting anywhere (peers, applications, passthrough destinations).
     pub connect_timeout: std::time::Duration,
-    /// PING interval on inbound HBONE connections; a peer silent for twice that is cut off.
+    /// PING interval on HBONE connections, inbound and pooled outbound; a peer silent for
+    /// twice that is cut off.
     pub hbone_keepalive: std::time::Duration,
     /// Set when this process stops taking new work (replaced, or shutting down): HBONE
     /// connections get GOAWAY so peers open new streams elsewhere.
@@ -140,6 +141,7 @@ impl Proxy {
             roots,
             pool: hbone::Pool::new(hbone::PoolConfig {
                 connect_timeout: options.connect_timeout,
+                keepalive: Some(options.hbone_keepalive),
                 ..hbone::PoolConfig::default()
             }),
             pods: PodRegistry::default(),

@@ -1,7 +1,9 @@
 //! When a connection stops taking tunnels: the certificates of its handshake expire (pool and
-//! server). Real TLS on loopback; the only waits are for a certificate's lifetime, a couple
-//! of seconds.
+//! server), or the peer stops answering PINGs (pool). Real TLS on loopback; the only waits
+//! are for a certificate's lifetime, a couple of seconds.
 
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::*;
@@ -111,4 +113,87 @@ async fn the_server_sends_goaway_when_the_client_certificate_expires() {
     // The tunnel opened before the expiry still passes bytes.
     echo(&mut first, b"after").await;
     assert_eq!(server.accepts.load(Ordering::SeqCst), 1);
+}
+
+/// A TCP relay that can be frozen: it then forwards nothing either way and closes nothing,
+/// like a dead node behind a link that drops packets silently.
+struct Relay {
+    addr: SocketAddr,
+    frozen: watch::Sender<bool>,
+}
+
+async fn start_relay(upstream: SocketAddr) -> Relay {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let frozen = watch::Sender::new(false);
+    let freeze = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((downstream, _)) = listener.accept().await {
+            let upstream = TcpStream::connect(upstream).await.unwrap();
+            let (down_read, down_write) = downstream.into_split();
+            let (up_read, up_write) = upstream.into_split();
+            tokio::spawn(forward(down_read, up_write, freeze.subscribe()));
+            tokio::spawn(forward(up_read, down_write, freeze.subscribe()));
+        }
+    });
+    Relay { addr, frozen }
+}
+
+async fn forward(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::select! {
+            _ = frozen.wait_for(|f| *f) => break,
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+    // Frozen: nothing moves, and both sockets stay open (this future owns them).
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_dropped_from_the_pool_with_its_tunnels() {
+    let (mesh, server) = setup().await;
+    let relay = start_relay(server.addr).await;
+    let interval = Duration::from_millis(200);
+    let config = PoolConfig {
+        keepalive: Some(interval),
+        ..Default::default()
+    };
+    let mut client = Client::new(&mesh, &server, SERVER, config);
+    client.key.dst = relay.addr;
+    let mut tunnel = client.open(PORT_ECHO).await.unwrap();
+    echo(&mut tunnel, b"warm").await;
+    // A peer that answers is kept, idle or not: let several PINGs go by.
+    tokio::time::sleep(interval * 4).await;
+    echo(&mut tunnel, b"still").await;
+    assert_eq!(client.pool.connection_count(&client.key), 1);
+    assert_eq!(client.pool.stats().keepalive_timeout, 0);
+
+    relay.frozen.send_replace(true);
+    let frozen_at = Instant::now();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), tunnel.read(&mut byte))
+        .await
+        .expect("a tunnel over a silent peer was left hanging");
+    let took = frozen_at.elapsed();
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // At worst the next PING leaves one interval after the last answer, and is given up on
+    // two intervals later.
+    assert!(
+        took < interval * 3 + Duration::from_millis(500),
+        "tunnel ended {took:?} after the peer went silent"
+    );
+    assert_eq!(client.pool.connection_count(&client.key), 0);
+    assert_eq!(client.pool.stats().keepalive_timeout, 1);
 }
