@@ -434,7 +434,7 @@ pub async fn tunnel(
 ) -> Result<ztunnel::hbone::H2Stream, ztunnel::hbone::HboneError> {
     use ztunnel::hbone::{ConnectHeaders, Pool, PoolConfig, PoolKey};
     let tls =
-        ztunnel::tls::client_config(cert, &mesh.ca().roots(), server.clone()).map_err(|e| {
+        ztunnel::hbone::ClientTls::new(cert, &mesh.ca().roots(), server.clone()).map_err(|e| {
             ztunnel::hbone::HboneError::Tls {
                 addr: peer,
                 source: e,

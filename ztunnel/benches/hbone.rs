@@ -64,7 +64,7 @@ fn open_stream(c: &mut Criterion) {
         .sign(&src, Duration::from_secs(3600))
         .expect("client cert");
     let server_id: Identity = SERVER.parse().expect("valid identity");
-    let tls = tls::client_config(&cert, &ca.roots(), server_id.clone()).expect("tls config");
+    let tls = hbone::ClientTls::new(&cert, &ca.roots(), server_id.clone()).expect("tls config");
     let addr = runtime.block_on(start_server(&ca));
     let pool = Pool::new(PoolConfig::default());
     let key = PoolKey {

@@ -123,8 +123,9 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: u16,
 
-    /// Seconds between HTTP/2 PINGs on inbound HBONE connections; a peer that leaves one
-    /// unanswered for twice that (gone, or no longer reading) has its connection closed.
+    /// Seconds between HTTP/2 PINGs on HBONE connections, inbound and pooled outbound; a peer
+    /// that leaves one unanswered for twice that (gone, or no longer reading) has its
+    /// connection closed, with the tunnels it carried.
     #[arg(long, env = "ZTUNNEL_HBONE_KEEPALIVE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub hbone_keepalive_secs: u64,
 

@@ -32,7 +32,9 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::metrics::{ConfigUpdateLabels, IdentityLabels, Metrics, ResultLabels, mirror};
+use crate::metrics::{
+    ConfigUpdateLabels, IdentityLabels, Metrics, ReasonLabels, ResultLabels, mirror,
+};
 use crate::proxy::Proxy;
 use crate::source::SourceStats;
 use crate::state::State;
@@ -189,6 +191,20 @@ impl Agent {
         agent
             .hbone_pool_connections
             .set(proxy.pool.total_connections() as i64);
+        let pool = proxy.pool.stats();
+        for (reason, value) in [
+            ("certificate_expired", pool.certificate_expired),
+            ("keepalive_timeout", pool.keepalive_timeout),
+        ] {
+            mirror(
+                &agent
+                    .hbone_pool_evictions
+                    .get_or_create_owned(&ReasonLabels {
+                        reason: reason.to_owned(),
+                    }),
+                value,
+            );
+        }
         agent.certificate_expiry.clear();
         for cert in proxy.certs.snapshot() {
             agent

@@ -7,6 +7,13 @@
 //! of connects opens one connection per `max_streams_per_conn` tunnels, not one each.
 //! Connections with no tunnel for `idle_timeout` are closed (GOAWAY).
 //!
+//! A connection takes new tunnels only while both certificates of its handshake (the one
+//! this side presented, the peer's) are valid: at the first expiry it leaves the pool, and h2
+//! closes it once its last tunnel ends; the next tunnel dials anew with the certificates in
+//! force. With `keepalive` set, each connection is PINGed that often, and one whose peer
+//! leaves a PING unanswered for twice that (gone, or stopped reading) is dropped at once with
+//! its tunnels, rather than noticed only when a CONNECT on it times out.
+//!
 //! The caller supplies the TCP connect (it creates the socket inside the pod's network
 //! namespace, with the mark that keeps it out of capture) and the TLS configuration.
 
@@ -16,7 +23,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -27,10 +34,13 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+use super::lifetime::{keepalive, wall_clock_reaches};
 use super::request::{ConnectHeaders, build_connect};
 use super::stream::{H2Stream, OnDrop};
 use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, STREAM_WINDOW, tls_io};
-use crate::identity::Identity;
+use crate::admin::time::rfc3339;
+use crate::identity::{Identity, WorkloadCert};
+use crate::tls::{TlsError, TrustBundle};
 
 /// Which connections may be shared.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -53,6 +63,10 @@ pub struct PoolConfig {
     /// answer: a peer that stopped answering (dead node, lossy link) fails the tunnel
     /// instead of hanging it, and a pooled connection that timed out is dropped.
     pub connect_timeout: Duration,
+    /// A PING is sent on each connection this often, and a peer that leaves one unanswered
+    /// for twice that is taken for gone or stalled: the connection is dropped with its
+    /// tunnels. `None`: never.
+    pub keepalive: Option<Duration>,
 }
 
 impl Default for PoolConfig {
@@ -64,8 +78,41 @@ impl Default for PoolConfig {
             connection_window: CONNECTION_WINDOW,
             max_frame_size: MAX_FRAME_SIZE,
             connect_timeout: Duration::from_secs(10),
+            keepalive: Some(Duration::from_secs(10)),
         }
     }
+}
+
+/// What the pool dials with: the TLS client configuration, and when the certificate it
+/// presents expires (connections made with it take new tunnels until then at most).
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub config: Arc<ClientConfig>,
+    /// `not_after` of the certificate `config` presents.
+    pub not_after: SystemTime,
+}
+
+impl ClientTls {
+    /// Presents `cert`, to a peer that must prove `expected_server`.
+    pub fn new(
+        cert: &WorkloadCert,
+        roots: &TrustBundle,
+        expected_server: Identity,
+    ) -> Result<ClientTls, TlsError> {
+        Ok(ClientTls {
+            config: crate::tls::client_config(cert, roots, expected_server)?,
+            not_after: cert.not_after,
+        })
+    }
+}
+
+/// Connections taken out of the pool before their end, by cause, since the pool was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// A certificate of the handshake expired (the connection's tunnels ran on).
+    pub certificate_expired: u64,
+    /// The peer left a PING unanswered (the connection was dropped with its tunnels).
+    pub keepalive_timeout: u64,
 }
 
 struct PooledConn {
@@ -73,6 +120,8 @@ struct PooledConn {
     send: SendRequest<Bytes>,
     active: usize,
     idle_since: Instant,
+    /// The first `not_after` of the two certificates of the handshake.
+    expires: SystemTime,
 }
 
 #[derive(Default)]
@@ -86,6 +135,8 @@ struct PoolInner {
     config: PoolConfig,
     keys: Mutex<HashMap<PoolKey, KeyEntry>>,
     next_id: AtomicU64,
+    expired: AtomicU64,
+    keepalive_timeouts: AtomicU64,
 }
 
 /// The outbound connection pool. Cheap to clone.
@@ -101,6 +152,8 @@ impl Pool {
                 config,
                 keys: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
+                expired: AtomicU64::new(0),
+                keepalive_timeouts: AtomicU64::new(0),
             }),
         }
     }
@@ -116,7 +169,7 @@ impl Pool {
         authority: SocketAddr,
         headers: &ConnectHeaders,
         tcp_connect: F,
-        tls: Arc<ClientConfig>,
+        tls: ClientTls,
     ) -> Result<H2Stream, HboneError>
     where
         F: FnOnce() -> Fut,
@@ -148,14 +201,14 @@ impl Pool {
                 Some((send, slot, _)) => (send, slot),
                 None => {
                     let timeout = self.inner.config.connect_timeout;
-                    let (id, send) =
+                    let (id, send, expires) =
                         tokio::time::timeout(timeout, self.dial(&key, tcp_connect, tls))
                             .await
                             .map_err(|_| HboneError::Timeout {
                                 addr: key.dst,
                                 after: timeout,
                             })??;
-                    self.insert_reserved(&key, id, send)
+                    self.insert_reserved(&key, id, send, expires)
                 }
             }
         };
@@ -207,15 +260,22 @@ impl Pool {
         self.inner.lock().values().map(|e| e.conns.len()).sum()
     }
 
-    /// Takes a stream slot on a pooled connection with room, if any.
+    /// Connections taken out of the pool before their end, by cause (for metrics).
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            certificate_expired: self.inner.expired.load(Ordering::Relaxed),
+            keepalive_timeout: self.inner.keepalive_timeouts.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes a stream slot on a pooled connection with room, if any. Connections whose
+    /// certificates have expired are never used: they leave the pool here.
     fn reserve(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, OnDrop, u64)> {
         let max = self.inner.config.max_streams_per_conn;
         let mut keys = self.inner.lock();
-        let conn = keys
-            .get_mut(key)?
-            .conns
-            .iter_mut()
-            .find(|c| c.active < max)?;
+        let entry = keys.get_mut(key)?;
+        self.inner.drop_expired(key, entry, SystemTime::now());
+        let conn = entry.conns.iter_mut().find(|c| c.active < max)?;
         conn.active += 1;
         Some((conn.send.clone(), self.slot_guard(key, conn.id), conn.id))
     }
@@ -225,6 +285,7 @@ impl Pool {
         key: &PoolKey,
         id: u64,
         send: SendRequest<Bytes>,
+        expires: SystemTime,
     ) -> (SendRequest<Bytes>, OnDrop) {
         self.inner
             .lock()
@@ -236,6 +297,7 @@ impl Pool {
                 send: send.clone(),
                 active: 1,
                 idle_since: Instant::now(),
+                expires,
             });
         (send, self.slot_guard(key, id))
     }
@@ -259,8 +321,8 @@ impl Pool {
         &self,
         key: &PoolKey,
         tcp_connect: F,
-        tls: Arc<ClientConfig>,
-    ) -> Result<(u64, SendRequest<Bytes>), HboneError>
+        tls: ClientTls,
+    ) -> Result<(u64, SendRequest<Bytes>, SystemTime), HboneError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = io::Result<TcpStream>>,
@@ -273,13 +335,16 @@ impl Pool {
             .map_err(|source| HboneError::Connect { addr, source })?;
         // The name is neither sent (no SNI) nor checked: the verifier checks the identity.
         let name = ServerName::IpAddress(addr.ip().into());
-        let tls_stream = TlsConnector::from(tls)
+        let tls_stream = TlsConnector::from(tls.config)
             .connect(name, tls_io(tcp))
             .await
             .map_err(|e| HboneError::Tls {
                 addr,
                 source: crate::tls::handshake_error(&e),
             })?;
+        let peer_not_after = crate::tls::peer_not_after(tls_stream.get_ref().1)
+            .map_err(|source| HboneError::Tls { addr, source })?;
+        let expires = tls.not_after.min(peer_not_after);
         let config = &self.inner.config;
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(config.stream_window)
@@ -294,9 +359,10 @@ impl Pool {
             Arc::downgrade(&self.inner),
             key.clone(),
             id,
+            expires,
             connection,
         ));
-        Ok((id, send))
+        Ok((id, send, expires))
     }
 }
 
@@ -344,6 +410,21 @@ impl PoolInner {
         }
     }
 
+    /// Takes the connections whose certificates have expired by `now` out of `key`'s
+    /// `entry`: they take no new tunnel, and the ones they carry run on.
+    fn drop_expired(&self, key: &PoolKey, entry: &mut KeyEntry, now: SystemTime) {
+        entry.conns.retain(|c| {
+            let valid = now < c.expires;
+            if !valid {
+                self.expired.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = %key.dst, identity = %key.dst_identity, src = %key.src,
+                    expired_at = %rfc3339(c.expires), tunnels = c.active,
+                    "certificate of a pooled HBONE connection expired: new tunnels go to a new connection");
+            }
+            valid
+        });
+    }
+
     /// Whether connection `id` has been idle for the whole timeout; if so it is removed.
     /// Otherwise returns when to look again.
     fn reap_if_idle(&self, key: &PoolKey, id: u64) -> Option<Instant> {
@@ -365,21 +446,30 @@ impl PoolInner {
     }
 }
 
-/// Drives one connection's I/O, closes it when idle, and forgets it when it ends.
+/// Drives one connection's I/O, closes it when idle, takes it out of the pool when its
+/// certificates expire, drops it when the peer stops answering PINGs, and forgets it when it
+/// ends.
 async fn drive<T>(
     pool: Weak<PoolInner>,
     key: PoolKey,
     id: u64,
-    connection: h2::client::Connection<T, Bytes>,
+    expires: SystemTime,
+    mut connection: h2::client::Connection<T, Bytes>,
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut connection = std::pin::pin!(connection);
-    let Some(timeout) = pool.upgrade().map(|p| p.config.idle_timeout) else {
+    let Some((timeout, interval)) = pool
+        .upgrade()
+        .map(|p| (p.config.idle_timeout, p.config.keepalive))
+    else {
         return;
     };
+    let mut keepalive = std::pin::pin!(keepalive(connection.ping_pong(), interval));
+    let mut expiry = std::pin::pin!(wall_clock_reaches(expires));
+    let mut connection = std::pin::pin!(connection);
     let mut check_at = Instant::now() + timeout;
     let mut reaped = false;
+    let mut expired = false;
     loop {
         tokio::select! {
             result = &mut connection => {
@@ -394,6 +484,27 @@ async fn drive<T>(
                     Some(next) => check_at = next,
                     None => reaped = true,
                 }
+            }
+            () = &mut expiry, if !expired => {
+                // `reserve` would do the same on the next tunnel; done here as well so that
+                // an idle expired connection closes now and the pool's size is true.
+                expired = true;
+                let Some(inner) = pool.upgrade() else { break };
+                let mut keys = inner.lock();
+                if let Some(entry) = keys.get_mut(&key) {
+                    inner.drop_expired(&key, entry, SystemTime::now());
+                }
+            }
+            unanswered = &mut keepalive => {
+                if let Some(inner) = pool.upgrade() {
+                    inner.keepalive_timeouts.fetch_add(1, Ordering::Relaxed);
+                    inner.remove(&key, id);
+                }
+                tracing::warn!(peer = %key.dst, identity = %key.dst_identity, src = %key.src,
+                    "HBONE peer left a PING unanswered for {unanswered:?}: connection dropped \
+                    with its tunnels");
+                // Returning drops the connection: the socket closes and its streams fail.
+                return;
             }
         }
     }

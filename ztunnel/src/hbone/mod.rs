@@ -3,23 +3,25 @@
 //! - `request`: the CONNECT request rules, pure (build, validate, Istio status codes);
 //! - `stream`: one tunnel as an `AsyncRead + AsyncWrite` byte stream;
 //! - `client`: the pool of outbound HTTP/2 connections, keyed by who talks to whom;
-//! - `server`: accepting tunnels on an established TLS connection; the caller decides.
+//! - `server`: accepting tunnels on an established TLS connection; the caller decides;
+//! - `lifetime`: when a connection stops taking tunnels (certificate expiry, keep-alive).
 //!
 //! This module moves bytes and enforces the protocol. It never decides policy: which
 //! destination is allowed, which identity to expect, where to connect are the callers'.
 
 pub mod client;
+mod lifetime;
 pub mod request;
 pub mod server;
 pub mod stream;
 
 use std::net::SocketAddr;
 
-pub use client::{Pool, PoolConfig, PoolKey};
+pub use client::{ClientTls, Pool, PoolConfig, PoolKey, PoolStats};
 pub use request::{
     ConnectHeaders, Reject, forwarded_for, forwarded_host, is_traceparent, new_traceparent,
 };
-pub use server::{Accepted, Responder, ServerConfig, serve, serve_until};
+pub use server::{Accepted, Responder, ServerConfig, Session, serve, serve_until};
 pub use stream::H2Stream;
 
 use crate::tls::TlsError;

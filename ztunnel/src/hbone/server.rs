@@ -6,21 +6,27 @@
 //! `Responder::reject` answers with a status (401 denied by policy, 503 upstream unreachable,
 //! 400). A responder dropped without an answer is answered 503, so a caller bug cannot leave
 //! a client waiting forever.
+//!
+//! A connection stops taking tunnels (GOAWAY; open ones run to their end) when the caller
+//! shuts it down, or when a certificate of its handshake expires (see `lifetime`).
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use h2::RecvStream;
 use h2::server::SendResponse;
+use h2::{Reason, RecvStream};
 use http::{HeaderMap, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::lifetime::{keepalive, wall_clock_reaches};
 use super::request::validate;
 use super::stream::H2Stream;
 use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, STREAM_WINDOW};
+use crate::admin::time::rfc3339;
 use crate::identity::Identity;
+use crate::tls::TlsError;
 
 /// HTTP/2 server settings; defaults are Istio's. Each bounds what one (authenticated but
 /// possibly hostile) peer can make this process hold.
@@ -58,6 +64,53 @@ impl Default for ServerConfig {
             max_header_list_size: 64 * 1024,
             max_send_buffer_size: 400 * 1024,
             keepalive: Some(Duration::from_secs(10)),
+        }
+    }
+}
+
+/// What the TLS handshake of a served connection established: who the client is, and
+/// until when the certificates of the handshake vouch for the two sides.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The identity the client proved.
+    pub peer: Identity,
+    /// When the certificate this side presented expires (`None`: no certificate, e.g. an
+    /// in-memory pipe in tests).
+    pub local_not_after: Option<SystemTime>,
+    /// When the certificate the client presented expires.
+    pub peer_not_after: Option<SystemTime>,
+}
+
+impl Session {
+    /// A session that certificates do not bound.
+    pub fn new(peer: Identity) -> Session {
+        Session {
+            peer,
+            local_not_after: None,
+            peer_not_after: None,
+        }
+    }
+
+    /// Reads the client's identity and certificate expiry from an established mTLS
+    /// connection; `local_not_after` is that of the certificate this side presented.
+    pub fn from_tls(
+        conn: &rustls::CommonState,
+        local_not_after: SystemTime,
+    ) -> Result<Session, TlsError> {
+        Ok(Session {
+            peer: crate::tls::peer_identity(conn)?,
+            local_not_after: Some(local_not_after),
+            peer_not_after: Some(crate::tls::peer_not_after(conn)?),
+        })
+    }
+
+    /// The first expiry of the two certificates, and whose certificate it is.
+    fn expiry(&self) -> Option<(SystemTime, &'static str)> {
+        let local = self.local_not_after.map(|t| (t, "local"));
+        let peer = self.peer_not_after.map(|t| (t, "peer"));
+        match (local, peer) {
+            (Some(l), Some(p)) => Some(if p.0 < l.0 { p } else { l }),
+            (one, None) | (None, one) => one,
         }
     }
 }
@@ -143,15 +196,25 @@ where
     F: Fn(Accepted) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    serve_until(io, peer, config, on_stream, std::future::pending()).await
+    serve_until(
+        io,
+        Session::new(peer),
+        config,
+        on_stream,
+        std::future::pending(),
+    )
+    .await
 }
 
-/// Like [`serve`], and when `shutdown` completes, sends GOAWAY: the client opens no new
-/// stream here (it goes to a new connection, e.g. to the process replacing this one) while
-/// the streams already open run to their end.
+/// Like [`serve`], and sends GOAWAY when `shutdown` completes or a certificate of the
+/// `session` expires, whichever comes first: the client opens no new stream here (it goes to
+/// a new connection, e.g. to the process replacing this one, or with the certificates in
+/// force now) while the streams already open run to their end. After an expiry, a stream
+/// that crossed the GOAWAY is refused (RST_STREAM(REFUSED_STREAM): not processed, so the
+/// client may retry it elsewhere, RFC 9113 §8.7).
 pub async fn serve_until<IO, F, Fut, S>(
     io: IO,
-    peer: Identity,
+    session: Session,
     config: &ServerConfig,
     on_stream: F,
     shutdown: S,
@@ -163,7 +226,16 @@ where
     S: Future<Output = ()>,
 {
     let mut shutdown = std::pin::pin!(shutdown);
+    let expiry = session.expiry();
+    let mut expired = std::pin::pin!(async {
+        match expiry {
+            Some((at, _)) => wall_clock_reaches(at).await,
+            None => std::future::pending().await,
+        }
+    });
     let mut going_away = false;
+    let mut refusing = false;
+    let peer = session.peer;
     let mut connection = h2::server::Builder::new()
         .max_concurrent_streams(config.max_concurrent_streams)
         .initial_window_size(config.stream_window)
@@ -184,6 +256,16 @@ where
                 connection.graceful_shutdown();
                 continue;
             }
+            () = &mut expired, if !going_away => {
+                if let Some((at, whose)) = expiry {
+                    tracing::info!(%peer, expired_at = %rfc3339(at),
+                        "{whose} certificate of an HBONE connection expired: GOAWAY, open tunnels run to their end");
+                }
+                going_away = true;
+                refusing = true;
+                connection.graceful_shutdown();
+                continue;
+            }
             unanswered = &mut keepalive => {
                 // The peer reads nothing (a GOAWAY would not reach it either): dropping the
                 // connection closes the socket and ends its streams.
@@ -191,7 +273,11 @@ where
             }
         };
         let Some(next) = next else { break };
-        let (request, respond) = next?;
+        let (request, mut respond) = next?;
+        if refusing {
+            respond.send_reset(Reason::REFUSED_STREAM);
+            continue;
+        }
         let (parts, body) = request.into_parts();
         match validate(&parts.method, &parts.uri) {
             Err(reject) => {
@@ -213,22 +299,4 @@ where
         }
     }
     Ok(())
-}
-
-/// Pings the peer every `interval` and completes, with the time waited, when a PING stays
-/// unanswered for twice that. Pends forever when disabled or once the connection is closing
-/// (`accept` reports that).
-async fn keepalive(ping_pong: Option<h2::PingPong>, interval: Option<Duration>) -> Duration {
-    let (Some(mut ping_pong), Some(interval)) = (ping_pong, interval) else {
-        return std::future::pending().await;
-    };
-    let timeout = interval * 2;
-    loop {
-        tokio::time::sleep(interval).await;
-        match tokio::time::timeout(timeout, ping_pong.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(_closing)) => return std::future::pending().await,
-            Err(_) => return timeout,
-        }
-    }
 }

@@ -1,7 +1,7 @@
 //! End-to-end tunnels on 127.0.0.1: pool → real TCP → real mTLS → server → echo handler.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use http::{Method, Request, StatusCode};
@@ -20,6 +20,8 @@ use crate::tls::{self, TrustBundle};
 const CLIENT: &str = "spiffe://td/ns/a/sa/client";
 const SERVER: &str = "spiffe://td/ns/b/sa/server";
 
+mod connection_lifetime;
+
 fn id(s: &str) -> Identity {
     s.parse().unwrap()
 }
@@ -37,6 +39,25 @@ struct TestServer {
     addr: SocketAddr,
     accepts: Arc<AtomicUsize>,
     seen: mpsc::UnboundedReceiver<Seen>,
+    /// What the next handshakes present: the TLS configuration and its certificate's expiry.
+    current: Arc<Mutex<(Arc<rustls::ServerConfig>, SystemTime)>>,
+    roots: TrustBundle,
+}
+
+impl TestServer {
+    /// Presents `cert` from the next handshake on (a renewal).
+    fn rotate(&self, cert: &WorkloadCert) {
+        let config = tls::server_config(cert, &self.roots).unwrap();
+        *self.current.lock().unwrap() = (config, cert.not_after);
+    }
+}
+
+/// Whether the test server bounds its connections by the certificates of their handshakes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    /// Never: only the client can retire a connection whose certificates expired.
+    No,
+    Certificates,
 }
 
 /// Destination ports that make the handler behave differently.
@@ -47,37 +68,56 @@ const PORT_UNAVAILABLE: u16 = 503;
 const PORT_ABORT: u16 = 666;
 
 async fn start_server(cert: WorkloadCert, roots: TrustBundle) -> TestServer {
+    start_server_with(cert, roots, Bound::No).await
+}
+
+async fn start_server_with(cert: WorkloadCert, roots: TrustBundle, bound: Bound) -> TestServer {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepts = Arc::new(AtomicUsize::new(0));
     let (tx, seen) = mpsc::unbounded_channel();
-    let acceptor = TlsAcceptor::from(tls::server_config(&cert, &roots).unwrap());
+    let config = tls::server_config(&cert, &roots).unwrap();
+    let current = Arc::new(Mutex::new((config, cert.not_after)));
     let counter = accepts.clone();
+    let serving = current.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
             counter.fetch_add(1, Ordering::SeqCst);
-            let acceptor = acceptor.clone();
+            let (config, not_after) = serving.lock().unwrap().clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let tls_stream = match acceptor.accept(tcp).await {
+                let tls_stream = match TlsAcceptor::from(config).accept(tcp).await {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = tx.send(Seen::TlsError(tls::handshake_error(&e).to_string()));
                         return;
                     }
                 };
-                let peer = tls::peer_identity(tls_stream.get_ref().1).unwrap();
+                let session = match bound {
+                    Bound::No => Session::new(tls::peer_identity(tls_stream.get_ref().1).unwrap()),
+                    Bound::Certificates => {
+                        Session::from_tls(tls_stream.get_ref().1, not_after).unwrap()
+                    }
+                };
                 let handler_tx = tx.clone();
-                let result = serve(tls_stream, peer, &ServerConfig::default(), move |acc| {
+                let on_stream = move |acc: Accepted| {
                     let _ = handler_tx.send(Seen::Stream {
                         authority: acc.authority,
                         peer: acc.peer_identity.clone(),
                     });
                     handle(acc)
-                })
+                };
+                let config = ServerConfig::default();
+                let result = serve_until(
+                    tls_stream,
+                    session,
+                    &config,
+                    on_stream,
+                    std::future::pending(),
+                )
                 .await;
                 if let Err(e) = result {
                     let msg = match &e {
@@ -96,6 +136,8 @@ async fn start_server(cert: WorkloadCert, roots: TrustBundle) -> TestServer {
         addr,
         accepts,
         seen,
+        current,
+        roots,
     }
 }
 
@@ -130,7 +172,7 @@ async fn handle(acc: Accepted) {
 struct Client {
     pool: Pool,
     key: PoolKey,
-    tls: Arc<rustls::ClientConfig>,
+    tls: ClientTls,
 }
 
 impl Client {
@@ -146,7 +188,7 @@ impl Client {
         expect: &str,
         config: PoolConfig,
     ) -> Client {
-        let tls = tls::client_config(&cert, roots, id(expect)).unwrap();
+        let tls = ClientTls::new(&cert, roots, id(expect)).unwrap();
         Client {
             pool: Pool::new(config),
             key: PoolKey {

@@ -132,6 +132,13 @@ pub fn identity_from_cert(der: &[u8]) -> Result<Identity, CertError> {
     identity_of(&cert)
 }
 
+/// When a certificate stops being valid (its `notAfter`).
+pub fn not_after_of(der: &[u8]) -> Result<SystemTime, CertError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| CertError::Parse(e.to_string()))?;
+    Ok(to_system_time(cert.validity().not_after.timestamp()))
+}
+
 fn identity_of(
     cert: &x509_parser::certificate::X509Certificate<'_>,
 ) -> Result<Identity, CertError> {

@@ -68,6 +68,9 @@ pub struct Agent {
     pub rejected_inputs: Family<ReasonLabels, Counter>,
     pub connections_open: Gauge,
     pub hbone_pool_connections: Gauge,
+    /// Pooled outbound HBONE connections taken out of the pool before their end, by reason
+    /// (`certificate_expired`, `keepalive_timeout`).
+    pub hbone_pool_evictions: Family<ReasonLabels, Counter>,
     /// Unix time at which each cached workload certificate expires.
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
     /// Requests to the certificate authority by result (`issued` or `failed`).
@@ -151,6 +154,11 @@ impl Metrics {
             "ztunnel_hbone_pool_connections",
             "HBONE connections held in the outbound pool",
             agent.hbone_pool_connections.clone(),
+        );
+        registry.register(
+            "ztunnel_hbone_pool_evictions",
+            "Outbound HBONE connections taken out of the pool before their end, by reason",
+            agent.hbone_pool_evictions.clone(),
         );
         registry.register(
             "ztunnel_certificate_expiry_timestamp_seconds",

@@ -66,7 +66,7 @@ async fn serve_hbone(
         .pods
         .get(uid)
         .ok_or(("not_enrolled", "pod no longer enrolled".to_owned()))?;
-    let tls = proxy
+    let (cert, tls) = proxy
         .server_tls(&pod.workload.identity())
         .await
         .map_err(|e| ("certificate", e.to_string()))?;
@@ -82,8 +82,9 @@ async fn serve_hbone(
             let reason = format!("TLS handshake: {}", crate::tls::handshake_error(&e));
             ("tls_handshake", reason)
         })?;
-    let peer_id = crate::tls::peer_identity(stream.get_ref().1)
+    let session = hbone::Session::from_tls(stream.get_ref().1, cert.not_after)
         .map_err(|e| ("peer_identity", e.to_string()))?;
+    let peer_id = session.peer.clone();
     debug!(%peer, identity = %peer_id, "HBONE connection accepted");
     let config = hbone::ServerConfig {
         keepalive: Some(proxy.hbone_keepalive),
@@ -97,7 +98,7 @@ async fn serve_hbone(
     };
     hbone::serve_until(
         stream,
-        peer_id.clone(),
+        session,
         &config,
         move |accepted| {
             let proxy = handler_proxy.clone();

@@ -65,7 +65,7 @@ impl Drop for Busy {
 }
 
 /// A TLS configuration with the certificate it was built from (rebuilt when that rotates).
-type Cached<T> = (Arc<WorkloadCert>, Arc<T>);
+type Cached<T> = (Arc<WorkloadCert>, T);
 
 /// Everything the per-connection tasks share.
 pub struct Proxy {
@@ -86,15 +86,16 @@ pub struct Proxy {
     pub handshake_timeout: std::time::Duration,
     /// Bound on connecting anywhere (peers, applications, passthrough destinations).
     pub connect_timeout: std::time::Duration,
-    /// PING interval on inbound HBONE connections; a peer silent for twice that is cut off.
+    /// PING interval on HBONE connections, inbound and pooled outbound; a peer silent for
+    /// twice that is cut off.
     pub hbone_keepalive: std::time::Duration,
     /// Set when this process stops taking new work (replaced, or shutting down): HBONE
     /// connections get GOAWAY so peers open new streams elsewhere.
     pub draining: watch::Sender<bool>,
     /// Live connections, their history, Istio's traffic metrics and the access log.
     pub tracker: Arc<tracker::Tracker>,
-    client_tls: Mutex<HashMap<(Identity, Identity), Cached<rustls::ClientConfig>>>,
-    server_tls: Mutex<HashMap<Identity, Cached<rustls::ServerConfig>>>,
+    client_tls: Mutex<HashMap<(Identity, Identity), Cached<hbone::ClientTls>>>,
+    server_tls: Mutex<HashMap<Identity, Cached<Arc<rustls::ServerConfig>>>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -140,6 +141,7 @@ impl Proxy {
             roots,
             pool: hbone::Pool::new(hbone::PoolConfig {
                 connect_timeout: options.connect_timeout,
+                keepalive: Some(options.hbone_keepalive),
                 ..hbone::PoolConfig::default()
             }),
             pods: PodRegistry::default(),
@@ -223,12 +225,13 @@ impl Proxy {
     }
 
     /// Client TLS for tunnels from `src` to a peer that must prove `dst`, cached while `src`'s
-    /// certificate stays the same.
+    /// certificate stays the same. It carries that certificate's expiry, which bounds the
+    /// pooled connections dialled with it.
     async fn client_tls(
         &self,
         src: &Identity,
         dst: &Identity,
-    ) -> Result<Arc<rustls::ClientConfig>, ProxyError> {
+    ) -> Result<hbone::ClientTls, ProxyError> {
         let cert = self.certs.get(src).await.map_err(|source| {
             // Counted as the server side counts a tunnel it cannot accept for want of a
             // certificate (`inbound`): the application's connection is refused.
@@ -245,19 +248,22 @@ impl Proxy {
         {
             return Ok(config.clone());
         }
-        let config =
-            crate::tls::client_config(&cert, &self.roots, dst.clone()).map_err(|source| {
-                ProxyError::Tls {
-                    identity: src.clone(),
-                    source,
-                }
-            })?;
+        let config = hbone::ClientTls::new(&cert, &self.roots, dst.clone()).map_err(|source| {
+            ProxyError::Tls {
+                identity: src.clone(),
+                source,
+            }
+        })?;
         cache.insert(key, (cert, config.clone()));
         Ok(config)
     }
 
-    /// Server TLS for `id`'s HBONE listener, cached while its certificate stays the same.
-    async fn server_tls(&self, id: &Identity) -> Result<Arc<rustls::ServerConfig>, ProxyError> {
+    /// Server TLS for `id`'s HBONE listener, cached while its certificate stays the same;
+    /// with the certificate it presents (its expiry bounds the connections it accepts).
+    async fn server_tls(
+        &self,
+        id: &Identity,
+    ) -> Result<Cached<Arc<rustls::ServerConfig>>, ProxyError> {
         let cert = self
             .certs
             .get(id)
@@ -270,15 +276,15 @@ impl Proxy {
         if let Some((cached_cert, config)) = cache.get(id)
             && Arc::ptr_eq(cached_cert, &cert)
         {
-            return Ok(config.clone());
+            return Ok((cert, config.clone()));
         }
         let config =
             crate::tls::server_config(&cert, &self.roots).map_err(|source| ProxyError::Tls {
                 identity: id.clone(),
                 source,
             })?;
-        cache.insert(id.clone(), (cert, config.clone()));
-        Ok(config)
+        cache.insert(id.clone(), (cert.clone(), config.clone()));
+        Ok((cert, config))
     }
 }
 

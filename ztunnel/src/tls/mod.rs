@@ -16,6 +16,7 @@ mod verify;
 
 use std::io;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::NoServerSessionStorage;
@@ -24,7 +25,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
 use crate::identity::Identity;
-use crate::identity::cert::{CertError, WorkloadCert, identity_from_cert};
+use crate::identity::cert::{CertError, WorkloadCert, identity_from_cert, not_after_of};
 
 /// The ALPN protocol HBONE negotiates.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -50,6 +51,8 @@ pub enum TlsError {
     NoPeerCertificate,
     #[error("peer certificate has no usable identity: {0}")]
     PeerIdentity(CertError),
+    #[error("peer certificate unreadable: {0}")]
+    PeerCertificate(CertError),
     #[error("TLS handshake failed: {0}")]
     Handshake(String),
 }
@@ -162,6 +165,16 @@ pub fn peer_identity(conn: &CommonState) -> Result<Identity, TlsError> {
         .and_then(|chain| chain.first())
         .ok_or(TlsError::NoPeerCertificate)?;
     identity_from_cert(leaf).map_err(TlsError::PeerIdentity)
+}
+
+/// When the certificate the peer of an established connection presented expires: the
+/// connection proves nothing about the peer after that.
+pub fn peer_not_after(conn: &CommonState) -> Result<SystemTime, TlsError> {
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or(TlsError::NoPeerCertificate)?;
+    not_after_of(leaf).map_err(TlsError::PeerCertificate)
 }
 
 /// Turns the `io::Error` a tokio-rustls handshake (or the first read after it) returns into
