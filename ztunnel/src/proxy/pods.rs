@@ -1,6 +1,9 @@
 //! Enrolled pods on this node: for each, its namespace, listeners and capture state, kept in
 //! line with the configuration. Adding a pod never restarts it; removing one releases its
 //! capture at once while its established connections run to their end.
+//!
+//! A pod that could not be enrolled is reported to the caller, which tries again (see
+//! `retry`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -9,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, Proxy, inbound, outbound};
 use crate::capture::{Capture, Netns};
@@ -152,7 +155,16 @@ pub fn wanted(state: &State, node: &str, w: &Workload) -> bool {
     w.node == node && w.netns.is_some() && w.protocol == Protocol::Hbone && state.is_captured(w)
 }
 
-pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) {
+/// A pod this node should capture and could not enroll, and why.
+#[derive(Debug)]
+pub(super) struct NotEnrolled {
+    pub(super) workload: Arc<Workload>,
+    pub(super) reason: String,
+}
+
+/// Enrolls the pods `state` wants captured on this node and releases the others. Returns
+/// the pods that could not be enrolled; the caller tries again later.
+pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) -> Vec<NotEnrolled> {
     let wanted: HashMap<String, Arc<Workload>> = state
         .local_workloads(&proxy.node)
         .into_iter()
@@ -179,6 +191,7 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) {
         info!(workload = %pod.workload.name, namespace = %pod.workload.namespace(), "pod released from capture");
     }
 
+    let mut failed = Vec::new();
     for (uid, w) in wanted {
         let known = proxy.pods.lock().get(&uid).map(|p| p.workload.clone());
         match known {
@@ -205,12 +218,14 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) {
                     pod.listeners.start(proxy, &pod, listeners);
                     info!(workload = %w.name, namespace = %w.namespace(), identity = %w.identity(), "pod enrolled");
                 }
-                Err(err) => {
-                    warn!(workload = %w.name, namespace = %w.namespace(), "cannot enroll pod: {err}");
-                }
+                Err(reason) => failed.push(NotEnrolled {
+                    workload: w.clone(),
+                    reason,
+                }),
             },
         }
     }
+    failed
 }
 
 /// Opens (or inherits) a pod's listeners and turns capture on; the accept loops start once
