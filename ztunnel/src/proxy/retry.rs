@@ -1,6 +1,7 @@
 //! When failed work on a pod is tried again: enrolments that failed (namespace not there yet,
-//! a listener that could not be opened, a capture map error). Only the schedule lives here,
-//! with no clock: the callers own the timers.
+//! a listener that could not be opened, a capture map error) and the first certificate of a
+//! pod enrolled while the CA did not answer. Only the schedule lives here, with no clock:
+//! the callers own the timers.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -9,6 +10,12 @@ use std::time::Duration;
 pub(super) const ENROL_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// Longest wait between enrolment attempts.
 pub(super) const ENROL_RETRY_MAX: Duration = Duration::from_secs(30);
+/// First wait before asking again for the certificate of an enrolled pod. Asking sooner
+/// would ask nothing: the certificate manager answers with the last failure for a second.
+pub(super) const CERT_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two background requests for a pod's first certificate (a
+/// connection of the pod asks at once, whatever this says).
+pub(super) const CERT_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Exponential backoff: `first`, then doubled after each failure up to `max`.
 #[derive(Debug, Clone)]
