@@ -108,6 +108,14 @@ pub fn echo_roundtrip(netns: &str, dst: SocketAddr, data: Vec<u8>) -> io::Result
     Ok(received)
 }
 
+/// Whether `got` is a reset (ECONNRESET): how a connection ztunnel refused (denied by
+/// policy, no route, no certificate) ends for the application, as opposed to a clean end
+/// of stream or a timeout. With [`echo_roundtrip`], whichever of the writes or the read
+/// hears of the reset first reports it.
+pub fn is_reset<T>(got: &io::Result<T>) -> bool {
+    matches!(got, Err(e) if e.kind() == io::ErrorKind::ConnectionReset)
+}
+
 /// A deterministic, non-repeating-looking payload of `len` bytes.
 pub fn payload(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed

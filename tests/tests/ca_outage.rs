@@ -4,7 +4,7 @@
 //!
 //! - while the certificates are valid, tunnels keep working, new connections too;
 //! - the outage shows: failed renewals in `ztunnel_certificate_requests_total` and the log;
-//! - once a certificate has expired, new connections fail closed at once (closed before any
+//! - once a certificate has expired, new connections fail closed at once (reset before any
 //!   byte; never passed through in plaintext), on the client's node and on the server's, and
 //!   each ztunnel says why (log, `/connections`, `ztunnel_rejected_inputs_total`);
 //! - when the CA returns, certificates are renewed and new connections work again.
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mesh_tests::mesh::{Mesh, PodSpec};
 use mesh_tests::netns::in_netns;
 use mesh_tests::operator::{connections, sample, scrape};
-use mesh_tests::traffic::{AppServer, connect, echo_roundtrip};
+use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, is_reset};
 use mesh_tests::wait_until;
 
 /// Lifetime the ztunnels ask for: renewed from 15 s, expired at 30 s.
@@ -161,15 +161,12 @@ fn ca_outage_serves_until_expiry_then_fails_closed_and_recovers() {
     let t_expired = t0.elapsed();
     assert!(unix_now() >= not_after[0].max(not_after[1]));
 
-    // A new connection from sleep fails closed, at once: closed before any byte, and the
+    // A new connection from sleep fails closed, at once: reset before any byte, and the
     // application never saw it (no plaintext fallback).
     let started = Instant::now();
     let got = echo_roundtrip(&sleep, app, b"after".to_vec());
     let refused_in = started.elapsed();
-    assert!(
-        matches!(&got, Ok(bytes) if bytes.is_empty()) || got.is_err(),
-        "connection after expiry not refused: {got:?}"
-    );
+    assert!(is_reset(&got), "connection after expiry not reset: {got:?}");
     assert!(refused_in < Duration::from_secs(5), "took {refused_in:?}");
     assert_eq!(
         server.peers().len(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mesh_tests::mesh::{Mesh, PodSpec, ServiceSpec, http_get, write_pem};
 use mesh_tests::operator::{admin_json, admin_request, cli, connections, sample, scrape};
-use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, payload};
+use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, is_reset, payload};
 use mesh_tests::wait_until;
 use ztunnel::identity::{Identity, LocalCa};
 
@@ -400,6 +400,9 @@ fn denied_wrong_identity_and_unknown_destination_explain_themselves() {
         "deny policy applied",
         || !matches!(echo_roundtrip(&sleep, echo2, b"x".to_vec()), Ok(ref got) if got == b"xbye"),
     );
+    // The client is reset: never a clean end, which a server that accepted would give.
+    let got = echo_roundtrip(&sleep, echo2, b"x".to_vec());
+    assert!(is_reset(&got), "denied connection not reset: {got:?}");
     let denied = connections(&f.mesh, "node2", |c| c["state"] == "denied");
     let d = denied.last().expect("no denied connection on node2");
     assert_eq!(d["path"], "hbone-in");
@@ -539,7 +542,7 @@ fn denied_wrong_identity_and_unknown_destination_explain_themselves() {
     // 3. A destination outside the mesh with nothing listening: passthrough, connect refused.
     let nowhere = SocketAddr::new(f.mesh.ip("outside").into(), 9);
     let got = echo_roundtrip(&sleep, nowhere, b"hello".to_vec());
-    assert!(!matches!(got, Ok(ref b) if !b.is_empty()), "{got:?}");
+    assert!(is_reset(&got), "refused passthrough not reset: {got:?}");
     wait("failed passthrough in node1's history", || {
         !connections(&f.mesh, "node1", |c| {
             c["state"] == "failed" && c["dst"] == nowhere.to_string()
