@@ -22,7 +22,7 @@ use mesh_tests::mesh::{Mesh, PodSpec};
 use mesh_tests::netns::in_netns;
 use mesh_tests::operator::admin_json;
 use mesh_tests::operator::{connections, sample, scrape};
-use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, is_reset};
+use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, first_read, is_reset};
 use mesh_tests::wait_until;
 
 /// Lifetime the ztunnels ask for: renewed from 15 s, expired at 30 s.
@@ -174,6 +174,13 @@ fn ca_outage_serves_until_expiry_then_fails_closed_and_recovers() {
     let refused_in = started.elapsed();
     assert!(is_reset(&got), "connection after expiry not reset: {got:?}");
     assert!(refused_in < Duration::from_secs(5), "took {refused_in:?}");
+    // Also for a client that waits for the server to speak first (it would read a clean
+    // end of stream if the refusal were not a reset).
+    let got = first_read(&sleep, app);
+    assert!(
+        is_reset(&got),
+        "silent client after expiry not reset: {got:?}"
+    );
     assert_eq!(
         server.peers().len(),
         app_connections,
@@ -320,11 +327,10 @@ fn pods_enrolled_while_the_ca_is_unreachable_are_captured_and_fail_closed_until_
     // sleep's connection to echo is captured and fails closed: reset before any byte, never
     // delivered (in plaintext or otherwise), with the reason on node1.
     let sleep = mesh.netns("sleep");
+    let got = first_read(&sleep, app);
+    assert!(is_reset(&got), "sleep -> echo, silent client: {got:?}");
     let got = echo_roundtrip(&sleep, app, b"early".to_vec());
-    assert!(
-        is_reset(&got),
-        "sleep -> echo without a certificate: {got:?}"
-    );
+    assert!(is_reset(&got), "sleep -> echo, talking client: {got:?}");
     assert_eq!(server.peers(), Vec::new(), "the application saw it");
     let failed = connections(&mesh, "node1", |c| {
         c["state"] == "failed" && c["path"] == "hbone-out"

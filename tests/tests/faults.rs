@@ -11,7 +11,7 @@ use std::time::Duration;
 use mesh_tests::mesh::{Mesh, PodSpec, mtls_connect};
 use mesh_tests::netns::in_netns;
 use mesh_tests::operator::connections;
-use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, is_reset};
+use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, first_read, is_reset};
 
 fn mesh(extra_args: &[&str]) -> (Mesh, AppServer) {
     let pods = vec![
@@ -92,16 +92,22 @@ fn a_connection_denied_by_policy_is_reset_not_ended() {
         .into_iter()
         .zip(&servers)
     {
+        // A client waiting for the server to speak first, and one that speaks first.
+        let got = first_read(&sleep, addr(&mesh, pod, 9100));
+        assert!(
+            is_reset(&got),
+            "denied via {pod}, silent client: got {got:?}"
+        );
         let got = echo_roundtrip(&sleep, addr(&mesh, pod, 9100), b"hello".to_vec());
         assert!(
             is_reset(&got),
-            "denied via {pod}: expected a reset, got {got:?}"
+            "denied via {pod}, talking client: got {got:?}"
         );
         assert_eq!(server.peers(), Vec::new(), "{pod}: the application saw it");
         let denied = connections(&mesh, "node1", |c| {
             c["state"] == "denied" && c["path"] == path
         });
-        assert_eq!(denied.len(), 1, "{pod}: {denied:?}");
+        assert_eq!(denied.len(), 2, "{pod}: {denied:?}");
     }
     // The servers are there: a client the policy does not name reaches one.
     assert_eq!(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mesh_tests::mesh::{Mesh, PodSpec, ServiceSpec, http_get, write_pem};
 use mesh_tests::operator::{admin_json, admin_request, cli, connections, sample, scrape};
-use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, is_reset, payload};
+use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, first_read, is_reset, payload};
 use mesh_tests::wait_until;
 use ztunnel::identity::{Identity, LocalCa};
 
@@ -464,6 +464,8 @@ fn denied_wrong_identity_and_unknown_destination_explain_themselves() {
     // The client is reset: never a clean end, which a server that accepted would give.
     let got = echo_roundtrip(&sleep, echo2, b"x".to_vec());
     assert!(is_reset(&got), "denied connection not reset: {got:?}");
+    let got = first_read(&sleep, echo2);
+    assert!(is_reset(&got), "denied silent client not reset: {got:?}");
     let denied = connections(&f.mesh, "node2", |c| c["state"] == "denied");
     let d = denied.last().expect("no denied connection on node2");
     assert_eq!(d["path"], "hbone-in");
@@ -604,6 +606,11 @@ fn denied_wrong_identity_and_unknown_destination_explain_themselves() {
     let nowhere = SocketAddr::new(f.mesh.ip("outside").into(), 9);
     let got = echo_roundtrip(&sleep, nowhere, b"hello".to_vec());
     assert!(is_reset(&got), "refused passthrough not reset: {got:?}");
+    let got = first_read(&sleep, nowhere);
+    assert!(
+        is_reset(&got),
+        "refused passthrough, silent client, not reset: {got:?}"
+    );
     wait("failed passthrough in node1's history", || {
         !connections(&f.mesh, "node1", |c| {
             c["state"] == "failed" && c["dst"] == nowhere.to_string()
@@ -634,7 +641,7 @@ fn denied_wrong_identity_and_unknown_destination_explain_themselves() {
                 ("connection_security_policy", "unknown"),
             ]
         ),
-        1,
+        2,
         "{m}"
     );
     let (_, table) = cli(&f.mesh, "node1", &["connections"]);
