@@ -108,6 +108,27 @@ pub fn echo_roundtrip(netns: &str, dst: SocketAddr, data: Vec<u8>) -> io::Result
     Ok(received)
 }
 
+/// Connects from `netns` to `dst` and reads without sending anything first, as the client
+/// of a protocol where the server speaks first (SMTP, MySQL) does. Returns what the first
+/// read got: bytes, nothing (a clean end of stream), or the error. Such a client tells a
+/// reset from a clean close; one that has sent bytes the other side never read is reset by
+/// the kernel either way.
+pub fn first_read(netns: &str, dst: SocketAddr) -> io::Result<Vec<u8>> {
+    let mut stream = connect(netns, dst)?;
+    let mut buf = vec![0u8; 1024];
+    let n = stream.read(&mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Whether `got` is a reset (ECONNRESET): how a connection ztunnel refused (denied by
+/// policy, no route, no certificate) ends for the application, as opposed to a clean end
+/// of stream or a timeout. With [`echo_roundtrip`], whichever of the writes or the read
+/// hears of the reset first reports it.
+pub fn is_reset<T>(got: &io::Result<T>) -> bool {
+    matches!(got, Err(e) if e.kind() == io::ErrorKind::ConnectionReset)
+}
+
 /// A deterministic, non-repeating-looking payload of `len` bytes.
 pub fn payload(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed

@@ -4,19 +4,25 @@
 //!
 //! - while the certificates are valid, tunnels keep working, new connections too;
 //! - the outage shows: failed renewals in `ztunnel_certificate_requests_total` and the log;
-//! - once a certificate has expired, new connections fail closed at once (closed before any
+//! - once a certificate has expired, new connections fail closed at once (reset before any
 //!   byte; never passed through in plaintext), on the client's node and on the server's, and
 //!   each ztunnel says why (log, `/connections`, `ztunnel_rejected_inputs_total`);
 //! - when the CA returns, certificates are renewed and new connections work again.
+//!
+//! And a CA that is unreachable when the pods are enrolled: the pods are captured all the
+//! same, their connections fail closed with the reason, and work as soon as the CA answers,
+//! with no configuration change in between.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use mesh_tests::mesh::http_get;
 use mesh_tests::mesh::{Mesh, PodSpec};
 use mesh_tests::netns::in_netns;
+use mesh_tests::operator::admin_json;
 use mesh_tests::operator::{connections, sample, scrape};
-use mesh_tests::traffic::{AppServer, connect, echo_roundtrip};
+use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, first_read, is_reset};
 use mesh_tests::wait_until;
 
 /// Lifetime the ztunnels ask for: renewed from 15 s, expired at 30 s.
@@ -161,16 +167,20 @@ fn ca_outage_serves_until_expiry_then_fails_closed_and_recovers() {
     let t_expired = t0.elapsed();
     assert!(unix_now() >= not_after[0].max(not_after[1]));
 
-    // A new connection from sleep fails closed, at once: closed before any byte, and the
+    // A new connection from sleep fails closed, at once: reset before any byte, and the
     // application never saw it (no plaintext fallback).
     let started = Instant::now();
     let got = echo_roundtrip(&sleep, app, b"after".to_vec());
     let refused_in = started.elapsed();
-    assert!(
-        matches!(&got, Ok(bytes) if bytes.is_empty()) || got.is_err(),
-        "connection after expiry not refused: {got:?}"
-    );
+    assert!(is_reset(&got), "connection after expiry not reset: {got:?}");
     assert!(refused_in < Duration::from_secs(5), "took {refused_in:?}");
+    // Also for a client that waits for the server to speak first (it would read a clean
+    // end of stream if the refusal were not a reset).
+    let got = first_read(&sleep, app);
+    assert!(
+        is_reset(&got),
+        "silent client after expiry not reset: {got:?}"
+    );
     assert_eq!(
         server.peers().len(),
         app_connections,
@@ -257,5 +267,134 @@ fn ca_outage_serves_until_expiry_then_fails_closed_and_recovers() {
          logged at {t_expired:.1?}; a new connection was refused in {refused_in:.0?} \
          (node1: {client_reason:?}; node2: {server_reason:?}); after the CA returned, a new connection worked in {recovered_in:.1?}, \
          both nodes renewed in {renewed_in:.1?}"
+    );
+}
+
+/// `/healthz/ready` on `node`: (status, body).
+fn readiness(mesh: &Mesh, node: &str) -> (u16, String) {
+    let netns = mesh.topo.node(node).netns.clone();
+    http_get(&netns, "127.0.0.1:15021".parse().unwrap(), "/healthz/ready").unwrap()
+}
+
+#[test]
+fn pods_enrolled_while_the_ca_is_unreachable_are_captured_and_fail_closed_until_it_answers() {
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("echo", "node2", "echo"),
+    ];
+    let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    mesh.topo.add_outside_host("probe").unwrap();
+    mesh.use_istio_ca(Duration::from_secs(3600)).unwrap();
+    // The CA is down before any ztunnel starts: no pod ever had a certificate.
+    mesh.istio_ca().stop().unwrap();
+    let app = SocketAddr::new(mesh.ip("echo").into(), APP_PORT);
+    let server = AppServer::start(&mesh.netns("echo"), "echo", app).unwrap();
+    // `start` waits for /healthz/ready: every pod is captured, without the CA.
+    mesh.start().unwrap();
+    let mut versions = Vec::new();
+    for (node, pod, identity) in [
+        ("node1", "default/sleep", SLEEP),
+        ("node2", "default/echo", ECHO),
+    ] {
+        let (status, body) = readiness(&mesh, node);
+        assert_eq!(status, 200, "{node}: {body}");
+        assert_eq!(
+            body.trim(),
+            format!(
+                "ready; captured without a certificate (connections refused until the CA issues one): {pod}"
+            ),
+            "{node}"
+        );
+        let dump = admin_json(&mesh, node, "/config_dump");
+        assert_eq!(dump["pods"][0]["capture"]["outbound"], true, "{node}");
+        assert_eq!(dump["pods_not_captured"], serde_json::json!([]), "{node}");
+        assert_eq!(dump["pods_without_certificate"], serde_json::json!([pod]));
+        versions.push(dump["config_source"]["version"].clone());
+        let metrics = scrape(&mesh, node);
+        assert_eq!(sample(&metrics, "ztunnel_pods_without_certificate", &[]), 1);
+        assert_eq!(sample(&metrics, "ztunnel_pods_enrolled", &[]), 1);
+        // The background request failed, and said so.
+        wait(&format!("{node}: failed request logged"), TTL, || {
+            mesh.ztunnel(node).log().lines().any(|l| {
+                l.contains("pod captured without a certificate")
+                    && l.contains(identity)
+                    && l.contains(mesh_tests::ca::CA_ADDR)
+            })
+        });
+        assert!(ca_requests(&mesh, node, "failed") >= 1, "{node}");
+    }
+
+    // sleep's connection to echo is captured and fails closed: reset before any byte, never
+    // delivered (in plaintext or otherwise), with the reason on node1.
+    let sleep = mesh.netns("sleep");
+    let got = first_read(&sleep, app);
+    assert!(is_reset(&got), "sleep -> echo, silent client: {got:?}");
+    let got = echo_roundtrip(&sleep, app, b"early".to_vec());
+    assert!(is_reset(&got), "sleep -> echo, talking client: {got:?}");
+    assert_eq!(server.peers(), Vec::new(), "the application saw it");
+    let failed = connections(&mesh, "node1", |c| {
+        c["state"] == "failed" && c["path"] == "hbone-out"
+    });
+    let last = failed.last().expect("no failed connection on node1");
+    let reason = last["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.starts_with(&format!(
+            "no valid certificate: issuing a certificate for {SLEEP}"
+        )) && reason.contains(mesh_tests::ca::CA_ADDR),
+        "{reason}"
+    );
+    assert!(rejected_for_certificate(&mesh, "node1") >= 1);
+    let log = mesh.ztunnel("node1").log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("access: connection complete")
+                && l.contains("state=failed")
+                && l.contains("no valid certificate")),
+        "no access log line for the refusal:\n{log}"
+    );
+    // echo is captured on the inbound side too: a plaintext client outside the mesh is
+    // delivered by echo's ztunnel (from 127.0.0.6), under echo's policies.
+    let probe = mesh.netns("probe");
+    assert_eq!(
+        echo_roundtrip(&probe, app, b"plain".to_vec()).unwrap(),
+        b"plainbye"
+    );
+    assert_eq!(server.peers().len(), 1);
+    assert_eq!(server.peers()[0].ip().to_string(), "127.0.0.6");
+
+    // The CA comes up: with no configuration change, sleep's connections work (both
+    // ztunnels get their certificates), and readiness no longer names anyone.
+    mesh.istio_ca().listen().unwrap();
+    let back = Instant::now();
+    let mut refused_after = 0;
+    wait("a new connection after the CA came up", TTL, || {
+        let ok = matches!(echo_roundtrip(&sleep, app, b"again".to_vec()), Ok(ref got) if got == b"againbye");
+        refused_after += usize::from(!ok);
+        ok
+    });
+    let recovered_in = back.elapsed();
+    assert!(
+        recovered_in < Duration::from_secs(5),
+        "recovered in {recovered_in:?}"
+    );
+    assert_eq!(server.peers().last().unwrap().ip().to_string(), "127.0.0.6");
+    for (i, (node, identity)) in [("node1", SLEEP), ("node2", ECHO)].into_iter().enumerate() {
+        let dump = admin_json(&mesh, node, "/config_dump");
+        assert_eq!(
+            dump["config_source"]["version"], versions[i],
+            "{node}: the configuration changed"
+        );
+        assert_eq!(dump["pods_without_certificate"], serde_json::json!([]));
+        assert!(expiry(&mesh, node, identity) > unix_now(), "{node}");
+        assert_eq!(
+            readiness(&mesh, node),
+            (200, "ready\n".to_owned()),
+            "{node}"
+        );
+    }
+    println!(
+        "CA unreachable at enrolment: both pods captured, sleep's connection reset \
+         ({reason:?}); after the CA came up a new connection worked in {recovered_in:.2?} \
+         ({refused_after} refused meanwhile)"
     );
 }

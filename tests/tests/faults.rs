@@ -1,7 +1,7 @@
 //! Faults and hostile peers around the L4 path: resets and half-closes pass through the
-//! tunnel as they happened, a dead peer ztunnel is noticed at once, a client that never
-//! completes its handshake is cut off, and an HTTP/2 rapid-reset flood is bounded, while
-//! other tunnels keep flowing.
+//! tunnel as they happened, a connection the mesh refuses is reset (not ended), a dead peer
+//! ztunnel is noticed at once, a client that never completes its handshake is cut off, and
+//! an HTTP/2 rapid-reset flood is bounded, while other tunnels keep flowing.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use mesh_tests::mesh::{Mesh, PodSpec, mtls_connect};
 use mesh_tests::netns::in_netns;
-use mesh_tests::traffic::{AppServer, connect, echo_roundtrip};
+use mesh_tests::operator::connections;
+use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, first_read, is_reset};
 
 fn mesh(extra_args: &[&str]) -> (Mesh, AppServer) {
     let pods = vec![
@@ -68,6 +69,56 @@ fn a_server_reset_reaches_the_client_as_a_reset() {
             "via {pod}: expected a reset, got {got:?}"
         );
     }
+}
+
+#[test]
+fn a_connection_denied_by_policy_is_reset_not_ended() {
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("local", "node1", "echo"),
+        PodSpec::new("echo", "node2", "echo"),
+    ];
+    let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    // sleep may not reach port 9100 of the pods of `default`; anyone else may.
+    mesh.policies = "  - name: deny-sleep-9100\n    namespace: default\n    scope: Namespace\n    action: Deny\n    rules:\n      - - - principals:\n              - Exact: cluster.local/ns/default/sa/sleep\n        - - destinationPorts: [9100]\n".into();
+    let servers = ["echo", "local"]
+        .map(|pod| AppServer::start(&mesh.netns(pod), pod, addr(&mesh, pod, 9100)).unwrap());
+    mesh.start().unwrap();
+    let sleep = mesh.netns("sleep");
+    // Through a tunnel (the destination's ztunnel answers 401) and on the same node (the
+    // policy applied by node1 itself): the client reads ECONNRESET, which a server that
+    // accepted and closed would not produce.
+    for ((pod, path), server) in [("echo", "hbone-out"), ("local", "same-node")]
+        .into_iter()
+        .zip(&servers)
+    {
+        // A client waiting for the server to speak first, and one that speaks first.
+        let got = first_read(&sleep, addr(&mesh, pod, 9100));
+        assert!(
+            is_reset(&got),
+            "denied via {pod}, silent client: got {got:?}"
+        );
+        let got = echo_roundtrip(&sleep, addr(&mesh, pod, 9100), b"hello".to_vec());
+        assert!(
+            is_reset(&got),
+            "denied via {pod}, talking client: got {got:?}"
+        );
+        assert_eq!(server.peers(), Vec::new(), "{pod}: the application saw it");
+        let denied = connections(&mesh, "node1", |c| {
+            c["state"] == "denied" && c["path"] == path
+        });
+        assert_eq!(denied.len(), 2, "{pod}: {denied:?}");
+    }
+    // The servers are there: a client the policy does not name reaches one.
+    assert_eq!(
+        echo_roundtrip(
+            &mesh.netns("local"),
+            addr(&mesh, "echo", 9100),
+            b"hi".to_vec()
+        )
+        .unwrap(),
+        b"hibye"
+    );
 }
 
 #[test]

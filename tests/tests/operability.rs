@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mesh_tests::mesh::{Mesh, PodSpec, ServiceSpec, http_get, write_pem};
 use mesh_tests::operator::{admin_json, admin_request, cli, connections, sample, scrape};
-use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, payload};
+use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, first_read, is_reset, payload};
 use mesh_tests::wait_until;
 use ztunnel::identity::{Identity, LocalCa};
 
@@ -388,6 +388,67 @@ fn readiness_names_a_pod_that_cannot_be_captured_and_admin_is_not_reachable_from
 }
 
 #[test]
+fn a_pod_whose_namespace_appears_late_is_enrolled_without_a_config_change() {
+    let mut f = fixture();
+    let node1 = f.mesh.topo.node("node1").netns.clone();
+    let ready = "127.0.0.1:15021".parse().unwrap();
+    // A pod declared before its network namespace exists.
+    f.mesh.topo.add_pod("node1", "late").unwrap();
+    let late_ns = f.mesh.netns("late");
+    mesh_tests::netns::run("ip", &["netns", "del", &late_ns]).unwrap();
+    f.mesh.pods.push(PodSpec::new("late", "node1", "late"));
+    f.mesh.write_config().unwrap();
+    wait("readiness turns 503", || {
+        matches!(http_get(&node1, ready, "/healthz/ready"), Ok((503, _)))
+    });
+    let version = admin_json(&f.mesh, "node1", "/config_dump")["config_source"]["version"].clone();
+    // Tried again with no state change, each failure logged with the pod, the reason and
+    // the wait before the next attempt.
+    let attempts = |mesh: &mut Mesh| -> Vec<String> {
+        let log = mesh.ztunnel("node1").log();
+        log.lines()
+            .filter(|l| l.contains("cannot enroll pod") && l.contains("workload=late"))
+            .map(str::to_owned)
+            .collect()
+    };
+    wait("a second attempt", || attempts(&mut f.mesh).len() >= 2);
+    let logged = attempts(&mut f.mesh);
+    assert!(
+        logged[0].contains("WARN")
+            && logged[0].contains(&late_ns)
+            && logged[0].contains("retry_in=1s")
+            && logged[1].contains("retry_in=2s"),
+        "{logged:#?}"
+    );
+
+    // The namespace appears: a retry enrols the pod, with no configuration change.
+    mesh_tests::netns::run("ip", &["netns", "add", &late_ns]).unwrap();
+    mesh_tests::netns::ip(&late_ns, &["link", "set", "lo", "up"]).unwrap();
+    let appeared = std::time::Instant::now();
+    wait("ready without a configuration change", || {
+        matches!(http_get(&node1, ready, "/healthz/ready"), Ok((200, _)))
+    });
+    let enrolled_in = appeared.elapsed();
+    let dump = admin_json(&f.mesh, "node1", "/config_dump");
+    assert_eq!(dump["config_source"]["version"], version);
+    let late = dump["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "late")
+        .unwrap_or_else(|| panic!("late not enrolled: {dump}"));
+    assert_eq!(late["capture"]["outbound"], true);
+    assert_eq!(
+        sample(&scrape(&f.mesh, "node1"), "ztunnel_pods_not_captured", &[]),
+        0
+    );
+    println!(
+        "namespace appeared after {} failed attempts; enrolled {enrolled_in:.1?} later",
+        attempts(&mut f.mesh).len()
+    );
+}
+
+#[test]
 fn denied_wrong_identity_and_unknown_destination_explain_themselves() {
     let mut f = fixture();
     let sleep = f.mesh.netns("sleep");
@@ -400,6 +461,11 @@ fn denied_wrong_identity_and_unknown_destination_explain_themselves() {
         "deny policy applied",
         || !matches!(echo_roundtrip(&sleep, echo2, b"x".to_vec()), Ok(ref got) if got == b"xbye"),
     );
+    // The client is reset: never a clean end, which a server that accepted would give.
+    let got = echo_roundtrip(&sleep, echo2, b"x".to_vec());
+    assert!(is_reset(&got), "denied connection not reset: {got:?}");
+    let got = first_read(&sleep, echo2);
+    assert!(is_reset(&got), "denied silent client not reset: {got:?}");
     let denied = connections(&f.mesh, "node2", |c| c["state"] == "denied");
     let d = denied.last().expect("no denied connection on node2");
     assert_eq!(d["path"], "hbone-in");
@@ -539,7 +605,12 @@ fn denied_wrong_identity_and_unknown_destination_explain_themselves() {
     // 3. A destination outside the mesh with nothing listening: passthrough, connect refused.
     let nowhere = SocketAddr::new(f.mesh.ip("outside").into(), 9);
     let got = echo_roundtrip(&sleep, nowhere, b"hello".to_vec());
-    assert!(!matches!(got, Ok(ref b) if !b.is_empty()), "{got:?}");
+    assert!(is_reset(&got), "refused passthrough not reset: {got:?}");
+    let got = first_read(&sleep, nowhere);
+    assert!(
+        is_reset(&got),
+        "refused passthrough, silent client, not reset: {got:?}"
+    );
     wait("failed passthrough in node1's history", || {
         !connections(&f.mesh, "node1", |c| {
             c["state"] == "failed" && c["dst"] == nowhere.to_string()
@@ -570,7 +641,7 @@ fn denied_wrong_identity_and_unknown_destination_explain_themselves() {
                 ("connection_security_policy", "unknown"),
             ]
         ),
-        1,
+        2,
         "{m}"
     );
     let (_, table) = cli(&f.mesh, "node1", &["connections"]);

@@ -11,7 +11,7 @@ use std::time::Duration;
 use prost::Message as _;
 
 use mesh_tests::mesh::{Mesh, PodSpec, ServiceSpec};
-use mesh_tests::traffic::{AppServer, connect, curl, echo_roundtrip};
+use mesh_tests::traffic::{AppServer, connect, curl, echo_roundtrip, is_reset};
 use mesh_tests::wait_until;
 use mesh_tests::xds::{ADDRESS_TYPE_URL, deny_from_service_account};
 use ztunnel::proto::istio::workload as pbw;
@@ -159,7 +159,11 @@ fn workloads_services_and_policies_follow_xds() {
     f.mesh.xds().set_policy(&deny);
     f.mesh.wait_xds_applied().unwrap();
     wait_until(EFFECT, || !works(&f.mesh, "sleep", echo2)).expect("DENY never took effect");
-    assert!(!works(&f.mesh, "sleep", echo3), "DENY covers the namespace");
+    let got = echo_roundtrip(&f.mesh.netns("sleep"), echo3, b"probe".to_vec());
+    assert!(
+        is_reset(&got),
+        "DENY covers the namespace (with a reset): {got:?}"
+    );
     f.mesh.xds().remove_policy("default/deny-sleep");
     f.mesh.wait_xds_applied().unwrap();
     wait_until(EFFECT, || works(&f.mesh, "sleep", echo2)).expect("DENY never lifted");

@@ -1,5 +1,13 @@
 //! `/healthz/ready` on 15021: ready only when every pod this node should capture is enrolled
-//! (certificate issued, listeners open, capture on); otherwise 503 with the reason.
+//! (listeners open, capture on); otherwise 503 with the reason.
+//!
+//! A pod whose certificate the CA has not issued yet (the CA unreachable when it was
+//! enrolled) counts as captured: its connections are refused, each with the reason, until
+//! the certificate comes, which is the fail-closed state readiness is there to guarantee
+//! (not captured would mean plaintext around the mesh). A CA outage is the control plane's
+//! fault, not the node's: answering 503 for it would take every node out of service at once
+//! and stall their rollouts, and would change nothing for those pods' traffic. Readiness
+//! answers 200 then and names those pods in its body (as does `/config_dump`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,6 +45,21 @@ pub fn not_captured(proxy: &Proxy) -> Vec<String> {
         .filter(|w| !enrolled.contains(&w.uid))
         .map(|w| format!("{}/{}", w.namespace(), w.name))
         .collect()
+}
+
+/// The enrolled pods (`namespace/name`) that hold no valid certificate: their connections
+/// are refused until the CA issues one.
+pub fn without_certificate(proxy: &Proxy) -> Vec<String> {
+    let mut pods: Vec<String> = proxy
+        .pods
+        .uids()
+        .into_iter()
+        .filter_map(|uid| proxy.pods.get(&uid))
+        .filter(|pod| !proxy.certs.has_valid(pod.workload.identity_ref()))
+        .map(|pod| format!("{}/{}", pod.workload.namespace(), pod.workload.name))
+        .collect();
+    pods.sort();
+    pods
 }
 
 /// Starts the readiness server.
@@ -82,7 +105,16 @@ fn answer(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         (StatusCode::NOT_FOUND, "not found\n".to_owned())
     } else {
         match not_ready_reason(proxy) {
-            None => (StatusCode::OK, "ready\n".to_owned()),
+            None => match without_certificate(proxy) {
+                waiting if waiting.is_empty() => (StatusCode::OK, "ready\n".to_owned()),
+                waiting => (
+                    StatusCode::OK,
+                    format!(
+                        "ready; captured without a certificate (connections refused until the CA issues one): {}\n",
+                        waiting.join(", ")
+                    ),
+                ),
+            },
             Some(reason) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {reason}\n"),

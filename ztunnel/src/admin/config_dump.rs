@@ -55,6 +55,7 @@ pub(super) fn dump(agent: &Agent) -> Value {
         .collect();
     pods.sort_by(|a, b| a["uid"].as_str().cmp(&b["uid"].as_str()));
     let not_captured = crate::readiness::not_captured(proxy);
+    let without_certificate = crate::readiness::without_certificate(proxy);
     json!({
         "node": proxy.node,
         "build": {
@@ -76,6 +77,7 @@ pub(super) fn dump(agent: &Agent) -> Value {
         "certificates": certificates,
         "pods": pods,
         "pods_not_captured": not_captured,
+        "pods_without_certificate": without_certificate,
         "capture": proxy.capture.status(),
         "connections": {
             "open": proxy.tracker.open_count(),

@@ -253,6 +253,9 @@ impl Agent {
             .pods_not_captured
             .set(crate::readiness::not_captured(proxy).len() as i64);
         agent
+            .pods_without_certificate
+            .set(crate::readiness::without_certificate(proxy).len() as i64);
+        agent
             .capture_namespaces
             .set(proxy.capture.status().enrolled_namespaces as i64);
     }

@@ -204,6 +204,16 @@ impl CertManager {
         }
     }
 
+    /// Whether a certificate for `id` is held and valid now. Asks nothing of the CA.
+    pub fn has_valid(&self, id: &Identity) -> bool {
+        let now = self.inner.clock.now();
+        self.inner
+            .lock()
+            .get(id)
+            .and_then(|slot| slot.cert.as_ref())
+            .is_some_and(|cert| !cert.expired_at(now))
+    }
+
     /// Drops the certificate of a workload that left and stops renewing it.
     pub fn forget(&self, id: &Identity) {
         if let Some(slot) = self.inner.lock().remove(id)

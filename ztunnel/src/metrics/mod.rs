@@ -81,6 +81,9 @@ pub struct Agent {
     pub pods_enrolled: Gauge,
     /// Pods this node should capture and does not (enrolment failed or pending).
     pub pods_not_captured: Gauge,
+    /// Pods captured without a valid certificate (the CA has not issued it): their
+    /// connections are refused.
+    pub pods_without_certificate: Gauge,
     pub capture_namespaces: Gauge,
     /// 1 while the xDS stream to the control plane is up, 0 while it is not (xDS mode only).
     pub control_plane_connected: Gauge,
@@ -189,6 +192,11 @@ impl Metrics {
             "ztunnel_pods_not_captured",
             "Pods this node should capture but does not (enrolment failed or pending)",
             agent.pods_not_captured.clone(),
+        );
+        registry.register(
+            "ztunnel_pods_without_certificate",
+            "Pods captured without a valid certificate: their connections are refused until the CA issues one",
+            agent.pods_without_certificate.clone(),
         );
         registry.register(
             "ztunnel_capture_namespaces",

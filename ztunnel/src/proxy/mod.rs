@@ -9,6 +9,7 @@ mod copy;
 mod inbound;
 mod outbound;
 mod pods;
+mod retry;
 pub mod tracker;
 
 use std::collections::HashMap;
@@ -162,11 +163,15 @@ impl Proxy {
     }
 
     /// Keeps the set of enrolled pods in line with the state, until the state channel closes.
+    /// Reconciles on every state change and, while some pod could not be enrolled, again
+    /// after a backoff (1 s doubling to 30 s) without waiting for a change: a namespace that
+    /// appears late or a transient capture error must not leave a pod out of the mesh.
     pub async fn run(self: Arc<Self>) {
         let mut rx = self.state.clone();
+        let mut retry = retry::EnrolRetry::default();
         loop {
             let state = rx.borrow_and_update().clone();
-            pods::reconcile(&self, &state).await;
+            let failed = pods::reconcile(&self, &state).await;
             if !*self.synced.borrow() {
                 // Enrolments a crashed predecessor left in the pinned map, for pods that are
                 // gone or no longer ours.
@@ -176,7 +181,22 @@ impl Proxy {
                 }
                 self.synced.send_replace(true);
             }
-            if rx.changed().await.is_err() {
+            let wait = retry.after(failed.iter().map(|f| f.workload.uid.clone()));
+            if let Some(wait) = wait {
+                for f in &failed {
+                    let w = &f.workload;
+                    tracing::warn!(workload = %w.name, namespace = %w.namespace(), retry_in = ?wait,
+                        "cannot enroll pod: {}", f.reason);
+                }
+            }
+            let changed = match wait {
+                None => rx.changed().await,
+                // Whichever comes first: a state change, or the time to try again.
+                Some(wait) => tokio::time::timeout(wait, rx.changed())
+                    .await
+                    .unwrap_or(Ok(())),
+            };
+            if changed.is_err() {
                 break;
             }
         }

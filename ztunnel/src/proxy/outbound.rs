@@ -2,6 +2,12 @@
 //! The original destination decides the path: HBONE to a mesh workload on another node,
 //! straight to the destination pod's inbound path when it is on this node, plain TCP to
 //! workloads outside the mesh and to unknown addresses (passthrough).
+//!
+//! The application's connect has already succeeded (to the pod's 15001) when ztunnel
+//! decides. So a connection refused before any byte is relayed (no route, connect failed,
+//! denied by policy, no valid certificate, HBONE refused) is closed with a reset: the
+//! application sees ECONNRESET, never the clean end of stream of a server that accepted and
+//! then closed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -24,7 +30,7 @@ pub(super) async fn accept_loop(
     listener: TcpListener,
 ) {
     loop {
-        let (conn, peer) = match listener.accept().await {
+        let (mut conn, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(err) => {
                 warn!(%err, "outbound accept failed");
@@ -44,13 +50,15 @@ pub(super) async fn accept_loop(
                 "no_original_destination",
                 "the capture recorded no original destination for this connection",
             );
+            conn.reset();
             continue;
         };
         let Some(pod) = proxy.pods.get(&uid) else {
-            // Released (removed or opted out) between the connect and now: the connection
-            // closes, as it would have without the mesh's listener.
-            info!(%peer, dst = %orig, "outbound connection from a pod no longer enrolled; closing");
+            // Released (removed or opted out) between the connect and now: nothing will
+            // carry it, and it never reached its destination.
+            info!(%peer, dst = %orig, "outbound connection from a pod no longer enrolled; resetting");
             Stats::add(&proxy.stats.failed, 1);
+            conn.reset();
             continue;
         };
         let proxy = proxy.clone();
@@ -59,7 +67,10 @@ pub(super) async fn accept_loop(
         let busy = proxy.busy();
         tokio::spawn(async move {
             let _busy = busy;
-            if let Err(reason) = handle(&proxy, &src, &netns, conn, orig).await {
+            if let Err(reason) = handle(&proxy, &src, &netns, &mut conn, orig).await {
+                // Refused before any byte was relayed, or broken while relaying: a reset
+                // either way.
+                conn.reset();
                 Stats::add(&proxy.stats.failed, 1);
                 info!(src = %src.name, dst = %orig, "outbound connection failed: {reason}");
             }
@@ -67,11 +78,12 @@ pub(super) async fn accept_loop(
     }
 }
 
+/// Carries one connection to its destination. On error the caller resets `conn`.
 async fn handle(
     proxy: &Proxy,
     src: &Arc<Workload>,
     netns: &Netns,
-    mut conn: TcpStream,
+    conn: &mut TcpStream,
     orig: SocketAddr,
 ) -> Result<(), String> {
     let state = proxy.state.borrow().clone();
@@ -127,9 +139,8 @@ async fn handle(
                 return Err(failed(tracked, Outcome::ConnectFailed(reason)));
             }
         };
-        let result = relay(&proxy.stats, &tracked, &mut conn, &mut upstream).await;
+        let result = relay(&proxy.stats, &tracked, conn, &mut upstream).await;
         if result.is_err() {
-            conn.reset();
             upstream.reset();
         }
         tracked.finish_relay(&result);
@@ -157,9 +168,8 @@ async fn handle(
                 return Err(failed(tracked, inbound::outcome(status, reason)));
             }
         };
-        let result = relay(&proxy.stats, &tracked, &mut conn, &mut upstream).await;
+        let result = relay(&proxy.stats, &tracked, conn, &mut upstream).await;
         if result.is_err() {
-            conn.reset();
             upstream.reset();
         }
         tracked.finish_relay(&result);
@@ -208,9 +218,8 @@ async fn handle(
         }
     };
     debug!(src = %src.name, dst = %addr, via = %peer, "HBONE");
-    let result = relay(&proxy.stats, &tracked, &mut conn, &mut tunnel).await;
+    let result = relay(&proxy.stats, &tracked, conn, &mut tunnel).await;
     if result.is_err() {
-        conn.reset();
         tunnel.reset();
     }
     tracked.finish_relay(&result);

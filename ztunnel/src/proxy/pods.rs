@@ -1,16 +1,23 @@
 //! Enrolled pods on this node: for each, its namespace, listeners and capture state, kept in
 //! line with the configuration. Adding a pod never restarts it; removing one releases its
 //! capture at once while its established connections run to their end.
+//!
+//! Enrolment never waits for the CA. A pod is captured as soon as its listeners are open,
+//! and its certificate is fetched in the background: until the CA issues it, the pod's
+//! connections are refused with the reason (fail closed), never let out in plaintext
+//! around the mesh. A pod that could not be enrolled is reported to the caller, which
+//! tries again (see `retry`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::retry::{Backoff, CERT_RETRY_FIRST, CERT_RETRY_MAX};
 use super::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, Proxy, inbound, outbound};
 use crate::capture::{Capture, Netns};
 use crate::handoff::{ListenerKind as Kind, PodSockets};
@@ -152,7 +159,16 @@ pub fn wanted(state: &State, node: &str, w: &Workload) -> bool {
     w.node == node && w.netns.is_some() && w.protocol == Protocol::Hbone && state.is_captured(w)
 }
 
-pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) {
+/// A pod this node should capture and could not enroll, and why.
+#[derive(Debug)]
+pub(super) struct NotEnrolled {
+    pub(super) workload: Arc<Workload>,
+    pub(super) reason: String,
+}
+
+/// Enrolls the pods `state` wants captured on this node and releases the others. Returns
+/// the pods that could not be enrolled; the caller tries again later.
+pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) -> Vec<NotEnrolled> {
     let wanted: HashMap<String, Arc<Workload>> = state
         .local_workloads(&proxy.node)
         .into_iter()
@@ -179,21 +195,27 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) {
         info!(workload = %pod.workload.name, namespace = %pod.workload.namespace(), "pod released from capture");
     }
 
+    let mut failed = Vec::new();
     for (uid, w) in wanted {
         let known = proxy.pods.lock().get(&uid).map(|p| p.workload.clone());
         match known {
             Some(old) if *old == *w => {}
-            Some(_) => {
+            Some(old) => {
                 // Same namespace and addresses, other details changed (policies, labels):
                 // keep the listeners, swap the description.
-                let mut pods = proxy.pods.lock();
-                if let Some(pod) = pods.get(&uid).cloned() {
-                    let updated = Pod {
-                        workload: w.clone(),
-                        netns: pod.netns.clone(),
-                        listeners: pod.listeners.clone(),
-                    };
-                    pods.insert(uid, Arc::new(updated));
+                {
+                    let mut pods = proxy.pods.lock();
+                    if let Some(pod) = pods.get(&uid).cloned() {
+                        let updated = Pod {
+                            workload: w.clone(),
+                            netns: pod.netns.clone(),
+                            listeners: pod.listeners.clone(),
+                        };
+                        pods.insert(uid, Arc::new(updated));
+                    }
+                }
+                if old.identity() != w.identity() {
+                    fetch_certificate(proxy, &w);
                 }
             }
             None => match enroll(proxy, w.clone()).await {
@@ -204,13 +226,51 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) {
                     proxy.pods.lock().insert(uid, pod.clone());
                     pod.listeners.start(proxy, &pod, listeners);
                     info!(workload = %w.name, namespace = %w.namespace(), identity = %w.identity(), "pod enrolled");
+                    fetch_certificate(proxy, &w);
                 }
-                Err(err) => {
-                    warn!(workload = %w.name, namespace = %w.namespace(), "cannot enroll pod: {err}");
-                }
+                Err(reason) => failed.push(NotEnrolled {
+                    workload: w.clone(),
+                    reason,
+                }),
             },
         }
     }
+    failed
+}
+
+/// Fetches the certificate of the enrolled pod `w` in the background, asking again with
+/// backoff until the CA issues it, the pod leaves, or its identity changes. Meanwhile the
+/// pod's connections are refused, each with the certificate manager's reason; a connection
+/// also asks the CA itself (at most once a second), so traffic works again as soon as the CA
+/// answers. Asking ahead of traffic means the first connection afterwards does not wait for
+/// the CA, and the certificate metrics and readiness show the state without traffic.
+fn fetch_certificate(proxy: &Arc<Proxy>, w: &Arc<Workload>) {
+    let proxy: Weak<Proxy> = Arc::downgrade(proxy);
+    let w = w.clone();
+    tokio::spawn(async move {
+        let id = w.identity();
+        let mut backoff = Backoff::new(CERT_RETRY_FIRST, CERT_RETRY_MAX);
+        loop {
+            let certs = {
+                let Some(proxy) = proxy.upgrade() else { return };
+                let ours = proxy
+                    .pods
+                    .get(&w.uid)
+                    .is_some_and(|pod| pod.workload.identity() == id);
+                if !ours {
+                    return;
+                }
+                proxy.certs.clone()
+            };
+            let Err(err) = certs.get(&id).await else {
+                return;
+            };
+            let wait = backoff.next_wait();
+            warn!(workload = %w.name, namespace = %w.namespace(), identity = %id, retry_in = ?wait,
+                "pod captured without a certificate, its connections are refused until the CA issues one: {err}");
+            tokio::time::sleep(wait).await;
+        }
+    });
 }
 
 /// Opens (or inherits) a pod's listeners and turns capture on; the accept loops start once
@@ -221,12 +281,8 @@ async fn enroll(
 ) -> Result<(Pod, Vec<(Kind, TcpListener)>), String> {
     let path = w.netns.clone().ok_or("no network namespace")?;
     let netns = Arc::new(Netns::open(&path).map_err(|e| e.to_string())?);
-    // Certificate first: a pod whose tunnels cannot be authenticated is not captured.
-    proxy
-        .certs
-        .get(&w.identity())
-        .await
-        .map_err(|e| format!("certificate for {}: {e}", w.identity()))?;
+    // No certificate needed here: capture must not wait for the CA (the pod's traffic would
+    // bypass the mesh meanwhile). Its connections fail closed until the certificate comes.
 
     let mut wanted = vec![
         (

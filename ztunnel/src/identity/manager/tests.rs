@@ -313,3 +313,22 @@ async fn forgotten_identities_are_not_renewed() {
     settle().await;
     assert_eq!(source.attempts(), 3, "a was renewed after forget");
 }
+
+#[tokio::test]
+async fn has_valid_tells_without_asking_the_ca() {
+    let clock = ManualClock::new();
+    let source = Arc::new(FakeSource::new(&clock));
+    let certs = manager(&clock, &source);
+    let who = id("spiffe://td/ns/a/sa/b");
+    assert!(!certs.has_valid(&who));
+    source.fail_next.store(1, Ordering::SeqCst);
+    certs.get(&who).await.unwrap_err();
+    assert!(!certs.has_valid(&who), "after a failed first fetch");
+    clock.advance(Duration::from_secs(1));
+    certs.get(&who).await.unwrap();
+    assert!(certs.has_valid(&who));
+    let asked = source.attempts();
+    clock.advance(LIFETIME);
+    assert!(!certs.has_valid(&who), "expired");
+    assert_eq!(source.attempts(), asked, "has_valid asked the CA");
+}
