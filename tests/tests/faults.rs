@@ -77,10 +77,19 @@ fn a_connection_denied_by_policy_is_reset_not_ended() {
         PodSpec::new("sleep", "node1", "sleep"),
         PodSpec::new("local", "node1", "echo"),
         PodSpec::new("echo", "node2", "echo"),
+        // Not in the mesh: its connections arrive in plaintext, on the destination's 15006.
+        PodSpec {
+            protocol: "TCP".to_owned(),
+            ..PodSpec::new("outsider", "node1", "outsider")
+        },
     ];
     let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
-    // sleep may not reach port 9100 of the pods of `default`; anyone else may.
-    mesh.policies = "  - name: deny-sleep-9100\n    namespace: default\n    scope: Namespace\n    action: Deny\n    rules:\n      - - - principals:\n              - Exact: cluster.local/ns/default/sa/sleep\n        - - destinationPorts: [9100]\n".into();
+    // Neither sleep nor the outsider may reach port 9100 of the pods of `default`; anyone
+    // else may.
+    let outsider = mesh.ip("outsider");
+    mesh.policies = format!(
+        "  - name: deny-sleep-9100\n    namespace: default\n    scope: Namespace\n    action: Deny\n    rules:\n      - - - principals:\n              - Exact: cluster.local/ns/default/sa/sleep\n        - - destinationPorts: [9100]\n  - name: deny-outsider-9100\n    namespace: default\n    scope: Namespace\n    action: Deny\n    rules:\n      - - - sourceIps: [\"{outsider}/32\"]\n        - - destinationPorts: [9100]\n"
+    );
     let servers = ["echo", "local"]
         .map(|pod| AppServer::start(&mesh.netns(pod), pod, addr(&mesh, pod, 9100)).unwrap());
     mesh.start().unwrap();
@@ -108,6 +117,21 @@ fn a_connection_denied_by_policy_is_reset_not_ended() {
             c["state"] == "denied" && c["path"] == path
         });
         assert_eq!(denied.len(), 2, "{pod}: {denied:?}");
+    }
+    // Plaintext from outside the mesh, denied by the destination pod's ztunnel (node2's for
+    // echo, node1's for local): reset as well.
+    let outside = mesh.netns("outsider");
+    for ((pod, node), server) in [("echo", "node2"), ("local", "node1")]
+        .into_iter()
+        .zip(&servers)
+    {
+        let got = first_read(&outside, addr(&mesh, pod, 9100));
+        assert!(is_reset(&got), "plaintext denied at {pod}: got {got:?}");
+        assert_eq!(server.peers(), Vec::new(), "{pod}: the application saw it");
+        let denied = connections(&mesh, node, |c| {
+            c["state"] == "denied" && c["path"] == "plaintext-in"
+        });
+        assert_eq!(denied.len(), 1, "{pod}: {denied:?}");
     }
     // The servers are there: a client the policy does not name reaches one.
     assert_eq!(

@@ -255,9 +255,11 @@ pub(super) async fn plaintext_loop(
             }
         };
         let Some(pod) = proxy.pods.get(&uid) else {
-            // Released between the connect and now: closed, as without the mesh.
-            info!(%peer, %dst, "inbound connection to a pod no longer enrolled; closing");
+            // Released between the connect and now: refused, as the pod's own stack would
+            // have (nothing listens for it any more).
+            info!(%peer, %dst, "inbound connection to a pod no longer enrolled; resetting");
             Stats::add(&proxy.stats.failed, 1);
+            conn.reset();
             continue;
         };
         let proxy = proxy.clone();
@@ -275,6 +277,9 @@ pub(super) async fn plaintext_loop(
             match admit(&proxy, &pod, dst, None, Some(peer.ip()), &tracked).await {
                 Err((status, reason)) => {
                     info!(%peer, %dst, "inbound plaintext refused: {reason}");
+                    // A reset, as on the outbound side: the client's connect succeeded, so a
+                    // clean end of stream would read as a server that accepted and closed.
+                    conn.reset();
                     tracked.finish(outcome(status, reason));
                 }
                 Ok(mut upstream) => {
