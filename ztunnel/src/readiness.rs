@@ -64,7 +64,7 @@ pub fn without_certificate(proxy: &Proxy) -> Vec<String> {
 
 /// Starts the readiness server.
 pub async fn serve(addr: SocketAddr, proxy: Arc<Proxy>) -> std::io::Result<JoinHandle<()>> {
-    let listener = reusable_listener(addr)?;
+    let listener = crate::net::reusable_listener(addr)?;
     Ok(tokio::spawn(async move {
         loop {
             let Ok((conn, _)) = listener.accept().await else {
@@ -85,19 +85,6 @@ pub async fn serve(addr: SocketAddr, proxy: Arc<Proxy>) -> std::io::Result<JoinH
             });
         }
     }))
-}
-
-/// A listener a successor can also bind while this process still runs (upgrade).
-pub fn reusable_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv6() {
-        tokio::net::TcpSocket::new_v6()?
-    } else {
-        tokio::net::TcpSocket::new_v4()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
 }
 
 fn answer(proxy: &Proxy, req: &Request<Incoming>) -> Response<Full<Bytes>> {

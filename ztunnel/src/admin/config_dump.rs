@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use super::Agent;
-use super::time::{rfc3339, unix};
 use crate::state::{Action, Protocol, Scope, State, Workload};
+use crate::time::{rfc3339, unix};
 
 pub(super) fn dump(agent: &Agent) -> Value {
     let proxy = &agent.proxy;

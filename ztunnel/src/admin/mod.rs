@@ -17,8 +17,7 @@
 
 pub mod cli;
 mod config_dump;
-pub mod http;
-pub mod time;
+use crate::endpoint as http;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -212,7 +211,7 @@ impl Agent {
                 .get_or_create(&IdentityLabels {
                     identity: cert.identity.to_string(),
                 })
-                .set(time::unix(cert.not_after));
+                .set(crate::time::unix(cert.not_after));
         }
         let requests = proxy.certs.stats();
         for (result, value) in [("issued", requests.issued), ("failed", requests.failed)] {
@@ -247,7 +246,7 @@ impl Agent {
         }
         agent
             .config_last_update
-            .set(time::unix(self.source.last_update()));
+            .set(crate::time::unix(self.source.last_update()));
         agent.pods_enrolled.set(proxy.pods.len() as i64);
         agent
             .pods_not_captured

@@ -38,8 +38,8 @@ use super::lifetime::{keepalive, wall_clock_reaches};
 use super::request::{ConnectHeaders, build_connect};
 use super::stream::{H2Stream, OnDrop};
 use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, STREAM_WINDOW, tls_io};
-use crate::admin::time::rfc3339;
 use crate::identity::{Identity, WorkloadCert};
+use crate::time::rfc3339;
 use crate::tls::{TlsError, TrustBundle};
 
 /// Which connections may be shared.

@@ -24,8 +24,8 @@ use super::lifetime::{keepalive, wall_clock_reaches};
 use super::request::validate;
 use super::stream::H2Stream;
 use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, STREAM_WINDOW};
-use crate::admin::time::rfc3339;
 use crate::identity::Identity;
+use crate::time::rfc3339;
 use crate::tls::TlsError;
 
 /// HTTP/2 server settings; defaults are Istio's. Each bounds what one (authenticated but

@@ -20,8 +20,8 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
 use super::Identity;
+use super::TrustBundle;
 use super::cert::{CertError, WorkloadCert};
-use crate::tls::TrustBundle;
 
 /// File names inside the CA directory (the names Istio's plug-in CA uses).
 pub const CA_KEY_FILE: &str = "ca-key.pem";

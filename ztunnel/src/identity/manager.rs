@@ -29,7 +29,7 @@ use futures::future::{BoxFuture, Shared};
 use super::Identity;
 use super::ca::{CaError, CertificateSource};
 use super::cert::WorkloadCert;
-use crate::admin::time::rfc3339;
+use crate::time::rfc3339;
 
 /// Wall-clock time and sleeping, injectable for tests.
 pub trait Clock: Send + Sync {

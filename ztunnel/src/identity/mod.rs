@@ -7,11 +7,13 @@ pub mod ca;
 pub mod cert;
 pub mod istio_ca;
 pub mod manager;
+pub mod roots;
 
 pub use ca::{CertificateSource, LocalCa};
 pub use cert::WorkloadCert;
 pub use istio_ca::IstioCa;
 pub use manager::{CertInfo, CertManager, Clock, ManagerConfig, ManagerError, SystemClock};
+pub use roots::{BundleError, TrustBundle};
 
 use std::fmt;
 use std::str::FromStr;

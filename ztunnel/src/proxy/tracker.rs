@@ -264,7 +264,7 @@ impl Record {
             src_workload: name(&m.src_workload),
             dst_workload: name(&m.dst_workload),
             dst_service: m.dst_service.as_ref().map(|s| s.hostname.clone()),
-            started: crate::admin::time::rfc3339(self.started),
+            started: crate::time::rfc3339(self.started),
             duration_ms: self.start.elapsed().as_millis() as u64,
             bytes_received: self.received.load(Ordering::Relaxed),
             bytes_sent: self.sent.load(Ordering::Relaxed),

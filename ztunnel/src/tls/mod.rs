@@ -20,11 +20,10 @@ use std::time::SystemTime;
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::NoServerSessionStorage;
-use rustls::{ClientConfig, CommonState, RootCertStore, ServerConfig};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject as _;
+use rustls::{ClientConfig, CommonState, ServerConfig};
 
 use crate::identity::Identity;
+pub use crate::identity::TrustBundle;
 use crate::identity::cert::{CertError, WorkloadCert, identity_from_cert, not_after_of};
 
 /// The ALPN protocol HBONE negotiates.
@@ -36,6 +35,8 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub enum TlsError {
     #[error("trust bundle: {0}")]
     BadBundle(String),
+    #[error(transparent)]
+    Bundle(#[from] crate::identity::BundleError),
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
     #[error("peer presented identity {presented}, expected {expected}")]
@@ -55,54 +56,6 @@ pub enum TlsError {
     PeerCertificate(CertError),
     #[error("TLS handshake failed: {0}")]
     Handshake(String),
-}
-
-/// The root certificates a workload trusts.
-#[derive(Clone, Debug)]
-pub struct TrustBundle {
-    ders: Vec<CertificateDer<'static>>,
-    store: Arc<RootCertStore>,
-}
-
-impl TrustBundle {
-    /// Reads every `CERTIFICATE` block of a PEM text; at least one is required.
-    pub fn from_pem(pem: &str) -> Result<Self, TlsError> {
-        let ders = CertificateDer::pem_slice_iter(pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::BadBundle(format!("invalid PEM: {e}")))?;
-        if ders.is_empty() {
-            return Err(TlsError::BadBundle("no CERTIFICATE block in PEM".into()));
-        }
-        let mut store = RootCertStore::empty();
-        for der in &ders {
-            store
-                .add(der.clone())
-                .map_err(|e| TlsError::BadBundle(format!("unusable root certificate: {e}")))?;
-        }
-        Ok(TrustBundle {
-            ders,
-            store: Arc::new(store),
-        })
-    }
-
-    /// Builds a bundle from DER roots produced in-process; a root that cannot be used as a
-    /// trust anchor is skipped (the CA that made it already parsed it).
-    pub fn from_ders(ders: Vec<CertificateDer<'static>>) -> Self {
-        let mut store = RootCertStore::empty();
-        let (_added, _ignored) = store.add_parsable_certificates(ders.iter().cloned());
-        TrustBundle {
-            ders,
-            store: Arc::new(store),
-        }
-    }
-
-    pub fn certificates(&self) -> &[CertificateDer<'static>] {
-        &self.ders
-    }
-
-    fn store(&self) -> Arc<RootCertStore> {
-        self.store.clone()
-    }
 }
 
 /// The ring provider cut down to HBONE's suites and groups, in preference order.

@@ -1,5 +1,6 @@
-//! A tiny HTTP/1.1 server for the node's own endpoints (admin, metrics): no request bodies,
-//! one handler deciding from the method, path and query.
+//! A tiny HTTP/1.1 server for a process's own endpoints (admin, metrics, readiness): no request
+//! bodies, one handler deciding from the method, path and query. Shared by ztunnel and the
+//! waypoint; it knows nothing of either.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -65,7 +66,7 @@ where
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     // Reusable: during an upgrade the successor binds the same port while this one runs.
-    let listener = crate::readiness::reusable_listener(addr)?;
+    let listener = crate::net::reusable_listener(addr)?;
     let handler = Arc::new(handler);
     Ok(tokio::spawn(async move {
         loop {

@@ -1,4 +1,5 @@
-//! RFC 3339 timestamps (UTC, seconds) for the admin pages, without a calendar dependency.
+//! RFC 3339 timestamps (UTC, seconds) for admin pages, logs and metrics, without a calendar
+//! dependency. Below everything that shows a time: it imports nothing of the crate.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
