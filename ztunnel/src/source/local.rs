@@ -20,19 +20,18 @@ use self::raw::{
     RawStringMatch, RawWorkload,
 };
 use crate::identity::Identity;
+use crate::source::validate::{
+    self, DEFAULT_CLUSTER_ID, DEFAULT_TRUST_DOMAIN, GatewayProblem, GatewayTarget, or_default,
+};
 use crate::state::policy::{Cidr, Match, ServiceAccountMatch, StringMatch};
-use crate::state::workload::{GatewayAddress, GatewayDestination, HealthStatus};
+use crate::state::workload::{GatewayAddress, HealthStatus};
 use crate::state::{
-    Action, Authorization, Namespace, NamespacedHostname, Protocol, Scope, Service, State, Workload,
+    Authorization, Namespace, NamespacedHostname, Protocol, Service, State, Workload,
 };
 
 /// A config file larger than this is refused before parsing (a mesh of thousands of workloads
 /// fits in a few MiB).
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
-
-const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
-const DEFAULT_SERVICE_ACCOUNT: &str = "default";
-const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 
 /// Why a local config file was not applied. The message names the file, then where in it.
 #[derive(Debug, thiserror::Error)]
@@ -146,14 +145,7 @@ fn syntax_error(file: &str, e: &serde_saphyr::Error) -> LocalConfigError {
 // ---- validation and conversion ---------------------------------------------------------
 
 /// Collects problems; `at` is the item ("workloads[2] (name \"echo\")").
-#[derive(Default)]
-struct Report(Vec<String>);
-
-impl Report {
-    fn add(&mut self, at: &str, what: impl fmt::Display) {
-        self.0.push(format!("{at}: {what}"));
-    }
-}
+type Report = validate::Problems;
 
 fn item(kind: &str, i: usize, name: &str) -> String {
     if name.is_empty() {
@@ -216,23 +208,11 @@ fn convert(raw: RawConfig) -> Result<State, Vec<String>> {
         }
     }
 
-    if r.0.is_empty() {
+    if r.is_empty() {
         Ok(b.build())
     } else {
-        Err(r.0)
+        Err(r.into_vec())
     }
-}
-
-/// An identity part must be non-empty and hold no `/` or whitespace (see `Identity::new`).
-fn identity_part(at: &str, field: &str, value: &str, r: &mut Report) -> bool {
-    let ok = !value.is_empty() && !value.contains('/') && !value.contains(char::is_whitespace);
-    if !ok {
-        r.add(
-            at,
-            format!("{field} {value:?} must be non-empty, without '/' or spaces (it is part of the SPIFFE identity)"),
-        );
-    }
-    ok
 }
 
 fn port(value: &str) -> Option<u16> {
@@ -246,16 +226,19 @@ fn workload(
     policy_keys: &[String],
     r: &mut Report,
 ) -> Option<Workload> {
-    let before = r.0.len();
+    let before = r.len();
     if w.name.is_empty() {
         r.add(at, "name is required");
     }
-    let td = or_default(w.trust_domain, DEFAULT_TRUST_DOMAIN);
-    let sa = or_default(w.service_account, DEFAULT_SERVICE_ACCOUNT);
     let cluster_id = or_default(w.cluster_id, DEFAULT_CLUSTER_ID);
-    let parts_ok = identity_part(at, "namespace", &w.namespace, r)
-        & identity_part(at, "serviceAccount", &sa, r)
-        & identity_part(at, "trustDomain", &td, r);
+    let namespace = w.namespace.clone();
+    let identity = validate::workload_identity(
+        ("trustDomain", w.trust_domain),
+        ("namespace", w.namespace),
+        ("serviceAccount", w.service_account),
+        DEFAULT_TRUST_DOMAIN,
+        |field, what| r.add(at, format!("{field} {what}")),
+    );
 
     let mut ips = Vec::new();
     for (j, ip) in w.workload_ips.iter().enumerate() {
@@ -264,18 +247,18 @@ fn workload(
             Err(_) => r.add(at, format!("workloadIps[{j}] {ip:?} is not an IP address")),
         }
     }
-    let protocol = match w.protocol.as_deref() {
-        None | Some("TCP") => Protocol::Tcp,
-        Some("HBONE") => Protocol::Hbone,
-        Some(other) => {
+    let protocol = match w.protocol.as_deref().map(|p| (p, validate::protocol(p))) {
+        None => Protocol::Tcp,
+        Some((_, Some(protocol))) => protocol,
+        Some((other, None)) => {
             r.add(at, format!("protocol {other:?} is not one of HBONE, TCP"));
             Protocol::Tcp
         }
     };
-    let status = match w.status.as_deref() {
-        None | Some("Healthy") => HealthStatus::Healthy,
-        Some("Unhealthy") => HealthStatus::Unhealthy,
-        Some(other) => {
+    let status = match w.status.as_deref().map(|s| (s, validate::health(s))) {
+        None => HealthStatus::Healthy,
+        Some((_, Some(status))) => status,
+        Some((other, None)) => {
             r.add(
                 at,
                 format!("status {other:?} is not one of Healthy, Unhealthy"),
@@ -335,31 +318,17 @@ fn workload(
         p => p.map(PathBuf::from),
     };
 
-    if r.0.len() != before || !parts_ok {
+    if r.len() != before {
         return None;
     }
-    let identity = Identity::new(td, w.namespace.clone(), sa).ok()?;
+    let identity = identity?;
     let uid = if w.uid.is_empty() {
-        format!("{cluster_id}//v1/Pod/{}/{}", w.namespace, w.name)
+        format!("{cluster_id}//v1/Pod/{namespace}/{}", w.name)
     } else {
         w.uid
     };
     let mut labels = w.labels;
-    // Istio's canonical name and revision are what telemetry calls app and version.
-    if !w.canonical_name.is_empty() {
-        labels
-            .entry("service.istio.io/canonical-name".into())
-            .or_insert(w.canonical_name.clone());
-        labels.entry("app".into()).or_insert(w.canonical_name);
-    }
-    if !w.canonical_revision.is_empty() {
-        labels
-            .entry("service.istio.io/canonical-revision".into())
-            .or_insert(w.canonical_revision.clone());
-        labels
-            .entry("version".into())
-            .or_insert(w.canonical_revision);
-    }
+    validate::add_canonical_labels(&mut labels, w.canonical_name, w.canonical_revision);
 
     let mut out = Workload::new(uid, w.name, identity);
     out.workload_ips = ips;
@@ -375,10 +344,6 @@ fn workload(
     Some(out)
 }
 
-fn or_default(v: String, default: &str) -> String {
-    if v.is_empty() { default.to_owned() } else { v }
-}
-
 /// Istio's `NetworkAddress` text: `network/ip`, the network possibly empty; a bare IP too.
 fn network_address(s: &str) -> Option<IpAddr> {
     let ip = s.rsplit_once('/').map_or(s, |(_, ip)| ip);
@@ -387,10 +352,13 @@ fn network_address(s: &str) -> Option<IpAddr> {
 
 fn gateway(at: &str, field: &str, g: RawGatewayAddress, r: &mut Report) -> Option<GatewayAddress> {
     // Istio tries the address form first, then the hostname form.
-    let destination = if let Some(ip) = network_address(&g.destination) {
-        GatewayDestination::Address(ip)
+    let target = if let Some(ip) = network_address(&g.destination) {
+        GatewayTarget::Address(ip)
     } else if let Ok(nh) = g.destination.parse::<NamespacedHostname>() {
-        GatewayDestination::Hostname(nh)
+        GatewayTarget::Hostname {
+            namespace: nh.namespace,
+            hostname: nh.hostname,
+        }
     } else {
         r.add(
             at,
@@ -401,14 +369,21 @@ fn gateway(at: &str, field: &str, g: RawGatewayAddress, r: &mut Report) -> Optio
         );
         return None;
     };
-    Some(GatewayAddress {
-        destination,
-        hbone_mtls_port: g.hbone_mtls_port,
-    })
+    match validate::gateway(target, u32::from(g.hbone_mtls_port)) {
+        Ok(gw) => Some(gw),
+        Err(GatewayProblem::Port(e)) => {
+            r.add(at, format!("{field}.hboneMtlsPort: {e}"));
+            None
+        }
+        Err(GatewayProblem::Hostname(e)) => {
+            r.add(at, format!("{field}.destination: {e}"));
+            None
+        }
+    }
 }
 
 fn service(at: &str, s: RawService, r: &mut Report) -> Option<Service> {
-    let before = r.0.len();
+    let before = r.len();
     for (field, v) in [
         ("name", &s.name),
         ("namespace", &s.namespace),
@@ -455,7 +430,7 @@ fn service(at: &str, s: RawService, r: &mut Report) -> Option<Service> {
         }
     }
     let waypoint = s.waypoint.and_then(|g| gateway(at, "waypoint", g, r));
-    if r.0.len() != before {
+    if r.len() != before {
         return None;
     }
     Some(Service {
@@ -470,33 +445,26 @@ fn service(at: &str, s: RawService, r: &mut Report) -> Option<Service> {
 }
 
 fn policy(at: &str, p: RawPolicy, r: &mut Report) -> Option<Authorization> {
-    let before = r.0.len();
+    let before = r.len();
     for (field, v) in [("name", &p.name), ("namespace", &p.namespace)] {
         if v.is_empty() {
             r.add(at, format!("{field} is required"));
         }
     }
     // Istio's YAML names, and the protobuf enum names.
-    let scope = match p.scope.as_str() {
-        "Global" | "GLOBAL" => Some(Scope::Global),
-        "Namespace" | "NAMESPACE" => Some(Scope::Namespace),
-        "WorkloadSelector" | "WORKLOAD_SELECTOR" => Some(Scope::WorkloadSelector),
-        other => {
-            r.add(
-                at,
-                format!("scope {other:?} is not one of Global, Namespace, WorkloadSelector"),
-            );
-            None
-        }
-    };
-    let action = match p.action.as_str() {
-        "Allow" | "ALLOW" => Some(Action::Allow),
-        "Deny" | "DENY" => Some(Action::Deny),
-        other => {
-            r.add(at, format!("action {other:?} is not one of Allow, Deny"));
-            None
-        }
-    };
+    let scope = validate::scope(&p.scope);
+    if scope.is_none() {
+        let other = &p.scope;
+        r.add(
+            at,
+            format!("scope {other:?} is not one of Global, Namespace, WorkloadSelector"),
+        );
+    }
+    let action = validate::action(&p.action);
+    if action.is_none() {
+        let other = &p.action;
+        r.add(at, format!("action {other:?} is not one of Allow, Deny"));
+    }
     let mut rules = Vec::new();
     for (ri, rule) in p.rules.into_iter().enumerate() {
         let mut clauses = Vec::new();
@@ -510,7 +478,7 @@ fn policy(at: &str, p: RawPolicy, r: &mut Report) -> Option<Authorization> {
         }
         rules.push(clauses);
     }
-    if r.0.len() != before {
+    if r.len() != before {
         return None;
     }
     Some(Authorization {
@@ -555,19 +523,35 @@ fn rbac_match(at: &str, here: &str, m: RawMatch, r: &mut Report) -> Match {
         }
         out
     };
+    let source_ips = cidrs("sourceIps", m.source_ips);
+    let not_source_ips = cidrs("notSourceIps", m.not_source_ips);
+    let destination_ips = cidrs("destinationIps", m.destination_ips);
+    let not_destination_ips = cidrs("notDestinationIps", m.not_destination_ips);
+    let mut ports = |field: &str, v: Vec<u16>| -> Vec<u16> {
+        let mut out = Vec::new();
+        for (j, port) in v.into_iter().enumerate() {
+            match validate::port(u32::from(port), false) {
+                Ok(port) => out.push(port),
+                Err(e) => r.add(at, format!("{here}.{field}[{j}]: {e}")),
+            }
+        }
+        out
+    };
+    let destination_ports = ports("destinationPorts", m.destination_ports);
+    let not_destination_ports = ports("notDestinationPorts", m.not_destination_ports);
     Match {
-        source_ips: cidrs("sourceIps", m.source_ips),
-        not_source_ips: cidrs("notSourceIps", m.not_source_ips),
-        destination_ips: cidrs("destinationIps", m.destination_ips),
-        not_destination_ips: cidrs("notDestinationIps", m.not_destination_ips),
+        source_ips,
+        not_source_ips,
+        destination_ips,
+        not_destination_ips,
         namespaces: strings(m.namespaces),
         not_namespaces: strings(m.not_namespaces),
         service_accounts: sas(m.service_accounts),
         not_service_accounts: sas(m.not_service_accounts),
         principals: strings(m.principals),
         not_principals: strings(m.not_principals),
-        destination_ports: m.destination_ports,
-        not_destination_ports: m.not_destination_ports,
+        destination_ports,
+        not_destination_ports,
     }
 }
 

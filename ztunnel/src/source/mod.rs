@@ -4,6 +4,7 @@
 
 pub mod discovery;
 pub mod local;
+pub mod validate;
 pub mod watch;
 pub mod xds;
 

@@ -3,6 +3,7 @@ use std::path::Path;
 
 use super::*;
 use crate::state::policy::ConnectionInfo;
+use crate::state::workload::GatewayDestination;
 use crate::state::{Decision, Destination, authorize};
 
 fn ip(s: &str) -> IpAddr {

@@ -4,19 +4,16 @@
 //! operator exactly what istiod sent that this data plane cannot use.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::identity::Identity;
 use crate::proto::istio::security as pbs;
 use crate::proto::istio::workload as pbw;
+use crate::source::validate::{
+    self, DEFAULT_CLUSTER_ID, GatewayProblem, GatewayTarget, Problems, or_default,
+};
 use crate::state::policy::{Cidr, Match, ServiceAccountMatch, StringMatch};
-use crate::state::workload::{GatewayAddress, GatewayDestination, HealthStatus};
+use crate::state::workload::GatewayAddress;
 use crate::state::{Action, Authorization, NamespacedHostname, Protocol, Scope, Service, Workload};
-
-/// Istio's defaults for fields istiod may leave empty.
-const DEFAULT_SERVICE_ACCOUNT: &str = "default";
-const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 
 /// Why a resource was rejected: which resource, and every problem in it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,23 +32,15 @@ pub enum AddressResource {
     Service(Service),
 }
 
-/// Collects the problems of one resource.
-struct Problems(Vec<String>);
-
-impl Problems {
-    fn add(&mut self, field: impl fmt::Display, what: impl fmt::Display) {
-        self.0.push(format!("{field}: {what}"));
-    }
-
-    fn finish<T>(self, resource: String, value: impl FnOnce() -> T) -> Result<T, ConvertError> {
-        if self.0.is_empty() {
-            Ok(value())
-        } else {
-            Err(ConvertError {
-                resource,
-                problems: self.0,
-            })
-        }
+/// The resource's value, or every problem found in it.
+fn finish<T>(p: Problems, resource: String, value: impl FnOnce() -> T) -> Result<T, ConvertError> {
+    if p.is_empty() {
+        Ok(value())
+    } else {
+        Err(ConvertError {
+            resource,
+            problems: p.into_vec(),
+        })
     }
 }
 
@@ -84,39 +73,37 @@ fn ip_from_bytes(bytes: &[u8]) -> Result<IpAddr, String> {
     }
 }
 
-fn port16(value: u32, allow_zero: bool) -> Result<u16, String> {
-    match u16::try_from(value) {
-        Ok(p) if p != 0 || allow_zero => Ok(p),
-        _ if allow_zero => Err(format!("{value} is not a port (0 to 65535)")),
-        _ => Err(format!("{value} is not a port (1 to 65535)")),
-    }
-}
+use validate::port as port16;
 
-/// An identity part must be non-empty, without `/` or whitespace (see `Identity::new`).
-fn identity_part(field: &str, value: &str, p: &mut Problems) {
-    if value.is_empty() || value.contains('/') || value.contains(char::is_whitespace) {
-        p.add(
-            field,
-            format!("{value:?} must be non-empty, without '/' or spaces (it is part of the SPIFFE identity)"),
-        );
+/// An enumeration value by its protobuf name (what `validate` reads), or the problem.
+fn enum_name<E: TryFrom<i32>>(
+    field: &str,
+    value: i32,
+    name: impl Fn(&E) -> &'static str,
+    p: &mut Problems,
+) -> &'static str {
+    match E::try_from(value) {
+        Ok(e) => name(&e),
+        Err(_) => {
+            p.add(field, format!("unknown value {value}"));
+            ""
+        }
     }
-}
-
-fn or_default(v: String, default: &str) -> String {
-    if v.is_empty() { default.to_owned() } else { v }
 }
 
 pub fn workload(pb: pbw::Workload, trust_domain: &str) -> Result<Workload, ConvertError> {
     let resource = format!("workload {:?}", pb.uid);
-    let mut p = Problems(Vec::new());
+    let mut p = Problems::default();
     if pb.uid.is_empty() {
         p.add("uid", "is required");
     }
-    let td = or_default(pb.trust_domain, trust_domain);
-    let sa = or_default(pb.service_account, DEFAULT_SERVICE_ACCOUNT);
-    identity_part("namespace", &pb.namespace, &mut p);
-    identity_part("service_account", &sa, &mut p);
-    identity_part("trust_domain", &td, &mut p);
+    let identity = validate::workload_identity(
+        ("trust_domain", pb.trust_domain),
+        ("namespace", pb.namespace),
+        ("service_account", pb.service_account),
+        trust_domain,
+        |field, what| p.add(field, what),
+    );
 
     let mut ips = Vec::new();
     for (i, a) in pb.addresses.iter().enumerate() {
@@ -125,27 +112,20 @@ pub fn workload(pb: pbw::Workload, trust_domain: &str) -> Result<Workload, Conve
             Err(e) => p.add(format_args!("addresses[{i}]"), e),
         }
     }
-    let protocol = match pbw::TunnelProtocol::try_from(pb.tunnel_protocol) {
-        Ok(pbw::TunnelProtocol::Hbone) => Protocol::Hbone,
-        // A sidecar (LEGACY_ISTIO_MTLS) does its own mTLS; to this data plane it is a plain
-        // TCP destination, as a workload outside the mesh is.
-        Ok(pbw::TunnelProtocol::None | pbw::TunnelProtocol::LegacyIstioMtls) => Protocol::Tcp,
-        Err(_) => {
-            p.add(
-                "tunnel_protocol",
-                format!("unknown value {}", pb.tunnel_protocol),
-            );
-            Protocol::Tcp
-        }
-    };
-    let status = match pbw::WorkloadStatus::try_from(pb.status) {
-        Ok(pbw::WorkloadStatus::Healthy) => HealthStatus::Healthy,
-        Ok(pbw::WorkloadStatus::Unhealthy) => HealthStatus::Unhealthy,
-        Err(_) => {
-            p.add("status", format!("unknown value {}", pb.status));
-            HealthStatus::Healthy
-        }
-    };
+    let protocol = enum_name(
+        "tunnel_protocol",
+        pb.tunnel_protocol,
+        pbw::TunnelProtocol::as_str_name,
+        &mut p,
+    );
+    let protocol = validate::protocol(protocol).unwrap_or(Protocol::Tcp);
+    let status = enum_name(
+        "status",
+        pb.status,
+        pbw::WorkloadStatus::as_str_name,
+        &mut p,
+    );
+    let status = validate::health(status).unwrap_or_default();
 
     let mut services = BTreeMap::new();
     // Sorted, so the problems come out in the same order every time.
@@ -189,36 +169,12 @@ pub fn workload(pb: pbw::Workload, trust_domain: &str) -> Result<Workload, Conve
     let waypoint = pb.waypoint.and_then(|g| gateway("waypoint", g, &mut p));
 
     let mut labels = BTreeMap::new();
-    // Istio's canonical name and revision are what telemetry calls app and version.
-    if !pb.canonical_name.is_empty() {
-        labels.insert(
-            "service.istio.io/canonical-name".to_owned(),
-            pb.canonical_name.clone(),
-        );
-        labels.insert("app".to_owned(), pb.canonical_name);
-    }
-    if !pb.canonical_revision.is_empty() {
-        labels.insert(
-            "service.istio.io/canonical-revision".to_owned(),
-            pb.canonical_revision.clone(),
-        );
-        labels.insert("version".to_owned(), pb.canonical_revision);
-    }
+    validate::add_canonical_labels(&mut labels, pb.canonical_name, pb.canonical_revision);
 
-    let identity = match Identity::new(td, pb.namespace, sa) {
-        Ok(id) => Some(id),
-        Err(e) => {
-            // Already reported field by field above; this only catches what they missed.
-            if p.0.is_empty() {
-                p.add("identity", e);
-            }
-            None
-        }
-    };
-    let (Some(identity), true) = (identity, p.0.is_empty()) else {
+    let (Some(identity), true) = (identity, p.is_empty()) else {
         return Err(ConvertError {
             resource,
-            problems: p.0,
+            problems: p.into_vec(),
         });
     };
     let mut w = Workload::new(pb.uid, pb.name, identity);
@@ -235,34 +191,18 @@ pub fn workload(pb: pbw::Workload, trust_domain: &str) -> Result<Workload, Conve
 }
 
 fn gateway(field: &str, g: pbw::GatewayAddress, p: &mut Problems) -> Option<GatewayAddress> {
-    let port = match port16(g.hbone_mtls_port, false) {
-        Ok(port) => port,
-        Err(e) => {
-            p.add(format_args!("{field}.hbone_mtls_port"), e);
-            return None;
-        }
-    };
-    let destination = match g.destination {
+    let target = match g.destination {
         Some(pbw::gateway_address::Destination::Address(a)) => match ip_from_bytes(&a.address) {
-            Ok(ip) => GatewayDestination::Address(ip),
+            Ok(ip) => GatewayTarget::Address(ip),
             Err(e) => {
                 p.add(format_args!("{field}.address.address"), e);
                 return None;
             }
         },
-        Some(pbw::gateway_address::Destination::Hostname(h)) => {
-            if h.namespace.is_empty() || h.hostname.is_empty() {
-                p.add(
-                    format_args!("{field}.hostname"),
-                    "namespace and hostname are required",
-                );
-                return None;
-            }
-            GatewayDestination::Hostname(NamespacedHostname {
-                namespace: h.namespace,
-                hostname: h.hostname,
-            })
-        }
+        Some(pbw::gateway_address::Destination::Hostname(h)) => GatewayTarget::Hostname {
+            namespace: h.namespace,
+            hostname: h.hostname,
+        },
         None => {
             p.add(
                 format_args!("{field}.destination"),
@@ -271,15 +211,22 @@ fn gateway(field: &str, g: pbw::GatewayAddress, p: &mut Problems) -> Option<Gate
             return None;
         }
     };
-    Some(GatewayAddress {
-        destination,
-        hbone_mtls_port: port,
-    })
+    match validate::gateway(target, g.hbone_mtls_port) {
+        Ok(gw) => Some(gw),
+        Err(GatewayProblem::Port(e)) => {
+            p.add(format_args!("{field}.hbone_mtls_port"), e);
+            None
+        }
+        Err(GatewayProblem::Hostname(e)) => {
+            p.add(format_args!("{field}.hostname"), e);
+            None
+        }
+    }
 }
 
 pub fn service(pb: pbw::Service) -> Result<Service, ConvertError> {
     let resource = format!("service \"{}/{}\"", pb.namespace, pb.hostname);
-    let mut p = Problems(Vec::new());
+    let mut p = Problems::default();
     for (field, v) in [
         ("name", &pb.name),
         ("namespace", &pb.namespace),
@@ -310,7 +257,7 @@ pub fn service(pb: pbw::Service) -> Result<Service, ConvertError> {
         }
     }
     let waypoint = pb.waypoint.and_then(|g| gateway("waypoint", g, &mut p));
-    p.finish(resource, || Service {
+    finish(p, resource, || Service {
         name: pb.name,
         namespace: pb.namespace,
         hostname: pb.hostname,
@@ -323,29 +270,16 @@ pub fn service(pb: pbw::Service) -> Result<Service, ConvertError> {
 
 pub fn authorization(pb: pbs::Authorization) -> Result<Authorization, ConvertError> {
     let resource = format!("policy \"{}/{}\"", pb.namespace, pb.name);
-    let mut p = Problems(Vec::new());
+    let mut p = Problems::default();
     for (field, v) in [("name", &pb.name), ("namespace", &pb.namespace)] {
         if v.is_empty() {
             p.add(field, "is required");
         }
     }
-    let scope = match pbs::Scope::try_from(pb.scope) {
-        Ok(pbs::Scope::Global) => Scope::Global,
-        Ok(pbs::Scope::Namespace) => Scope::Namespace,
-        Ok(pbs::Scope::WorkloadSelector) => Scope::WorkloadSelector,
-        Err(_) => {
-            p.add("scope", format!("unknown value {}", pb.scope));
-            Scope::Global
-        }
-    };
-    let action = match pbs::Action::try_from(pb.action) {
-        Ok(pbs::Action::Allow) => Action::Allow,
-        Ok(pbs::Action::Deny) => Action::Deny,
-        Err(_) => {
-            p.add("action", format!("unknown value {}", pb.action));
-            Action::Allow
-        }
-    };
+    let scope = enum_name("scope", pb.scope, pbs::Scope::as_str_name, &mut p);
+    let scope = validate::scope(scope).unwrap_or(Scope::Global);
+    let action = enum_name("action", pb.action, pbs::Action::as_str_name, &mut p);
+    let action = validate::action(action).unwrap_or(Action::Allow);
     let mut rules = Vec::new();
     for (ri, rule) in pb.rules.into_iter().enumerate() {
         let mut clauses = Vec::new();
@@ -359,7 +293,7 @@ pub fn authorization(pb: pbs::Authorization) -> Result<Authorization, ConvertErr
         }
         rules.push(clauses);
     }
-    p.finish(resource, || Authorization {
+    finish(p, resource, || Authorization {
         name: pb.name,
         namespace: pb.namespace,
         scope,
@@ -410,12 +344,9 @@ fn rbac_match(at: &str, m: pbs::Match, p: &mut Problems) -> Match {
                     continue;
                 }
             };
-            match u8::try_from(a.length).ok().and_then(|l| Cidr::new(ip, l)) {
-                Some(c) => out.push(c),
-                None => p.add(
-                    format_args!("{here}.length"),
-                    format!("{} is longer than the address {ip}", a.length),
-                ),
+            match validate::cidr(ip, a.length) {
+                Ok(c) => out.push(c),
+                Err(e) => p.add(format_args!("{here}.length"), e),
             }
         }
         out

@@ -1,7 +1,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::state::workload::HealthStatus;
+use crate::state::workload::{GatewayDestination, HealthStatus};
 
 fn v4(a: [u8; 4]) -> Vec<u8> {
     a.to_vec()

@@ -1,0 +1,299 @@
+//! The rules every source of state applies, whatever its encoding: the local YAML file and
+//! istiod's workload xDS both describe workloads, services and policies, and both must mean
+//! the same thing by them. Istio's defaults for fields left empty, what a SPIFFE identity part
+//! may hold, the canonical labels, the names of the enumerations, how a waypoint address and
+//! the parts of a policy match are checked: each rule and its wording lives here once.
+//!
+//! A front end turns its own encoding into these inputs (text from YAML, bytes and integers
+//! from protobuf) and says *where* a problem is (a YAML item, a protobuf field path); this
+//! module says *what* is wrong. Pure: no I/O, no state.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use crate::identity::Identity;
+use crate::state::policy::Cidr;
+use crate::state::workload::{GatewayAddress, GatewayDestination, HealthStatus};
+use crate::state::{Action, NamespacedHostname, Protocol, Scope};
+
+/// Istio's defaults for fields a source may leave empty.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
+/// Problems found in one input, each `where: what`, in the order they were found.
+#[derive(Debug, Default)]
+pub(crate) struct Problems(Vec<String>);
+
+impl Problems {
+    pub(crate) fn add(&mut self, at: impl std::fmt::Display, what: impl std::fmt::Display) {
+        self.0.push(format!("{at}: {what}"));
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn into_vec(self) -> Vec<String> {
+        self.0
+    }
+}
+
+pub(crate) fn or_default(v: String, default: &str) -> String {
+    if v.is_empty() { default.to_owned() } else { v }
+}
+
+/// An identity part (namespace, service account, trust domain) must be non-empty and hold no
+/// `/` or whitespace, as `Identity::new` requires. The error says what is wrong with `value`.
+pub(crate) fn identity_part(value: &str) -> Result<(), String> {
+    if value.is_empty() || value.contains('/') || value.contains(char::is_whitespace) {
+        return Err(format!(
+            "{value:?} must be non-empty, without '/' or spaces (it is part of the SPIFFE identity)"
+        ));
+    }
+    Ok(())
+}
+
+/// A workload's identity from its parts, each given with the name its source uses for the
+/// field; empty trust domain and service account take `default_trust_domain` and Istio's
+/// `default`. Every part that is wrong is reported through `problem(field, what)`.
+pub(crate) fn workload_identity(
+    trust_domain: (&str, String),
+    namespace: (&str, String),
+    service_account: (&str, String),
+    default_trust_domain: &str,
+    mut problem: impl FnMut(&str, String),
+) -> Option<Identity> {
+    let td = or_default(trust_domain.1, default_trust_domain);
+    let sa = or_default(service_account.1, DEFAULT_SERVICE_ACCOUNT);
+    let mut ok = true;
+    for (field, value) in [
+        (namespace.0, &namespace.1),
+        (service_account.0, &sa),
+        (trust_domain.0, &td),
+    ] {
+        if let Err(what) = identity_part(value) {
+            problem(field, what);
+            ok = false;
+        }
+    }
+    if !ok {
+        return None;
+    }
+    match Identity::new(td, namespace.1, sa) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            problem("identity", e.to_string());
+            None
+        }
+    }
+}
+
+/// Istio's canonical service name and revision are what telemetry calls `app` and `version`;
+/// labels the source sets explicitly win over them.
+pub(crate) fn add_canonical_labels(
+    labels: &mut BTreeMap<String, String>,
+    canonical_name: String,
+    canonical_revision: String,
+) {
+    if !canonical_name.is_empty() {
+        labels
+            .entry("service.istio.io/canonical-name".into())
+            .or_insert_with(|| canonical_name.clone());
+        labels.entry("app".into()).or_insert(canonical_name);
+    }
+    if !canonical_revision.is_empty() {
+        labels
+            .entry("service.istio.io/canonical-revision".into())
+            .or_insert_with(|| canonical_revision.clone());
+        labels.entry("version".into()).or_insert(canonical_revision);
+    }
+}
+
+/// A port number: 1 to 65535, or 0 too where 0 means "the same as the service port".
+pub(crate) fn port(value: u32, allow_zero: bool) -> Result<u16, String> {
+    match u16::try_from(value) {
+        Ok(p) if p != 0 || allow_zero => Ok(p),
+        _ if allow_zero => Err(format!("{value} is not a port (0 to 65535)")),
+        _ => Err(format!("{value} is not a port (1 to 65535)")),
+    }
+}
+
+/// What is wrong with a waypoint or gateway address, by the part it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum GatewayProblem {
+    Port(String),
+    Hostname(String),
+}
+
+/// Where a waypoint is reached: an address, or a service named by namespace and hostname.
+pub(crate) enum GatewayTarget {
+    Address(IpAddr),
+    Hostname { namespace: String, hostname: String },
+}
+
+/// A waypoint or gateway address: its HBONE port must be a real port, a hostname target must
+/// name both namespace and hostname.
+pub(crate) fn gateway(
+    target: GatewayTarget,
+    hbone_port: u32,
+) -> Result<GatewayAddress, GatewayProblem> {
+    let hbone_mtls_port = port(hbone_port, false).map_err(GatewayProblem::Port)?;
+    let destination = match target {
+        GatewayTarget::Address(ip) => GatewayDestination::Address(ip),
+        GatewayTarget::Hostname {
+            namespace,
+            hostname,
+        } => {
+            if namespace.is_empty() || hostname.is_empty() {
+                return Err(GatewayProblem::Hostname(
+                    "namespace and hostname are required".to_owned(),
+                ));
+            }
+            GatewayDestination::Hostname(NamespacedHostname {
+                namespace,
+                hostname,
+            })
+        }
+    };
+    Ok(GatewayAddress {
+        destination,
+        hbone_mtls_port,
+    })
+}
+
+/// An address range of a policy match: the prefix may not be longer than the address.
+pub(crate) fn cidr(ip: IpAddr, prefix_len: u32) -> Result<Cidr, String> {
+    u8::try_from(prefix_len)
+        .ok()
+        .and_then(|l| Cidr::new(ip, l))
+        .ok_or_else(|| format!("{prefix_len} is longer than the address {ip}"))
+}
+
+// The enumerations, by the names either source writes: Istio's YAML spelling (`Allow`) or
+// the protobuf enum's (`ALLOW`, what `as_str_name` gives).
+
+/// `HBONE`, or one of the plain-TCP kinds: none (`TCP`, `NONE`) or a sidecar's own mTLS
+/// (`LEGACY_ISTIO_MTLS`), which to this data plane is a plain TCP destination.
+pub(crate) fn protocol(name: &str) -> Option<Protocol> {
+    match name {
+        "HBONE" => Some(Protocol::Hbone),
+        "TCP" | "NONE" | "LEGACY_ISTIO_MTLS" => Some(Protocol::Tcp),
+        _ => None,
+    }
+}
+
+pub(crate) fn health(name: &str) -> Option<HealthStatus> {
+    match name {
+        "Healthy" | "HEALTHY" => Some(HealthStatus::Healthy),
+        "Unhealthy" | "UNHEALTHY" => Some(HealthStatus::Unhealthy),
+        _ => None,
+    }
+}
+
+pub(crate) fn scope(name: &str) -> Option<Scope> {
+    match name {
+        "Global" | "GLOBAL" => Some(Scope::Global),
+        "Namespace" | "NAMESPACE" => Some(Scope::Namespace),
+        "WorkloadSelector" | "WORKLOAD_SELECTOR" => Some(Scope::WorkloadSelector),
+        _ => None,
+    }
+}
+
+pub(crate) fn action(name: &str) -> Option<Action> {
+    match name {
+        "Allow" | "ALLOW" => Some(Action::Allow),
+        "Deny" | "DENY" => Some(Action::Deny),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_parts_reject_separators_and_blanks() {
+        assert!(identity_part("default").is_ok());
+        for bad in ["", "a/b", "a b", "\t"] {
+            let err = identity_part(bad).unwrap_err();
+            assert!(err.contains("SPIFFE identity"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn workload_identity_fills_istio_defaults_and_names_each_bad_field() {
+        let id = workload_identity(
+            ("trustDomain", String::new()),
+            ("namespace", "shop".into()),
+            ("serviceAccount", String::new()),
+            DEFAULT_TRUST_DOMAIN,
+            |f, w| panic!("{f}: {w}"),
+        )
+        .unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/default");
+
+        let mut seen = Vec::new();
+        let id = workload_identity(
+            ("trust_domain", "a b".into()),
+            ("namespace", String::new()),
+            ("service_account", "x/y".into()),
+            "td",
+            |f, _| seen.push(f.to_owned()),
+        );
+        assert!(id.is_none());
+        assert_eq!(seen, ["namespace", "service_account", "trust_domain"]);
+    }
+
+    #[test]
+    fn canonical_labels_never_override_explicit_ones() {
+        let mut labels = BTreeMap::from([("app".to_owned(), "mine".to_owned())]);
+        add_canonical_labels(&mut labels, "reviews".into(), "v2".into());
+        assert_eq!(labels["app"], "mine");
+        assert_eq!(labels["service.istio.io/canonical-name"], "reviews");
+        assert_eq!(labels["version"], "v2");
+        assert_eq!(labels["service.istio.io/canonical-revision"], "v2");
+        let mut none = BTreeMap::new();
+        add_canonical_labels(&mut none, String::new(), String::new());
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn ports_and_gateways() {
+        assert_eq!(port(80, false), Ok(80));
+        assert!(port(0, false).is_err());
+        assert_eq!(port(0, true), Ok(0));
+        assert!(port(65_536, true).is_err());
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let gw = gateway(GatewayTarget::Address(ip), 15008).unwrap();
+        assert_eq!(gw.hbone_mtls_port, 15008);
+        assert!(matches!(
+            gateway(GatewayTarget::Address(ip), 0),
+            Err(GatewayProblem::Port(_))
+        ));
+        let nameless = GatewayTarget::Hostname {
+            namespace: "ns".into(),
+            hostname: String::new(),
+        };
+        assert!(matches!(
+            gateway(nameless, 15008),
+            Err(GatewayProblem::Hostname(_))
+        ));
+    }
+
+    #[test]
+    fn enumerations_take_both_spellings() {
+        assert_eq!(scope("Namespace"), scope("NAMESPACE"));
+        assert_eq!(action("Deny"), Some(Action::Deny));
+        assert_eq!(action("DENY"), Some(Action::Deny));
+        assert_eq!(health("UNHEALTHY"), Some(HealthStatus::Unhealthy));
+        assert_eq!(protocol("LEGACY_ISTIO_MTLS"), Some(Protocol::Tcp));
+        assert_eq!(protocol("QUIC"), None);
+        assert!(cidr("10.0.0.0".parse().unwrap(), 33).is_err());
+        assert!(cidr("10.0.0.0".parse().unwrap(), 8).is_ok());
+    }
+}
