@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mesh_tests::mesh::{Mesh, PodSpec, tunnel};
-use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, is_reset};
+use mesh_tests::traffic::{AppServer, echo_roundtrip, first_read, is_reset};
 
 /// The capabilities ztunnel needs: entering pod network namespaces and mounting the BPF
 /// filesystem (sys_admin), loading and attaching programs (bpf, perfmon, net_admin), and
@@ -55,11 +55,12 @@ fn a_pod_cannot_use_another_pods_ztunnel_listeners() {
     let other = mesh.netns("other");
     let sleep_ip = mesh.ip("sleep");
     // The outbound listener is on the pod's loopback only: from outside the pod it is not
-    // there, and the inbound steering never hands ztunnel's ports to it.
-    let outbound = connect(&outside.netns, SocketAddr::new(sleep_ip.into(), 15001));
+    // there, and the inbound steering hands the port to the inbound listener, which refuses
+    // ztunnel's own ports (reset without a byte; see `own_ports.rs`).
+    let outbound = first_read(&outside.netns, SocketAddr::new(sleep_ip.into(), 15001));
     assert!(
-        outbound.is_err(),
-        "a host reached sleep's outbound listener"
+        is_reset(&outbound),
+        "a host reached sleep's outbound listener: {outbound:?}"
     );
     // A captured pod's attempt goes through its own ztunnel, which finds nothing there
     // either: the connection is reset without a byte.

@@ -148,6 +148,19 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
         accepted.responder.reject(StatusCode::BAD_REQUEST);
         return;
     }
+    if let Some(reason) = super::own_port_refusal(dst) {
+        Stats::add(&proxy.stats.rejected_inputs, 1);
+        warn!(%dst, port = dst.port(), identity = %peer_id, "HBONE CONNECT refused with 400: {reason}");
+        let mut meta = ConnMeta::new(ConnPath::HboneIn, client, dst);
+        meta.src_claimed = claimed;
+        meta.src_identity = Some(peer_id);
+        meta.dst_workload = Some(pod.workload.clone());
+        proxy
+            .tracker
+            .reject(meta, super::OWN_PORT, &format!("{reason}; answered 400"));
+        accepted.responder.reject(StatusCode::BAD_REQUEST);
+        return;
+    }
     let state = proxy.state.borrow().clone();
     let mut meta = ConnMeta::new(ConnPath::HboneIn, client, dst);
     meta.src_claimed = claimed;
@@ -268,6 +281,17 @@ pub(super) async fn plaintext_loop(
             conn.reset();
             continue;
         };
+        if let Some(reason) = super::own_port_refusal(dst) {
+            // Steered here (or straight to this listener, for 15006): delivering it would
+            // bring it back to a listener of ztunnel's.
+            warn!(%peer, %dst, port = dst.port(), "inbound plaintext connection refused, resetting: {reason}");
+            Stats::add(&proxy.stats.rejected_inputs, 1);
+            let mut meta = ConnMeta::new(ConnPath::PlaintextIn, peer, dst);
+            meta.dst_workload = Some(pod.workload.clone());
+            proxy.tracker.reject(meta, super::OWN_PORT, &reason);
+            conn.reset();
+            continue;
+        }
         let proxy = proxy.clone();
         let busy = proxy.busy();
         tokio::spawn(async move {
