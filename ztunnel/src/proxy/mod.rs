@@ -274,6 +274,22 @@ impl Proxy {
         }
     }
 
+    /// Drops what this node holds for `id`, an identity none of its pods has any more: the
+    /// certificate (so it is neither served nor renewed) and the TLS configurations built from
+    /// it. Pooled connections dialled with it take no new tunnel after its expiry, as always.
+    fn forget_identity(&self, id: &Identity) {
+        self.certs.forget(id);
+        self.client_tls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(src, _), _| src != id);
+        self.server_tls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        tracing::info!(identity = %id, "no pod of this node has this identity any more: its certificate is dropped and no longer renewed");
+    }
+
     /// Client TLS for tunnels from `src` to a peer that must prove `dst`, cached while `src`'s
     /// certificate stays the same. It carries that certificate's expiry, which bounds the
     /// pooled connections dialled with it.
