@@ -80,6 +80,9 @@ pub struct Mesh {
     pub dual_stack: bool,
     /// Run ztunnel with only these capabilities (e.g. `net_admin`), instead of all of root's.
     pub capabilities: Option<Vec<String>>,
+    /// Start ztunnel the way a person tries a node by hand, `ip netns exec NODE ztunnel ...`:
+    /// a mount namespace of its own with a fresh `/sys`, so no cgroup v2 mount.
+    pub ip_netns_exec: bool,
     /// `RUST_LOG` for the ztunnels: debug by default (tests read the logs), quieter for
     /// benchmarks, where a log line per connection would be measured too.
     pub log_filter: String,
@@ -110,6 +113,7 @@ impl Mesh {
             ztunnel_args: Vec::new(),
             dual_stack: false,
             capabilities: None,
+            ip_netns_exec: false,
             log_filter: "info,ztunnel=debug".to_owned(),
             ztunnels: Vec::new(),
             xds: None,
@@ -252,18 +256,21 @@ impl Mesh {
 
     fn spawn_ztunnel(&self, node: &str, suffix: &str) -> io::Result<Proc> {
         let netns = self.topo.node(node).netns.clone();
-        let mut cmd = match &self.capabilities {
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if self.ip_netns_exec {
+            argv.extend(["ip", "netns", "exec", &netns].map(Into::into));
+        }
+        if let Some(caps) = &self.capabilities {
             // Only these capabilities survive exec (util-linux setpriv).
-            Some(caps) => {
-                let mut c = Command::new("setpriv");
-                let keep: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
-                c.arg(format!("--bounding-set=-all,{}", keep.join(",")))
-                    .arg("--")
-                    .arg(binary("ztunnel"));
-                c
-            }
-            None => Command::new(binary("ztunnel")),
-        };
+            let keep: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+            argv.push("setpriv".into());
+            argv.push(format!("--bounding-set=-all,{}", keep.join(",")).into());
+            argv.push("--".into());
+        }
+        argv.push(binary("ztunnel").into());
+        // Both `ip netns exec` and setpriv exec the next program: the pid is ztunnel's.
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         match &self.xds {
             Some(xds) => cmd
                 .arg("--xds-address")

@@ -134,3 +134,47 @@ async fn inbound_plaintext_is_steered_to_the_inbound_listener() {
     assert_eq!(got, b"plainbye");
     capture.unpin();
 }
+
+/// `ip netns exec NODE ztunnel ...`, how a person tries a node by hand, gives ztunnel a mount
+/// namespace with a fresh `/sys` and no cgroup v2 mount: it mounts the hierarchy itself, says
+/// so, and captures as usual.
+#[test]
+fn ztunnel_under_ip_netns_exec_mounts_its_own_cgroup2_and_captures() {
+    use mesh_tests::mesh::{Mesh, PodSpec};
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("echo", "node1", "echo"),
+    ];
+    let mut mesh = Mesh::new(&["node1"], pods, Vec::new()).unwrap();
+    mesh.ip_netns_exec = true;
+    let dst = SocketAddr::new(mesh.ip("echo").into(), 8080);
+    let server = traffic::AppServer::start(&mesh.netns("echo"), "echo", dst).unwrap();
+    // Ready means every pod is captured.
+    mesh.start().unwrap();
+
+    // The process's own view: one cgroup2 mount, ztunnel's, under its state directory.
+    let pid = mesh.ztunnel("node1").pid();
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap();
+    let cgroup2: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.split_whitespace().nth(2) == Some("cgroup2"))
+        .collect();
+    let private = mesh.dir.path().join("node1-state").join("cgroup2");
+    assert_eq!(cgroup2.len(), 1, "{mounts}");
+    assert_eq!(
+        cgroup2[0].split_whitespace().nth(1),
+        Some(private.to_str().unwrap()),
+        "{mounts}"
+    );
+    assert!(
+        mesh.ztunnel("node1")
+            .log()
+            .contains("mounted the cgroup2 hierarchy here")
+    );
+
+    // Captured: the application's connection arrives from ztunnel's delivery address.
+    let got = traffic::echo_roundtrip(&mesh.netns("sleep"), dst, b"by hand".to_vec()).unwrap();
+    assert_eq!(got, b"by handbye");
+    let peers: Vec<String> = server.peers().iter().map(|p| p.ip().to_string()).collect();
+    assert_eq!(peers, ["127.0.0.6"]);
+}

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use mesh_tests::mesh::{Mesh, PodSpec, tunnel};
-use mesh_tests::traffic::{AppServer, connect, echo_roundtrip, is_reset};
+use mesh_tests::traffic::{AppServer, echo_roundtrip, first_read, is_reset};
 
 /// The capabilities ztunnel needs: entering pod network namespaces and mounting the BPF
 /// filesystem (sys_admin), loading and attaching programs (bpf, perfmon, net_admin), and
@@ -55,11 +55,12 @@ fn a_pod_cannot_use_another_pods_ztunnel_listeners() {
     let other = mesh.netns("other");
     let sleep_ip = mesh.ip("sleep");
     // The outbound listener is on the pod's loopback only: from outside the pod it is not
-    // there, and the inbound steering never hands ztunnel's ports to it.
-    let outbound = connect(&outside.netns, SocketAddr::new(sleep_ip.into(), 15001));
+    // there, and the inbound steering hands the port to the inbound listener, which refuses
+    // ztunnel's own ports (reset without a byte; see `own_ports.rs`).
+    let outbound = first_read(&outside.netns, SocketAddr::new(sleep_ip.into(), 15001));
     assert!(
-        outbound.is_err(),
-        "a host reached sleep's outbound listener"
+        is_reset(&outbound),
+        "a host reached sleep's outbound listener: {outbound:?}"
     );
     // A captured pod's attempt goes through its own ztunnel, which finds nothing there
     // either: the connection is reset without a byte.
@@ -161,4 +162,90 @@ async fn identity_claimed_in_headers_is_ignored() {
     )
     .await
     .expect("the real identity was refused");
+}
+
+/// `sourceIps` rules judge a tunnel by the TCP peer of its HBONE connection. The `forwarded`
+/// header is the sender's claim: with a valid mesh certificate, a client at Y claiming to be
+/// X is still Y, so an ALLOW for X does not admit it and a DENY for Y still refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_address_claimed_in_forwarded_is_not_believed_by_policy() {
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("echo", "node2", "echo"),
+    ];
+    let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    let attacker = mesh.topo.add_outside_host("attacker").unwrap();
+    let (x, y) = (mesh.ip("sleep"), attacker.ip);
+    // Some third address, named only in a header.
+    let z = mesh.topo.node("node1").ip;
+    let allowed = SocketAddr::new(mesh.ip("echo").into(), 8080);
+    let denied = SocketAddr::new(mesh.ip("echo").into(), 9090);
+    // 8080: only X may connect. 9090: anyone but Y.
+    mesh.policies = format!(
+        "  - name: allow-x\n    namespace: default\n    scope: Namespace\n    action: Allow\n    rules:\n      - - - sourceIps: [\"{x}/32\"]\n            destinationPorts: [8080]\n      - - - destinationPorts: [9090]\n  - name: deny-y\n    namespace: default\n    scope: Namespace\n    action: Deny\n    rules:\n      - - - sourceIps: [\"{y}/32\"]\n            destinationPorts: [9090]\n"
+    );
+    let server_allowed = AppServer::start(&mesh.netns("echo"), "echo", allowed).unwrap();
+    let server_denied = AppServer::start(&mesh.netns("echo"), "echo", denied).unwrap();
+    mesh.start().unwrap();
+
+    // Controls: X itself, through the mesh, is admitted on both ports.
+    for dst in [allowed, denied] {
+        let got = echo_roundtrip(&mesh.netns("sleep"), dst, b"x".to_vec()).unwrap();
+        assert_eq!(got, b"xbye", "sleep to {dst}");
+    }
+    assert_eq!(server_allowed.peers().len(), 1);
+    assert_eq!(server_denied.peers().len(), 1);
+
+    // A mesh client at Y with a valid certificate of its own.
+    let other = mesh
+        .ca()
+        .sign(
+            &"spiffe://cluster.local/ns/default/sa/other"
+                .parse()
+                .unwrap(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let echo_id: ztunnel::identity::Identity =
+        "spiffe://cluster.local/ns/default/sa/echo".parse().unwrap();
+    let hbone = SocketAddr::new(mesh.ip("echo").into(), 15008);
+    let claim = |ip: std::net::Ipv4Addr| format!("for=\"{ip}:1\"");
+    let mut statuses = Vec::new();
+    // To 8080 claiming X (the ALLOW's address); to 9090 claiming Z (not the DENY's).
+    for (dst, claimed) in [(allowed, claim(x)), (denied, claim(z))] {
+        let status = mesh_tests::mesh::connect_status_with_headers(
+            &mesh,
+            "attacker",
+            &other,
+            echo_id.clone(),
+            hbone,
+            dst,
+            &[("forwarded", &claimed)],
+        )
+        .await
+        .unwrap();
+        statuses.push(status.as_u16());
+    }
+    assert_eq!(
+        statuses,
+        [401, 401],
+        "a claimed source address was believed"
+    );
+    assert_eq!(server_allowed.peers().len(), 1, "the attacker reached 8080");
+    assert_eq!(server_denied.peers().len(), 1, "the attacker reached 9090");
+
+    // The records name the proven peer and keep the claim, labelled as such.
+    let denials = mesh_tests::operator::connections(&mesh, "node2", |c| {
+        c["state"] == "denied" && c["path"] == "hbone-in"
+    });
+    assert_eq!(denials.len(), 2, "{denials:?}");
+    for d in &denials {
+        let src = d["src"].as_str().unwrap_or_default();
+        assert!(src.starts_with(&format!("{y}:")), "{d}");
+        let claimed = d["src_claimed"].as_str().unwrap_or_default();
+        assert!(
+            claimed == format!("{x}:1") || claimed == format!("{z}:1"),
+            "{d}"
+        );
+    }
 }

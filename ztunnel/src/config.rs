@@ -89,7 +89,8 @@ pub struct Config {
     pub cert_ttl_secs: u64,
 
     /// cgroup v2 directory the outbound capture programs attach to (default: the first
-    /// cgroup2 mount).
+    /// cgroup2 mount; with none, as under `ip netns exec`, one mounted at
+    /// <state-dir>/cgroup2).
     #[arg(long, env = "ZTUNNEL_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
 

@@ -132,10 +132,10 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
             None
         }
     };
-    let capture = Arc::new(Capture::load(
-        config.cgroup_root.as_deref(),
-        &config.bpf_pin_dir(),
-    )?);
+    // With no cgroup v2 mount (`ip netns exec` remounts /sys), one of ztunnel's own.
+    let cgroup_root =
+        ztunnel::capture::cgroup::root(config.cgroup_root.as_deref(), &state_dir.join("cgroup2"))?;
+    let capture = Arc::new(Capture::load(Some(&cgroup_root), &config.bpf_pin_dir())?);
     let proxy = Proxy::new(
         config.node.clone(),
         rx,

@@ -47,8 +47,11 @@ pub struct ClientKey {
     pub family: u32,
 }
 
-/// Destination ports the inbound steering program never touches (HBONE and ztunnel's own).
-pub const INBOUND_EXCLUDED_PORTS: [u16; 4] = [15001, 15006, 15008, 15021];
+/// The one destination port the inbound steering program never touches: HBONE (15008), which
+/// ztunnel's own listener in the pod takes. Every other port of the pod, ztunnel's others
+/// included, is steered to the inbound listener, where ztunnel refuses its own ports itself
+/// (reset, logged, counted): left alone, 15021 would reach the application around policy.
+pub const INBOUND_UNSTEERED_PORT: u16 = 15008;
 
 #[cfg(feature = "user")]
 mod pod {

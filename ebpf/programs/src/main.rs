@@ -10,8 +10,8 @@
 //!   which is what the listener sees as the peer of the accepted socket.
 //! - `zt_inbound` (sk_lookup, attached per pod namespace): plaintext TCP arriving from outside
 //!   the pod for one of the pod's own ports is handed to ztunnel's inbound listener (15006).
-//!   HBONE (15008), ztunnel's own ports and anything from a loopback source (ztunnel's
-//!   deliveries to the application) are never steered.
+//!   HBONE (15008) and anything from a loopback source (ztunnel's deliveries to the
+//!   application) are never steered; ztunnel refuses its other ports when they arrive.
 //!
 //! Sockets carrying ztunnel's mark are never redirected, so ztunnel cannot capture itself.
 //!
@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, info};
 use ztunnel_ebpf_common::{
-    CAPTURE_OUTBOUND, ClientKey, INBOUND_EXCLUDED_PORTS, OrigDst, PodCapture, ZTUNNEL_MARK,
+    CAPTURE_OUTBOUND, ClientKey, INBOUND_UNSTEERED_PORT, OrigDst, PodCapture, ZTUNNEL_MARK,
 };
 
 const AF_INET: u32 = 2;
@@ -277,7 +277,7 @@ pub fn zt_inbound(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let port = lookup.local_port as u16;
-    if INBOUND_EXCLUDED_PORTS.contains(&port) {
+    if port == INBOUND_UNSTEERED_PORT {
         return SK_PASS;
     }
     // ztunnel delivers to the application from 127.0.0.6 (::1 over IPv6). Such packets

@@ -7,6 +7,7 @@
 //! dropped or the process dies, so a crashed ztunnel never leaves a pod black-holed.
 
 pub mod bpffs;
+pub mod cgroup;
 pub mod netns;
 
 use std::collections::HashMap as StdHashMap;
@@ -24,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use ztunnel_ebpf_common::{CAPTURE_OUTBOUND, ClientKey, OrigDst, PodCapture};
 
+pub use cgroup::find_cgroup2;
 pub use netns::{Netns, NetnsCookie, NetnsError, SocketKind};
 
 /// The object built from `ebpf/programs` by build.rs (empty without the `ebpf` feature).
@@ -55,6 +57,13 @@ pub enum CaptureError {
     },
     #[error("no cgroup v2 mount found in /proc/mounts; capture needs cgroup v2")]
     NoCgroup2,
+    #[error(
+        "no cgroup v2 mount found in /proc/mounts, and mounting one at {path} failed (capture needs cgroup v2; or give --cgroup-root): {source}"
+    )]
+    MountCgroup2 {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("BPF filesystem for pinned maps at {path}: {source}")]
     Bpffs {
         path: PathBuf,
@@ -419,22 +428,6 @@ fn prog_err(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> Captu
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> CaptureError {
     move |source| CaptureError::Map { name, source }
-}
-
-/// The first cgroup2 mount point in /proc/mounts.
-pub fn find_cgroup2() -> Result<PathBuf, CaptureError> {
-    let mounts = std::fs::read_to_string("/proc/mounts").map_err(|_| CaptureError::NoCgroup2)?;
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let _source = fields.next()?;
-            let target = fields.next()?;
-            let fstype = fields.next()?;
-            (fstype == "cgroup2").then(|| PathBuf::from(target))
-        })
-        .next()
-        .ok_or(CaptureError::NoCgroup2)
 }
 
 /// Forwards aya-log records from the programs to `log` (and from there to `tracing`).

@@ -228,11 +228,37 @@ fn make_socket(kind: SocketKind) -> io::Result<Socket> {
                         socket.set_ip_transparent_v4(true)?;
                     }
                 }
+                if src.port() == 0 {
+                    bind_address_no_port(&socket)?;
+                }
                 socket.bind(&src.into())?;
             }
             Ok(socket)
         }
     }
+}
+
+/// Lets `bind` to port 0 take the address only, leaving the port to `connect`, which picks
+/// one free for the whole 4-tuple (`IP_BIND_ADDRESS_NO_PORT`, Linux 4.2+, also honoured by
+/// IPv6 sockets). Without it, bind reserves a port of the address for this socket whatever
+/// its destination, and every delivery from the one source address (127.0.0.6) then shares
+/// one ephemeral range, held in TIME_WAIT for a minute after each close.
+fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `socket` is an open socket; `on` is a valid c_int for the length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The cookie of the namespace the calling thread is in (ztunnel's own, usually).

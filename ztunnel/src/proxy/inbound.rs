@@ -16,7 +16,7 @@ use super::{DELIVERY_SOURCE, DELIVERY_SOURCE_V6, Proxy};
 use crate::capture::Netns;
 use crate::hbone;
 use crate::identity::Identity;
-use crate::state::authz::{Decision, authorize};
+use crate::state::authz::{Decision, NO_TRUSTED_FORWARDERS, authorize, policy_source};
 use crate::state::policy::ConnectionInfo;
 use crate::state::{Service, State, Workload};
 
@@ -125,16 +125,20 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
         return;
     };
     let dst = accepted.authority;
-    let client = hbone::forwarded_for(&accepted.headers).unwrap_or(peer);
+    let peer_id = accepted.peer_identity.clone();
+    // The client address the sender claims: recorded as claimed, never believed for policy
+    // unless the peer is a trusted forwarder (none yet).
+    let claimed = hbone::forwarded_for(&accepted.headers);
+    let client = policy_source(peer, claimed, &peer_id, NO_TRUSTED_FORWARDERS);
     // Optional (Istio's ztunnel sends them; nothing here requires them): logged for tracing.
     let header = |name: &str| accepted.headers.get(name).and_then(|v| v.to_str().ok());
-    debug!(%dst, baggage = ?header("baggage"), forwarded = ?header("forwarded"),
+    debug!(%dst, %peer, claimed_client = ?claimed, baggage = ?header("baggage"),
         traceparent = ?header("traceparent"), "HBONE CONNECT headers");
-    let peer_id = accepted.peer_identity.clone();
     if !pod.workload.workload_ips.contains(&dst.ip()) {
         Stats::add(&proxy.stats.rejected_inputs, 1);
         warn!(%dst, identity = %peer_id, "HBONE authority is not this pod; answering 400");
         let mut meta = ConnMeta::new(ConnPath::HboneIn, client, dst);
+        meta.src_claimed = claimed;
         meta.src_identity = Some(peer_id);
         proxy.tracker.reject(
             meta,
@@ -144,8 +148,22 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
         accepted.responder.reject(StatusCode::BAD_REQUEST);
         return;
     }
+    if let Some(reason) = super::own_port_refusal(dst) {
+        Stats::add(&proxy.stats.rejected_inputs, 1);
+        warn!(%dst, port = dst.port(), identity = %peer_id, "HBONE CONNECT refused with 400: {reason}");
+        let mut meta = ConnMeta::new(ConnPath::HboneIn, client, dst);
+        meta.src_claimed = claimed;
+        meta.src_identity = Some(peer_id);
+        meta.dst_workload = Some(pod.workload.clone());
+        proxy
+            .tracker
+            .reject(meta, super::OWN_PORT, &format!("{reason}; answered 400"));
+        accepted.responder.reject(StatusCode::BAD_REQUEST);
+        return;
+    }
     let state = proxy.state.borrow().clone();
     let mut meta = ConnMeta::new(ConnPath::HboneIn, client, dst);
+    meta.src_claimed = claimed;
     meta.upstream = Some(dst);
     // The workload table names the client only when it agrees with the proven identity.
     meta.src_workload = state
@@ -172,7 +190,8 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
     .await
     {
         Err((status, reason)) => {
-            info!(%dst, identity = %peer_id, %status, "HBONE stream refused: {reason}");
+            info!(%dst, identity = %peer_id, src = %client, claimed_client = ?claimed, %status,
+                "HBONE stream refused: {reason}");
             accepted.responder.reject(status);
             tracked.finish(outcome(status, reason));
         }
@@ -262,6 +281,17 @@ pub(super) async fn plaintext_loop(
             conn.reset();
             continue;
         };
+        if let Some(reason) = super::own_port_refusal(dst) {
+            // Steered here (or straight to this listener, for 15006): delivering it would
+            // bring it back to a listener of ztunnel's.
+            warn!(%peer, %dst, port = dst.port(), "inbound plaintext connection refused, resetting: {reason}");
+            Stats::add(&proxy.stats.rejected_inputs, 1);
+            let mut meta = ConnMeta::new(ConnPath::PlaintextIn, peer, dst);
+            meta.dst_workload = Some(pod.workload.clone());
+            proxy.tracker.reject(meta, super::OWN_PORT, &reason);
+            conn.reset();
+            continue;
+        }
         let proxy = proxy.clone();
         let busy = proxy.busy();
         tokio::spawn(async move {

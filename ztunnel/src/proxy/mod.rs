@@ -32,6 +32,36 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
 /// HBONE port in each pod.
 pub const HBONE_PORT: u16 = 15008;
+/// Every port ztunnel serves, in pods (15001, 15006, 15008) or on the node (15000 admin,
+/// 15020 metrics, 15021 readiness): Istio's reserved ports. Nothing is ever delivered to a
+/// pod on one of them: a connection to a pod's 15006 (or its 15008 through a tunnel) would
+/// come back into ztunnel's own listener, which would accept and deliver it again, a loop.
+/// Applications in the mesh cannot use these ports, as in Istio.
+pub const OWN_PORTS: [u16; 6] = [
+    15000,
+    OUTBOUND_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    HBONE_PORT,
+    15020,
+    15021,
+];
+
+// The capture program leaves exactly the HBONE port to the pod's own stack.
+const _: () = assert!(ztunnel_ebpf_common::INBOUND_UNSTEERED_PORT == HBONE_PORT);
+
+/// Why a connection for `dst` (a pod address and port) is not delivered, when `dst`'s port
+/// is one of ztunnel's own: the reason names the port. The metric label is `own_port`.
+pub fn own_port_refusal(dst: SocketAddr) -> Option<String> {
+    OWN_PORTS.contains(&dst.port()).then(|| {
+        format!(
+            "{dst} is ztunnel's own port {}: never delivered (it would come back into ztunnel)",
+            dst.port()
+        )
+    })
+}
+
+/// The `ztunnel_rejected_inputs_total` reason of [`own_port_refusal`].
+pub const OWN_PORT: &str = "own_port";
 /// Source address of ztunnel's deliveries to applications.
 pub const DELIVERY_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
 /// Source address of deliveries to applications over IPv6 (the pod's loopback).
@@ -244,6 +274,22 @@ impl Proxy {
         }
     }
 
+    /// Drops what this node holds for `id`, an identity none of its pods has any more: the
+    /// certificate (so it is neither served nor renewed) and the TLS configurations built from
+    /// it. Pooled connections dialled with it take no new tunnel after its expiry, as always.
+    fn forget_identity(&self, id: &Identity) {
+        self.certs.forget(id);
+        self.client_tls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(src, _), _| src != id);
+        self.server_tls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        tracing::info!(identity = %id, "no pod of this node has this identity any more: its certificate is dropped and no longer renewed");
+    }
+
     /// Client TLS for tunnels from `src` to a peer that must prove `dst`, cached while `src`'s
     /// certificate stays the same. It carries that certificate's expiry, which bounds the
     /// pooled connections dialled with it.
@@ -311,4 +357,24 @@ impl Proxy {
 /// The address ztunnel's HBONE listener has for a workload address.
 fn hbone_addr(dst: SocketAddr) -> SocketAddr {
     SocketAddr::new(dst.ip(), HBONE_PORT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ztunnel_ports_are_refused_with_the_port_named() {
+        for port in [15000, 15001, 15006, 15008, 15020, 15021] {
+            let dst = SocketAddr::from(([10, 0, 0, 1], port));
+            let reason = own_port_refusal(dst).unwrap_or_default();
+            assert!(reason.contains(&format!("own port {port}")), "{reason}");
+        }
+        for port in [80, 8080, 15002, 15007, 15009, 15090] {
+            assert_eq!(
+                own_port_refusal(SocketAddr::from(([10, 0, 0, 1], port))),
+                None
+            );
+        }
+    }
 }

@@ -147,8 +147,21 @@ async fn handle(
         return result.map(drop).map_err(|e| e.to_string());
     };
     meta.dst_identity = Some(dst.identity());
+    let local = proxy.pods.by_ip(addr.ip());
+    if let Some(reason) = super::own_port_refusal(addr) {
+        // To a mesh workload's ztunnel port: on this node it would be delivered into a
+        // listener of ours; on another the destination refuses it. Refused here either way.
+        meta.path = if local.is_some() {
+            ConnPath::SameNode
+        } else {
+            ConnPath::HboneOut
+        };
+        Stats::add(&proxy.stats.rejected_inputs, 1);
+        proxy.tracker.reject(meta, super::OWN_PORT, &reason);
+        return Err(reason);
+    }
 
-    if let Some(local) = proxy.pods.by_ip(addr.ip()) {
+    if let Some(local) = local {
         // Same node: no tunnel, same policy, delivered straight into the destination pod.
         debug!(src = %src.name, dst = %addr, "same-node");
         meta.path = ConnPath::SameNode;

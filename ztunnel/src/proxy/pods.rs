@@ -21,6 +21,7 @@ use super::retry::{Backoff, CERT_RETRY_FIRST, CERT_RETRY_MAX};
 use super::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, Proxy, inbound, outbound};
 use crate::capture::{Capture, Netns};
 use crate::handoff::{ListenerKind as Kind, PodSockets};
+use crate::identity::Identity;
 use crate::state::State;
 use crate::state::workload::{Protocol, Workload};
 
@@ -110,6 +111,13 @@ impl PodRegistry {
         self.lock().get(uid).cloned()
     }
 
+    /// Whether some enrolled pod runs as `id`.
+    pub fn holds_identity(&self, id: &Identity) -> bool {
+        self.lock()
+            .values()
+            .any(|p| p.workload.identity_ref() == id)
+    }
+
     pub fn uids(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
     }
@@ -189,10 +197,13 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) -> Vec<NotEnrol
             .collect();
         gone.iter().filter_map(|uid| pods.remove(uid)).collect()
     };
+    // Identities that may have lost their last pod here: checked once the pods are in line.
+    let mut departed: Vec<Identity> = Vec::new();
     for pod in stale {
         proxy.capture.unenroll(pod.netns.cookie());
         pod.listeners.close().await;
         info!(workload = %pod.workload.name, namespace = %pod.workload.namespace(), "pod released from capture");
+        departed.push(pod.workload.identity());
     }
 
     let mut failed = Vec::new();
@@ -215,6 +226,7 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) -> Vec<NotEnrol
                     }
                 }
                 if old.identity() != w.identity() {
+                    departed.push(old.identity());
                     fetch_certificate(proxy, &w);
                 }
             }
@@ -233,6 +245,13 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) -> Vec<NotEnrol
                     reason,
                 }),
             },
+        }
+    }
+    departed.sort();
+    departed.dedup();
+    for id in departed {
+        if !proxy.pods.holds_identity(&id) {
+            proxy.forget_identity(&id);
         }
     }
     failed

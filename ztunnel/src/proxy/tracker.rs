@@ -77,8 +77,12 @@ impl ConnPath {
 #[derive(Clone, Debug)]
 pub struct ConnMeta {
     pub path: ConnPath,
-    /// The client (its pod address when it is a local pod).
+    /// The client (its pod address when it is a local pod; for a tunnel, the TCP peer of the
+    /// HBONE connection, which is what policy judged).
     pub src: SocketAddr,
+    /// The client address a tunnel's `forwarded` header claimed: recorded, never believed
+    /// for policy (see `state::authz::policy_source`).
+    pub src_claimed: Option<SocketAddr>,
     /// Where the client was going (a pod or a service VIP).
     pub dst: SocketAddr,
     /// What ztunnel connected to: the HBONE peer, the chosen endpoint, the application.
@@ -95,6 +99,7 @@ impl ConnMeta {
         ConnMeta {
             path,
             src,
+            src_claimed: None,
             dst,
             upstream: None,
             src_identity: None,
@@ -257,6 +262,7 @@ impl Record {
                 .collect::<Vec<_>>()
                 .join("+"),
             src: m.src.to_string(),
+            src_claimed: m.src_claimed.map(|a| a.to_string()),
             dst: m.dst.to_string(),
             upstream: m.upstream.map(|a| a.to_string()),
             src_identity: m.src_identity.as_ref().map(ToString::to_string),
@@ -284,6 +290,9 @@ pub struct ConnectionView {
     pub path: String,
     pub reporter: String,
     pub src: String,
+    /// What the tunnel's `forwarded` header claimed the client was (not used for policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_claimed: Option<String>,
     pub dst: String,
     pub upstream: Option<String>,
     pub src_identity: Option<String>,
@@ -516,6 +525,7 @@ mod access_log {
                 path = %v.path,
                 direction = %direction(v),
                 src.addr = %v.src,
+                src.claimed = v.src_claimed.as_deref(),
                 src.workload = v.src_workload.as_deref(),
                 src.identity = v.src_identity.as_deref(),
                 dst.addr = %v.dst,

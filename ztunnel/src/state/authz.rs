@@ -5,6 +5,10 @@
 
 use std::fmt;
 
+mod source;
+
+pub use source::{NO_TRUSTED_FORWARDERS, policy_source};
+
 use super::State;
 use super::policy::{Action, Authorization, ConnectionInfo};
 use super::workload::Workload;

@@ -314,6 +314,31 @@ async fn forgotten_identities_are_not_renewed() {
     assert_eq!(source.attempts(), 3, "a was renewed after forget");
 }
 
+/// The last pod of an identity may leave while its certificate is being fetched (the proxy
+/// asks ahead of traffic): the caller still gets the answer, but nothing is kept or renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_forgotten_during_its_fetch_is_not_kept() {
+    let clock = ManualClock::new();
+    let mut fake = FakeSource::new(&clock);
+    fake.gate = Some(Semaphore::new(0));
+    let source = Arc::new(fake);
+    let certs = manager(&clock, &source);
+    let who = id("spiffe://td/ns/a/sa/gone");
+    let caller = {
+        let (certs, who) = (certs.clone(), who.clone());
+        tokio::spawn(async move { certs.get(&who).await })
+    };
+    eventually("the fetch to start", || source.attempts() == 1).await;
+    certs.forget(&who);
+    source.gate.as_ref().unwrap().add_permits(10);
+    assert_eq!(caller.await.unwrap().unwrap().serial, "01");
+    assert!(certs.snapshot().is_empty());
+    assert!(!certs.has_valid(&who));
+    clock.advance(LIFETIME);
+    settle().await;
+    assert_eq!(source.attempts(), 1, "a forgotten identity was renewed");
+}
+
 #[tokio::test]
 async fn has_valid_tells_without_asking_the_ca() {
     let clock = ManualClock::new();
