@@ -309,7 +309,7 @@ async fn enroll(
     for (kind, addr) in wanted {
         let listener = match proxy
             .inherited
-            .as_ref()
+            .get()
             .and_then(|i| i.take(&w.uid, kind, addr))
         {
             // The predecessor's very socket: its accept queue carries over.
