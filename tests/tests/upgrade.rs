@@ -320,3 +320,63 @@ fn upgrading_in_xds_mode_waits_for_the_first_sync_and_never_lets_traffic_out() {
         plaintext[..plaintext.len().min(5)].join("\n")
     );
 }
+
+/// An enrolment that fails half-way during an upgrade (here the first attempt of each pod,
+/// at its outbound capture step, after it got the predecessor's sockets: the test-only
+/// `--test-fail-first-capture`) leaves those sockets open and the capture as the predecessor
+/// set it up: the connections that wait in the accept queues meanwhile are served by the
+/// retry. No connection is refused or reset.
+#[test]
+fn an_enrolment_failing_half_way_through_an_upgrade_loses_no_connection() {
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("local", "node1", "echo"),
+        PodSpec::new("echo", "node2", "echo"),
+    ];
+    let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    let remote = SocketAddr::new(mesh.ip("echo").into(), APP_PORT);
+    let local = SocketAddr::new(mesh.ip("local").into(), APP_PORT);
+    let _echo = AppServer::start(&mesh.netns("echo"), "echo", remote).unwrap();
+    let _local = AppServer::start(&mesh.netns("local"), "local", local).unwrap();
+    mesh.start().unwrap();
+    let sleep = mesh.netns("sleep");
+    let (load, clients) = Load::start(&sleep, &[remote, local]);
+    load.served(50);
+
+    let mut old = Vec::new();
+    for (node, pods) in [("node1", 2), ("node2", 1)] {
+        let extra = ["--test-fail-first-capture", "--ready-addr", SUCCESSOR_READY];
+        old.push(mesh.start_successor(node, 1, &extra).unwrap());
+        let successor = mesh.ztunnel(node);
+        successor
+            .wait_for_log("ztunnel started", Duration::from_secs(30))
+            .unwrap();
+        let mut log = String::new();
+        wait_until(Duration::from_secs(30), || {
+            log = successor.log();
+            log.matches("pod enrolled").count() == pods
+        })
+        .unwrap_or_else(|_| panic!("{node}: pods not enrolled on retry:\n{log}"));
+        assert!(
+            log.contains("took over listening sockets"),
+            "{node}:\n{log}"
+        );
+        let failures = log
+            .lines()
+            .filter(|l| l.contains("cannot enroll pod: outbound capture: injected failure"))
+            .count();
+        assert_eq!(failures, pods, "{node}: one failed attempt per pod:\n{log}");
+        let (status, body) = successor_readiness(&mesh, node);
+        assert_eq!(status, 200, "{node}: {body}");
+        load.served(50);
+    }
+    for proc in &mut old {
+        wait_until(Duration::from_secs(20), || proc.exited().is_some()).unwrap_or_else(|_| {
+            panic!("{} did not exit after draining:\n{}", proc.name, proc.log())
+        });
+    }
+    load.served(50);
+    let (ok, failed) = load.finish(clients);
+    eprintln!("upgrade with failed enrolments: {ok} connections served, {failed} refused or reset");
+    assert_eq!(failed, 0, "connections refused or reset during the upgrade");
+}

@@ -43,6 +43,8 @@ pub struct ProxyOptions {
     pub handshake_timeout: std::time::Duration,
     pub connect_timeout: std::time::Duration,
     pub hbone_keepalive: std::time::Duration,
+    /// Test only: see `Config::test_fail_first_capture`.
+    pub test_fail_first_capture: bool,
 }
 
 impl Default for ProxyOptions {
@@ -51,6 +53,7 @@ impl Default for ProxyOptions {
             handshake_timeout: std::time::Duration::from_secs(10),
             connect_timeout: std::time::Duration::from_secs(10),
             hbone_keepalive: std::time::Duration::from_secs(10),
+            test_fail_first_capture: false,
         }
     }
 }
@@ -84,6 +87,8 @@ pub struct Proxy {
     /// Set once the first complete configuration has been applied to the pods.
     pub synced: watch::Sender<bool>,
     busy: Arc<std::sync::atomic::AtomicU64>,
+    /// Test only: fails each pod's first enrolment half-way.
+    fail_first_capture: pods::FailFirstCapture,
     /// How long a peer may take to complete the TLS handshake on 15008 (slowloris bound).
     pub handshake_timeout: std::time::Duration,
     /// Bound on connecting anywhere (peers, applications, passthrough destinations).
@@ -154,6 +159,7 @@ impl Proxy {
             connect_timeout: options.connect_timeout,
             hbone_keepalive: options.hbone_keepalive,
             busy: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            fail_first_capture: pods::FailFirstCapture::new(options.test_fail_first_capture),
             tracker: Arc::new(tracker::Tracker::new(Arc::new(
                 crate::metrics::Metrics::new(),
             ))),
