@@ -11,6 +11,7 @@ pub mod operator;
 pub mod process;
 pub mod topology;
 pub mod traffic;
+pub mod wire;
 pub mod xds;
 
 pub use process::{Proc, wait_until};

@@ -226,7 +226,7 @@ impl Mesh {
     }
 
     pub fn start_ztunnel(&mut self, node: &str) -> io::Result<()> {
-        let proc = self.spawn_ztunnel(node, "")?;
+        let proc = self.spawn_ztunnel(node, "", &[])?;
         self.ztunnels.retain(|(n, _)| n != node);
         self.ztunnels.push((node.to_owned(), proc));
         self.wait_ready(node, Duration::from_secs(30))
@@ -235,17 +235,30 @@ impl Mesh {
     /// Starts a second ztunnel for `node` that takes over from the running one (upgrade),
     /// waits until it is ready, and returns the old process, which drains and exits.
     pub fn upgrade_ztunnel(&mut self, node: &str, generation: u32) -> io::Result<Proc> {
-        let proc = self.spawn_ztunnel(node, &format!("-{generation}"))?;
+        let old = self.start_successor(node, generation, &[])?;
+        // Both processes answer on the readiness port for a while: wait for the new one.
+        self.ztunnel(node)
+            .wait_for_log("ztunnel started", Duration::from_secs(30))?;
+        self.wait_ready(node, Duration::from_secs(30))?;
+        Ok(old)
+    }
+
+    /// Starts a second ztunnel for `node` (with `extra` flags besides the mesh's) that will
+    /// take over from the running one, without waiting for anything; it becomes
+    /// [`Mesh::ztunnel`] and the old process is returned.
+    pub fn start_successor(
+        &mut self,
+        node: &str,
+        generation: u32,
+        extra: &[&str],
+    ) -> io::Result<Proc> {
+        let proc = self.spawn_ztunnel(node, &format!("-{generation}"), extra)?;
         let i = self
             .ztunnels
             .iter()
             .position(|(n, _)| n == node)
             .ok_or_else(|| io::Error::other(format!("no ztunnel on {node}")))?;
         let (_, old) = std::mem::replace(&mut self.ztunnels[i], (node.to_owned(), proc));
-        // Both processes answer on the readiness port for a while: wait for the new one.
-        self.ztunnel(node)
-            .wait_for_log("ztunnel started", Duration::from_secs(30))?;
-        self.wait_ready(node, Duration::from_secs(30))?;
         Ok(old)
     }
 
@@ -254,7 +267,7 @@ impl Mesh {
         PathBuf::from(format!("/sys/fs/bpf/{}-{node}", self.topo.prefix()))
     }
 
-    fn spawn_ztunnel(&self, node: &str, suffix: &str) -> io::Result<Proc> {
+    fn spawn_ztunnel(&self, node: &str, suffix: &str, extra: &[&str]) -> io::Result<Proc> {
         let netns = self.topo.node(node).netns.clone();
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
         if self.ip_netns_exec {
@@ -288,6 +301,7 @@ impl Mesh {
             .arg("--state-dir")
             .arg(self.dir.path().join(format!("{node}-state")))
             .args(&self.ztunnel_args)
+            .args(extra)
             .env("RUST_LOG", &self.log_filter);
         Proc::spawn(
             &format!("ztunnel-{node}{suffix}"),

@@ -12,6 +12,10 @@
 //! subscribes (wildcard) and carries `initial_resource_versions`; the server answers with
 //! what differs, then pushes each change; the client answers every response with the
 //! response's nonce, and `error_detail` set when it rejected something (a NACK).
+//!
+//! A slow istiod: [`XdsServer::hold_new_streams`] makes the server take the subscriptions of
+//! streams opened from then on without answering them, until the test calls
+//! [`XdsServer::release_held`] (having seen them arrive, [`XdsServer::held`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -62,6 +66,8 @@ struct Client {
     /// answered (ACK or NACK).
     sent: HashMap<String, String>,
     answered: HashMap<String, String>,
+    /// Opened while new streams are held: its subscriptions wait in `Inner::held`.
+    held: bool,
 }
 
 #[derive(Debug, Default)]
@@ -74,6 +80,10 @@ struct Inner {
     clients: Vec<Client>,
     replies: Vec<Reply>,
     streams_opened: u64,
+    /// New streams are held (see [`XdsServer::hold_new_streams`]).
+    hold: bool,
+    /// Subscriptions not answered yet, by client id, in arrival order.
+    held: Vec<(u64, DeltaDiscoveryRequest)>,
 }
 
 impl Inner {
@@ -117,6 +127,10 @@ impl Inner {
         };
         if let Some(node) = req.node.as_ref().and_then(node_name) {
             client.node = node;
+        }
+        if req.response_nonce.is_empty() && client.held {
+            self.held.push((id, req));
+            return;
         }
         if req.response_nonce.is_empty() {
             // A subscription: everything that differs from what the client holds.
@@ -205,12 +219,14 @@ impl AggregatedDiscoveryService for Service {
             inner.next_client += 1;
             inner.streams_opened += 1;
             let id = inner.next_client;
+            let held = inner.hold;
             inner.clients.push(Client {
                 id,
                 node: String::new(),
                 tx,
                 sent: HashMap::new(),
                 answered: HashMap::new(),
+                held,
             });
             id
         };
@@ -316,6 +332,36 @@ impl XdsServer {
     /// Streams opened since the server was created (reconnections included).
     pub fn streams_opened(&self) -> u64 {
         lock(&self.inner).streams_opened
+    }
+
+    /// From now on, streams that open get no answer to their subscriptions (istiod slow to
+    /// answer a new client) until [`release_held`](XdsServer::release_held). Streams already
+    /// open are served as before.
+    pub fn hold_new_streams(&self) {
+        lock(&self.inner).hold = true;
+    }
+
+    /// The subscriptions of `node` waiting for an answer (one per type its stream asked for).
+    pub fn held(&self, node: &str) -> usize {
+        let inner = lock(&self.inner);
+        inner
+            .held
+            .iter()
+            .filter(|(id, _)| inner.clients.iter().any(|c| c.id == *id && c.node == node))
+            .count()
+    }
+
+    /// Answers the held subscriptions with the resources as they are now, and holds no new
+    /// stream any more.
+    pub fn release_held(&self) {
+        let mut inner = lock(&self.inner);
+        inner.hold = false;
+        for client in &mut inner.clients {
+            client.held = false;
+        }
+        for (id, req) in std::mem::take(&mut inner.held) {
+            inner.on_request(id, req);
+        }
     }
 
     /// Every ACK and NACK received so far, in order.

@@ -1,6 +1,7 @@
 //! Upgrading ztunnel under load: the new process takes the listening sockets over, the old
 //! one keeps serving its established connections and exits when they end. Counted: refused
-//! or reset connections (the goal, and the assertion, is zero) and leaked kernel programs.
+//! or reset connections (the goal, and the assertion, is zero) and leaked kernel programs;
+//! in xDS mode with istiod slow to answer the new process, also plaintext on the wire.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -8,15 +9,66 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use mesh_tests::mesh::{Mesh, PodSpec};
+use mesh_tests::mesh::{Mesh, PodSpec, http_get};
 use mesh_tests::traffic::{AppServer, connect, echo_roundtrip};
 use mesh_tests::wait_until;
+use mesh_tests::wire::PacketCapture;
+
+/// The port the test applications listen on.
+const APP_PORT: u16 = 8080;
 
 #[derive(Default)]
 struct Load {
     ok: AtomicU64,
     failed: AtomicU64,
     stop: AtomicBool,
+}
+
+impl Load {
+    /// New connections all the time from `client`, one thread per destination, each an echo
+    /// exchange; a refused, reset or wrong answer counts as failed.
+    fn start(client: &str, dsts: &[SocketAddr]) -> (Arc<Load>, Vec<std::thread::JoinHandle<()>>) {
+        let load = Arc::new(Load::default());
+        let threads = dsts
+            .iter()
+            .map(|&dst| {
+                let (load, client) = (load.clone(), client.to_owned());
+                std::thread::spawn(move || {
+                    while !load.stop.load(Ordering::Relaxed) {
+                        match echo_roundtrip(&client, dst, b"ping".to_vec()) {
+                            Ok(got) if got == b"pingbye" => load.ok.fetch_add(1, Ordering::Relaxed),
+                            other => {
+                                eprintln!("connection to {dst} failed: {other:?}");
+                                load.failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        (load, threads)
+    }
+
+    /// Waits until `n` more connections have been served.
+    fn served(&self, n: u64) {
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        wait_until(Duration::from_secs(30), || {
+            self.ok.load(Ordering::Relaxed) >= target
+        })
+        .expect("load stalled");
+    }
+
+    /// Stops the clients; (served, failed).
+    fn finish(&self, threads: Vec<std::thread::JoinHandle<()>>) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
 }
 
 fn exchange(conn: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
@@ -55,8 +107,8 @@ fn upgrading_both_nodes_under_load_refuses_and_resets_nothing() {
         PodSpec::new("echo", "node2", "echo"),
     ];
     let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
-    let remote = SocketAddr::new(mesh.ip("echo").into(), 8080);
-    let local = SocketAddr::new(mesh.ip("local").into(), 8080);
+    let remote = SocketAddr::new(mesh.ip("echo").into(), APP_PORT);
+    let local = SocketAddr::new(mesh.ip("local").into(), APP_PORT);
     let _echo = AppServer::start(&mesh.netns("echo"), "echo", remote).unwrap();
     let _local = AppServer::start(&mesh.netns("local"), "local", local).unwrap();
     mesh.start().unwrap();
@@ -72,31 +124,8 @@ fn upgrading_both_nodes_under_load_refuses_and_resets_nothing() {
     }
 
     // New connections all the time, from two clients.
-    let load = Arc::new(Load::default());
-    let clients: Vec<_> = [remote, local]
-        .into_iter()
-        .map(|dst| {
-            let (load, sleep) = (load.clone(), sleep.clone());
-            std::thread::spawn(move || {
-                while !load.stop.load(Ordering::Relaxed) {
-                    match echo_roundtrip(&sleep, dst, b"ping".to_vec()) {
-                        Ok(got) if got == b"pingbye" => load.ok.fetch_add(1, Ordering::Relaxed),
-                        other => {
-                            eprintln!("connection to {dst} failed: {other:?}");
-                            load.failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                }
-            })
-        })
-        .collect();
-    let served = |n: u64| {
-        let target = load.ok.load(Ordering::Relaxed) + n;
-        wait_until(Duration::from_secs(30), || {
-            load.ok.load(Ordering::Relaxed) >= target
-        })
-        .expect("load stalled");
-    };
+    let (load, clients) = Load::start(&sleep, &[remote, local]);
+    let served = |n: u64| load.served(n);
     served(50);
 
     let mut old = Vec::new();
@@ -133,14 +162,7 @@ fn upgrading_both_nodes_under_load_refuses_and_resets_nothing() {
         });
     }
     served(50);
-    load.stop.store(true, Ordering::Relaxed);
-    for client in clients {
-        client.join().unwrap();
-    }
-    let (ok, failed) = (
-        load.ok.load(Ordering::Relaxed),
-        load.failed.load(Ordering::Relaxed),
-    );
+    let (ok, failed) = load.finish(clients);
     eprintln!("upgrade under load: {ok} connections served, {failed} refused or reset");
     assert_eq!(failed, 0, "connections refused or reset during the upgrade");
     assert!(
@@ -150,4 +172,211 @@ fn upgrading_both_nodes_under_load_refuses_and_resets_nothing() {
     for proc in &mut old {
         assert!(proc.log().contains("ztunnel stopped"), "{}", proc.log());
     }
+}
+
+/// Where the successors of the xDS upgrade answer readiness, so that the test asks the new
+/// process and not the old one (both would share 15021 through `SO_REUSEPORT`).
+const SUCCESSOR_READY: &str = "127.0.0.1:15121";
+
+/// `/healthz/ready` of the successor on `node`: (status, body), once it answers at all.
+fn successor_readiness(mesh: &Mesh, node: &str) -> (u16, String) {
+    let netns = mesh.topo.node(node).netns.clone();
+    let addr: SocketAddr = SUCCESSOR_READY.parse().unwrap();
+    let mut answer = None;
+    wait_until(Duration::from_secs(30), || {
+        answer = http_get(&netns, addr, "/healthz/ready").ok();
+        answer.is_some()
+    })
+    .unwrap_or_else(|_| panic!("{node}: the successor's readiness never answered"));
+    answer.unwrap()
+}
+
+/// In xDS mode, a new ztunnel knows nothing until istiod has answered it. Here the istiod
+/// stand-in holds its answers to the successor until the test has seen it connected and
+/// checked it meanwhile: not ready (503, saying why), not started, nothing taken over, while
+/// the old process serves on. Through the whole upgrade of both nodes no connection is refused
+/// or reset, and no packet of the app port leaves an enrolled pod in plaintext (a capture of
+/// every interface of node1, where the client pod and a server pod live; a connection to a
+/// host outside the mesh is the control that such packets would be seen).
+#[test]
+fn upgrading_in_xds_mode_waits_for_the_first_sync_and_never_lets_traffic_out() {
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("local", "node1", "echo"),
+        PodSpec::new("echo", "node2", "echo"),
+    ];
+    let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    let remote = SocketAddr::new(mesh.ip("echo").into(), APP_PORT);
+    let local = SocketAddr::new(mesh.ip("local").into(), APP_PORT);
+    let _echo = AppServer::start(&mesh.netns("echo"), "echo", remote).unwrap();
+    let _local = AppServer::start(&mesh.netns("local"), "local", local).unwrap();
+    // The capture's control: plaintext to a host outside the mesh, on the same port.
+    let outside_host = mesh.topo.add_outside_host("outside").unwrap();
+    let outside = SocketAddr::new(outside_host.ip.into(), APP_PORT);
+    let _outside = AppServer::start(&outside_host.netns, "outside", outside).unwrap();
+    mesh.start_xds().unwrap();
+    let sleep = mesh.netns("sleep");
+    let node1 = mesh.topo.node("node1").netns.clone();
+    let mut wire = PacketCapture::start(&node1, "any", mesh.dir.path(), "node1").unwrap();
+
+    let (load, clients) = Load::start(&sleep, &[remote, local]);
+    load.served(50);
+
+    let mut old = Vec::new();
+    for node in ["node1", "node2"] {
+        mesh.xds().hold_new_streams();
+        let previous = mesh
+            .start_successor(node, 1, &["--ready-addr", SUCCESSOR_READY])
+            .unwrap();
+        // Released only once the successor has subscribed to both types.
+        wait_until(Duration::from_secs(30), || mesh.xds().held(node) == 2).unwrap_or_else(|_| {
+            panic!(
+                "{node}: successor never subscribed:\n{}",
+                mesh.ztunnel(node).log()
+            )
+        });
+        let (status, body) = successor_readiness(&mesh, node);
+        assert_eq!(
+            status, 503,
+            "{node}: successor ready before any xDS answer: {body}"
+        );
+        assert!(
+            body.contains("waiting for the first xDS sync"),
+            "{node}: {body}"
+        );
+        // The old process serves on meanwhile, in the mesh: nothing was taken from it. Fresh
+        // connections too (a successor that had dropped capture would let these out).
+        load.served(50);
+        for dst in [remote, local] {
+            for _ in 0..10 {
+                let got = echo_roundtrip(&sleep, dst, b"held".to_vec());
+                assert_eq!(got.unwrap(), b"heldbye", "{node}: to {dst} while held");
+            }
+        }
+        let log = mesh.ztunnel(node).log();
+        for early in [
+            "took over listening sockets",
+            "ztunnel started",
+            "pod enrolled",
+        ] {
+            assert!(
+                !log.contains(early),
+                "{node}: {early:?} before the first sync:\n{log}"
+            );
+        }
+
+        mesh.xds().release_held();
+        mesh.ztunnel(node)
+            .wait_for_log("ztunnel started", Duration::from_secs(30))
+            .unwrap();
+        let log = mesh.ztunnel(node).log();
+        assert!(
+            log.contains("took over listening sockets"),
+            "{node}:
+{log}"
+        );
+        let mut ready = (0, String::new());
+        wait_until(Duration::from_secs(30), || {
+            ready = successor_readiness(&mesh, node);
+            ready.0 == 200
+        })
+        .unwrap_or_else(|_| panic!("{node}: successor not ready after the sync: {ready:?}"));
+        load.served(50);
+        old.push(previous);
+    }
+    for proc in &mut old {
+        wait_until(Duration::from_secs(20), || proc.exited().is_some()).unwrap_or_else(|_| {
+            panic!("{} did not exit after draining:\n{}", proc.name, proc.log())
+        });
+    }
+    load.served(50);
+    let (ok, failed) = load.finish(clients);
+    let got = echo_roundtrip(&sleep, outside, b"control".to_vec()).unwrap();
+    assert_eq!(got, b"controlbye");
+    wire.stop().unwrap();
+
+    eprintln!("xDS upgrade under load: {ok} connections served, {failed} refused or reset");
+    assert_eq!(failed, 0, "connections refused or reset during the upgrade");
+    let hbone = wire.packets("tcp port 15008").unwrap();
+    assert!(
+        !hbone.is_empty(),
+        "no HBONE captured: is the capture working?"
+    );
+    let outside_ip = outside_host.ip;
+    let control = wire
+        .packets(&format!("host {outside_ip} and tcp port {APP_PORT}"))
+        .unwrap();
+    assert!(
+        !control.is_empty(),
+        "the passthrough control was not captured"
+    );
+    let plaintext = wire
+        .packets(&format!("tcp port {APP_PORT} and not host {outside_ip}"))
+        .unwrap();
+    assert!(
+        plaintext.is_empty(),
+        "{} plaintext packets of the app port on node1, the first:\n{}",
+        plaintext.len(),
+        plaintext[..plaintext.len().min(5)].join("\n")
+    );
+}
+
+/// An enrolment that fails half-way during an upgrade (here the first attempt of each pod,
+/// at its outbound capture step, after it got the predecessor's sockets: the test-only
+/// `--test-fail-first-capture`) leaves those sockets open and the capture as the predecessor
+/// set it up: the connections that wait in the accept queues meanwhile are served by the
+/// retry. No connection is refused or reset.
+#[test]
+fn an_enrolment_failing_half_way_through_an_upgrade_loses_no_connection() {
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("local", "node1", "echo"),
+        PodSpec::new("echo", "node2", "echo"),
+    ];
+    let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    let remote = SocketAddr::new(mesh.ip("echo").into(), APP_PORT);
+    let local = SocketAddr::new(mesh.ip("local").into(), APP_PORT);
+    let _echo = AppServer::start(&mesh.netns("echo"), "echo", remote).unwrap();
+    let _local = AppServer::start(&mesh.netns("local"), "local", local).unwrap();
+    mesh.start().unwrap();
+    let sleep = mesh.netns("sleep");
+    let (load, clients) = Load::start(&sleep, &[remote, local]);
+    load.served(50);
+
+    let mut old = Vec::new();
+    for (node, pods) in [("node1", 2), ("node2", 1)] {
+        let extra = ["--test-fail-first-capture", "--ready-addr", SUCCESSOR_READY];
+        old.push(mesh.start_successor(node, 1, &extra).unwrap());
+        let successor = mesh.ztunnel(node);
+        successor
+            .wait_for_log("ztunnel started", Duration::from_secs(30))
+            .unwrap();
+        let mut log = String::new();
+        wait_until(Duration::from_secs(30), || {
+            log = successor.log();
+            log.matches("pod enrolled").count() == pods
+        })
+        .unwrap_or_else(|_| panic!("{node}: pods not enrolled on retry:\n{log}"));
+        assert!(
+            log.contains("took over listening sockets"),
+            "{node}:\n{log}"
+        );
+        let failures = log
+            .lines()
+            .filter(|l| l.contains("cannot enroll pod: outbound capture: injected failure"))
+            .count();
+        assert_eq!(failures, pods, "{node}: one failed attempt per pod:\n{log}");
+        let (status, body) = successor_readiness(&mesh, node);
+        assert_eq!(status, 200, "{node}: {body}");
+        load.served(50);
+    }
+    for proc in &mut old {
+        wait_until(Duration::from_secs(20), || proc.exited().is_some()).unwrap_or_else(|_| {
+            panic!("{} did not exit after draining:\n{}", proc.name, proc.log())
+        });
+    }
+    load.served(50);
+    let (ok, failed) = load.finish(clients);
+    eprintln!("upgrade with failed enrolments: {ok} connections served, {failed} refused or reset");
+    assert_eq!(failed, 0, "connections refused or reset during the upgrade");
 }

@@ -151,6 +151,12 @@ pub struct Config {
     /// Log lines as JSON objects instead of text.
     #[arg(long, env = "ZTUNNEL_LOG_JSON")]
     pub log_json: bool,
+
+    /// Test only, never in a deployment: the first enrolment attempt of each pod fails at its
+    /// outbound capture step (after its listeners are open or taken over), to test the
+    /// retry, e.g. during an upgrade.
+    #[arg(long, env = "ZTUNNEL_TEST_FAIL_FIRST_CAPTURE")]
+    pub test_fail_first_capture: bool,
 }
 
 impl Config {

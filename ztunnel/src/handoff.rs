@@ -57,26 +57,53 @@ pub struct PodSockets {
     pub sockets: Vec<Socket>,
 }
 
-/// Listening sockets received from a predecessor, taken pod by pod as pods are enrolled.
+/// Listening sockets received from a predecessor, used pod by pod as pods are enrolled.
+///
+/// An enrolment works on duplicates ([`Inherited::get`]) and the sockets stay here until it
+/// has succeeded ([`Inherited::enrolled`]): an attempt that fails half-way only drops its
+/// duplicates, so the sockets stay open, with the connections queued in their accept queues,
+/// for the next attempt. (Closing a listening socket resets what waits in its queue.)
 #[derive(Debug, Default)]
 pub struct Inherited {
     by_pod: Mutex<HashMap<String, Vec<Socket>>>,
 }
 
 impl Inherited {
-    /// The inherited socket for `uid`'s listener of `kind` on `addr`, if there is one.
-    pub fn take(&self, uid: &str, kind: ListenerKind, addr: SocketAddr) -> Option<OwnedFd> {
-        let mut by_pod = self.by_pod.lock().unwrap_or_else(|p| p.into_inner());
-        let sockets = by_pod.get_mut(uid)?;
-        let i = sockets
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Socket>>> {
+        self.by_pod.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A duplicate of the inherited socket for `uid`'s listener of `kind` on `addr`, if there
+    /// is one (`Err` when it cannot be duplicated: out of file descriptors).
+    pub fn get(
+        &self,
+        uid: &str,
+        kind: ListenerKind,
+        addr: SocketAddr,
+    ) -> io::Result<Option<OwnedFd>> {
+        let by_pod = self.lock();
+        let Some(sockets) = by_pod.get(uid) else {
+            return Ok(None);
+        };
+        sockets
             .iter()
-            .position(|(k, a, _)| *k == kind && *a == addr)?;
-        Some(sockets.swap_remove(i).2)
+            .find(|(k, a, _)| *k == kind && *a == addr)
+            .map(|(_, _, fd)| fd.try_clone())
+            .transpose()
+    }
+
+    /// Whether sockets of `uid` are still held (its enrolment has not succeeded yet).
+    pub fn holds(&self, uid: &str) -> bool {
+        self.lock().contains_key(uid)
+    }
+
+    /// `uid` is enrolled on duplicates of its sockets: the originals are no longer needed.
+    pub fn enrolled(&self, uid: &str) {
+        self.lock().remove(uid);
     }
 
     pub fn len(&self) -> usize {
-        let by_pod = self.by_pod.lock().unwrap_or_else(|p| p.into_inner());
-        by_pod.values().map(Vec::len).sum()
+        self.lock().values().map(Vec::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -143,11 +170,7 @@ pub fn take_over(state_dir: &Path) -> io::Result<Option<Inherited>> {
             .zip(owned)
             .map(|(d, fd)| (d.kind, d.addr, fd))
             .collect();
-        inherited
-            .by_pod
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(desc.uid, sockets);
+        inherited.lock().insert(desc.uid, sockets);
     }
     conn.write_all(b"DONE\n")?;
     let mut ok = [0u8; 2];
@@ -239,4 +262,55 @@ fn expect(conn: &mut UnixStream, want: &[u8]) -> io::Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// An enrolment attempt that fails after getting its sockets drops only duplicates: the
+    /// connection waiting in the accept queue is still there for the next attempt.
+    #[test]
+    fn a_failed_attempt_keeps_the_socket_and_its_queue() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let inherited = Inherited::default();
+        inherited.lock().insert(
+            "pod".to_owned(),
+            vec![(ListenerKind::Outbound, addr, OwnedFd::from(listener))],
+        );
+        let mut queued = TcpStream::connect(addr).unwrap();
+        queued.write_all(b"waiting").unwrap();
+
+        let first = inherited.get("pod", ListenerKind::Outbound, addr).unwrap();
+        drop(first.expect("the inherited socket"));
+        assert!(inherited.holds("pod"));
+        assert!(
+            inherited
+                .get("pod", ListenerKind::Hbone, addr)
+                .unwrap()
+                .is_none()
+        );
+
+        let second = inherited
+            .get("pod", ListenerKind::Outbound, addr)
+            .unwrap()
+            .expect("still inherited after the failed attempt");
+        inherited.enrolled("pod");
+        assert!(!inherited.holds("pod"));
+        assert!(
+            inherited
+                .get("pod", ListenerKind::Outbound, addr)
+                .unwrap()
+                .is_none()
+        );
+        // The duplicate alone keeps the socket: the queued connection is accepted from it.
+        let (mut conn, _) = TcpListener::from(second).accept().unwrap();
+        let mut got = [0u8; 7];
+        conn.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"waiting");
+    }
 }

@@ -123,15 +123,7 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
     let (ca, roots) = certificate_source(&config)?;
     let certs = CertManager::new(ca, Arc::new(SystemClock), ManagerConfig::default());
 
-    // A predecessor for this node hands over its listening sockets first (upgrade).
     let state_dir = config.state_dir();
-    let inherited = match handoff::take_over(&state_dir) {
-        Ok(found) => found.map(Arc::new),
-        Err(err) => {
-            warn!("could not take over from the previous ztunnel, starting afresh: {err}");
-            None
-        }
-    };
     // With no cgroup v2 mount (`ip netns exec` remounts /sys), one of ztunnel's own.
     let cgroup_root =
         ztunnel::capture::cgroup::root(config.cgroup_root.as_deref(), &state_dir.join("cgroup2"))?;
@@ -142,11 +134,11 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
         capture,
         certs,
         roots,
-        inherited,
         ztunnel::proxy::ProxyOptions {
             handshake_timeout: std::time::Duration::from_secs(config.handshake_timeout_secs),
             connect_timeout: std::time::Duration::from_secs(config.connect_timeout_secs),
             hbone_keepalive: std::time::Duration::from_secs(config.hbone_keepalive_secs),
+            test_fail_first_capture: config.test_fail_first_capture,
         },
     );
     let ready = readiness::serve(config.ready_addr, proxy.clone()).await?;
@@ -174,6 +166,27 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
         config.metrics_addr,
     )
     .await?;
+    // Nothing changes before the configuration is complete (in xDS mode: istiod has answered
+    // every type once). In an upgrade the predecessor keeps accepting meanwhile: the sockets
+    // are taken over only once this process can serve them.
+    let mut state = proxy.state.clone();
+    let complete = tokio::select! {
+        complete = state.wait_for(|s| s.incomplete().is_none()) => complete.is_ok(),
+        _ = shutdown_signal() => false,
+        _ = agent.shutdown.notified() => false,
+    };
+    drop(state);
+    if !complete {
+        // Capture, the pins and any predecessor are as they were: nothing was touched.
+        info!("ztunnel stopped before its first complete configuration; nothing changed");
+        return Ok(());
+    }
+    // A predecessor for this node hands over its listening sockets (upgrade).
+    match handoff::take_over(&state_dir) {
+        Ok(Some(inherited)) => proxy.inherit(inherited),
+        Ok(None) => {}
+        Err(err) => warn!("could not take over from the previous ztunnel, starting afresh: {err}"),
+    }
     let serving = tokio::spawn(proxy.clone().run());
     let mut synced = proxy.synced.subscribe();
     let _ = synced.wait_for(|s| *s).await;

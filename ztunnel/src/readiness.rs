@@ -1,6 +1,10 @@
 //! `/healthz/ready` on 15021: ready only when every pod this node should capture is enrolled
 //! (listeners open, capture on); otherwise 503 with the reason.
 //!
+//! Nor is a node ready before it knows which pods those are: in xDS mode until istiod has
+//! answered every subscribed type once (the state is incomplete), and until that first
+//! complete configuration has been applied to the pods. An empty view is not "no pods".
+//!
 //! A pod whose certificate the CA has not issued yet (the CA unreachable when it was
 //! enrolled) counts as captured: its connections are refused, each with the reason, until
 //! the certificate comes, which is the fail-closed state readiness is there to guarantee
@@ -26,6 +30,12 @@ use crate::proxy::Proxy;
 
 /// Why the node is not ready, or `None` when it is.
 pub fn not_ready_reason(proxy: &Proxy) -> Option<String> {
+    if let Some(why) = proxy.state.borrow().incomplete() {
+        return Some(why.to_owned());
+    }
+    if !*proxy.synced.borrow() {
+        return Some("configuration not applied to the pods yet".to_owned());
+    }
     let missing = not_captured(proxy);
     if missing.is_empty() {
         None

@@ -70,6 +70,8 @@ pub(super) fn dump(agent: &Agent) -> Value {
             "applied": agent.source.xds.as_ref().map_or(agent.source.stats.applied(), |x| x.acks()),
             "rejected": agent.source.xds.as_ref().map_or(agent.source.stats.rejected(), |x| x.nacks()),
             "connected": agent.source.xds.as_ref().map(|x| x.connected()),
+            // Why the state is not complete yet (xDS before the first full answer), or null.
+            "incomplete": state.incomplete(),
         },
         "workloads": state.workloads().map(|w| workload(&state, w)).collect::<Vec<_>>(),
         "services": services(&state),

@@ -73,6 +73,8 @@ pub struct ProxyOptions {
     pub handshake_timeout: std::time::Duration,
     pub connect_timeout: std::time::Duration,
     pub hbone_keepalive: std::time::Duration,
+    /// Test only: see `Config::test_fail_first_capture`.
+    pub test_fail_first_capture: bool,
 }
 
 impl Default for ProxyOptions {
@@ -81,6 +83,7 @@ impl Default for ProxyOptions {
             handshake_timeout: std::time::Duration::from_secs(10),
             connect_timeout: std::time::Duration::from_secs(10),
             hbone_keepalive: std::time::Duration::from_secs(10),
+            test_fail_first_capture: false,
         }
     }
 }
@@ -108,11 +111,14 @@ pub struct Proxy {
     pub pool: hbone::Pool,
     pub pods: PodRegistry,
     pub stats: Arc<copy::Stats>,
-    /// Listening sockets handed over by the process this one replaces.
-    pub inherited: Option<Arc<crate::handoff::Inherited>>,
-    /// Set once the first configuration has been applied to the pods.
+    /// Listening sockets handed over by the process this one replaces (see
+    /// [`Proxy::inherit`]).
+    inherited: std::sync::OnceLock<crate::handoff::Inherited>,
+    /// Set once the first complete configuration has been applied to the pods.
     pub synced: watch::Sender<bool>,
     busy: Arc<std::sync::atomic::AtomicU64>,
+    /// Test only: fails each pod's first enrolment half-way.
+    fail_first_capture: pods::FailFirstCapture,
     /// How long a peer may take to complete the TLS handshake on 15008 (slowloris bound).
     pub handshake_timeout: std::time::Duration,
     /// Bound on connecting anywhere (peers, applications, passthrough destinations).
@@ -161,7 +167,6 @@ impl Proxy {
         capture: Arc<Capture>,
         certs: CertManager,
         roots: TrustBundle,
-        inherited: Option<Arc<crate::handoff::Inherited>>,
         options: ProxyOptions,
     ) -> Arc<Proxy> {
         Arc::new(Proxy {
@@ -177,13 +182,14 @@ impl Proxy {
             }),
             pods: PodRegistry::default(),
             stats: Arc::new(copy::Stats::default()),
-            inherited,
+            inherited: std::sync::OnceLock::new(),
             synced: watch::Sender::new(false),
             draining: watch::Sender::new(false),
             handshake_timeout: options.handshake_timeout,
             connect_timeout: options.connect_timeout,
             hbone_keepalive: options.hbone_keepalive,
             busy: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            fail_first_capture: pods::FailFirstCapture::new(options.test_fail_first_capture),
             tracker: Arc::new(tracker::Tracker::new(Arc::new(
                 crate::metrics::Metrics::new(),
             ))),
@@ -192,15 +198,35 @@ impl Proxy {
         })
     }
 
+    /// Takes the listening sockets a predecessor handed over (upgrade), for the pods'
+    /// enrolments to use. Only the first call counts; call it before [`Proxy::run`].
+    pub fn inherit(&self, sockets: crate::handoff::Inherited) {
+        if self.inherited.set(sockets).is_err() {
+            tracing::warn!("inherited sockets given twice; keeping the first ones");
+        }
+    }
+
     /// Keeps the set of enrolled pods in line with the state, until the state channel closes.
     /// Reconciles on every state change and, while some pod could not be enrolled, again
     /// after a backoff (1 s doubling to 30 s) without waiting for a change: a namespace that
     /// appears late or a transient capture error must not leave a pod out of the mesh.
+    ///
+    /// An incomplete state ([`State::incomplete`]: xDS before istiod's first full answer)
+    /// changes nothing: no pod is enrolled or released, no stale capture entry pruned, since
+    /// what it lacks may only not have arrived yet. Pruning on an empty view would empty the
+    /// shared capture map in an upgrade and let the pods' traffic out of the mesh.
     pub async fn run(self: Arc<Self>) {
         let mut rx = self.state.clone();
         let mut retry = retry::EnrolRetry::default();
         loop {
             let state = rx.borrow_and_update().clone();
+            if let Some(why) = state.incomplete() {
+                tracing::debug!("pods and capture left as they are: {why}");
+                if rx.changed().await.is_err() {
+                    break;
+                }
+                continue;
+            }
             let failed = pods::reconcile(&self, &state).await;
             if !*self.synced.borrow() {
                 // Enrolments a crashed predecessor left in the pinned map, for pods that are

@@ -162,6 +162,38 @@ impl PodRegistry {
     }
 }
 
+/// Test only (`--test-fail-first-capture`): the first enrolment attempt of each pod fails at
+/// its outbound capture step, after its listeners are open or inherited and its inbound
+/// capture is on, as a transient map error would. The end-to-end tests use it to fail an
+/// enrolment half-way during an upgrade; a deployment never sets it.
+#[derive(Debug, Default)]
+pub(super) struct FailFirstCapture {
+    enabled: bool,
+    struck: Mutex<std::collections::HashSet<String>>,
+}
+
+impl FailFirstCapture {
+    const REASON: &'static str =
+        "outbound capture: injected failure (--test-fail-first-capture, test only)";
+
+    pub(super) fn new(enabled: bool) -> Self {
+        FailFirstCapture {
+            enabled,
+            ..FailFirstCapture::default()
+        }
+    }
+
+    /// True the first time it is asked for `uid`, when enabled.
+    fn strikes(&self, uid: &str) -> bool {
+        self.enabled
+            && self
+                .struck
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(uid.to_owned())
+    }
+}
+
 /// Whether this ztunnel should capture `w`.
 pub fn wanted(state: &State, node: &str, w: &Workload) -> bool {
     w.node == node && w.netns.is_some() && w.protocol == Protocol::Hbone && state.is_captured(w)
@@ -324,14 +356,18 @@ async fn enroll(
         ));
         wanted.push((Kind::Hbone, SocketAddr::from((any6, HBONE_PORT))));
     }
+    let inherited = proxy.inherited.get();
     let mut listeners = Vec::new();
     for (kind, addr) in wanted {
-        let listener = match proxy
-            .inherited
-            .as_ref()
-            .and_then(|i| i.take(&w.uid, kind, addr))
-        {
-            // The predecessor's very socket: its accept queue carries over.
+        let fd = inherited
+            .map(|i| i.get(&w.uid, kind, addr))
+            .transpose()
+            .map_err(|e| format!("inherited listener {addr}: {e}"))?
+            .flatten();
+        let listener = match fd {
+            // The predecessor's very socket (a duplicate: the socket stays inherited until
+            // this enrolment succeeds, so a failure below cannot close it and reset the
+            // connections in its accept queue).
             Some(fd) => {
                 let std = std::net::TcpListener::from(fd);
                 std.set_nonblocking(true)
@@ -360,13 +396,26 @@ async fn enroll(
         .capture
         .enroll_inbound(&netns, &w.workload_ips, plaintext[0], listener6)
         .map_err(|e| e.to_string())?;
-    proxy
-        .capture
-        .enroll_outbound(netns.cookie(), OUTBOUND_PORT)
-        .map_err(|e| {
+    let outbound = if proxy.fail_first_capture.strikes(&w.uid) {
+        Err(FailFirstCapture::REASON.to_owned())
+    } else {
+        proxy
+            .capture
+            .enroll_outbound(netns.cookie(), OUTBOUND_PORT)
+            .map_err(|e| e.to_string())
+    };
+    if let Err(reason) = outbound {
+        // A pod taken over from a predecessor keeps the capture the predecessor set up: it
+        // steers to the sockets still held, whose queues the next attempt serves. Turning it
+        // off would let the pod's traffic out of the mesh until then.
+        if !inherited.is_some_and(|i| i.holds(&w.uid)) {
             proxy.capture.unenroll(netns.cookie());
-            e.to_string()
-        })?;
+        }
+        return Err(reason);
+    }
+    if let Some(i) = inherited {
+        i.enrolled(&w.uid);
+    }
 
     let mut sockets = Vec::new();
     let mut ready = Vec::new();

@@ -217,7 +217,11 @@ pub struct DiscoveryConfig {
 
 /// Republishes each state of `input` on `output` with this node's workloads given the
 /// namespaces found under the proc root; rescans on every input change and every
-/// `rescan`, publishing again when what was found changes. Ends when either side closes.
+/// `rescan`, publishing again when what was found changes. An incomplete input gives an
+/// incomplete output ([`State::incomplete`]), so the output is complete only once the input
+/// is and a scan has placed its workloads. Ends when either side closes.
+///
+/// [`State::incomplete`]: crate::state::State::incomplete
 pub fn spawn(
     config: DiscoveryConfig,
     mut input: tokio::sync::watch::Receiver<std::sync::Arc<crate::state::State>>,

@@ -26,15 +26,23 @@ pub enum Running {
     Xds(xds::XdsClient),
 }
 
+/// The state published before the control plane has answered: empty, and marked incomplete
+/// so that nobody takes its emptiness for "no pods".
+fn awaiting_xds() -> Arc<State> {
+    let mut empty = State::builder();
+    empty.capture_by_protocol(true);
+    empty.incomplete(xds::store::waiting_for(&xds::store::TYPE_URLS));
+    Arc::new(empty.build())
+}
+
 /// Starts the source the configuration names (`--xds-address`, else the `--config` file) and
-/// returns the channel its states arrive on. A local file that cannot be loaded is an error;
-/// in xDS mode the first state is empty (nothing captured) until istiod answers. Must be
-/// called inside a tokio runtime.
+/// returns the channel its states arrive on. A local file that cannot be loaded is an error,
+/// and a file read is complete at once; in xDS mode the states are marked incomplete
+/// ([`State::incomplete`]) until istiod has answered every subscribed type. Must be called
+/// inside a tokio runtime.
 pub fn start(config: &Config) -> Result<(channel::Receiver<Arc<State>>, Running), String> {
     if let Some(address) = &config.xds_address {
-        let mut empty = State::builder();
-        empty.capture_by_protocol(true);
-        let (tx, rx) = channel::channel(Arc::new(empty.build()));
+        let (tx, rx) = channel::channel(awaiting_xds());
         let xds_config = xds::XdsConfig {
             target: GrpcTarget {
                 address: address.clone(),
@@ -59,10 +67,9 @@ pub fn start(config: &Config) -> Result<(channel::Receiver<Arc<State>>, Running)
         let Some(proc_root) = &config.proc_root else {
             return Ok((rx, Running::Xds(xds::spawn(xds_config, tx))));
         };
-        // Discovery sits between the client and the proxy; it ends when the client does.
-        let mut empty = State::builder();
-        empty.capture_by_protocol(true);
-        let (raw_tx, raw_rx) = channel::channel(Arc::new(empty.build()));
+        // Discovery sits between the client and the proxy; it ends when the client does. Its
+        // output keeps the incompleteness of its input.
+        let (raw_tx, raw_rx) = channel::channel(awaiting_xds());
         let client = xds::spawn(xds_config, raw_tx);
         let discovery = discovery::DiscoveryConfig {
             node: config.node.clone(),

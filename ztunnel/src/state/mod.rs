@@ -119,6 +119,13 @@ impl StateBuilder {
         self.state.capture_by_protocol = yes;
     }
 
+    /// Marks the state as not yet the whole picture of the mesh, with why (the xDS source
+    /// before every subscribed type has answered once). Nothing may be concluded from what
+    /// such a state lacks: see [`State::incomplete`].
+    pub fn incomplete(&mut self, why: impl Into<String>) {
+        self.state.incomplete = Some(why.into());
+    }
+
     pub fn build(mut self) -> State {
         let mut endpoints: HashMap<NamespacedHostname, Vec<Arc<Workload>>> = HashMap::new();
         // BTreeMap order: endpoints come out sorted by uid, so picks are reproducible.
@@ -143,6 +150,8 @@ pub struct State {
     policies: BTreeMap<String, Arc<Authorization>>,
     namespaces: BTreeMap<String, Namespace>,
     capture_by_protocol: bool,
+    /// Why this is not yet a complete view, or `None` when it is.
+    incomplete: Option<String>,
 }
 
 impl State {
@@ -177,6 +186,7 @@ impl State {
                 policies: self.policies.clone(),
                 namespaces: self.namespaces.clone(),
                 capture_by_protocol: self.capture_by_protocol,
+                incomplete: self.incomplete.clone(),
                 ..State::default()
             },
         };
@@ -308,6 +318,15 @@ impl State {
             })
         };
         enrolled && !w.opted_out()
+    }
+
+    /// Why this state is not yet the complete view of the mesh (`None`: it is). A local file
+    /// is complete as soon as it is read; the xDS source is complete once every subscribed
+    /// type has been answered at least once. Until then a workload missing from it may only
+    /// not have arrived yet: readiness answers 503, and nothing is released, pruned or
+    /// captured on the strength of it.
+    pub fn incomplete(&self) -> Option<&str> {
+        self.incomplete.as_deref()
     }
 
     /// True when capture follows the workloads' protocol (xDS) rather than namespace labels.

@@ -241,3 +241,20 @@ fn pick_endpoint_is_deterministic_and_covers_all() {
     assert_eq!(picked.len(), 3);
     assert_eq!(pick_endpoint::<&str>(&[], 7), None);
 }
+
+#[test]
+fn a_state_is_complete_unless_marked_and_keeps_the_mark_through_discovery() {
+    assert_eq!(State::builder().build().incomplete(), None);
+    let mut b = State::builder();
+    b.workload(workload("a", "default", "10.0.0.1", "n1"))
+        .unwrap();
+    b.incomplete("waiting");
+    let state = b.build();
+    assert_eq!(state.incomplete(), Some("waiting"));
+    let placed = state.with_netns(&BTreeMap::from([("a".to_owned(), "/ns/a".into())]));
+    assert_eq!(placed.incomplete(), Some("waiting"));
+    assert_eq!(
+        placed.workload_by_uid("a").unwrap().netns,
+        Some("/ns/a".into())
+    );
+}

@@ -184,3 +184,57 @@ fn scan_groups_a_pods_processes_and_finds_its_namespace() {
         .collect();
     assert_eq!(names, ["not-started", "sleep"]);
 }
+
+/// What discovery publishes for an incomplete input stays incomplete; once the input is
+/// complete, so is the output, with the namespaces found.
+#[tokio::test]
+async fn the_output_is_incomplete_while_the_input_is() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::state::State;
+
+    let f = Fixture::new();
+    f.process(100, &pod_cgroup("aaaa-1111"), "echo", "10.244.1.7");
+    let state = |complete: bool| {
+        let mut b = State::builder();
+        b.workload(workload("echo", "node1", "10.244.1.7")).unwrap();
+        if !complete {
+            b.incomplete("waiting for the first xDS sync (test)");
+        }
+        Arc::new(b.build())
+    };
+    let mut placeholder = State::builder();
+    placeholder.incomplete("nothing yet");
+    let (in_tx, in_rx) = tokio::sync::watch::channel(state(false));
+    let (out_tx, mut out_rx) = tokio::sync::watch::channel(Arc::new(placeholder.build()));
+    let config = DiscoveryConfig {
+        node: "node1".into(),
+        proc_root: f.root().to_owned(),
+        rescan: Duration::from_secs(3600),
+    };
+    let task = spawn(config, in_rx, out_tx);
+    let deadline = Duration::from_secs(10);
+    let netns = Some(f.root().join("100/ns/net"));
+    let uid = "Kubernetes//v1/Pod/default/echo";
+
+    let placed = |s: &State| s.workload_by_uid(uid).is_some_and(|w| w.netns == netns);
+    let out = tokio::time::timeout(deadline, out_rx.wait_for(|s| placed(s)))
+        .await
+        .expect("no output with the namespace placed")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        out.incomplete(),
+        Some("waiting for the first xDS sync (test)")
+    );
+
+    in_tx.send_replace(state(true));
+    let out = tokio::time::timeout(deadline, out_rx.wait_for(|s| s.incomplete().is_none()))
+        .await
+        .expect("the complete input never made a complete output")
+        .unwrap()
+        .clone();
+    assert!(placed(&out), "complete output without the namespace");
+    task.abort();
+}

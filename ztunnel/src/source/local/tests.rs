@@ -194,6 +194,8 @@ fn empty_file_is_an_empty_mesh() {
     for yaml in ["", "\n# nothing\n", "{}", "workloads: []"] {
         let s = parse("c.yaml", yaml).unwrap();
         assert_eq!(s.workloads().count(), 0, "{yaml:?}");
+        // A file read is the whole mesh: its emptiness means no pods, nothing pending.
+        assert_eq!(s.incomplete(), None, "{yaml:?}");
     }
 }
 

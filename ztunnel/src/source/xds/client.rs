@@ -170,8 +170,9 @@ enum StreamError {
 }
 
 /// Starts the client. It publishes a new `State` on `tx` after each response that changes
-/// the accepted resources, and stops when every receiver of `tx` is gone or the returned
-/// handle is dropped. Must be called inside a tokio runtime.
+/// the accepted resources or completes the first sync (states before that are marked
+/// incomplete), and stops when every receiver of `tx` is gone or the returned handle is
+/// dropped. Must be called inside a tokio runtime.
 pub fn spawn(config: XdsConfig, tx: watch::Sender<Arc<State>>) -> XdsClient {
     let stats = Arc::new(XdsStats::default());
     let task = tokio::spawn(run(config, tx, stats.clone()));
@@ -264,6 +265,7 @@ async fn stream(
                 workloads = state.workloads().count(),
                 services = state.services().count(),
                 policies = state.policies().count(),
+                complete = state.incomplete().is_none(),
                 "xDS state applied"
             );
             // Counted first, so whoever sees the new state also sees the count.

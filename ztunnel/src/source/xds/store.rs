@@ -111,8 +111,17 @@ impl Store {
         TYPE_URLS.iter().all(|t| self.synced.iter().any(|s| s == t))
     }
 
+    /// The subscribed types that have not had a response yet.
+    fn unanswered(&self) -> Vec<&'static str> {
+        TYPE_URLS
+            .into_iter()
+            .filter(|t| !self.synced.iter().any(|s| s == t))
+            .collect()
+    }
+
     /// Applies `resp` and says what to answer.
     pub fn apply(&mut self, resp: DeltaDiscoveryResponse) -> Applied {
+        let was_synced = self.synced();
         let type_url = resp.type_url.clone();
         let nonce = resp.nonce.clone();
         let (changed, rejected) = match type_url.as_str() {
@@ -138,6 +147,9 @@ impl Store {
         if TYPE_URLS.contains(&type_url.as_str()) && !self.synced.contains(&type_url) {
             self.synced.push(type_url.clone());
         }
+        // The response that completes the first sync makes a new state even when it carried
+        // nothing (no policies at all): that state is the first complete one.
+        let changed = changed || (!was_synced && self.synced());
         let error_detail = (!rejected.is_empty()).then(|| Status {
             code: INVALID_ARGUMENT,
             message: rejected
@@ -161,10 +173,15 @@ impl Store {
 
     /// The `State` the accepted resources make. Resources that collide with an earlier one
     /// (an IP address reused before the old pod's removal arrived, say) are left out and
-    /// returned as messages; the next update usually resolves them.
+    /// returned as messages; the next update usually resolves them. Until every subscribed
+    /// type has been answered the state is marked incomplete ([`State::incomplete`]).
     pub fn state(&self) -> (State, Vec<String>) {
         let mut b = State::builder();
         b.capture_by_protocol(true);
+        let unanswered = self.unanswered();
+        if !unanswered.is_empty() {
+            b.incomplete(waiting_for(&unanswered));
+        }
         let mut dropped = Vec::new();
         for (name, e) in &self.policies {
             if let Err(err) = b.policy(e.value.clone()) {
@@ -195,6 +212,19 @@ impl Store {
         }
         (b.build(), dropped)
     }
+}
+
+/// Why a state is incomplete while `unanswered` types have had no response (all of them:
+/// the control plane has not answered at all).
+pub fn waiting_for(unanswered: &[&str]) -> String {
+    let short: Vec<&str> = unanswered
+        .iter()
+        .map(|t| t.rsplit('/').next().unwrap_or(t))
+        .collect();
+    format!(
+        "waiting for the first xDS sync (no response yet for {})",
+        short.join(", ")
+    )
 }
 
 fn decode_error(name: &str, e: prost::DecodeError) -> ConvertError {

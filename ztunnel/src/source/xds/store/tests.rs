@@ -291,3 +291,84 @@ fn netns_dir_names_this_nodes_pods_only() {
     );
     assert_eq!(state.workload_by_uid("there").unwrap().netns, None);
 }
+
+fn policy_response(nonce: &str) -> DeltaDiscoveryResponse {
+    DeltaDiscoveryResponse {
+        type_url: AUTHORIZATION_TYPE_URL.into(),
+        nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_state_is_incomplete_until_every_type_has_answered() {
+    let mut store = Store::new("td");
+    let (state, _) = store.state();
+    assert_eq!(
+        state.incomplete(),
+        Some(
+            "waiting for the first xDS sync (no response yet for istio.workload.Address, \
+             istio.security.Authorization)"
+        )
+    );
+
+    // Workloads without policies yet: publishing that as complete would drop every DENY.
+    let applied = store.apply(response(
+        "n1",
+        vec![addr_resource("a", "1", workload("a", [10, 0, 0, 1]))],
+        &[],
+    ));
+    assert!(applied.changed);
+    let (state, _) = store.state();
+    assert_eq!(state.workloads().count(), 1);
+    assert_eq!(
+        state.incomplete(),
+        Some("waiting for the first xDS sync (no response yet for istio.security.Authorization)")
+    );
+
+    // No policy at all is an answer too: the empty response completes the sync, and that
+    // must be published although it changed no resource.
+    let applied = store.apply(policy_response("p1"));
+    assert!(applied.changed, "the completing response makes a new state");
+    assert!(store.synced());
+    let (state, _) = store.state();
+    assert_eq!(state.incomplete(), None);
+    assert_eq!(state.workloads().count(), 1);
+
+    // Later empty answers change nothing; a reconnection keeps the state complete.
+    assert!(!store.apply(policy_response("p2")).changed);
+    let _ = store.initial_request(ADDRESS_TYPE_URL, None);
+    assert_eq!(store.state().0.incomplete(), None);
+}
+
+#[test]
+fn unknown_types_are_no_answer_a_nacked_response_is() {
+    let mut store = Store::new("td");
+    let applied = store.apply(DeltaDiscoveryResponse {
+        type_url: "type.googleapis.com/other".into(),
+        nonce: "x".into(),
+        ..Default::default()
+    });
+    assert!(!applied.changed);
+    assert!(store.state().0.incomplete().is_some());
+    // A response of a subscribed type counts as its answer even when a resource in it is
+    // rejected (NACKed): the others are what istiod has, and the previous version of the bad
+    // one (none here) stays.
+    let bad = Resource {
+        name: "bad".into(),
+        version: "1".into(),
+        resource: Some(prost_types::Any {
+            type_url: ADDRESS_TYPE_URL.into(),
+            value: vec![0xff, 0xff],
+        }),
+        ..Default::default()
+    };
+    assert!(
+        !store
+            .apply(response("n1", vec![bad], &[]))
+            .rejected
+            .is_empty()
+    );
+    store.apply(policy_response("p1"));
+    assert_eq!(store.state().0.incomplete(), None);
+}
