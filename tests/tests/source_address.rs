@@ -383,7 +383,7 @@ async fn a_transparent_delivery_avoids_the_client_port_and_its_set_up_is_undone(
     let capture = Capture::load(None, &pin).expect("load capture programs");
     let ns = Arc::new(Netns::open(&netns_path(&pod.netns)).unwrap());
     let app_addr = SocketAddr::new(pod.ip.into(), 9090);
-    let app = AppServer::start(&pod.netns, "app", app_addr).unwrap();
+    let _app = AppServer::start(&pod.netns, "app", app_addr).unwrap();
     let routing = capture
         .source_routing()
         .acquire(&ns, &[pod.ip.into()])
