@@ -283,6 +283,8 @@ fn pods_enrolled_while_the_ca_is_unreachable_are_captured_and_fail_closed_until_
         PodSpec::new("echo", "node2", "echo"),
     ];
     let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    // Deliveries from 127.0.0.6 tell echo's ztunnel delivered a connection.
+    mesh.ztunnel_args = vec!["--inbound-source".into(), "loopback".into()];
     mesh.topo.add_outside_host("probe").unwrap();
     mesh.use_istio_ca(Duration::from_secs(3600)).unwrap();
     // The CA is down before any ztunnel starts: no pod ever had a certificate.

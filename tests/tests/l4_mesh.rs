@@ -11,6 +11,9 @@ use mesh_tests::traffic::{AppServer, connect, curl, echo_roundtrip, is_reset, pa
 use mesh_tests::{Proc, wait_until};
 
 const APP_PORT: u16 = 8080;
+/// Where ztunnel delivers from with `--inbound-source loopback`, which these tests use: it
+/// tells a delivery from a direct connection (tests/tests/source_address.rs covers the
+/// default, the client's own address).
 const DELIVERY_SOURCE: &str = "127.0.0.6";
 
 /// node1: sleep, echo1; node2: echo2; service `echo` (VIP 198.18.100.1:80 -> 8080) on both
@@ -36,6 +39,8 @@ fn fixture() -> Fixture {
         ports: vec![(80, APP_PORT)],
     }];
     let mut mesh = Mesh::new(&["node1", "node2"], pods, services).unwrap();
+    // These tests tell a delivery by ztunnel from a direct connection by its source.
+    mesh.ztunnel_args = vec!["--inbound-source".into(), "loopback".into()];
     let outside_host = mesh.topo.add_outside_host("outside").unwrap();
     let echo1 = AppServer::start(&mesh.netns("echo1"), "echo1", addr(&mesh, "echo1")).unwrap();
     let echo2 = AppServer::start(&mesh.netns("echo2"), "echo2", addr(&mesh, "echo2")).unwrap();
@@ -436,6 +441,8 @@ fn ipv6_pods_and_service_vip_are_captured_and_tunnelled() {
     }];
     let mut mesh = Mesh::new(&["node1", "node2"], pods, services).unwrap();
     mesh.dual_stack = true;
+    mesh.ztunnel_args = vec!["--inbound-source".into(), "loopback".into()];
+
     let outside = mesh.topo.add_outside_host("outside").unwrap();
     let addrs: std::collections::BTreeMap<&str, SocketAddr> = ["echo1", "echo2"]
         .into_iter()

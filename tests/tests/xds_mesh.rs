@@ -17,6 +17,8 @@ use mesh_tests::xds::{ADDRESS_TYPE_URL, deny_from_service_account};
 use ztunnel::proto::istio::workload as pbw;
 
 const APP_PORT: u16 = 8080;
+/// Where ztunnel delivers from with `--inbound-source loopback`, which these tests use: it
+/// tells a delivery from a direct connection.
 const DELIVERY_SOURCE: &str = "127.0.0.6";
 const VIP: &str = "198.18.100.1";
 /// How long a pushed change may take to show in traffic.
@@ -45,6 +47,7 @@ fn fixture() -> Fixture {
         ports: vec![(80, APP_PORT)],
     }];
     let mut mesh = Mesh::new(&["node1", "node2"], pods, services).unwrap();
+    mesh.ztunnel_args = vec!["--inbound-source".into(), "loopback".into()];
     mesh.topo.add_pod("node2", "echo3").unwrap();
     let server = |pod: &str| AppServer::start(&mesh.netns(pod), pod, addr(&mesh, pod)).unwrap();
     let (echo1, echo2, echo3) = (server("echo1"), server("echo2"), server("echo3"));

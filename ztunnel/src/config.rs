@@ -130,6 +130,13 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_HBONE_KEEPALIVE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub hbone_keepalive_secs: u64,
 
+    /// Where inbound connections reach the application from: `client`, the client's own
+    /// address (the TCP peer policy saw: the client pod for mesh traffic, the peer for
+    /// plaintext), as Istio's in-pod ztunnel does; or `loopback`, 127.0.0.6 (::1 over IPv6),
+    /// as Istio's sidecars do, with no change to the pod's routing.
+    #[arg(long, env = "ZTUNNEL_INBOUND_SOURCE", value_enum, default_value_t = InboundSource::Client)]
+    pub inbound_source: InboundSource,
+
     /// Readiness endpoint (`/healthz/ready`).
     #[arg(long, env = "ZTUNNEL_READY_ADDR", default_value = "0.0.0.0:15021")]
     pub ready_addr: SocketAddr,
@@ -157,6 +164,17 @@ pub struct Config {
     /// retry, e.g. during an upgrade.
     #[arg(long, env = "ZTUNNEL_TEST_FAIL_FIRST_CAPTURE")]
     pub test_fail_first_capture: bool,
+}
+
+/// Source address of ztunnel's connections to applications (`--inbound-source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum InboundSource {
+    /// The client's own address, in the family of the destination (falling back to the
+    /// loopback address when the client has none in that family).
+    #[default]
+    Client,
+    /// 127.0.0.6, or ::1 over IPv6.
+    Loopback,
 }
 
 impl Config {

@@ -139,6 +139,7 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
             connect_timeout: std::time::Duration::from_secs(config.connect_timeout_secs),
             hbone_keepalive: std::time::Duration::from_secs(config.hbone_keepalive_secs),
             test_fail_first_capture: config.test_fail_first_capture,
+            inbound_source: config.inbound_source,
         },
     );
     let ready = readiness::serve(config.ready_addr, proxy.clone()).await?;
@@ -220,6 +221,8 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
         // The successor accepts from now on, with the same capture maps: stop accepting,
         // keep capture on, and let established connections finish.
         info!("replaced by a new ztunnel: draining established connections");
+        // The pods' namespaces stay set up for the successor, whatever this process drops.
+        proxy.capture.source_routing().keep_in_place();
         serving.abort();
         proxy.pods.stop_accepting().await;
     } else {

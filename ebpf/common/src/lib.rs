@@ -6,6 +6,13 @@
 /// `SO_MARK` carried by every socket ztunnel opens; the programs never redirect those.
 pub const ZTUNNEL_MARK: u32 = 0x539;
 
+/// `SO_MARK` of ztunnel's deliveries to an application from the client's own address. The
+/// delivery socket is created with [`ZTUNNEL_MARK`] (so every capture program leaves it
+/// alone) and `zt_sockops` switches it to this mark before its SYN leaves; the pod's
+/// namespace routes packets carrying it to its loopback, so the application's replies (which
+/// inherit the mark of the SYN they answer) come back to ztunnel instead of leaving the pod.
+pub const DELIVERY_MARK: u32 = 0x53a;
+
 /// Per enrolled pod network namespace: what the outbound program redirects to.
 /// Keyed by the namespace's cookie (`bpf_get_netns_cookie`).
 #[repr(C)]
@@ -53,6 +60,31 @@ pub struct ClientKey {
 /// (reset, logged, counted): left alone, 15021 would reach the application around policy.
 pub const INBOUND_UNSTEERED_PORT: u16 = 15008;
 
+/// An address of an enrolled pod, in its namespace: the key of the delivery marks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodAddr {
+    pub netns_cookie: u64,
+    /// Network byte order (IPv4 in `addr[0]`, the rest zero).
+    pub addr: [u32; 4],
+    pub family: u32,
+    pub _pad: u32,
+}
+
+/// A delivery by ztunnel in progress, as the pod's stack sees its SYN: from the client's
+/// address to the application's. The inbound steering lets these through (they come from
+/// ztunnel, not from outside the pod). Addresses in network byte order, ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeliveryFlow {
+    pub client: [u32; 4],
+    pub app: [u32; 4],
+    pub client_port: u32,
+    pub app_port: u32,
+    pub family: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: the types are `#[repr(C)]`, `Copy`, made only of integers, with explicit
@@ -62,4 +94,8 @@ mod pod {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ClientKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PodAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DeliveryFlow {}
 }

@@ -7,11 +7,15 @@
 //!   loopback; the destination the application asked for is remembered by socket cookie.
 //! - `zt_sockops` (sock_ops, same root): when the redirected socket sends its SYN, its local
 //!   port is known; the original destination moves to a map keyed by (netns, local addr, port),
-//!   which is what the listener sees as the peer of the accepted socket.
+//!   which is what the listener sees as the peer of the accepted socket. And when ztunnel
+//!   itself connects to an address of the pod whose namespace it connects from (a delivery to
+//!   the application from the client's address), the socket gets the delivery mark before
+//!   its SYN leaves.
 //! - `zt_inbound` (sk_lookup, attached per pod namespace): plaintext TCP arriving from outside
 //!   the pod for one of the pod's own ports is handed to ztunnel's inbound listener (15006).
-//!   HBONE (15008) and anything from a loopback source (ztunnel's deliveries to the
-//!   application) are never steered; ztunnel refuses its other ports when they arrive.
+//!   HBONE (15008) and ztunnel's deliveries to the application (from a loopback source, or
+//!   from a client's address: a flow `zt_sockops` recorded) are never steered; ztunnel
+//!   refuses its other ports when they arrive.
 //!
 //! Sockets carrying ztunnel's mark are never redirected, so ztunnel cannot capture itself.
 //!
@@ -23,15 +27,16 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt},
+    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_getsockopt, bpf_setsockopt},
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, SockHash},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, info};
 use ztunnel_ebpf_common::{
-    CAPTURE_OUTBOUND, ClientKey, INBOUND_UNSTEERED_PORT, OrigDst, PodCapture, ZTUNNEL_MARK,
+    CAPTURE_OUTBOUND, ClientKey, DELIVERY_MARK, DeliveryFlow, INBOUND_UNSTEERED_PORT, OrigDst,
+    PodAddr, PodCapture, ZTUNNEL_MARK,
 };
 
 const AF_INET: u32 = 2;
@@ -65,6 +70,23 @@ static INBOUND_LISTENERS: SockHash<u32> = SockHash::pinned(65536, 0);
 /// ztunnel's inbound (15006) IPv6 listener per pod IPv6 address (network-order words).
 #[map]
 static INBOUND_LISTENERS6: SockHash<[u32; 4]> = SockHash::pinned(65536, 0);
+
+/// Pod addresses that ztunnel delivers to from the client's own address, with the mark
+/// its delivery sockets get (`DELIVERY_MARK`). Written by ztunnel only.
+#[map]
+static DELIVERY_MARKS: HashMap<PodAddr, u32> = HashMap::pinned(65536, 0);
+
+/// ztunnel's deliveries from client addresses between their connect and their handshake's
+/// end: the SYNs the inbound steering must let through. Pinned and shared, so that during an
+/// upgrade each process's steering lets the other's deliveries through.
+#[map]
+static DELIVERY_FLOWS: LruHashMap<DeliveryFlow, u32> = LruHashMap::pinned(65536, 0);
+
+/// Settings ztunnel changed in a pod's namespace (by netns cookie), to undo when the pod is
+/// released. Only ztunnel reads it: pinned with the other maps so that a successor, or a
+/// ztunnel restarted after a crash, knows what to undo.
+#[map]
+static NETNS_CHANGES: HashMap<u64, u32> = HashMap::pinned(65536, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
@@ -224,10 +246,130 @@ fn has_ztunnel_mark(ctx: &SockAddrContext) -> bool {
 
 #[sock_ops]
 pub fn zt_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         remember_client(&ctx);
+        mark_delivery(&ctx);
+    } else if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && sock_mark(&ctx) == Some(DELIVERY_MARK) {
+        // Handshake done: no SYN of this delivery is left to let through.
+        if let Some(flow) = flow_of(&ctx) {
+            let _ = DELIVERY_FLOWS.remove(&flow);
+        }
     }
     0
+}
+
+fn sock_mark(ctx: &SockOpsContext) -> Option<u32> {
+    let mut mark: u32 = 0;
+    // SAFETY: `mark` is a valid, writable u32 and its size is passed along.
+    let ret = unsafe {
+        bpf_getsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET,
+            SO_MARK,
+            (&raw mut mark).cast(),
+            core::mem::size_of::<u32>() as i32,
+        )
+    };
+    (ret == 0).then_some(mark)
+}
+
+/// The remote address of a sock_ops socket, as four network-order words.
+fn remote_addr(ctx: &SockOpsContext) -> Option<[u32; 4]> {
+    let family = ctx.family();
+    if family == AF_INET6 {
+        let ops = ctx.ops;
+        // SAFETY: word-sized reads of the context, as the verifier requires.
+        Some(unsafe {
+            [
+                read(&raw const (*ops).remote_ip6[0]),
+                read(&raw const (*ops).remote_ip6[1]),
+                read(&raw const (*ops).remote_ip6[2]),
+                read(&raw const (*ops).remote_ip6[3]),
+            ]
+        })
+    } else if family == AF_INET {
+        Some([ctx.remote_ip4(), 0, 0, 0])
+    } else {
+        None
+    }
+}
+
+/// A delivery socket's connection as the flow the application's side receives.
+fn flow_of(ctx: &SockOpsContext) -> Option<DeliveryFlow> {
+    let family = ctx.family();
+    let app = remote_addr(ctx)?;
+    let client = if family == AF_INET6 {
+        let ops = ctx.ops;
+        // SAFETY: word-sized reads of the context, as the verifier requires.
+        unsafe {
+            [
+                read(&raw const (*ops).local_ip6[0]),
+                read(&raw const (*ops).local_ip6[1]),
+                read(&raw const (*ops).local_ip6[2]),
+                read(&raw const (*ops).local_ip6[3]),
+            ]
+        }
+    } else {
+        [ctx.local_ip4(), 0, 0, 0]
+    };
+    Some(DeliveryFlow {
+        client,
+        app,
+        client_port: ctx.local_port(),
+        // The remote port is the network-order 16 bits, as a network-order word.
+        app_port: u32::from_be(ctx.remote_port()),
+        family,
+        _pad: 0,
+    })
+}
+
+/// A socket of ztunnel's connecting to an address of the pod it is in is a delivery to the
+/// application. Where that pod's deliveries keep the client's address, the socket takes the
+/// delivery mark now: connect() has already passed the capture programs (which let ztunnel's
+/// own mark through), and the SYN is routed and sent after this callback, with the new mark.
+fn mark_delivery(ctx: &SockOpsContext) {
+    let Some(addr) = remote_addr(ctx) else {
+        return;
+    };
+    let key = PodAddr {
+        // SAFETY: the helper only reads the context pointer it is given.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        addr,
+        family: ctx.family(),
+        _pad: 0,
+    };
+    // SAFETY: the value is plain data copied out at once.
+    let Some(mut mark) = (unsafe { DELIVERY_MARKS.get(&key) }).copied() else {
+        return;
+    };
+    // Only ztunnel's sockets: anything else connecting to the pod is left as it is.
+    if sock_mark(ctx) != Some(ZTUNNEL_MARK) {
+        return;
+    }
+    let Some(flow) = flow_of(ctx) else { return };
+    if DELIVERY_FLOWS.insert(&flow, &1, 0).is_err() {
+        info!(
+            ctx,
+            "ztunnel capture: cannot record a delivery; it keeps ztunnel's mark"
+        );
+        return;
+    }
+    // SAFETY: `mark` is a valid u32 and its size is passed along; the socket is locked in
+    // this callback, as bpf_setsockopt requires.
+    let ret = unsafe {
+        bpf_setsockopt(
+            ctx.as_ptr(),
+            SOL_SOCKET,
+            SO_MARK,
+            (&raw mut mark).cast(),
+            core::mem::size_of::<u32>() as i32,
+        )
+    };
+    if ret != 0 {
+        let _ = DELIVERY_FLOWS.remove(&flow);
+        info!(ctx, "ztunnel capture: cannot mark a delivery ({})", ret);
+    }
 }
 
 fn remember_client(ctx: &SockOpsContext) {
@@ -280,12 +422,27 @@ pub fn zt_inbound(ctx: SkLookupContext) -> u32 {
     if port == INBOUND_UNSTEERED_PORT {
         return SK_PASS;
     }
-    // ztunnel delivers to the application from 127.0.0.6 (::1 over IPv6). Such packets
-    // travel over the loopback device, but the kernel reports the pod interface that owns the
-    // destination address as their ingress (observed on 6.18), so the loopback source is
-    // the test.
+    // ztunnel delivers to the application from 127.0.0.6 (::1 over IPv6), or from the
+    // client's address. Such packets travel over the loopback device, but the kernel reports
+    // the pod interface that owns the destination address as their ingress (observed on
+    // 6.18), so the loopback source, or a recorded delivery, is the test.
+    // SAFETY: a 16-bit read of the 16-bit context field.
+    let remote_port =
+        u16::from_be(unsafe { core::ptr::read_volatile(&raw const (*ctx.lookup).remote_port) });
     if lookup.family == AF_INET {
         if u32::from_be(lookup.remote_ip4) >> 24 == 127 {
+            return SK_PASS;
+        }
+        let flow = DeliveryFlow {
+            client: [lookup.remote_ip4, 0, 0, 0],
+            app: [lookup.local_ip4, 0, 0, 0],
+            client_port: u32::from(remote_port),
+            app_port: lookup.local_port,
+            family: AF_INET,
+            _pad: 0,
+        };
+        // SAFETY: only the presence of the entry is read.
+        if unsafe { DELIVERY_FLOWS.get(&flow) }.is_some() {
             return SK_PASS;
         }
         // No listener for this address: the pod is not enrolled for inbound capture.
@@ -310,6 +467,18 @@ pub fn zt_inbound(ctx: SkLookupContext) -> u32 {
             )
         };
         if remote == LOCALHOST6_BE {
+            return SK_PASS;
+        }
+        let flow = DeliveryFlow {
+            client: remote,
+            app: local,
+            client_port: u32::from(remote_port),
+            app_port: lookup.local_port,
+            family: AF_INET6,
+            _pad: 0,
+        };
+        // SAFETY: only the presence of the entry is read.
+        if unsafe { DELIVERY_FLOWS.get(&flow) }.is_some() {
             return SK_PASS;
         }
         let _ = INBOUND_LISTENERS6.redirect_sk_lookup(&ctx, local, 0);

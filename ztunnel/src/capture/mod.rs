@@ -9,6 +9,8 @@
 pub mod bpffs;
 pub mod cgroup;
 pub mod netns;
+pub mod routing;
+mod rtnl;
 
 use std::collections::HashMap as StdHashMap;
 use std::fs::File;
@@ -27,6 +29,7 @@ use ztunnel_ebpf_common::{CAPTURE_OUTBOUND, ClientKey, OrigDst, PodCapture};
 
 pub use cgroup::find_cgroup2;
 pub use netns::{Netns, NetnsCookie, NetnsError, SocketKind};
+pub use routing::{PodRouting, RoutingError, SourceRouting};
 
 /// The object built from `ebpf/programs` by build.rs (empty without the `ebpf` feature).
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-capture"));
@@ -89,6 +92,7 @@ pub struct Capture {
     cgroup_root: PathBuf,
     program_ids: Vec<u32>,
     inner: Mutex<Inner>,
+    routing: std::sync::Arc<SourceRouting>,
 }
 
 struct Inner {
@@ -194,6 +198,10 @@ impl Capture {
             .map_err(map_err("INBOUND_LISTENERS"))?;
         let inbound6 = SockHash::try_from(take_map(&mut ebpf, "INBOUND_LISTENERS6")?)
             .map_err(map_err("INBOUND_LISTENERS6"))?;
+        let marks = HashMap::try_from(take_map(&mut ebpf, "DELIVERY_MARKS")?)
+            .map_err(map_err("DELIVERY_MARKS"))?;
+        let changes = HashMap::try_from(take_map(&mut ebpf, "NETNS_CHANGES")?)
+            .map_err(map_err("NETNS_CHANGES"))?;
         let ids: Vec<String> = ["zt_connect4", "zt_connect6", "zt_sockops", "zt_inbound"]
             .into_iter()
             .filter_map(|name| ebpf.program(name)?.info().ok())
@@ -214,6 +222,7 @@ impl Capture {
                 inbound_links: StdHashMap::new(),
                 inbound_keys: StdHashMap::new(),
             }),
+            routing: std::sync::Arc::new(SourceRouting::new(marks, changes)),
         })
     }
 
@@ -357,9 +366,15 @@ impl Capture {
         }
     }
 
+    /// Pod namespaces set up for deliveries from client addresses.
+    pub fn source_routing(&self) -> &std::sync::Arc<SourceRouting> {
+        &self.routing
+    }
+
     /// Removes outbound enrolments of namespaces not in `keep`: entries a crashed predecessor
-    /// left in the pinned map.
+    /// left in the pinned map (and its delivery marks).
     pub fn prune_enrolled(&self, keep: &[NetnsCookie]) -> usize {
+        self.routing.prune(keep);
         let mut inner = self.lock();
         let stale: Vec<u64> = inner
             .enrolled
@@ -382,6 +397,9 @@ impl Capture {
             "ORIG_BY_CLIENT",
             "INBOUND_LISTENERS",
             "INBOUND_LISTENERS6",
+            "DELIVERY_MARKS",
+            "DELIVERY_FLOWS",
+            "NETNS_CHANGES",
         ] {
             let _ = std::fs::remove_file(self.pin_dir.join(name));
         }

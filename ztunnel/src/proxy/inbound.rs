@@ -1,6 +1,8 @@
 //! Inbound: HBONE tunnels arriving on an enrolled pod's 15008, and plaintext connections
 //! steered to its 15006. Each is checked against the pod's L4 authorization policies before
-//! ztunnel connects to the application (from 127.0.0.6, inside the pod's namespace).
+//! ztunnel connects to the application, inside the pod's namespace, from the address policy
+//! saw (the TCP peer: the client pod, or the plaintext client), or from 127.0.0.6 with
+//! `--inbound-source loopback`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use tracing::{debug, info, warn};
 use super::copy::{Side as _, Stats, relay};
 use super::pods::Pod;
 use super::tracker::{ConnMeta, ConnPath, Outcome, Policy, Tracked};
-use super::{DELIVERY_SOURCE, DELIVERY_SOURCE_V6, Proxy};
+use super::{InboundSource, Proxy, delivery_source};
 use crate::capture::Netns;
 use crate::hbone;
 use crate::identity::Identity;
@@ -62,12 +64,16 @@ async fn serve_hbone(
     conn: TcpStream,
     peer: SocketAddr,
 ) -> Result<(), Rejection> {
-    let pod = proxy
+    // Only its identity: each stream looks the pod up again, and a pod released meanwhile
+    // must not be kept alive by the connections that reached it (see `Pod::routing`).
+    let identity = proxy
         .pods
         .get(uid)
-        .ok_or(("not_enrolled", "pod no longer enrolled".to_owned()))?;
+        .ok_or(("not_enrolled", "pod no longer enrolled".to_owned()))?
+        .workload
+        .identity();
     let (cert, tls) = proxy
-        .server_tls(&pod.workload.identity())
+        .server_tls(&identity)
         .await
         .map_err(|e| ("certificate", e.to_string()))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -179,12 +185,14 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
         hbone::forwarded_host(&accepted.headers),
     );
     let tracked = proxy.tracker.open(meta);
+    // Policy and delivery see the TCP peer: `forwarded` is the client's word, not proof.
     match admit(
         &proxy,
         &pod,
         dst,
         Some(peer_id.clone()),
-        Some(client.ip()),
+        Some(peer.ip()),
+        None,
         &tracked,
     )
     .await
@@ -304,7 +312,20 @@ pub(super) async fn plaintext_loop(
             meta.dst_identity = Some(pod.workload.identity());
             meta.dst_service = inbound_service(&state, &pod.workload, dst.port(), None);
             let tracked = proxy.tracker.open(meta);
-            match admit(&proxy, &pod, dst, None, Some(peer.ip()), &tracked).await {
+            // The client's own connection lives in this namespace: a delivery from its
+            // address must not take its port too.
+            let client_port = Some(peer.port());
+            match admit(
+                &proxy,
+                &pod,
+                dst,
+                None,
+                Some(peer.ip()),
+                client_port,
+                &tracked,
+            )
+            .await
+            {
                 Err((status, reason)) => {
                     info!(%peer, %dst, "inbound plaintext refused: {reason}");
                     // A reset, as on the outbound side: the client's connect succeeded, so a
@@ -326,13 +347,16 @@ pub(super) async fn plaintext_loop(
 }
 
 /// Applies the pod's L4 policy to a connection for `dst` and, when allowed, connects to the
-/// application inside the pod. The error carries the HBONE status to answer and the reason.
+/// application inside the pod, from `src_ip` (the address policy saw) unless deliveries
+/// come from the loopback. `avoid_port` is a port that delivery must not take (see
+/// `SocketKind::Delivery`). The error carries the HBONE status to answer and the reason.
 pub(super) async fn admit(
     proxy: &Proxy,
     pod: &Pod,
     dst: SocketAddr,
     src_identity: Option<Identity>,
     src_ip: Option<IpAddr>,
+    avoid_port: Option<u16>,
     tracked: &Tracked,
 ) -> Result<TcpStream, (StatusCode, String)> {
     let state = proxy.state.borrow().clone();
@@ -357,13 +381,16 @@ pub(super) async fn admit(
         ));
     }
     tracked.set_policy(Policy::Allowed);
-    let from = if dst.is_ipv6() {
-        SocketAddr::from((DELIVERY_SOURCE_V6, 0))
+    // Never from a client's address into a namespace not set up to route the replies back.
+    let mode = if pod.keeps_client_source() {
+        proxy.inbound_source
     } else {
-        SocketAddr::from((DELIVERY_SOURCE, 0))
+        InboundSource::Loopback
     };
+    let from = delivery_source(mode, src_ip, dst);
+    let avoid_port = avoid_port.filter(|_| !from.is_loopback());
     proxy
-        .connect_within(pod.netns.connect(dst, Some(from)))
+        .connect_within(pod.netns.deliver(dst, from, avoid_port))
         .await
         .map_err(|e| {
             (

@@ -13,12 +13,13 @@ mod retry;
 pub mod tracker;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
 use crate::capture::Capture;
+pub use crate::config::InboundSource;
 use crate::hbone;
 use crate::identity::{CertManager, Identity, WorkloadCert};
 use crate::state::State;
@@ -62,12 +63,12 @@ pub fn own_port_refusal(dst: SocketAddr) -> Option<String> {
 
 /// The `ztunnel_rejected_inputs_total` reason of [`own_port_refusal`].
 pub const OWN_PORT: &str = "own_port";
-/// Source address of ztunnel's deliveries to applications.
+/// Source address of ztunnel's deliveries to applications with `--inbound-source loopback`.
 pub const DELIVERY_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
 /// Source address of deliveries to applications over IPv6 (the pod's loopback).
 pub const DELIVERY_SOURCE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::LOCALHOST;
 
-/// Timeouts of the data path.
+/// Timeouts of the data path, and where deliveries come from.
 #[derive(Debug, Clone, Copy)]
 pub struct ProxyOptions {
     pub handshake_timeout: std::time::Duration,
@@ -75,6 +76,7 @@ pub struct ProxyOptions {
     pub hbone_keepalive: std::time::Duration,
     /// Test only: see `Config::test_fail_first_capture`.
     pub test_fail_first_capture: bool,
+    pub inbound_source: InboundSource,
 }
 
 impl Default for ProxyOptions {
@@ -84,6 +86,7 @@ impl Default for ProxyOptions {
             connect_timeout: std::time::Duration::from_secs(10),
             hbone_keepalive: std::time::Duration::from_secs(10),
             test_fail_first_capture: false,
+            inbound_source: InboundSource::Client,
         }
     }
 }
@@ -129,6 +132,8 @@ pub struct Proxy {
     /// Set when this process stops taking new work (replaced, or shutting down): HBONE
     /// connections get GOAWAY so peers open new streams elsewhere.
     pub draining: watch::Sender<bool>,
+    /// Where deliveries to applications come from (`--inbound-source`).
+    pub inbound_source: InboundSource,
     /// Live connections, their history, Istio's traffic metrics and the access log.
     pub tracker: Arc<tracker::Tracker>,
     client_tls: Mutex<HashMap<(Identity, Identity), Cached<hbone::ClientTls>>>,
@@ -188,6 +193,7 @@ impl Proxy {
             handshake_timeout: options.handshake_timeout,
             connect_timeout: options.connect_timeout,
             hbone_keepalive: options.hbone_keepalive,
+            inbound_source: options.inbound_source,
             busy: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             fail_first_capture: pods::FailFirstCapture::new(options.test_fail_first_capture),
             tracker: Arc::new(tracker::Tracker::new(Arc::new(
@@ -380,6 +386,25 @@ impl Proxy {
     }
 }
 
+/// The address ztunnel connects to an application at `dst` from: the client's, when the
+/// mode keeps it and it is of `dst`'s family; otherwise the loopback address ztunnel uses
+/// instead (127.0.0.6, or ::1).
+pub fn delivery_source(mode: InboundSource, client: Option<IpAddr>, dst: SocketAddr) -> IpAddr {
+    let loopback = if dst.is_ipv6() {
+        IpAddr::V6(DELIVERY_SOURCE_V6)
+    } else {
+        IpAddr::V4(DELIVERY_SOURCE)
+    };
+    match (mode, client.map(|ip| ip.to_canonical())) {
+        (InboundSource::Client, Some(ip))
+            if ip.is_ipv6() == dst.is_ipv6() && !ip.is_unspecified() =>
+        {
+            ip
+        }
+        _ => loopback,
+    }
+}
+
 /// The address ztunnel's HBONE listener has for a workload address.
 fn hbone_addr(dst: SocketAddr) -> SocketAddr {
     SocketAddr::new(dst.ip(), HBONE_PORT)
@@ -402,5 +427,31 @@ mod tests {
                 None
             );
         }
+    }
+
+    #[test]
+    fn deliveries_keep_the_client_address_of_the_destination_family() {
+        let dst4: SocketAddr = "198.19.2.10:8080".parse().unwrap();
+        let dst6: SocketAddr = "[fd00:198:19:2::10]:8080".parse().unwrap();
+        let c4: IpAddr = "198.19.1.10".parse().unwrap();
+        let c6: IpAddr = "fd00:198:19:1::10".parse().unwrap();
+        let client = InboundSource::Client;
+        assert_eq!(delivery_source(client, Some(c4), dst4), c4);
+        assert_eq!(delivery_source(client, Some(c6), dst6), c6);
+        // An IPv4 client written as IPv4-mapped IPv6 is still an IPv4 client.
+        let mapped: IpAddr = "::ffff:198.19.1.10".parse().unwrap();
+        assert_eq!(delivery_source(client, Some(mapped), dst4), c4);
+        // No address of the destination's family, or none at all: the loopback address.
+        let lo4 = IpAddr::V4(DELIVERY_SOURCE);
+        let lo6 = IpAddr::V6(DELIVERY_SOURCE_V6);
+        assert_eq!(delivery_source(client, Some(c4), dst6), lo6);
+        assert_eq!(delivery_source(client, Some(c6), dst4), lo4);
+        assert_eq!(delivery_source(client, None, dst4), lo4);
+        let any: IpAddr = "0.0.0.0".parse().unwrap();
+        assert_eq!(delivery_source(client, Some(any), dst4), lo4);
+        // Loopback mode ignores the client.
+        let loopback = InboundSource::Loopback;
+        assert_eq!(delivery_source(loopback, Some(c4), dst4), lo4);
+        assert_eq!(delivery_source(loopback, Some(c6), dst6), lo6);
     }
 }

@@ -166,12 +166,20 @@ async fn handle(
         debug!(src = %src.name, dst = %addr, "same-node");
         meta.path = ConnPath::SameNode;
         let tracked = proxy.tracker.open(meta);
+        // The client's address of the destination's family, as a tunnel's peer would be.
+        let src_ip = src
+            .workload_ips
+            .iter()
+            .find(|ip| ip.is_ipv6() == addr.is_ipv6())
+            .copied()
+            .unwrap_or(client.ip());
         let admitted = inbound::admit(
             proxy,
             &local,
             addr,
             Some(src.identity()),
-            Some(client.ip()),
+            Some(src_ip),
+            None,
             &tracked,
         )
         .await;

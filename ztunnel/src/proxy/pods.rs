@@ -18,8 +18,10 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::retry::{Backoff, CERT_RETRY_FIRST, CERT_RETRY_MAX};
-use super::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, Proxy, inbound, outbound};
-use crate::capture::{Capture, Netns};
+use super::{
+    HBONE_PORT, INBOUND_PLAINTEXT_PORT, InboundSource, OUTBOUND_PORT, Proxy, inbound, outbound,
+};
+use crate::capture::{Capture, Netns, PodRouting};
 use crate::handoff::{ListenerKind as Kind, PodSockets};
 use crate::identity::Identity;
 use crate::state::State;
@@ -31,6 +33,17 @@ pub struct Pod {
     pub workload: Arc<Workload>,
     pub netns: Arc<Netns>,
     listeners: Arc<Listeners>,
+    /// The namespace's set-up for deliveries from client addresses (`--inbound-source
+    /// client`). Every connection delivered into the pod holds the pod, and so this, until it
+    /// ends: the set-up outlives a release for as long as their replies need it.
+    routing: Option<Arc<PodRouting>>,
+}
+
+impl Pod {
+    /// Whether deliveries into this pod may come from client addresses.
+    pub fn keeps_client_source(&self) -> bool {
+        self.routing.is_some()
+    }
 }
 
 /// The accept loops of a pod, and duplicates of their listening sockets (what a successor
@@ -253,6 +266,7 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) -> Vec<NotEnrol
                             workload: w.clone(),
                             netns: pod.netns.clone(),
                             listeners: pod.listeners.clone(),
+                            routing: pod.routing.clone(),
                         };
                         pods.insert(uid, Arc::new(updated));
                     }
@@ -334,6 +348,18 @@ async fn enroll(
     let netns = Arc::new(Netns::open(&path).map_err(|e| e.to_string())?);
     // No certificate needed here: capture must not wait for the CA (the pod's traffic would
     // bypass the mesh meanwhile). Its connections fail closed until the certificate comes.
+
+    // Before anything is steered here: the first delivery needs the replies' route.
+    let routing = match proxy.inbound_source {
+        InboundSource::Client => Some(
+            proxy
+                .capture
+                .source_routing()
+                .acquire(&netns, &w.workload_ips)
+                .map_err(|e| e.to_string())?,
+        ),
+        InboundSource::Loopback => None,
+    };
 
     let mut wanted = vec![
         (
@@ -430,6 +456,7 @@ async fn enroll(
             tasks: Mutex::new(Vec::new()),
             sockets: Mutex::new(sockets),
         }),
+        routing,
     };
     Ok((pod, ready))
 }

@@ -135,6 +135,15 @@ fn bench(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     // One log line per connection would be measured along with the proxy.
     mesh.log_filter = "info".to_owned();
     mesh.ztunnel_args.clone_from(&args.ztunnel_arg);
+    // The path check below tells ztunnel's deliveries by their source, 127.0.0.6.
+    if !args
+        .ztunnel_arg
+        .iter()
+        .any(|a| a.starts_with("--inbound-source"))
+    {
+        mesh.ztunnel_args
+            .extend(["--inbound-source".to_owned(), "loopback".to_owned()]);
+    }
     for pod in mesh.topo.pods() {
         println!("   {:<13} on {} ip {}", pod.name, pod.node, pod.ip);
         tune_pod(&pod.netns)?;

@@ -184,7 +184,8 @@ impl HoldServer {
         })
     }
 
-    /// The peer address of the last accepted connection (127.0.0.6 when ztunnel delivered it).
+    /// The peer address of the last accepted connection (127.0.0.6 when ztunnel delivered it
+    /// with `--inbound-source loopback`).
     pub fn last_peer(&self) -> Option<SocketAddr> {
         self.last_peer.lock().ok().and_then(|p| *p)
     }
