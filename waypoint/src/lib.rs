@@ -8,4 +8,5 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod policy;
 pub mod route;

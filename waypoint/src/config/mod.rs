@@ -11,6 +11,7 @@
 pub mod base64;
 pub mod decode;
 pub mod diag;
+pub mod duration;
 pub mod gateway;
 pub mod istio;
 pub mod meta;

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use super::super::decode::{Cx, Decode, Fields, Path, gateway_duration};
+use super::super::decode::{Cx, Decode, Fields, Path};
+use super::super::duration::gateway_duration;
 use super::super::yaml::Node;
 use super::common::{BackendObjectReference, ParentReference, backend_object, header_name};
 use super::filter::{HttpRouteFilter, PathModifier};

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use super::super::decode::{Cx, Decode, Fields, Path, duration};
+use super::super::decode::{Cx, Decode, Fields, Path};
+use super::super::duration::duration;
 use super::super::yaml::Node;
 use super::common::{Labels, PortSelector, host_name};
 

@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
-use super::super::decode::{Cx, Decode, Fields, Path, at_most_one, duration};
+use super::super::decode::{Cx, Decode, Fields, Path, at_most_one};
 use super::super::diag::Problem;
+use super::super::duration::duration;
 use super::super::yaml::Node;
 use super::common::{Destination, StringMatch, int_percent, percent, regex_pattern};
 

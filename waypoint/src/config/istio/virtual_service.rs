@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::super::decode::{Cx, Decode, Fields, Path, at_most_one, duration, list_of};
+use super::super::decode::{Cx, Decode, Fields, Path, at_most_one, list_of};
+use super::super::duration::duration;
 use super::super::yaml::Node;
 use super::common::{Destination, Headers, Labels, StringMatch, host_name, int_percent, percent};
 use super::http_policy::{
