@@ -32,6 +32,10 @@ pub enum Problem {
     Invalid(String),
     #[error("accepted, not implemented: {0}")]
     NotImplemented(&'static str),
+    /// Accepted, but probably not what was meant (a subset no DestinationRule defines, a
+    /// host defined twice).
+    #[error("{0}")]
+    Note(String),
     #[error("deprecated: {0}")]
     Deprecated(&'static str),
     #[error("{kind} is not a resource the waypoint reads ({note})")]

@@ -120,7 +120,7 @@ impl Loaded {
                     resource: Some(r.name()),
                     path: String::new(),
                     pos: None,
-                    problem: Problem::Invalid(format!(
+                    problem: Problem::Note(format!(
                         "defined again: this definition replaces the one in {} document {}",
                         old.source.file, old.source.document
                     )),
