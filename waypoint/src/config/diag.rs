@@ -47,9 +47,13 @@ impl Problem {
     pub fn severity(&self) -> Severity {
         match self {
             Problem::NotImplemented(_)
+            | Problem::Note(_)
             | Problem::Deprecated(_)
             | Problem::UnsupportedKind { .. } => Severity::Warning,
-            _ => Severity::Error,
+            Problem::UnknownField
+            | Problem::Missing
+            | Problem::WrongType { .. }
+            | Problem::Invalid(_) => Severity::Error,
         }
     }
 }

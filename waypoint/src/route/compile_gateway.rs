@@ -1,6 +1,8 @@
 //! HTTPRoutes attached to Services (GAMMA) to routes, sorted by Gateway API precedence:
 //! exact path > longest prefix > method > most headers > most query parameters > oldest
-//! route > `namespace/name` > rule order (and match order within a rule).
+//! route > `namespace/name` > rule order (and match order within a rule). Regular
+//! expressions rank below prefixes, as in Istio's translation, except the catch-all prefix
+//! `/`, which ranks last (Istio drops it into "no path condition").
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
@@ -39,6 +41,7 @@ type Key = (
 fn key(m: &HttpRouteMatch, order: usize, rule: usize, idx: usize) -> Key {
     let (rank, len) = match &m.path {
         HttpPathMatch::Exact(p) => (0, p.len()),
+        HttpPathMatch::PathPrefix(p) if p.trim_end_matches('/').is_empty() => (3, 0),
         HttpPathMatch::PathPrefix(p) => (1, p.trim_end_matches('/').len()),
         HttpPathMatch::RegularExpression(p) => (2, p.len()),
     };

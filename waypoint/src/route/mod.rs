@@ -22,3 +22,5 @@ pub use table::{Action, Backend, Backends, Decision, Policy, Route, RouteTable, 
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_gateway;
