@@ -45,7 +45,7 @@ pub struct Resource {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Spec {
     VirtualService(istio::VirtualService),
-    DestinationRule(istio::DestinationRule),
+    DestinationRule(Box<istio::DestinationRule>),
     HttpRoute(gateway::HttpRoute),
 }
 
@@ -346,7 +346,9 @@ fn resource(src: &Source, node: &Node, at: &Path<'_>, opts: &LoadOptions, out: &
         });
         let spec = match which {
             Kind::VirtualService => f.req("spec", &mut cx).map(Spec::VirtualService),
-            Kind::DestinationRule => f.req("spec", &mut cx).map(Spec::DestinationRule),
+            Kind::DestinationRule => f
+                .req::<istio::DestinationRule>("spec", &mut cx)
+                .map(|d| Spec::DestinationRule(Box::new(d))),
             Kind::HttpRoute => f.req("spec", &mut cx).map(Spec::HttpRoute),
         };
         let ok = f.finish(&mut cx);

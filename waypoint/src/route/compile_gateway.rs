@@ -134,7 +134,7 @@ pub(super) fn routes(
     by_host
         .into_iter()
         .map(|(host, mut v)| {
-            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v.sort_by_key(|e| e.0);
             let owner = v.first().map(|(_, _, o)| o.clone()).unwrap_or_default();
             (host, (v.into_iter().map(|(_, r, _)| r).collect(), owner))
         })

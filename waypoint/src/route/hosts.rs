@@ -52,7 +52,7 @@ impl<'c> Subsets<'c> {
                 Spec::DestinationRule(dr) => Some((
                     r.meta.namespace.as_str(),
                     resolve(&dr.host, &r.meta.namespace, domain),
-                    dr,
+                    &**dr,
                 )),
                 _ => None,
             })
