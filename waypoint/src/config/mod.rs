@@ -47,6 +47,8 @@ pub enum Spec {
     VirtualService(istio::VirtualService),
     DestinationRule(Box<istio::DestinationRule>),
     HttpRoute(gateway::HttpRoute),
+    /// Read as an HTTPRoute on `/<service>/<method>` paths.
+    GrpcRoute(gateway::GrpcRoute),
 }
 
 impl Spec {
@@ -55,6 +57,7 @@ impl Spec {
             Spec::VirtualService(_) => "VirtualService",
             Spec::DestinationRule(_) => "DestinationRule",
             Spec::HttpRoute(_) => "HTTPRoute",
+            Spec::GrpcRoute(_) => "GRPCRoute",
         }
     }
 }
@@ -252,6 +255,7 @@ enum Kind {
     VirtualService,
     DestinationRule,
     HttpRoute,
+    GrpcRoute,
 }
 
 /// Which of our kinds `api_version`/`kind` is; `Err` says why not (`None`: another group).
@@ -275,6 +279,7 @@ fn classify(api_version: &str, kind: &str) -> Result<Kind, Option<Problem>> {
         (gateway::GROUP, "HTTPRoute") => {
             served(&gateway::HTTP_ROUTE_VERSIONS).map(|_| Kind::HttpRoute)
         }
+        (gateway::GROUP, "GRPCRoute") => served(&["v1"]).map(|_| Kind::GrpcRoute),
         (istio::GROUP | gateway::GROUP, _) => Err(Some(Problem::UnsupportedKind {
             kind: kind.into(),
             note: "skipped",
@@ -350,6 +355,7 @@ fn resource(src: &Source, node: &Node, at: &Path<'_>, opts: &LoadOptions, out: &
                 .req::<istio::DestinationRule>("spec", &mut cx)
                 .map(|d| Spec::DestinationRule(Box::new(d))),
             Kind::HttpRoute => f.req("spec", &mut cx).map(Spec::HttpRoute),
+            Kind::GrpcRoute => f.req("spec", &mut cx).map(Spec::GrpcRoute),
         };
         let ok = f.finish(&mut cx);
         Some((meta?, spec?)).filter(|_| ok)

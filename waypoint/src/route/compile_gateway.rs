@@ -1,4 +1,4 @@
-//! HTTPRoutes attached to Services (GAMMA) to routes, sorted by Gateway API precedence:
+//! HTTPRoutes and GRPCRoutes attached to Services (GAMMA) to routes, sorted by Gateway API precedence:
 //! exact path > longest prefix > method > most headers > most query parameters > oldest
 //! route > `namespace/name` > rule order (and match order within a rule). Regular
 //! expressions rank below prefixes, as in Istio's translation, except the catch-all prefix
@@ -8,8 +8,7 @@ use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::gateway::HttpRoute;
-use crate::config::gateway::common::{BackendObjectReference, HeaderModifier};
+use crate::config::gateway::common::{BackendObjectReference, HeaderModifier, ParentReference};
 use crate::config::gateway::filter::{HttpRouteFilter, PathModifier};
 use crate::config::gateway::http_route::{
     HttpPathMatch, HttpRouteMatch, HttpRouteRule, ValueMatch,
@@ -62,19 +61,19 @@ pub(super) fn routes(
     c: &mut Compiler<'_>,
     resources: &[Resource],
 ) -> HashMap<String, (Vec<Route>, ResourceName)> {
-    let mut list: Vec<(&Resource, &HttpRoute)> = resources
+    let mut list: Vec<(&Resource, &[ParentReference], &[HttpRouteRule])> = resources
         .iter()
         .filter_map(|r| match &r.spec {
-            Spec::HttpRoute(h) => Some((r, h)),
+            Spec::HttpRoute(h) => Some((r, &h.parent_refs[..], &h.rules[..])),
+            Spec::GrpcRoute(g) => Some((r, &g.parent_refs[..], &g.rules[..])),
             _ => None,
         })
         .collect();
-    list.sort_by(|(a, _), (b, _)| age_then_name(a, b));
+    list.sort_by(|(a, ..), (b, ..)| age_then_name(a, b));
     let mut by_host: HashMap<String, Vec<(Key, Route, ResourceName)>> = HashMap::new();
-    for (order, (res, route)) in list.into_iter().enumerate() {
+    for (order, (res, parent_refs, rules)) in list.into_iter().enumerate() {
         let ns = res.meta.namespace.as_str();
-        let parents: Vec<(String, Option<u16>)> = route
-            .parent_refs
+        let parents: Vec<(String, Option<u16>)> = parent_refs
             .iter()
             .filter(|p| p.is_service())
             .map(|p| {
@@ -97,7 +96,7 @@ pub(super) fn routes(
         }
         let mut compiled = Vec::new();
         let mut failed = false;
-        for (i, rule) in route.rules.iter().enumerate() {
+        for (i, rule) in rules.iter().enumerate() {
             match target(c, res, i, rule) {
                 Ok(t) => compiled.push((i, rule, Arc::new(t))),
                 Err(Rejected) => failed = true,

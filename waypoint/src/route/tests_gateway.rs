@@ -339,3 +339,50 @@ fn http_routes_take_precedence_over_a_virtual_service_for_the_same_service() {
         "{note}"
     );
 }
+
+#[test]
+fn grpc_routes_match_service_and_method_paths() {
+    let c = build(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo}]
+  rules:
+  - matches: [{method: {service: echo.Echo, method: Stream}}]
+    backendRefs: [{name: stream, port: 9000}]
+  - matches: [{method: {service: echo.Echo}}]
+    backendRefs: [{name: unary, port: 9000}]
+  - matches: [{method: {type: RegularExpression, method: 'Get.*'}, headers: [{name: x-env, value: canary}]}]
+    backendRefs: [{name: getters, port: 9000}]
+  - backendRefs: [{name: rest, port: 9000}]
+"#,
+    );
+    assert_eq!(dest(&c, "POST", "/echo.Echo/Stream", &[]), "stream");
+    assert_eq!(dest(&c, "POST", "/echo.Echo/Unary", &[]), "unary");
+    assert_eq!(
+        dest(&c, "POST", "/echo.EchoX/Unary", &[]),
+        "rest",
+        "the service is a whole segment"
+    );
+    assert_eq!(
+        dest(&c, "POST", "/other.Svc/GetThing", &[("x-env", "canary")]),
+        "getters"
+    );
+    assert_eq!(dest(&c, "POST", "/other.Svc/GetThing", &[]), "rest");
+}
+
+#[test]
+fn grpc_route_problems_are_reported() {
+    let loaded = load_str(
+        "g.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: echo}]\n  rules:\n  - matches: [{method: {type: Exact}}]\n    filters: [{type: URLRewrite, urlRewrite: {hostname: x}}]\n",
+        &LoadOptions::default(),
+    );
+    let paths: Vec<&str> = loaded.errors().map(|d| d.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["spec.rules[0].matches[0].method", "spec.rules[0].filters"]
+    );
+}

@@ -2,9 +2,11 @@
 
 pub mod common;
 pub mod filter;
+pub mod grpc_route;
 pub mod http_route;
 
 pub use common::GROUP;
+pub use grpc_route::GrpcRoute;
 pub use http_route::HttpRoute;
 
 /// The versions the HTTPRoute CRD serves.
