@@ -78,6 +78,11 @@ fn route_match(c: &mut Criterion) {
     c.bench_function("VirtualService 1,000 prefix routes: match the last", |b| {
         b.iter(|| black_box(vs.table.decide(black_box(HOST), black_box(&last))))
     });
+    let service = vs.table.service(HOST).expect("routes");
+    c.bench_function(
+        "VirtualService 1,000 prefix routes: match the last, plain scan (no index)",
+        |b| b.iter(|| black_box(service.scan(black_box(&last)))),
+    );
     // Rule 499's tenant is t9 (499 % 10), so this is a hit halfway down the list.
     assert!(matched(vs.table.decide(HOST, &middle)));
     c.bench_function("VirtualService 1,000 prefix routes: match the 500th", |b| {

@@ -176,10 +176,7 @@ pub fn compile(resources: &[Resource], opts: &CompileOptions) -> Compiled {
     }
     let mut table = RouteTable::default();
     for (host, (routes, source, _)) in services {
-        let sr = ServiceRoutes {
-            routes: routes.into(),
-            source,
-        };
+        let sr = ServiceRoutes::new(routes, source);
         if host == "*" {
             table.wildcard.push(("".into(), sr));
         } else if let Some(suffix) = host.strip_prefix('*') {

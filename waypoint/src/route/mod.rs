@@ -12,6 +12,7 @@ pub mod compile;
 mod compile_gateway;
 mod compile_istio;
 pub mod hosts;
+mod index;
 pub mod matcher;
 pub mod request;
 pub mod table;

@@ -15,6 +15,7 @@ use crate::policy::redirect::{Redirect, Rewrite};
 use crate::policy::retry::RetryPolicy;
 use crate::policy::{Fraction, scale};
 
+use super::index::PathIndex;
 use super::matcher::RouteMatch;
 use super::request::Request;
 
@@ -191,6 +192,8 @@ pub enum RouteSource {
 pub struct ServiceRoutes {
     pub routes: Box<[Route]>,
     pub source: RouteSource,
+    /// For long route lists: which routes a path can match at all.
+    index: Option<PathIndex>,
 }
 
 /// The result of routing one request.
@@ -247,8 +250,36 @@ impl RouteTable {
 }
 
 impl ServiceRoutes {
+    pub fn new(routes: Vec<Route>, source: RouteSource) -> ServiceRoutes {
+        let index = (routes.len() >= super::index::MIN_ROUTES).then(|| PathIndex::build(&routes));
+        ServiceRoutes {
+            routes: routes.into(),
+            source,
+            index,
+        }
+    }
+
     #[inline]
     pub fn decide(&self, req: &Request<'_>) -> Decision<'_> {
+        if let Some(ix) = &self.index {
+            let found = ix.first(req.path, |i| {
+                let r = &self.routes[i];
+                r.matches(req).map(|matched_prefix| Decision::Matched {
+                    target: &r.target,
+                    matched_prefix,
+                })
+            });
+            match found {
+                Ok(Some(d)) => return d,
+                Ok(None) => return Decision::NotFound,
+                Err(()) => {}
+            }
+        }
+        self.scan(req)
+    }
+
+    /// Tries every route in order.
+    pub fn scan(&self, req: &Request<'_>) -> Decision<'_> {
         for r in self.routes.iter() {
             if let Some(matched_prefix) = r.matches(req) {
                 return Decision::Matched {
