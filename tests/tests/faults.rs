@@ -354,3 +354,71 @@ fn a_lossy_then_dead_link_fails_tunnels_cleanly_and_they_recover() {
     )
     .expect("tunnels did not recover after the link came back");
 }
+
+#[test]
+fn concurrent_connects_to_a_black_holed_node_all_fail_within_the_connect_timeout() {
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+    const CLIENTS: usize = 100;
+    let (mesh, _echo) = mesh(&["--connect-timeout-secs", "2"]);
+    let sleep = mesh.netns("sleep");
+    let dst = addr(&mesh, "echo", 8080);
+    // No tunnel to node2 exists yet, and nothing gets through to it: every tunnel needs a
+    // dial, and each dial waits for an answer that never comes.
+    node2_filter(&mesh, Some(&["drop"]));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let sleep = sleep.clone();
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let got = connect(&sleep, dst).and_then(|mut conn| {
+                    // Far beyond the bound, so that a slow failure is measured, not cut.
+                    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+                    let _ = conn.write_all(b"lost");
+                    let mut buf = [0u8; 8];
+                    conn.read(&mut buf)
+                });
+                (started.elapsed(), got)
+            })
+        })
+        .collect();
+    let ended: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let mut took: Vec<_> = ended.iter().map(|(elapsed, _)| *elapsed).collect();
+    took.sort();
+    let bound = CONNECT_TIMEOUT + Duration::from_secs(1);
+    let late = took.iter().filter(|t| **t > bound).count();
+    eprintln!(
+        "{CLIENTS} connects to a black-holed node ended after {:?} (fastest), {:?} (median), \
+         {:?} (slowest); {late} after more than {bound:?}",
+        took[0],
+        took[CLIENTS / 2],
+        took[CLIENTS - 1]
+    );
+    assert_eq!(
+        late,
+        0,
+        "{late} of {CLIENTS} connects took longer than {bound:?}; the slowest {:?}",
+        took[CLIENTS - 1]
+    );
+    for (elapsed, got) in &ended {
+        assert!(
+            is_prompt_end(got) && !matches!(got, Ok(n) if *n > 0),
+            "a connection to a black-holed node: {got:?} after {elapsed:?}"
+        );
+    }
+    // Each ended as a tunnel that could not be opened, its reason the connect timeout.
+    let failed = connections(&mesh, "node1", |c| {
+        c["state"] == "failed"
+            && c["path"] == "hbone-out"
+            && c["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("did not answer within 2s"))
+    });
+    assert_eq!(failed.len(), CLIENTS, "{failed:?}");
+    // The failed dial left nothing behind: once the node is reachable, tunnels open.
+    node2_filter(&mesh, None);
+    mesh_tests::wait_until(
+        Duration::from_secs(30),
+        || matches!(echo_roundtrip(&sleep, dst, b"back".to_vec()), Ok(ref g) if g == b"backbye"),
+    )
+    .expect("no tunnel once the node was reachable again");
+}

@@ -3,8 +3,10 @@
 //! Connections are shared per `PoolKey` (source identity, peer address, peer identity), so a
 //! connection opened with one workload's certificate is never used for another's traffic and
 //! never reaches a peer that proved a different identity. A connection carries at most
-//! `max_streams_per_conn` tunnels; opening connections for one key is serialised, so a burst
-//! of connects opens one connection per `max_streams_per_conn` tunnels, not one each.
+//! `max_streams_per_conn` tunnels. Concurrent connects that find no room share the dial in
+//! flight (see `pool_state`), up to `max_streams_per_conn` of them per dial: a burst opens
+//! one connection per `max_streams_per_conn` tunnels, not one each, and against a peer that
+//! never answers they all fail after one `connect_timeout`, not one after another.
 //! Connections with no tunnel for `idle_timeout` are closed (GOAWAY).
 //!
 //! A connection takes new tunnels only while both certificates of its handshake (the one
@@ -31,10 +33,12 @@ use http::StatusCode;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::lifetime::{keepalive, wall_clock_reaches};
+use super::pool_state::{KeyState, Step};
 use super::request::{ConnectHeaders, build_connect};
 use super::stream::{H2Stream, OnDrop};
 use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, STREAM_WINDOW, tls_io};
@@ -115,20 +119,32 @@ pub struct PoolStats {
     pub keepalive_timeout: u64,
 }
 
-struct PooledConn {
-    id: u64,
-    send: SendRequest<Bytes>,
-    active: usize,
-    idle_since: Instant,
-    /// The first `not_after` of the two certificates of the handshake.
-    expires: SystemTime,
-}
+/// How a dial ended, as its waiters see it: `None` while it is in flight.
+type DialOutcome = Option<Result<SendRequest<Bytes>, Arc<HboneError>>>;
 
-#[derive(Default)]
-struct KeyEntry {
-    conns: Vec<PooledConn>,
-    /// Held while opening a connection for this key.
-    dialing: Arc<tokio::sync::Mutex<()>>,
+/// One key's connections and dials in flight.
+type KeyEntry = KeyState<SendRequest<Bytes>, watch::Receiver<DialOutcome>>;
+
+/// A stream slot taken for one connect, and what to do with it.
+enum Slot {
+    /// On a pooled connection.
+    Pooled {
+        id: u64,
+        send: SendRequest<Bytes>,
+        slot: OnDrop,
+    },
+    /// Among the waiters of a dial in flight.
+    Waiting {
+        id: u64,
+        outcome: watch::Receiver<DialOutcome>,
+        slot: OnDrop,
+    },
+    /// As the dialer: its waiters learn the outcome through `done`.
+    Dialing {
+        id: u64,
+        done: watch::Sender<DialOutcome>,
+        slot: OnDrop,
+    },
 }
 
 struct PoolInner {
@@ -175,46 +191,101 @@ impl Pool {
         F: FnOnce() -> Fut,
         Fut: Future<Output = io::Result<TcpStream>>,
     {
-        // A pooled connection first. If it fails before answering (the peer sent GOAWAY
-        // because it is being replaced, or the connection died unnoticed), nothing reached
-        // the destination yet: drop that connection and try once on a fresh one.
-        if let Some((send, slot, conn_id)) = self.reserve(&key) {
-            match self.open_stream(&key, send, slot, authority, headers).await {
-                Err(Attempt::Unanswered(error)) => {
-                    tracing::debug!(peer = %key.dst, %error, "pooled HBONE connection unusable; dialing anew");
-                    self.inner.remove(&key, conn_id);
+        // A pooled connection that fails before answering (the peer sent GOAWAY because it
+        // is being replaced, or the connection died unnoticed) reached nothing yet: it is
+        // dropped, and the connect tries once more, on another connection or a new one.
+        let mut retried = false;
+        let (send, slot) = loop {
+            match self.take_slot(&key) {
+                Slot::Pooled { id, send, slot } => {
+                    match self.open_stream(&key, send, slot, authority, headers).await {
+                        Err(Attempt::Unanswered(error)) if !retried => {
+                            tracing::debug!(peer = %key.dst, %error,
+                                "pooled HBONE connection unusable; trying anew");
+                            self.inner.remove(&key, id);
+                            retried = true;
+                        }
+                        result => return result.map_err(Attempt::into_error),
+                    }
                 }
-                Err(Attempt::Answered(error)) => return Err(error),
-                Ok(stream) => return Ok(stream),
-            }
-        }
-        let dialing = self
-            .inner
-            .lock()
-            .entry(key.clone())
-            .or_default()
-            .dialing
-            .clone();
-        let (send, slot) = {
-            let _dialing = dialing.lock().await;
-            match self.reserve(&key) {
-                Some((send, slot, _)) => (send, slot),
-                None => {
-                    let timeout = self.inner.config.connect_timeout;
-                    let (id, send, expires) =
-                        tokio::time::timeout(timeout, self.dial(&key, tcp_connect, tls))
-                            .await
-                            .map_err(|_| HboneError::Timeout {
-                                addr: key.dst,
-                                after: timeout,
-                            })??;
-                    self.insert_reserved(&key, id, send, expires)
+                Slot::Waiting {
+                    id,
+                    mut outcome,
+                    slot,
+                } => {
+                    let outcome = outcome.wait_for(Option::is_some).await.map(|o| o.clone());
+                    match outcome {
+                        Ok(Some(Ok(send))) => break (send, slot),
+                        Ok(Some(Err(error))) => return Err(HboneError::Shared(error)),
+                        // The dialer went away before the end (its task was cancelled):
+                        // its dial is forgotten, and this connect decides again.
+                        Ok(None) | Err(_) => {
+                            drop(slot);
+                            self.inner.abandon_dial(&key, id);
+                        }
+                    }
+                }
+                Slot::Dialing { id, done, slot } => {
+                    break self
+                        .dial_for_all(&key, id, done, slot, tcp_connect, tls)
+                        .await?;
                 }
             }
         };
         self.open_stream(&key, send, slot, authority, headers)
             .await
             .map_err(Attempt::into_error)
+    }
+
+    /// Dials for `key` as dial `id`, within the connect timeout, and tells the dial's
+    /// waiters how it ended (`done`). On success the connection enters the pool with a slot
+    /// taken for each waiter; `slot` is the dialer's own.
+    async fn dial_for_all<F, Fut>(
+        &self,
+        key: &PoolKey,
+        id: u64,
+        done: watch::Sender<DialOutcome>,
+        slot: OnDrop,
+        tcp_connect: F,
+        tls: ClientTls,
+    ) -> Result<(SendRequest<Bytes>, OnDrop), HboneError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = io::Result<TcpStream>>,
+    {
+        let timeout = self.inner.config.connect_timeout;
+        let dialed = tokio::time::timeout(timeout, self.dial(key, id, tcp_connect, tls))
+            .await
+            .unwrap_or(Err(HboneError::Timeout {
+                addr: key.dst,
+                after: timeout,
+            }));
+        let mut keys = self.inner.lock();
+        let entry = keys.entry(key.clone()).or_default();
+        match dialed {
+            Ok((send, expires)) => {
+                entry.dial_succeeded(id, send.clone(), expires, Instant::now());
+                drop(keys);
+                done.send_replace(Some(Ok(send.clone())));
+                Ok((send, slot))
+            }
+            Err(error) => {
+                let waiters = entry.end_dial(id).unwrap_or(0);
+                if entry.is_unused() {
+                    keys.remove(key);
+                }
+                drop(keys);
+                drop(slot);
+                if waiters <= 1 {
+                    // Nobody else to tell: the dialer keeps the error as it is.
+                    return Err(error);
+                }
+                tracing::debug!(peer = %key.dst, waiters, %error, "shared HBONE dial failed");
+                let error = Arc::new(error);
+                done.send_replace(Some(Err(error.clone())));
+                Err(HboneError::Shared(error))
+            }
+        }
     }
 
     /// Sends the CONNECT on `send` and waits for the answer.
@@ -268,61 +339,59 @@ impl Pool {
         }
     }
 
-    /// Takes a stream slot on a pooled connection with room, if any. Connections whose
+    /// Takes a stream slot for one connect on `key` (see `pool_state`). Connections whose
     /// certificates have expired are never used: they leave the pool here.
-    fn reserve(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, OnDrop, u64)> {
+    fn take_slot(&self, key: &PoolKey) -> Slot {
         let max = self.inner.config.max_streams_per_conn;
         let mut keys = self.inner.lock();
-        let entry = keys.get_mut(key)?;
+        let entry = keys.entry(key.clone()).or_default();
         self.inner.drop_expired(key, entry, SystemTime::now());
-        let conn = entry.conns.iter_mut().find(|c| c.active < max)?;
-        conn.active += 1;
-        Some((conn.send.clone(), self.slot_guard(key, conn.id), conn.id))
-    }
-
-    fn insert_reserved(
-        &self,
-        key: &PoolKey,
-        id: u64,
-        send: SendRequest<Bytes>,
-        expires: SystemTime,
-    ) -> (SendRequest<Bytes>, OnDrop) {
-        self.inner
-            .lock()
-            .entry(key.clone())
-            .or_default()
-            .conns
-            .push(PooledConn {
+        match entry.take(max) {
+            Step::Use { id, handle } => Slot::Pooled {
                 id,
-                send: send.clone(),
-                active: 1,
-                idle_since: Instant::now(),
-                expires,
-            });
-        (send, self.slot_guard(key, id))
+                send: handle,
+                slot: self.slot_guard(key, id),
+            },
+            Step::Join { id, outcome } => Slot::Waiting {
+                id,
+                outcome,
+                slot: self.slot_guard(key, id),
+            },
+            Step::Dial => {
+                let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+                let (done, outcome) = watch::channel(None);
+                entry.start_dial(id, outcome);
+                Slot::Dialing {
+                    id,
+                    done,
+                    slot: self.slot_guard(key, id),
+                }
+            }
+        }
     }
 
+    /// Gives the slot taken under `conn_id` back when dropped.
     fn slot_guard(&self, key: &PoolKey, conn_id: u64) -> OnDrop {
         let pool = Arc::downgrade(&self.inner);
         let key = key.clone();
         OnDrop::new(move || {
             if let Some(pool) = pool.upgrade()
-                && let Some(conn) = pool.conn_mut(&mut pool.lock(), &key, conn_id)
+                && let Some(entry) = pool.lock().get_mut(&key)
             {
-                conn.active = conn.active.saturating_sub(1);
-                if conn.active == 0 {
-                    conn.idle_since = Instant::now();
-                }
+                entry.release(conn_id, Instant::now());
             }
         })
     }
 
+    /// Opens connection `id` (TCP, TLS, HTTP/2) and starts driving it; returns its handle
+    /// and when its certificates stop vouching for it.
     async fn dial<F, Fut>(
         &self,
         key: &PoolKey,
+        id: u64,
         tcp_connect: F,
         tls: ClientTls,
-    ) -> Result<(u64, SendRequest<Bytes>, SystemTime), HboneError>
+    ) -> Result<(SendRequest<Bytes>, SystemTime), HboneError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = io::Result<TcpStream>>,
@@ -354,7 +423,6 @@ impl Pool {
             .handshake::<_, Bytes>(tls_stream)
             .await
             .map_err(|e| HboneError::from_h2(addr, e))?;
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(drive(
             Arc::downgrade(&self.inner),
             key.clone(),
@@ -362,7 +430,7 @@ impl Pool {
             expires,
             connection,
         ));
-        Ok((id, send, expires))
+        Ok((send, expires))
     }
 }
 
@@ -389,22 +457,24 @@ impl PoolInner {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn conn_mut<'a>(
-        &self,
-        keys: &'a mut HashMap<PoolKey, KeyEntry>,
-        key: &PoolKey,
-        id: u64,
-    ) -> Option<&'a mut PooledConn> {
-        keys.get_mut(key)?.conns.iter_mut().find(|c| c.id == id)
-    }
-
     /// Drops a connection from the pool; with its `SendRequest` gone, h2 closes it once its
     /// last stream ends.
     fn remove(&self, key: &PoolKey, id: u64) {
         let mut keys = self.lock();
         if let Some(entry) = keys.get_mut(key) {
-            entry.conns.retain(|c| c.id != id);
-            if entry.conns.is_empty() && Arc::strong_count(&entry.dialing) == 1 {
+            entry.remove_conn(id);
+            if entry.is_unused() {
+                keys.remove(key);
+            }
+        }
+    }
+
+    /// Forgets dial `id`, whose dialer went away without an outcome.
+    fn abandon_dial(&self, key: &PoolKey, id: u64) {
+        let mut keys = self.lock();
+        if let Some(entry) = keys.get_mut(key) {
+            entry.end_dial(id);
+            if entry.is_unused() {
                 keys.remove(key);
             }
         }
@@ -431,7 +501,7 @@ impl PoolInner {
         let timeout = self.config.idle_timeout;
         let next = {
             let mut keys = self.lock();
-            let conn = self.conn_mut(&mut keys, key, id)?;
+            let conn = keys.get_mut(key)?.conn_mut(id)?;
             if conn.active > 0 {
                 Instant::now() + timeout
             } else if conn.idle_since + timeout <= Instant::now() {

@@ -3,6 +3,7 @@
 //! - `request`: the CONNECT request rules, pure (build, validate, Istio status codes);
 //! - `stream`: one tunnel as an `AsyncRead + AsyncWrite` byte stream;
 //! - `client`: the pool of outbound HTTP/2 connections, keyed by who talks to whom;
+//! - `pool_state`: the pool's decisions for one key (reuse, wait for a dial, dial), no I/O;
 //! - `server`: accepting tunnels on an established TLS connection; the caller decides;
 //! - `lifetime`: when a connection stops taking tunnels (certificate expiry, keep-alive).
 //!
@@ -11,6 +12,7 @@
 
 pub mod client;
 mod lifetime;
+mod pool_state;
 pub mod request;
 pub mod server;
 pub mod stream;
@@ -75,6 +77,10 @@ pub enum HboneError {
     Status(http::StatusCode),
     #[error(transparent)]
     Request(#[from] request::RequestError),
+    /// The failure of a dial that concurrent connects to one peer shared: each of them gets
+    /// it (its message and source are the dial's).
+    #[error(transparent)]
+    Shared(std::sync::Arc<HboneError>),
 }
 
 impl HboneError {
