@@ -464,6 +464,7 @@ pub async fn tunnel(
     let pool = Pool::new(PoolConfig::default());
     let key = PoolKey {
         src: cert.identity.clone(),
+        src_addr: None,
         dst: peer,
         dst_identity: server,
     };

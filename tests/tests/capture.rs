@@ -147,6 +147,8 @@ fn ztunnel_under_ip_netns_exec_mounts_its_own_cgroup2_and_captures() {
     ];
     let mut mesh = Mesh::new(&["node1"], pods, Vec::new()).unwrap();
     mesh.ip_netns_exec = true;
+    // Deliveries from 127.0.0.6 tell a captured connection from a direct one.
+    mesh.ztunnel_args = vec!["--inbound-source".into(), "loopback".into()];
     let dst = SocketAddr::new(mesh.ip("echo").into(), 8080);
     let server = traffic::AppServer::start(&mesh.netns("echo"), "echo", dst).unwrap();
     // Ready means every pod is captured.

@@ -69,6 +69,7 @@ fn open_stream(c: &mut Criterion) {
     let pool = Pool::new(PoolConfig::default());
     let key = PoolKey {
         src,
+        src_addr: None,
         dst: addr,
         dst_identity: server_id,
     };

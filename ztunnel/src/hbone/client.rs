@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
@@ -50,6 +50,10 @@ use crate::tls::{TlsError, TrustBundle};
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub src: Identity,
+    /// The workload address the connection is dialled from, when the dial keeps it. Each
+    /// workload gets its own connections even where several share an identity: the peer
+    /// authorizes and delivers on the address it sees, which must be the caller's.
+    pub src_addr: Option<IpAddr>,
     /// The peer's HBONE address (`ip:15008`).
     pub dst: SocketAddr,
     pub dst_identity: Identity,

@@ -194,6 +194,7 @@ impl Client {
             pool: Pool::new(config),
             key: PoolKey {
                 src: cert.identity.clone(),
+                src_addr: None,
                 dst: server.addr,
                 dst_identity: id(expect),
             },

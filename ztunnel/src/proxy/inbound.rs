@@ -138,8 +138,9 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
     let client = policy_source(peer, claimed, &peer_id, NO_TRUSTED_FORWARDERS);
     // Optional (Istio's ztunnel sends them; nothing here requires them): logged for tracing.
     let header = |name: &str| accepted.headers.get(name).and_then(|v| v.to_str().ok());
-    debug!(%dst, %peer, claimed_client = ?claimed, baggage = ?header("baggage"),
-        traceparent = ?header("traceparent"), "HBONE CONNECT headers");
+    debug!(%dst, %peer, claimed_client = ?claimed, forwarded = ?header("forwarded"),
+        baggage = ?header("baggage"), traceparent = ?header("traceparent"),
+        "HBONE CONNECT headers");
     if !pod.workload.workload_ips.contains(&dst.ip()) {
         Stats::add(&proxy.stats.rejected_inputs, 1);
         warn!(%dst, identity = %peer_id, "HBONE authority is not this pod; answering 400");

@@ -210,6 +210,7 @@ async fn handle(
     };
     let key = PoolKey {
         src: src_id,
+        src_addr: Some(client.ip()),
         dst: peer,
         dst_identity: dst_id.clone(),
     };
