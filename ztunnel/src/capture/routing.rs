@@ -86,6 +86,8 @@ impl std::fmt::Debug for SourceRouting {
 pub struct PodRouting {
     owner: Arc<SourceRouting>,
     netns: Arc<Netns>,
+    /// Set when this holder must not undo the set-up (see [`PodRouting::leave_in_place`]).
+    keep: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -140,6 +142,7 @@ impl SourceRouting {
                 let routing = Arc::new(PodRouting {
                     owner: self.clone(),
                     netns: netns.clone(),
+                    keep: AtomicBool::new(false),
                 });
                 live.insert(cookie, Arc::downgrade(&routing));
                 routing
@@ -242,10 +245,19 @@ impl SourceRouting {
     }
 }
 
+impl PodRouting {
+    /// Letting go of this holder leaves the set-up as it is: for a pod taken over from a
+    /// predecessor whose enrolment failed here, the predecessor still delivers into it and
+    /// its replies need the route; the next attempt joins the set-up again.
+    pub fn leave_in_place(&self) {
+        self.keep.store(true, Ordering::Relaxed);
+    }
+}
+
 impl Drop for PodRouting {
     fn drop(&mut self) {
         let owner = &self.owner;
-        if owner.keep.load(Ordering::Relaxed) {
+        if owner.keep.load(Ordering::Relaxed) || self.keep.load(Ordering::Relaxed) {
             return;
         }
         let cookie = self.netns.cookie();

@@ -338,6 +338,18 @@ fn fetch_certificate(proxy: &Arc<Proxy>, w: &Arc<Workload>) {
     });
 }
 
+/// On an enrolment's failure (dropped while still holding its set-up), leaves the pod's
+/// delivery set-up in place.
+struct LeaveInPlace(Option<Arc<PodRouting>>);
+
+impl Drop for LeaveInPlace {
+    fn drop(&mut self) {
+        if let Some(routing) = &self.0 {
+            routing.leave_in_place();
+        }
+    }
+}
+
 /// Opens (or inherits) a pod's listeners and turns capture on; the accept loops start once
 /// the caller has registered the pod.
 async fn enroll(
@@ -360,6 +372,10 @@ async fn enroll(
         ),
         InboundSource::Loopback => None,
     };
+    // A pod taken over from a predecessor keeps its delivery set-up if this attempt fails:
+    // the predecessor's deliveries into it are still open.
+    let taken_over = proxy.inherited.get().is_some_and(|i| i.holds(&w.uid));
+    let mut on_failure = LeaveInPlace(routing.clone().filter(|_| taken_over));
 
     let mut wanted = vec![
         (
@@ -442,6 +458,7 @@ async fn enroll(
     if let Some(i) = inherited {
         i.enrolled(&w.uid);
     }
+    on_failure.0 = None;
 
     let mut sockets = Vec::new();
     let mut ready = Vec::new();
