@@ -9,6 +9,7 @@ use mesh_tests::mesh::{Mesh, PodSpec};
 use mesh_tests::netns::in_netns;
 use mesh_tests::traffic::echo_roundtrip;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ztunnel::config::InboundSource;
 
 fn soak() -> bool {
     std::env::var_os("ZTUNNEL_SOAK").is_some()
@@ -212,8 +213,8 @@ fn short_connections(
 }
 
 /// Many client pods, one server. With `--inbound-source loopback` ztunnel delivers every
-/// connection to the server from one address (127.0.0.6), so its source ports come from one port space however many clients
-/// there are. A delivery socket bound to port 0 before connecting reserved a port of that
+/// connection to the server from one address (127.0.0.6), so its source ports come from one
+/// port space however many clients there are. A delivery socket bound to port 0 before connecting reserved a port of that
 /// space for itself, whatever the destination, and the delivery side closes first (it
 /// passes the client's FIN on), so TIME_WAIT held each port for a minute: after the range
 /// was used up, deliveries failed with "Address already in use". Bound without reserving a
@@ -242,12 +243,6 @@ fn many_clients_short_connections_to_one_server_do_not_run_out_of_source_ports()
 #[test]
 fn many_clients_short_connections_keep_each_clients_address() {
     short_connections_through_the_mesh(InboundSource::Client);
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum InboundSource {
-    Loopback,
-    Client,
 }
 
 fn short_connections_through_the_mesh(source: InboundSource) {
