@@ -254,3 +254,35 @@ async fn source_address_claimed_in_forwarded_is_not_believed_by_policy() {
         );
     }
 }
+
+/// Pods that share a service account never share a tunnel: the destination judges each by
+/// its own address. With an ALLOW for pod A's address only, pod B (same identity, same node)
+/// is refused even right after A's tunnel to the destination was opened and left pooled.
+#[test]
+fn pods_of_one_identity_are_judged_by_their_own_address() {
+    let pods = vec![
+        PodSpec::new("a", "node1", "sleep"),
+        PodSpec::new("b", "node1", "sleep"),
+        PodSpec::new("echo", "node2", "echo"),
+    ];
+    let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    let a = mesh.ip("a");
+    let dst = SocketAddr::new(mesh.ip("echo").into(), 8080);
+    mesh.policies = format!(
+        "  - name: allow-a\n    namespace: default\n    scope: Namespace\n    action: Allow\n    rules:\n      - - - sourceIps: [\"{a}/32\"]\n"
+    );
+    let server = AppServer::start(&mesh.netns("echo"), "echo", dst).unwrap();
+    mesh.start().unwrap();
+
+    let got = echo_roundtrip(&mesh.netns("a"), dst, b"a".to_vec()).unwrap();
+    assert_eq!(got, b"abye");
+    let got = echo_roundtrip(&mesh.netns("b"), dst, b"b".to_vec());
+    assert!(
+        is_reset(&got),
+        "pod b was admitted on pod a's address: {got:?}"
+    );
+    let got = echo_roundtrip(&mesh.netns("a"), dst, b"a".to_vec()).unwrap();
+    assert_eq!(got, b"abye");
+    let peers: Vec<String> = server.peers().iter().map(|p| p.ip().to_string()).collect();
+    assert_eq!(peers, [a.to_string(), a.to_string()]);
+}
