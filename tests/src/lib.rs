@@ -4,6 +4,7 @@
 
 pub mod ca;
 pub mod h2raw;
+pub mod http_app;
 pub mod mesh;
 pub mod mesh_xds;
 pub mod netns;

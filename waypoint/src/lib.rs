@@ -1,12 +1,19 @@
 //! The waypoint: the shared L7 proxy of the ambient mesh.
 //!
-//! Today this crate holds the pure core: `config` reads Istio and Gateway API resources as
-//! users write them, and `route` compiles them into immutable route tables and matches
-//! requests against them. No I/O happens in either (except reading files in
-//! `config::load_path`); the HBONE and HTTP server comes on top.
+//! The pure core: `config` reads Istio and Gateway API resources as users write them,
+//! `route` compiles them into immutable route tables and matches requests against them,
+//! `policy` decides retries, faults, rewrites and redirects. No I/O happens there (except
+//! reading files in `config::load_path`). Around it: `snapshot` (the mesh and the routes as
+//! one value a request is decided against), `server` (HBONE in, HTTP inside) and `upstream`
+//! (HBONE out to endpoints, HTTP connections kept for reuse); `run` wires them to the
+//! config sources.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod policy;
 pub mod route;
+pub mod run;
+pub mod server;
+pub mod snapshot;
+pub mod upstream;

@@ -1,17 +1,24 @@
-//! The waypoint L7 proxy. The HBONE/HTTP server is not built yet; today the binary checks
-//! route config files the way the proxy will read them:
+//! The waypoint L7 proxy.
+//!
+//! `waypoint --mesh-config MESH.yaml --routes FILE|DIR...` serves HBONE on 15008 as
+//! `spiffe://<trust domain>/ns/<namespace>/sa/<service account>` and routes the HTTP inside
+//! each tunnel by the VirtualServices, DestinationRules, HTTPRoutes and GRPCRoutes of the
+//! route files (watched).
 //!
 //! `waypoint --check FILE|DIR...` reads each file (or every `.yaml`/`.yml`/`.json` file of a
 //! directory), compiles the route table, prints every error and warning with file, line,
 //! document, resource and field path, and exits 1 if any resource was rejected.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 
 use waypoint::config::{self, LoadOptions, Severity};
 use waypoint::route::{self, CompileOptions};
+use ztunnel::identity::Identity;
 
 /// Shared L7 proxy of the ambient mesh.
 #[derive(Debug, Parser)]
@@ -19,21 +26,107 @@ use waypoint::route::{self, CompileOptions};
 struct Args {
     /// Check these route config files or directories (VirtualService, DestinationRule,
     /// HTTPRoute; other kinds are skipped) and exit: 0 if all load, 1 if any is rejected.
-    #[arg(long, value_name = "PATH", num_args = 1.., required = true)]
+    #[arg(long, value_name = "PATH", num_args = 1.., conflicts_with = "mesh_config")]
     check: Vec<PathBuf>,
-    /// Namespace of resources that do not name one (kubectl's current namespace).
+    /// The mesh's workloads and services, in ztunnel's local config format (watched).
+    #[arg(long, value_name = "FILE", required_unless_present = "check")]
+    mesh_config: Option<PathBuf>,
+    /// Route config files or directories to serve (watched; a change with errors is not
+    /// applied and the last good routes stay).
+    #[arg(long, value_name = "PATH", num_args = 1..)]
+    routes: Vec<PathBuf>,
+    /// The waypoint's namespace; also that of resources that do not name one.
     #[arg(long, default_value = "default")]
     namespace: String,
+    /// The waypoint's service account: its identity is
+    /// spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
+    #[arg(long, default_value = "waypoint")]
+    service_account: String,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// The local CA's directory (ca-key.pem, root-cert.pem; created if absent).
+    #[arg(long, default_value = "/var/run/ztunnel/ca")]
+    ca_dir: PathBuf,
+    /// HBONE listener.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    listen: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    ready_addr: SocketAddr,
+    /// Milliseconds between looks at the route files for changes.
+    #[arg(long, default_value_t = 500)]
+    poll_ms: u64,
     /// The cluster's DNS domain, for short host names.
     #[arg(long, default_value = "cluster.local")]
     domain: String,
     /// Istio's root namespace, whose DestinationRules apply mesh-wide.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
+    /// Worker threads of the runtime.
+    #[arg(long, default_value_t = 2)]
+    worker_threads: usize,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if !args.check.is_empty() {
+        return check(&args);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let Some(mesh_config) = args.mesh_config.clone() else {
+        eprintln!("--mesh-config is required");
+        return ExitCode::FAILURE;
+    };
+    let identity = match Identity::new(&args.trust_domain, &args.namespace, &args.service_account) {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("waypoint identity: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = waypoint::run::Options {
+        mesh_config,
+        routes: args.routes.clone(),
+        identity,
+        ca_dir: args.ca_dir.clone(),
+        listen: args.listen,
+        ready_addr: args.ready_addr,
+        load: LoadOptions {
+            default_namespace: args.namespace.clone(),
+        },
+        compile: CompileOptions {
+            domain_suffix: args.domain.clone(),
+            root_namespace: args.root_namespace.clone(),
+        },
+        poll: Duration::from_millis(args.poll_ms.max(10)),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.worker_threads.max(1))
+        .enable_all()
+        .thread_name("waypoint")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(waypoint::run::run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(args: &Args) -> ExitCode {
     let load = LoadOptions {
         default_namespace: args.namespace.clone(),
     };
@@ -48,8 +141,8 @@ fn main() -> ExitCode {
     let compiled = route::compile(
         &loaded.resources,
         &CompileOptions {
-            domain_suffix: args.domain,
-            root_namespace: args.root_namespace,
+            domain_suffix: args.domain.clone(),
+            root_namespace: args.root_namespace.clone(),
         },
     );
     let all = loaded.diagnostics.iter().chain(&compiled.diagnostics);

@@ -1,0 +1,240 @@
+//! An HTTP application for the waypoint tests, and a client that speaks HTTP through an
+//! HBONE tunnel.
+//!
+//! The application (`HttpApp`) serves HTTP/1.1 and h2c (told apart by the preface) on a pod
+//! address. It answers every request with 200 and a text body that says who answered and
+//! what arrived: `server <name>`, `method`, `path` (with query), `version`, `peer` (the TCP
+//! peer it saw), then each request header as `header <name>: <value>`. A request header
+//! `x-app-status: <code>` makes it answer with that status instead. It counts requests.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::netns::in_netns;
+
+/// A running application; it stops when the test process ends (its thread is detached).
+#[derive(Debug)]
+pub struct HttpApp {
+    pub addr: SocketAddr,
+    requests: Arc<AtomicU64>,
+}
+
+impl HttpApp {
+    pub fn start(netns: &str, name: &str, addr: SocketAddr) -> io::Result<HttpApp> {
+        let listener = in_netns(netns, move || std::net::TcpListener::bind(addr))??;
+        listener.set_nonblocking(true)?;
+        let requests = Arc::new(AtomicU64::new(0));
+        let counted = requests.clone();
+        let name: Arc<str> = name.into();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                while let Ok((conn, peer)) = listener.accept().await {
+                    let name = name.clone();
+                    let counted = counted.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |req| {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                            answer(name.clone(), peer, req)
+                        });
+                        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(conn), service)
+                            .await;
+                    });
+                }
+            });
+        });
+        Ok(HttpApp { addr, requests })
+    }
+
+    /// Requests answered so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+async fn answer(
+    name: Arc<str>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mut text = format!(
+        "server {name}\nmethod {}\npath {}\nversion {:?}\npeer {peer}\n",
+        req.method(),
+        req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        req.version(),
+    );
+    if let Some(a) = req.uri().authority() {
+        text.push_str(&format!("authority {a}\n"));
+    }
+    for (k, v) in req.headers() {
+        text.push_str(&format!(
+            "header {k}: {}\n",
+            String::from_utf8_lossy(v.as_bytes())
+        ));
+    }
+    let status = req
+        .headers()
+        .get("x-app-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    text.push_str(&format!("body-length {}\n", body.len()));
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    *resp.status_mut() = status;
+    Ok(resp)
+}
+
+/// A response as the tests read it.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    /// The `server` line of the application's body (who answered), if it answered.
+    pub fn server(&self) -> Option<&str> {
+        self.line("server")
+    }
+
+    /// The value of a `<key> <value>` line of the body.
+    pub fn line(&self, key: &str) -> Option<&str> {
+        self.body
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+    }
+
+    /// The request headers the application saw.
+    pub fn request_headers(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for l in self.body.lines() {
+            if let Some((k, v)) = l.strip_prefix("header ").and_then(|h| h.split_once(": ")) {
+                out.entry(k.to_owned()).or_default().push(v.to_owned());
+            }
+        }
+        out
+    }
+}
+
+/// Which HTTP version a client speaks inside its tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+}
+
+/// An HTTP connection inside one HBONE tunnel: requests go one after another (HTTP/1.1) or
+/// side by side (HTTP/2) on it.
+#[derive(Clone)]
+pub enum HttpConn {
+    Http1(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl HttpConn {
+    /// Speaks `version` over `io` (a tunnel).
+    pub async fn handshake<T>(io: T, version: Version) -> io::Result<HttpConn>
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
+        match version {
+            Version::Http1 => {
+                let (send, conn) = hyper::client::conn::http1::handshake(io)
+                    .await
+                    .map_err(io::Error::other)?;
+                tokio::spawn(conn);
+                Ok(HttpConn::Http1(Arc::new(tokio::sync::Mutex::new(send))))
+            }
+            Version::Http2 => {
+                let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(io::Error::other)?;
+                tokio::spawn(conn);
+                Ok(HttpConn::Http2(send))
+            }
+        }
+    }
+
+    /// Sends a request (`authority` becomes `Host` or `:authority`) and reads the whole answer.
+    pub async fn send(
+        &self,
+        method: &str,
+        authority: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> io::Result<Answer> {
+        let mut b = Request::builder().method(method);
+        b = match self {
+            HttpConn::Http1(_) => b.uri(path).header("host", authority),
+            HttpConn::Http2(_) => b.uri(format!("http://{authority}{path}")),
+        };
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(body)).map_err(io::Error::other)?;
+        let resp = match self {
+            HttpConn::Http1(send) => {
+                let mut send = send.lock().await;
+                send.ready().await.map_err(io::Error::other)?;
+                send.send_request(req).await
+            }
+            HttpConn::Http2(send) => send.clone().send_request(req).await,
+        }
+        .map_err(io::Error::other)?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(io::Error::other)?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    /// A GET of `path` with extra headers.
+    pub async fn get(
+        &self,
+        authority: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> io::Result<Answer> {
+        self.send("GET", authority, path, headers, Bytes::new())
+            .await
+    }
+}

@@ -1,0 +1,231 @@
+//! The waypoint process: its identity and certificate, the mesh state (the local config file
+//! ztunnel reads, watched), the route files (watched; a change with errors is refused whole
+//! and the last good table kept), the snapshot both make, readiness on 15021, and the HBONE
+//! listener on 15008.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+use ztunnel::hbone::{Pool, PoolConfig};
+use ztunnel::identity::{CertManager, Identity, LocalCa, ManagerConfig, SystemClock};
+use ztunnel::state::State;
+
+use crate::config::{self, LoadOptions, Severity};
+use crate::route::{self, CompileOptions, RouteTable};
+use crate::server::{self, Ctx};
+use crate::snapshot::Snapshot;
+use crate::upstream::{Dialer, HttpPool};
+
+/// What the process is started with.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The mesh's workloads and services (ztunnel's local config format).
+    pub mesh_config: PathBuf,
+    /// Route files or directories (VirtualService, DestinationRule, HTTPRoute, GRPCRoute).
+    pub routes: Vec<PathBuf>,
+    pub identity: Identity,
+    /// The local CA's directory (the one ztunnel uses).
+    pub ca_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub ready_addr: SocketAddr,
+    pub load: LoadOptions,
+    pub compile: CompileOptions,
+    /// How often the route files are looked at for changes.
+    pub poll: Duration,
+}
+
+/// Loads and compiles the route files: the table, and whether anything was rejected.
+pub fn load_routes(opts: &Options) -> (RouteTable, Vec<String>) {
+    let mut resources = Vec::new();
+    let mut problems = Vec::new();
+    for p in &opts.routes {
+        let loaded = config::load_path(p, &opts.load);
+        problems.extend(
+            loaded
+                .diagnostics
+                .iter()
+                .map(|d| (d.severity(), d.to_string())),
+        );
+        resources.extend(loaded.resources);
+    }
+    let compiled = route::compile(&resources, &opts.compile);
+    problems.extend(
+        compiled
+            .diagnostics
+            .iter()
+            .map(|d| (d.severity(), d.to_string())),
+    );
+    let mut errors = Vec::new();
+    for (severity, text) in problems {
+        match severity {
+            Severity::Error => {
+                tracing::warn!("route config: {text}");
+                errors.push(text);
+            }
+            Severity::Warning => tracing::info!("route config: {text}"),
+        }
+    }
+    (compiled.table, errors)
+}
+
+/// Name, modification time and size of every route file: a change in any is a new config.
+fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    let mut out = Vec::new();
+    let mut add = |p: &Path| {
+        let meta = std::fs::metadata(p).ok();
+        out.push((
+            p.to_owned(),
+            meta.as_ref().and_then(|m| m.modified().ok()),
+            meta.map_or(0, |m| m.len()),
+        ));
+    };
+    for p in paths {
+        add(p);
+        if let Ok(entries) = std::fs::read_dir(p) {
+            let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+            files.sort();
+            files.iter().for_each(|f| add(f));
+        }
+    }
+    out
+}
+
+/// Re-reads the route files when they change. A change with errors is not applied: the
+/// table in force stays, and the errors are logged with file, document and field.
+fn watch_routes(opts: Options, tx: watch::Sender<Arc<RouteTable>>) {
+    tokio::spawn(async move {
+        let mut seen = fingerprint(&opts.routes);
+        loop {
+            tokio::time::sleep(opts.poll).await;
+            let now = fingerprint(&opts.routes);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let o = opts.clone();
+            let Ok((table, errors)) = tokio::task::spawn_blocking(move || load_routes(&o)).await
+            else {
+                continue;
+            };
+            if errors.is_empty() {
+                tracing::info!(hosts = table.hosts().len(), "route config applied");
+                tx.send_replace(Arc::new(table));
+            } else {
+                tracing::warn!(
+                    errors = errors.len(),
+                    "route config not applied, keeping the last good one"
+                );
+            }
+        }
+    });
+}
+
+/// Publishes a new snapshot whenever the mesh state or the route table changes.
+fn combine(
+    mut state: watch::Receiver<Arc<State>>,
+    mut routes: watch::Receiver<Arc<RouteTable>>,
+    tx: watch::Sender<Arc<Snapshot>>,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = state.changed() => if changed.is_err() { return },
+                changed = routes.changed() => if changed.is_err() { return },
+            }
+            let snap = Snapshot::new(
+                state.borrow_and_update().clone(),
+                routes.borrow_and_update().clone(),
+            );
+            tx.send_replace(Arc::new(snap));
+        }
+    });
+}
+
+/// Runs the waypoint until SIGTERM or SIGINT.
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let initial = ztunnel::source::load(&opts.mesh_config)
+        .with_context(|| format!("mesh config {}", opts.mesh_config.display()))?;
+    let (state_tx, state_rx) = watch::channel(Arc::new(initial));
+    let _state_watch =
+        ztunnel::source::spawn_file_watch(opts.mesh_config.clone(), state_tx, |err| {
+            tracing::warn!("mesh config not applied, keeping the last good one: {err}");
+        });
+
+    let (table, errors) = load_routes(&opts);
+    if !errors.is_empty() {
+        tracing::warn!(
+            errors = errors.len(),
+            "route config: the resources with errors are left out"
+        );
+    }
+    tracing::info!(hosts = table.hosts().len(), "route config applied");
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(table));
+    watch_routes(opts.clone(), routes_tx);
+    let first = Snapshot::new(state_rx.borrow().clone(), routes_rx.borrow().clone());
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(first));
+    combine(state_rx, routes_rx, snap_tx);
+
+    let ca = LocalCa::load_or_create(&opts.ca_dir, opts.identity.trust_domain())
+        .with_context(|| format!("local CA in {}", opts.ca_dir.display()))?;
+    let roots = ca.roots();
+    let certs = CertManager::new(
+        Arc::new(ca),
+        Arc::new(SystemClock),
+        ManagerConfig::default(),
+    );
+    certs
+        .get(&opts.identity)
+        .await
+        .with_context(|| format!("certificate for {}", opts.identity))?;
+
+    let dialer = Dialer::new(
+        opts.identity.clone(),
+        certs.clone(),
+        roots.clone(),
+        Pool::new(PoolConfig::default()),
+    );
+    let ctx = Arc::new(Ctx::new(
+        opts.identity.clone(),
+        certs,
+        roots,
+        snap_rx,
+        HttpPool::new(dialer),
+    ));
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("listening on {}", opts.listen))?;
+    let _ready = ztunnel::endpoint::serve(opts.ready_addr, |req| async move {
+        match req.path.as_str() {
+            "/healthz/ready" => ztunnel::endpoint::text(http::StatusCode::OK, "ready\n"),
+            _ => ztunnel::endpoint::text(http::StatusCode::NOT_FOUND, "not found\n"),
+        }
+    })
+    .await
+    .with_context(|| format!("readiness on {}", opts.ready_addr))?;
+    tracing::info!(identity = %opts.identity, listen = %opts.listen, "waypoint started");
+    tokio::select! {
+        () = server::serve(listener, ctx) => {}
+        () = shutdown_signal() => {}
+    }
+    tracing::info!("waypoint stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,382 @@
+//! One request: route it (`route::RouteTable::decide`), act on the route (direct answer,
+//! redirect, fault, forward), and forward it to an endpoint of the chosen backend with the
+//! route's rewrites, header edits, timeout and retries. Decisions are the pure functions of
+//! `route` and `policy`; this module only applies them.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::policy::fault::AbortCode;
+use crate::policy::redirect::RedirectInput;
+use crate::policy::retry::{Outcome, RetryPolicy};
+use crate::route::table::{Action, Backend, Decision, Policy};
+use crate::route::{Request as RouteRequest, Source};
+use crate::snapshot::{Destination, Snapshot};
+use crate::upstream::{Body, Endpoint, Protocol};
+
+use super::Ctx;
+use super::reply;
+use super::tunnel::Downstream;
+
+/// Headers of one hop only (RFC 9110 §7.6.1), never forwarded; HTTP/2 forbids them.
+const HOP_BY_HOP: [HeaderName; 5] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub(super) async fn handle(
+    ctx: Arc<Ctx>,
+    down: Arc<Downstream>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(route(&ctx, &down, req).await)
+}
+
+/// The parts of a request kept to send it (again).
+struct Outgoing {
+    method: Method,
+    version: Version,
+    /// `:authority` / `Host` as it will be sent.
+    authority: String,
+    path_and_query: String,
+    headers: HeaderMap,
+    /// The body, until an attempt takes it (`None` and `replayable`: it was empty).
+    body: Option<Body>,
+    replayable: bool,
+}
+
+impl Outgoing {
+    /// The request for one attempt, or `None` if the body was already sent once.
+    fn attempt(&mut self, protocol: Protocol) -> Option<Request<Body>> {
+        let body = match self.body.take() {
+            Some(body) => body,
+            None if self.replayable => reply::empty(),
+            None => return None,
+        };
+        let uri = match protocol {
+            // HTTP/1.1 sends the path; the authority goes in `Host`.
+            Protocol::Http1 => Uri::try_from(self.path_and_query.as_str()),
+            Protocol::Http2 => {
+                Uri::try_from(format!("http://{}{}", self.authority, self.path_and_query))
+            }
+        }
+        .ok()?;
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        if protocol == Protocol::Http1
+            && let Ok(host) = HeaderValue::from_str(&self.authority)
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        Some(req)
+    }
+}
+
+async fn route(ctx: &Ctx, down: &Downstream, req: Request<Incoming>) -> Response<Body> {
+    let snap = ctx.snapshot();
+    let protocol = if req.version() == Version::HTTP_2 {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let (mut parts, body) = req.into_parts();
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| down.authority.to_string());
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().unwrap_or("").to_owned();
+    let port = down.authority.port();
+    let decision = match &down.destination {
+        Destination::Service(service) => {
+            let view = RouteRequest {
+                method: parts.method.as_str(),
+                scheme: "http",
+                authority: &authority,
+                path: &path,
+                query: &query,
+                headers: &parts.headers,
+                port,
+                source: Source {
+                    namespace: down.source_namespace(),
+                    labels: &down.source_labels,
+                },
+            };
+            snap.table.decide(&service.hostname, &view)
+        }
+        Destination::Workload(_) => Decision::NoRoutes,
+    };
+    let grpc = is_grpc(&parts.headers);
+    for h in &HOP_BY_HOP {
+        parts.headers.remove(h);
+    }
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+    let mut out = Outgoing {
+        method: parts.method,
+        version: parts.version,
+        authority,
+        path_and_query,
+        replayable: body.is_end_stream(),
+        body: (!body.is_end_stream()).then(|| body.boxed_unsync()),
+        headers: parts.headers,
+    };
+    let (target, matched_prefix) = match decision {
+        Decision::NotFound => return reply::text(404, "no route matched"),
+        Decision::NoRoutes => {
+            let default = Policy {
+                retry: Some(RetryPolicy::istio_default()),
+                ..Policy::default()
+            };
+            return forward(ctx, &snap, down, out, protocol, None, &default).await;
+        }
+        Decision::Matched {
+            target,
+            matched_prefix,
+        } => (target, matched_prefix),
+    };
+    let policy = &target.policy;
+    let backends = match &target.action {
+        Action::Forward(backends) => backends,
+        Action::Direct { status, body } => {
+            let mut r = Response::new(reply::full(bytes::Bytes::copy_from_slice(body)));
+            *r.status_mut() = http::StatusCode::from_u16(*status).unwrap_or(http::StatusCode::OK);
+            policy.response_headers.apply(r.headers_mut());
+            return r;
+        }
+        Action::Redirect(redirect) => {
+            let location = redirect.location(&RedirectInput {
+                scheme: "http",
+                authority: &out.authority,
+                port,
+                path: &path,
+                query: &query,
+                matched_prefix,
+            });
+            let mut r = reply::text(redirect.code, "");
+            if let Ok(l) = HeaderValue::from_str(&location) {
+                r.headers_mut().insert(header::LOCATION, l);
+            }
+            policy.response_headers.apply(r.headers_mut());
+            return r;
+        }
+        Action::Fail { status, reason } => return reply::text(*status, reason),
+    };
+    if let Some(fault) = &policy.fault {
+        let decided = fault.decide(rand::random(), rand::random());
+        if let Some(delay) = decided.delay {
+            tokio::time::sleep(delay).await;
+        }
+        match decided.abort {
+            Some(AbortCode::Http(status)) => return reply::text(status, "fault filter abort"),
+            Some(AbortCode::Grpc(code)) => return reply::grpc(code, "fault filter abort"),
+            None => {}
+        }
+    }
+    if let Some(rewrite) = &policy.rewrite {
+        if let Some(p) = &rewrite.path {
+            let rewritten = p.apply(&path, matched_prefix);
+            out.path_and_query = if query.is_empty() {
+                rewritten.into_owned()
+            } else {
+                format!("{rewritten}?{query}")
+            };
+        }
+        if let Some(a) = &rewrite.authority {
+            out.authority.clone_from(a);
+        }
+    }
+    policy.request_headers.apply(&mut out.headers);
+    let backend = backends.pick(rand::random());
+    if let Some(why) = backend.invalid {
+        return reply::text(500, why);
+    }
+    backend.request_headers.apply(&mut out.headers);
+    let mut response = forward(ctx, &snap, down, out, protocol, Some(backend), policy).await;
+    if grpc && response.status() == http::StatusCode::SERVICE_UNAVAILABLE {
+        // gRPC clients read `grpc-status`; the HTTP mapping of 503 is UNAVAILABLE (14).
+        response
+            .headers_mut()
+            .insert("grpc-status", HeaderValue::from_static("14"));
+    }
+    policy.response_headers.apply(response.headers_mut());
+    backend.response_headers.apply(response.headers_mut());
+    response
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The endpoints a request may go to: the backend's service (and subset) on its port, the
+/// addressed service's own endpoints, or the workload addressed directly.
+fn endpoints(
+    snap: &Snapshot,
+    down: &Downstream,
+    backend: Option<&Backend>,
+) -> Result<Vec<Endpoint>, &'static str> {
+    let port = down.authority.port();
+    let found = match (backend, &down.destination) {
+        (Some(b), _) => {
+            let service = snap.service(&b.host).ok_or("no healthy upstream")?;
+            snap.endpoints(service, b.port.unwrap_or(port), b.subset.as_deref())
+        }
+        (None, Destination::Service(service)) => snap.endpoints(service, port, None),
+        (None, Destination::Workload(w)) => vec![(w.clone(), down.authority)],
+    };
+    Ok(found
+        .into_iter()
+        .map(|(w, addr)| Endpoint {
+            addr,
+            identity: w.identity(),
+        })
+        .collect())
+}
+
+/// Picks an endpoint at random, preferring one not tried yet when `avoid` is set.
+fn pick<'e>(eps: &'e [Endpoint], tried: &[SocketAddr], avoid: bool, tries: u32) -> &'e Endpoint {
+    let mut ep = &eps[rand::random_range(0..eps.len())];
+    if avoid {
+        for _ in 1..tries.max(1) {
+            if !tried.contains(&ep.addr) {
+                break;
+            }
+            ep = &eps[rand::random_range(0..eps.len())];
+        }
+    }
+    ep
+}
+
+/// Sends the request to an endpoint, with the route's timeout and retries.
+async fn forward(
+    ctx: &Ctx,
+    snap: &Snapshot,
+    down: &Downstream,
+    mut out: Outgoing,
+    protocol: Protocol,
+    backend: Option<&Backend>,
+    policy: &Policy,
+) -> Response<Body> {
+    let eps = match endpoints(snap, down, backend) {
+        Ok(eps) if !eps.is_empty() => eps,
+        Ok(_) | Err(_) => return reply::text(503, "no healthy upstream"),
+    };
+    let deadline = policy.timeout.map(|t| Instant::now() + t);
+    let no_retry = RetryPolicy {
+        attempts: 0,
+        ..RetryPolicy::istio_default()
+    };
+    let retry = policy.retry.as_ref().unwrap_or(&no_retry);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut retries_done = 0u32;
+    let mut returned: Option<Request<Body>> = None;
+    loop {
+        let Some(req) = returned.take().or_else(|| out.attempt(protocol)) else {
+            return reply::text(502, "upstream request failed");
+        };
+        let ep = pick(
+            &eps,
+            &tried,
+            retry.avoid_previous_hosts,
+            retry.host_selection_attempts,
+        );
+        tried.push(ep.addr);
+        let bound = [retry.per_try_timeout.map(|t| Instant::now() + t), deadline]
+            .into_iter()
+            .flatten()
+            .min();
+        let sent = ctx.upstream.send(ep, protocol, req);
+        let result = match bound {
+            Some(at) => tokio::time::timeout_at(at, sent).await.ok(),
+            None => Some(sent.await),
+        };
+        let (outcome, response) = match result {
+            None => (Outcome::PerTryTimeout, None),
+            Some(Ok(response)) => (
+                Outcome::Response {
+                    status: response.status().as_u16(),
+                    grpc_status: grpc_status(response.headers()),
+                },
+                Some(response),
+            ),
+            Some(Err((error, unsent))) => {
+                tracing::debug!(endpoint = %ep.addr, %error, "upstream attempt failed");
+                returned = unsent;
+                let outcome = if error.is_connect_failure() {
+                    Outcome::ConnectFailure
+                } else {
+                    Outcome::Reset
+                };
+                (outcome, None)
+            }
+        };
+        let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
+        let can_send_again = returned.is_some() || out.replayable;
+        if retries_done < retry.attempts
+            && !timed_out
+            && can_send_again
+            && retry.retry_on.should_retry(outcome)
+        {
+            retries_done += 1;
+            let backoff = retry.backoff(retries_done, rand::random());
+            let wake = Instant::now() + backoff;
+            if deadline.is_some_and(|d| wake >= d) {
+                return reply::text(504, "upstream request timeout");
+            }
+            tokio::time::sleep_until(wake).await;
+            continue;
+        }
+        return match (outcome, response) {
+            (_, Some(mut response)) => {
+                for h in &HOP_BY_HOP {
+                    response.headers_mut().remove(h);
+                }
+                response
+            }
+            (Outcome::PerTryTimeout, None) => reply::text(504, "upstream request timeout"),
+            (Outcome::ConnectFailure, None) => reply::text(
+                503,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+            ),
+            (_, None) => reply::text(
+                503,
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+            ),
+        };
+    }
+}
+
+/// `grpc-status` of a trailers-only response.
+fn grpc_status(headers: &HeaderMap) -> Option<u8> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}

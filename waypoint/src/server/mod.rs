@@ -1,0 +1,126 @@
+//! The waypoint's listener: mTLS on 15008 under the waypoint's identity, HBONE tunnels on
+//! each connection (`ztunnel::hbone::serve_until`), HTTP inside each tunnel (`tunnel`), and
+//! each request decided and forwarded (`forward`).
+//!
+//! Who the client is comes from the TLS handshake only: headers never change it.
+
+mod forward;
+mod reply;
+mod tunnel;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use ztunnel::hbone::{self, ServerConfig, Session};
+use ztunnel::identity::{CertManager, Identity, WorkloadCert};
+use ztunnel::tls::TrustBundle;
+
+use crate::snapshot::Snapshot;
+use crate::upstream::HttpPool;
+
+/// A TLS handshake that has not finished by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a connection and its requests need. Shared by all of them.
+pub struct Ctx {
+    pub identity: Identity,
+    pub certs: CertManager,
+    pub roots: TrustBundle,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub upstream: HttpPool,
+    pub hbone: ServerConfig,
+    /// The server TLS configuration and the certificate it was made with.
+    tls: Mutex<Option<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
+}
+
+impl Ctx {
+    pub fn new(
+        identity: Identity,
+        certs: CertManager,
+        roots: TrustBundle,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        upstream: HttpPool,
+    ) -> Ctx {
+        Ctx {
+            identity,
+            certs,
+            roots,
+            snapshot,
+            upstream,
+            hbone: ServerConfig::default(),
+            tls: Mutex::new(None),
+        }
+    }
+
+    /// The snapshot requests are decided against now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// The server TLS configuration with the current certificate.
+    async fn server_tls(&self) -> Result<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>), String> {
+        let cert = self
+            .certs
+            .get(&self.identity)
+            .await
+            .map_err(|e| format!("no certificate for {}: {e}", self.identity))?;
+        let mut held = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((c, config)) = held.as_ref()
+            && Arc::ptr_eq(c, &cert)
+        {
+            return Ok((cert, config.clone()));
+        }
+        let config = ztunnel::tls::server_config(&cert, &self.roots)
+            .map_err(|e| format!("TLS configuration: {e}"))?;
+        *held = Some((cert.clone(), config.clone()));
+        Ok((cert, config))
+    }
+}
+
+/// Accepts HBONE connections on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection(ctx, tcp, peer).await {
+                tracing::info!(%peer, "HBONE connection ended: {error}");
+            }
+        });
+    }
+}
+
+async fn connection(
+    ctx: Arc<Ctx>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> Result<(), String> {
+    let (cert, config) = ctx.server_tls().await?;
+    let handshake = TlsAcceptor::from(config).accept(hbone::tls_io(tcp));
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?
+        .map_err(|e| format!("TLS handshake: {}", ztunnel::tls::handshake_error(&e)))?;
+    let session = Session::from_tls(tls.get_ref().1, cert.not_after)
+        .map_err(|e| format!("client certificate: {e}"))?;
+    tracing::debug!(%peer, identity = %session.peer, "HBONE connection");
+    let on_stream = {
+        let ctx = ctx.clone();
+        move |accepted| tunnel::serve(ctx.clone(), peer, accepted)
+    };
+    hbone::serve_until(tls, session, &ctx.hbone, on_stream, std::future::pending())
+        .await
+        .map_err(|e| e.to_string())
+}

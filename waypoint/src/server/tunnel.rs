@@ -1,0 +1,93 @@
+//! One HBONE tunnel into the waypoint: find what its CONNECT authority names (a service VIP
+//! or a workload of the mesh), who the client is, then serve HTTP/1.1 or HTTP/2 (h2c, told by
+//! the connection preface) inside it, each request through `forward`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::StatusCode;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+
+use ztunnel::hbone::{Accepted, forwarded_for};
+use ztunnel::identity::Identity;
+
+use super::Ctx;
+use crate::snapshot::{Destination, Snapshot};
+
+/// What every request of one tunnel shares.
+pub(super) struct Downstream {
+    pub(super) destination: Destination,
+    /// The CONNECT authority: the service VIP (or workload address) and port the client
+    /// dialled.
+    pub(super) authority: SocketAddr,
+    /// The identity the client proved (its ztunnel acts for it).
+    pub(super) peer: Identity,
+    /// The client workload's labels, when it is known (`sourceLabels`).
+    pub(super) source_labels: BTreeMap<String, String>,
+}
+
+impl Downstream {
+    /// The client's namespace, from its proven identity (`sourceNamespace`).
+    pub(super) fn source_namespace(&self) -> &str {
+        self.peer.namespace()
+    }
+}
+
+/// The client workload's labels. The address in `forwarded` is only a hint of which pod of
+/// the identity it is: a workload counts only if it runs as the identity the peer proved.
+fn source_labels(
+    snap: &Snapshot,
+    peer: &Identity,
+    client: Option<SocketAddr>,
+) -> BTreeMap<String, String> {
+    client
+        .and_then(|c| snap.state.workload_by_ip(c.ip()))
+        .filter(|w| w.identity_ref() == peer)
+        .map(|w| w.labels.clone())
+        .unwrap_or_default()
+}
+
+pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accepted) {
+    let snap = ctx.snapshot();
+    let authority = accepted.authority;
+    let Some(destination) = snap.destination(authority.ip()) else {
+        tracing::info!(peer = %peer_addr, identity = %accepted.peer_identity, %authority,
+            "tunnel refused: the authority is neither a service nor a workload of the mesh");
+        accepted.responder.reject(StatusCode::SERVICE_UNAVAILABLE);
+        return;
+    };
+    let client = forwarded_for(&accepted.headers);
+    let down = Arc::new(Downstream {
+        source_labels: source_labels(&snap, &accepted.peer_identity, client),
+        destination,
+        authority,
+        peer: accepted.peer_identity,
+    });
+    drop(snap);
+    let stream = match accepted.responder.accept() {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::debug!(peer = %peer_addr, %error, "tunnel closed before it was accepted");
+            return;
+        }
+    };
+    let service = {
+        let ctx = ctx.clone();
+        let down = down.clone();
+        service_fn(move |req| super::forward::handle(ctx.clone(), down.clone(), req))
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .initial_stream_window_size(ztunnel::hbone::STREAM_WINDOW)
+        .initial_connection_window_size(ztunnel::hbone::CONNECTION_WINDOW);
+    if let Err(error) = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(peer = %peer_addr, %authority, %error, "HTTP connection in tunnel ended");
+    }
+}
