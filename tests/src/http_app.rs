@@ -5,7 +5,9 @@
 //! address. It answers every request with 200 and a text body that says who answered and
 //! what arrived: `server <name>`, `method`, `path` (with query), `version`, `peer` (the TCP
 //! peer it saw), then each request header as `header <name>: <value>`. A request header
-//! `x-app-status: <code>` makes it answer with that status instead. It counts requests.
+//! `x-app-status: <code>` makes it answer with that status instead; with
+//! `x-app-fail-percent: <p>` it answers 503 to each request with probability p/100, drawn
+//! independently; `x-app-delay-ms: <ms>` delays the answer. It counts requests.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -92,13 +94,24 @@ async fn answer(
             String::from_utf8_lossy(v.as_bytes())
         ));
     }
-    let status = req
-        .headers()
-        .get("x-app-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u16>().ok())
+    let number = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let mut status = number("x-app-status")
+        .and_then(|s| u16::try_from(s).ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
+    if let Some(p) = number("x-app-fail-percent")
+        && rand::random_range(0..100) < p
+    {
+        status = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    if let Some(ms) = number("x-app-delay-ms") {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let body = req
         .into_body()
         .collect()

@@ -12,6 +12,7 @@ pub mod operator;
 pub mod process;
 pub mod topology;
 pub mod traffic;
+pub mod waypoint;
 pub mod wire;
 pub mod xds;
 

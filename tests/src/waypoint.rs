@@ -1,0 +1,150 @@
+//! A mesh for the waypoint tests: two nodes, a client `sleep` and the waypoint `wp` (not
+//! captured: it terminates HBONE itself) on n1, the Bookinfo-like services on n2, and the
+//! waypoint process started with a route file. Clients reach the waypoint as a client's
+//! ztunnel does: an HBONE tunnel with the client's certificate to the waypoint's 15008,
+//! asking for the service `VIP:port`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ztunnel::identity::Identity;
+
+use crate::http_app::{HttpApp, HttpConn, Version};
+use crate::mesh::{Mesh, PodSpec, ServiceSpec, http_get, tunnel};
+use crate::process::{Proc, binary, wait_until};
+
+pub const REVIEWS_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+pub const RATINGS_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
+pub const DETAILS_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
+/// A gRPC service (the tests run the Istio CA stand-in there).
+pub const GRPC_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 4);
+
+pub fn labelled(mut pod: PodSpec, labels: &[(&str, &str)]) -> PodSpec {
+    pod.labels = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    pod
+}
+
+pub fn service(name: &str, vip: Ipv4Addr) -> ServiceSpec {
+    ServiceSpec {
+        name: name.to_owned(),
+        namespace: "default".to_owned(),
+        vip,
+        vip6: None,
+        ports: vec![(9080, 8080)],
+    }
+}
+
+/// Two nodes: the client `sleep` and the waypoint `wp` (not captured: it terminates HBONE
+/// itself) on n1; reviews v1 and v2, ratings, details and grpc on n2.
+pub fn mesh() -> Mesh {
+    let pods = vec![
+        PodSpec::new("sleep", "n1", "sleep"),
+        labelled(
+            PodSpec::new("wp", "n1", "waypoint"),
+            &[("istio.io/dataplane-mode", "none")],
+        ),
+        labelled(
+            PodSpec::new("reviews-v1", "n2", "reviews").service("reviews", 9080, 8080),
+            &[("app", "reviews"), ("version", "v1")],
+        ),
+        labelled(
+            PodSpec::new("reviews-v2", "n2", "reviews").service("reviews", 9080, 8080),
+            &[("app", "reviews"), ("version", "v2")],
+        ),
+        PodSpec::new("ratings", "n2", "ratings").service("ratings", 9080, 8080),
+        PodSpec::new("details", "n2", "details").service("details", 9080, 8080),
+        PodSpec::new("grpc", "n2", "grpc").service("grpc", 9080, 8080),
+    ];
+    let services = vec![
+        service("reviews", REVIEWS_VIP),
+        service("ratings", RATINGS_VIP),
+        service("details", DETAILS_VIP),
+        service("grpc", GRPC_VIP),
+    ];
+    let mut mesh = Mesh::new(&["n1", "n2"], pods, services).expect("topology");
+    mesh.start().expect("ztunnels");
+    mesh
+}
+
+/// The applications, one per server pod, each on its pod's 8080.
+pub fn apps(mesh: &Mesh) -> Vec<HttpApp> {
+    ["reviews-v1", "reviews-v2", "ratings", "details"]
+        .iter()
+        .map(|p| {
+            let addr = SocketAddr::from((mesh.ip(p), 8080));
+            HttpApp::start(&mesh.netns(p), p, addr).expect("app")
+        })
+        .collect()
+}
+
+/// Writes `text` to `path` at once (rename), so the waypoint never reads half a file.
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write routes");
+    std::fs::rename(&tmp, path).expect("rename routes");
+}
+
+pub fn waypoint_identity() -> Identity {
+    Identity::new("cluster.local", "default", "waypoint").expect("identity")
+}
+
+/// Starts the waypoint in its pod with `routes` and waits until it is ready.
+pub fn start_waypoint(mesh: &Mesh, routes: &Path) -> Proc {
+    let mut cmd = Command::new(binary("waypoint"));
+    cmd.arg("--mesh-config")
+        .arg(mesh.config_path())
+        .arg("--routes")
+        .arg(routes)
+        .arg("--ca-dir")
+        .arg(mesh.dir.path().join("ca"))
+        .arg("--service-account")
+        .arg("waypoint")
+        .arg("--poll-ms")
+        .arg("100")
+        .env("RUST_LOG", "info,waypoint=debug");
+    let netns = mesh.netns("wp");
+    let mut wp = Proc::spawn("waypoint", &netns, cmd, mesh.dir.path()).expect("waypoint");
+    let ready = wait_until(Duration::from_secs(20), || {
+        wp.exited().is_some()
+            || http_get(&netns, "127.0.0.1:15021".parse().unwrap(), "/healthz/ready")
+                .is_ok_and(|(status, _)| status == 200)
+    });
+    assert!(
+        ready.is_ok() && wp.exited().is_none(),
+        "waypoint not ready; log:\n{}",
+        wp.log()
+    );
+    wp
+}
+
+/// An HTTP connection from `sleep`, through the waypoint, for the service at `vip`.
+pub async fn through_waypoint(mesh: &Mesh, vip: Ipv4Addr, version: Version) -> HttpConn {
+    let sleep = Identity::new("cluster.local", "default", "sleep").expect("identity");
+    let cert = mesh
+        .ca()
+        .sign(&sleep, Duration::from_secs(3600))
+        .expect("cert");
+    let wp = SocketAddr::from((mesh.ip("wp"), 15008));
+    let stream = tunnel(
+        mesh,
+        "sleep",
+        &cert,
+        waypoint_identity(),
+        wp,
+        SocketAddr::from((vip, 9080)),
+    )
+    .await
+    .expect("tunnel to the waypoint");
+    HttpConn::handshake(stream, version)
+        .await
+        .expect("HTTP in the tunnel")
+}
+
+pub fn routes_path(mesh: &Mesh) -> PathBuf {
+    mesh.dir.path().join("routes.yaml")
+}

@@ -1,0 +1,228 @@
+//! Per-route policy through a real waypoint: retries (against the computed success rate),
+//! the route timeout, fault injection (against the configured share), and gRPC unary calls
+//! with their trailers. Harness: `mesh_tests::waypoint`.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use mesh_tests::ca::{CaServer, Plan};
+use mesh_tests::http_app::{HttpApp, Version};
+use mesh_tests::waypoint::{
+    GRPC_VIP, RATINGS_VIP, apps, mesh, routes_path, start_waypoint, through_waypoint,
+    waypoint_identity, write_atomic,
+};
+use ztunnel::hbone::H2Stream;
+use ztunnel::identity::Identity;
+use ztunnel::proto::istio::v1::auth::IstioCertificateRequest;
+use ztunnel::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+
+const ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: ratings
+spec:
+  hosts: [ratings]
+  http:
+  - match: [{uri: {prefix: /flaky}}]
+    retries: {attempts: 3, retryOn: 5xx}
+    route: [{destination: {host: ratings}}]
+  - match: [{uri: {prefix: /once}}]
+    retries: {attempts: 0}
+    route: [{destination: {host: ratings}}]
+  - match: [{uri: {prefix: /slow}}]
+    timeout: 0.2s
+    route: [{destination: {host: ratings}}]
+  - match: [{uri: {prefix: /fault}}]
+    fault:
+      abort:
+        httpStatus: 418
+        percentage: {value: 50}
+    route: [{destination: {host: ratings}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata:
+  name: certificates
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: grpc, port: 9080}
+  rules:
+  - matches:
+    - method: {service: istio.v1.auth.IstioCertificateService, method: CreateCertificate}
+    backendRefs:
+    - {name: grpc, port: 9080}
+"#;
+
+/// Sends `n` GETs of `path` with `headers` side by side on one HTTP/2 connection through
+/// the waypoint; returns the statuses.
+async fn statuses(
+    mesh: &mesh_tests::mesh::Mesh,
+    path: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+    n: usize,
+) -> Vec<u16> {
+    let conn = through_waypoint(mesh, RATINGS_VIP, Version::Http2).await;
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            conn.get("ratings:9080", path, headers)
+                .await
+                .map(|a| a.status)
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task").expect("request"));
+    }
+    out
+}
+
+fn ratings_app(apps: &[HttpApp]) -> &HttpApp {
+    &apps[2]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_timeouts_and_faults_follow_the_route() {
+    let mesh = mesh();
+    let apps = apps(&mesh);
+    let routes = routes_path(&mesh);
+    write_atomic(&routes, ROUTES);
+    let wp = start_waypoint(&mesh, &routes);
+    let app = ratings_app(&apps);
+
+    // Retries: the application fails each request with p = 0.5; 3 retries on 5xx give a
+    // success rate of 1 - 0.5^4 = 93.75% and 1.875 upstream requests per request (DESIGN.md,
+    // retry arithmetic). n = 400: successes 375 (sd 4.84), upstream requests 750 (sd 21.1);
+    // bounds at 5 sd.
+    let before = app.requests();
+    let got = statuses(&mesh, "/flaky", &[("x-app-fail-percent", "50")], 400).await;
+    let ok = got.iter().filter(|s| **s == 200).count();
+    let upstream = app.requests() - before;
+    assert!(got.iter().all(|s| *s == 200 || *s == 503), "{got:?}");
+    assert!(
+        (351..=399).contains(&ok),
+        "{ok} of 400 succeeded, expected 375 ± 24"
+    );
+    assert!(
+        (645..=855).contains(&upstream),
+        "{upstream} upstream requests, expected 750 ± 105\n{}",
+        wp.log()
+    );
+
+    // No retries: the success rate is the application's, 50% (sd 10; bound 5 sd).
+    let before = app.requests();
+    let got = statuses(&mesh, "/once", &[("x-app-fail-percent", "50")], 400).await;
+    let ok = got.iter().filter(|s| **s == 200).count();
+    assert!(
+        (150..=250).contains(&ok),
+        "{ok} of 400 succeeded, expected 200 ± 50"
+    );
+    assert_eq!(app.requests() - before, 400, "one upstream request each");
+
+    // The route timeout (0.2 s) ends a request the application answers after 3 s: 504.
+    let got = statuses(&mesh, "/slow", &[("x-app-delay-ms", "3000")], 3).await;
+    assert_eq!(got, vec![504; 3]);
+
+    // Fault injection: abort 418 on 50% of requests (n = 400: 200 ± 50 at 5 sd); the
+    // aborted ones never reach the application.
+    let before = app.requests();
+    let got = statuses(&mesh, "/fault", &[], 400).await;
+    let aborted = got.iter().filter(|s| **s == 418).count();
+    assert!(
+        (150..=250).contains(&aborted),
+        "{aborted} of 400 aborted, expected 200 ± 50"
+    );
+    assert_eq!(
+        got.len() - aborted,
+        got.iter().filter(|s| **s == 200).count()
+    );
+    assert_eq!(app.requests() - before, (400 - aborted) as u64);
+}
+
+/// A connector that hands tonic one HBONE tunnel (the waypoint's) as its connection.
+#[derive(Clone)]
+struct OneTunnel(std::sync::Arc<Mutex<Option<H2Stream>>>);
+
+impl tower_service::Service<http::Uri> for OneTunnel {
+    type Response = TokioIo<H2Stream>;
+    type Error = std::io::Error;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let taken = self.0.lock().ok().and_then(|mut t| t.take());
+        std::future::ready(
+            taken
+                .map(TokioIo::new)
+                .ok_or_else(|| std::io::Error::other("the tunnel was used already")),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_and_their_status_pass_through_a_grpc_route() {
+    let mesh = mesh();
+    let routes = routes_path(&mesh);
+    write_atomic(&routes, ROUTES);
+    let _wp = start_waypoint(&mesh, &routes);
+    let mut ca = CaServer::new(
+        Some(&mesh.netns("grpc")),
+        SocketAddr::from((mesh.ip("grpc"), 8080)),
+        false,
+    )
+    .expect("gRPC server");
+    ca.listen().expect("listen");
+
+    let sleep = Identity::new("cluster.local", "default", "sleep").expect("identity");
+    let cert = mesh
+        .ca()
+        .sign(&sleep, Duration::from_secs(3600))
+        .expect("cert");
+    let stream = mesh_tests::mesh::tunnel(
+        &mesh,
+        "sleep",
+        &cert,
+        waypoint_identity(),
+        SocketAddr::from((mesh.ip("wp"), 15008)),
+        SocketAddr::from((GRPC_VIP, 9080)),
+    )
+    .await
+    .expect("tunnel");
+    let channel = tonic::transport::Endpoint::from_static("http://grpc.default:9080")
+        .connect_with_connector(OneTunnel(std::sync::Arc::new(Mutex::new(Some(stream)))))
+        .await
+        .expect("gRPC channel through the waypoint");
+    let mut client = IstioCertificateServiceClient::new(channel);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let csr = ztunnel::identity::istio_ca::csr_pem(&sleep, &key).expect("csr");
+    let request = || IstioCertificateRequest {
+        csr: csr.clone(),
+        validity_duration: 3600,
+        metadata: None,
+    };
+
+    // A unary call: the answer (a signed chain) and the trailers' OK status come back.
+    let answer = client
+        .create_certificate(request())
+        .await
+        .expect("CreateCertificate through the waypoint");
+    assert!(!answer.get_ref().cert_chain.is_empty());
+    assert_eq!(ca.requests().len(), 1);
+
+    // The server's error status travels in the trailers and reaches the client.
+    ca.plan([Plan::Fail]);
+    let status = client
+        .create_certificate(request())
+        .await
+        .expect_err("the CA was told to fail");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert_eq!(ca.requests().len(), 2);
+}
