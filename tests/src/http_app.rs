@@ -7,7 +7,9 @@
 //! peer it saw), then each request header as `header <name>: <value>`. A request header
 //! `x-app-status: <code>` makes it answer with that status instead; with
 //! `x-app-fail-percent: <p>` it answers 503 to each request with probability p/100, drawn
-//! independently; `x-app-delay-ms: <ms>` delays the answer. It counts requests.
+//! independently; `x-app-delay-ms: <ms>` delays the answer. A WebSocket handshake
+//! (`Upgrade: websocket`) is accepted, and every message is echoed back prefixed with the
+//! server's name. It counts requests.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -59,7 +61,7 @@ impl HttpApp {
                             answer(name.clone(), peer, req)
                         });
                         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                            .serve_connection(TokioIo::new(conn), service)
+                            .serve_connection_with_upgrades(TokioIo::new(conn), service)
                             .await;
                     });
                 }
@@ -74,11 +76,58 @@ impl HttpApp {
     }
 }
 
+/// Accepts a WebSocket handshake and echoes messages on the upgraded connection.
+fn websocket(name: Arc<str>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, handshake::derive_accept_key, protocol::Role};
+    let Some(key) = req.headers().get("sec-websocket-key") else {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"no sec-websocket-key\n")));
+        *r.status_mut() = StatusCode::BAD_REQUEST;
+        return r;
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(msg)) = ws.next().await {
+            let reply = match msg {
+                Message::Text(t) => Message::text(format!("{name}: {t}")),
+                Message::Binary(b) => Message::Binary(b),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if ws.send(reply).await.is_err() {
+                break;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("sec-websocket-accept", accept)
+        .body(Full::new(Bytes::new()))
+        .unwrap_or_default()
+}
+
 async fn answer(
     name: Arc<str>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req
+        .headers()
+        .get("upgrade")
+        .is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket"))
+    {
+        return Ok(websocket(name, req));
+    }
     let mut text = format!(
         "server {name}\nmethod {}\npath {}\nversion {:?}\npeer {peer}\n",
         req.method(),

@@ -273,3 +273,61 @@ async fn route_changes_apply_to_open_connections_and_bad_ones_keep_the_last_good
         assert_eq!(a.server(), Some("reviews-v2"), "{a:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_pass_through_the_route() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mesh = mesh();
+    let _apps = apps(&mesh);
+    let routes = routes_path(&mesh);
+    write_atomic(&routes, TUTORIAL);
+    let wp = start_waypoint(&mesh, &routes);
+    let sleep = ztunnel::identity::Identity::new("cluster.local", "default", "sleep").expect("id");
+    let cert = mesh
+        .ca()
+        .sign(&sleep, Duration::from_secs(3600))
+        .expect("cert");
+    let stream = mesh_tests::mesh::tunnel(
+        &mesh,
+        "sleep",
+        &cert,
+        mesh_tests::waypoint::waypoint_identity(),
+        std::net::SocketAddr::from((mesh.ip("wp"), 15008)),
+        std::net::SocketAddr::from((REVIEWS_VIP, 9080)),
+    )
+    .await
+    .expect("tunnel");
+    // The dark-launch route sends the handshake to v2; the messages follow on the switched
+    // connection.
+    let request = http::Request::builder()
+        .uri("ws://reviews:9080/chat")
+        .header("x-dark-launch", "v2")
+        .header("host", "reviews:9080")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header(
+            "sec-websocket-key",
+            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+        )
+        .body(())
+        .expect("request");
+    let (mut ws, response) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "WebSocket handshake through the waypoint: {e}\n{}",
+                wp.log()
+            )
+        });
+    assert_eq!(response.status(), 101);
+    for i in 0..3 {
+        ws.send(Message::text(format!("hello {i}")))
+            .await
+            .expect("send");
+        let echoed = ws.next().await.expect("an answer").expect("a message");
+        assert_eq!(echoed, Message::text(format!("reviews-v2: hello {i}")));
+    }
+    ws.close(None).await.expect("close");
+}

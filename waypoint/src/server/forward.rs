@@ -86,12 +86,26 @@ impl Outgoing {
     }
 }
 
-async fn route(ctx: &Ctx, down: &Downstream, req: Request<Incoming>) -> Response<Body> {
+/// An HTTP/1.1 request to switch protocols (WebSocket): what it asks for, and the future
+/// of the client's side of the connection once the switch is answered.
+struct UpgradeRequest {
+    upgrade: HeaderValue,
+    client: hyper::upgrade::OnUpgrade,
+}
+
+async fn route(ctx: &Ctx, down: &Downstream, mut req: Request<Incoming>) -> Response<Body> {
     let snap = ctx.snapshot();
     let protocol = if req.version() == Version::HTTP_2 {
         Protocol::Http2
     } else {
         Protocol::Http1
+    };
+    let upgrade = match req.headers().get(header::UPGRADE) {
+        Some(upgrade) if protocol == Protocol::Http1 => Some(UpgradeRequest {
+            upgrade: upgrade.clone(),
+            client: hyper::upgrade::on(&mut req),
+        }),
+        _ => None,
     };
     let (mut parts, body) = req.into_parts();
     let authority = parts
@@ -132,6 +146,12 @@ async fn route(ctx: &Ctx, down: &Downstream, req: Request<Incoming>) -> Response
     for h in &HOP_BY_HOP {
         parts.headers.remove(h);
     }
+    if let Some(u) = &upgrade {
+        parts.headers.insert(header::UPGRADE, u.upgrade.clone());
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -152,7 +172,8 @@ async fn route(ctx: &Ctx, down: &Downstream, req: Request<Incoming>) -> Response
                 retry: Some(RetryPolicy::istio_default()),
                 ..Policy::default()
             };
-            return forward(ctx, &snap, down, out, protocol, None, &default).await;
+            let response = forward(ctx, &snap, down, out, protocol, None, &default).await;
+            return switch(response, upgrade);
         }
         Decision::Matched {
             target,
@@ -216,7 +237,8 @@ async fn route(ctx: &Ctx, down: &Downstream, req: Request<Incoming>) -> Response
         return reply::text(500, why);
     }
     backend.request_headers.apply(&mut out.headers);
-    let mut response = forward(ctx, &snap, down, out, protocol, Some(backend), policy).await;
+    let response = forward(ctx, &snap, down, out, protocol, Some(backend), policy).await;
+    let mut response = switch(response, upgrade);
     if grpc && response.status() == http::StatusCode::SERVICE_UNAVAILABLE {
         // gRPC clients read `grpc-status`; the HTTP mapping of 503 is UNAVAILABLE (14).
         response
@@ -225,6 +247,45 @@ async fn route(ctx: &Ctx, down: &Downstream, req: Request<Incoming>) -> Response
     }
     policy.response_headers.apply(response.headers_mut());
     backend.response_headers.apply(response.headers_mut());
+    response
+}
+
+/// When the endpoint agreed to switch protocols (101), joins the two upgraded connections
+/// (client and endpoint) and copies bytes both ways until either side closes. The 101 keeps
+/// its `Upgrade` and `Connection` headers.
+fn switch(mut response: Response<Body>, upgrade: Option<UpgradeRequest>) -> Response<Body> {
+    let Some(upgrade) = upgrade else {
+        return response;
+    };
+    if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        return response;
+    }
+    let endpoint = hyper::upgrade::on(&mut response);
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    tokio::spawn(async move {
+        let (client, endpoint) = match tokio::join!(upgrade.client, endpoint) {
+            (Ok(client), Ok(endpoint)) => (client, endpoint),
+            (client, endpoint) => {
+                let side = |r: &Result<_, hyper::Error>| match r {
+                    Ok(_) => "switched".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::debug!(
+                    client = side(&client),
+                    endpoint = side(&endpoint),
+                    "protocol switch abandoned"
+                );
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut endpoint = hyper_util::rt::TokioIo::new(endpoint);
+        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut endpoint).await {
+            tracing::debug!(%error, "upgraded connection ended");
+        }
+    });
     response
 }
 
@@ -355,8 +416,10 @@ async fn forward(
         }
         return match (outcome, response) {
             (_, Some(mut response)) => {
-                for h in &HOP_BY_HOP {
-                    response.headers_mut().remove(h);
+                if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    for h in &HOP_BY_HOP {
+                        response.headers_mut().remove(h);
+                    }
                 }
                 response
             }

@@ -85,7 +85,7 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
         .initial_stream_window_size(ztunnel::hbone::STREAM_WINDOW)
         .initial_connection_window_size(ztunnel::hbone::CONNECTION_WINDOW);
     if let Err(error) = builder
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await
     {
         tracing::debug!(peer = %peer_addr, %authority, %error, "HTTP connection in tunnel ended");

@@ -120,6 +120,10 @@ impl HttpPool {
                 continue;
             }
             match sender.try_send_request(req).await {
+                // Switched protocols: the connection now belongs to the upgraded stream.
+                Ok(response) if response.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    return Ok(response.map(BodyExt::boxed_unsync));
+                }
                 Ok(response) => {
                     let (parts, body) = response.into_parts();
                     let body = GiveBack {
@@ -177,7 +181,7 @@ impl HttpPool {
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            if let Err(error) = connection.with_upgrades().await {
                 tracing::debug!(%addr, %error, "upstream HTTP/1.1 connection ended");
             }
         });
