@@ -8,6 +8,7 @@
 mod copy;
 mod inbound;
 mod outbound;
+pub mod pod_index;
 mod pods;
 mod retry;
 pub mod tracker;
