@@ -365,7 +365,10 @@ impl Tracker {
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
         });
-        access_log::opened(&record.view("open", None));
+        // The view (a dozen strings) is built only when the line is written.
+        if access_log::opened_enabled() {
+            access_log::opened(&record.view("open", None));
+        }
         lock(&self.live).insert(record.id, record.clone());
         Tracked {
             tracker: self.clone(),
@@ -542,6 +545,12 @@ mod access_log {
                 $msg
             );
         }};
+    }
+
+    /// Whether `opened` lines are written (debug level on target `access`): the caller builds
+    /// the view only then.
+    pub(super) fn opened_enabled() -> bool {
+        tracing::enabled!(target: "access", Level::DEBUG)
     }
 
     pub(super) fn opened(v: &ConnectionView) {
