@@ -103,6 +103,10 @@ impl<P: Addressed> PodIndex<P> {
         self.by_uid.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.by_uid.is_empty()
+    }
+
     /// Removes every pod.
     pub fn drain(&mut self) -> Vec<Arc<P>> {
         self.by_ip.clear();
@@ -225,6 +229,6 @@ mod tests {
         gone.sort();
         assert_eq!(gone, ["a", "b"]);
         assert_eq!(owner(&index, "198.18.1.10"), None);
-        assert_eq!(index.len(), 0);
+        assert!(index.is_empty());
     }
 }

@@ -472,6 +472,26 @@ impl Tracked {
         self.record.add_sent(n);
     }
 
+    /// The relay reset a tunnel that made no progress (`toward_upstream`: the upstream side's,
+    /// else the client side's): counted, and logged with the peer that held it.
+    pub(super) fn stalled(&self, stall: &crate::hbone::Stalled, toward_upstream: bool) {
+        let m = &self.record.meta;
+        let peer = if toward_upstream {
+            m.upstream.unwrap_or(m.dst)
+        } else {
+            m.src
+        };
+        let peer_identity = if toward_upstream {
+            m.dst_identity.as_ref()
+        } else {
+            m.src_identity.as_ref()
+        };
+        self.tracker.metrics.agent.hbone_stalled_streams.inc();
+        tracing::warn!(id = self.record.id, path = m.path.as_str(), %peer,
+            peer.identity = peer_identity.map(tracing::field::display), src = %m.src, dst = %m.dst,
+            "{stall}: tunnel reset, and the connection relayed with it");
+    }
+
     pub fn finish(mut self, outcome: Outcome) {
         self.done = true;
         self.tracker.close(&self.record, &outcome);
