@@ -53,14 +53,17 @@ impl StallTimer {
     /// Starts the clock if it is not running (a write began to wait); `Ready` once it ran
     /// out.
     fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<Stalled> {
-        let deadline = Instant::now() + self.after;
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if !self.running {
-            sleep.as_mut().reset(deadline);
+            let deadline = Instant::now() + self.after;
+            match &mut self.sleep {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
             self.running = true;
         }
+        let Some(sleep) = &mut self.sleep else {
+            return Poll::Pending;
+        };
         ready!(sleep.as_mut().poll(cx));
         Poll::Ready(Stalled { after: self.after })
     }
