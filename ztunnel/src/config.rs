@@ -130,6 +130,14 @@ pub struct Config {
     #[arg(long, env = "ZTUNNEL_HBONE_KEEPALIVE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub hbone_keepalive_secs: u64,
 
+    /// Seconds an HBONE tunnel (inbound or outbound) may have bytes waiting to be sent
+    /// without the peer opening any flow-control window before it is reset, with the
+    /// application's connection behind it (a peer that answers PINGs but never reads would
+    /// hold both forever). Any window granted restarts the clock. 0: never.
+    #[arg(long, alias = "hbone-stall-timeout", env = "ZTUNNEL_HBONE_STALL_TIMEOUT_SECS",
+        default_value_t = crate::hbone::DEFAULT_STALL_TIMEOUT.as_secs())]
+    pub hbone_stall_timeout_secs: u64,
+
     /// Where inbound connections reach the application from: `client`, the client's own
     /// address (the TCP peer policy saw: the client pod for mesh traffic, the peer for
     /// plaintext), as Istio's in-pod ztunnel does; or `loopback`, 127.0.0.6 (::1 over IPv6),
@@ -196,5 +204,10 @@ impl Config {
 
     pub fn drain_deadline(&self) -> Duration {
         Duration::from_secs(self.drain_deadline_secs)
+    }
+
+    /// `--hbone-stall-timeout-secs`, `None` when 0 (never).
+    pub fn hbone_stall_timeout(&self) -> Option<Duration> {
+        Some(Duration::from_secs(self.hbone_stall_timeout_secs)).filter(|d| !d.is_zero())
     }
 }

@@ -138,6 +138,7 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
             handshake_timeout: std::time::Duration::from_secs(config.handshake_timeout_secs),
             connect_timeout: std::time::Duration::from_secs(config.connect_timeout_secs),
             hbone_keepalive: std::time::Duration::from_secs(config.hbone_keepalive_secs),
+            hbone_stall_timeout: config.hbone_stall_timeout(),
             test_fail_first_capture: config.test_fail_first_capture,
             inbound_source: config.inbound_source,
         },

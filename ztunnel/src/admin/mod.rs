@@ -256,7 +256,7 @@ impl Agent {
             .set(crate::readiness::without_certificate(proxy).len() as i64);
         agent
             .capture_namespaces
-            .set(proxy.capture.status().enrolled_namespaces as i64);
+            .set(proxy.capture.enrolled_namespaces() as i64);
     }
 }
 

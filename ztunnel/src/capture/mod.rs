@@ -9,15 +9,16 @@
 pub mod bpffs;
 pub mod cgroup;
 pub mod netns;
+mod orig;
 pub mod routing;
 mod rtnl;
 
 use std::collections::HashMap as StdHashMap;
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use aya::Ebpf;
 use aya::maps::{HashMap, MapData, SockHash};
@@ -25,7 +26,7 @@ use aya::programs::links::CgroupAttachMode;
 use aya::programs::{CgroupSockAddr, SkLookup, SockOps};
 use tracing::{debug, info, warn};
 
-use ztunnel_ebpf_common::{CAPTURE_OUTBOUND, ClientKey, OrigDst, PodCapture};
+use ztunnel_ebpf_common::{CAPTURE_OUTBOUND, PodCapture};
 
 pub use cgroup::find_cgroup2;
 pub use netns::{Netns, NetnsCookie, NetnsError, SocketKind};
@@ -87,18 +88,23 @@ pub struct CaptureStatus {
 }
 
 /// The loaded programs and their maps.
+///
+/// Accepts never wait for a lock here: the original destinations are taken without one (see
+/// `orig`). Readers of the outbound map (readiness, metrics) share a read lock that only
+/// enrolment changes take exclusively; the inbound steering, changed together with its
+/// programs' links, has its own mutex, taken by enrolment and `status` only.
 pub struct Capture {
     pin_dir: PathBuf,
     cgroup_root: PathBuf,
     program_ids: Vec<u32>,
+    orig: orig::OrigMap,
+    enrolled: RwLock<HashMap<MapData, u64, PodCapture>>,
     inner: Mutex<Inner>,
     routing: std::sync::Arc<SourceRouting>,
 }
 
 struct Inner {
     ebpf: Ebpf,
-    enrolled: HashMap<MapData, u64, PodCapture>,
-    orig: HashMap<MapData, ClientKey, OrigDst>,
     inbound: SockHash<MapData, u32>,
     inbound6: SockHash<MapData, [u32; 4]>,
     inbound_links: StdHashMap<NetnsCookie, aya::programs::sk_lookup::SkLookupLinkId>,
@@ -213,10 +219,10 @@ impl Capture {
             pin_dir: pin_dir.to_owned(),
             cgroup_root,
             program_ids: ids.iter().filter_map(|id| id.parse().ok()).collect(),
+            orig: orig::OrigMap::new(orig),
+            enrolled: RwLock::new(enrolled),
             inner: Mutex::new(Inner {
                 ebpf,
-                enrolled,
-                orig,
                 inbound,
                 inbound6,
                 inbound_links: StdHashMap::new(),
@@ -233,14 +239,12 @@ impl Capture {
         netns: NetnsCookie,
         outbound_port: u16,
     ) -> Result<(), CaptureError> {
-        let mut inner = self.lock();
         let value = PodCapture {
             outbound_port,
             flags: CAPTURE_OUTBOUND,
             _pad: 0,
         };
-        inner
-            .enrolled
+        self.enrolled_mut()
             .insert(netns.0, value, 0)
             .map_err(map_err("ENROLLED"))?;
         debug!(netns = netns.0, "outbound capture on");
@@ -291,10 +295,10 @@ impl Capture {
 
     /// Stops all capture for `netns`: the pod's plain networking is back at once.
     pub fn unenroll(&self, netns: NetnsCookie) {
-        let mut inner = self.lock();
-        if let Err(err) = inner.enrolled.remove(&netns.0) {
+        if let Err(err) = self.enrolled_mut().remove(&netns.0) {
             debug!(netns = netns.0, %err, "namespace was not enrolled for outbound capture");
         }
+        let mut inner = self.lock();
         for key in inner.inbound_keys.remove(&netns).unwrap_or_default() {
             let _ = match key {
                 InboundKey::V4(k) => inner.inbound.remove(&k),
@@ -316,54 +320,29 @@ impl Capture {
 
     /// The destination a redirected connection was meant for, looked up by the accepted
     /// socket's peer address in the namespace it was accepted in. Each entry is read once.
+    /// Takes no lock: accepts in every pod run side by side.
     pub fn take_original_destination(
         &self,
         netns: NetnsCookie,
         peer: SocketAddr,
     ) -> Option<SocketAddr> {
-        let key = match peer {
-            SocketAddr::V4(peer) => ClientKey {
-                netns_cookie: netns.0,
-                addr: [u32::from_ne_bytes(peer.ip().octets()), 0, 0, 0],
-                port: u32::from(peer.port()),
-                family: AF_INET,
-            },
-            SocketAddr::V6(peer) => ClientKey {
-                netns_cookie: netns.0,
-                addr: words6(peer.ip()),
-                port: u32::from(peer.port()),
-                family: AF_INET6,
-            },
-        };
-        let mut inner = self.lock();
-        let orig = inner.orig.get(&key, 0).ok()?;
-        let _ = inner.orig.remove(&key);
-        let port = u16::from_be(orig.port as u16);
-        match orig.family {
-            AF_INET => {
-                let ip = Ipv4Addr::from(orig.addr[0].to_ne_bytes());
-                Some(SocketAddr::V4(SocketAddrV4::new(ip, port)))
-            }
-            AF_INET6 => Some(SocketAddr::V6(SocketAddrV6::new(
-                from_words6(orig.addr),
-                port,
-                0,
-                0,
-            ))),
-            _ => None,
-        }
+        self.orig.take(netns.0, peer)
     }
 
     pub fn status(&self) -> CaptureStatus {
-        let inner = self.lock();
         CaptureStatus {
             cgroup_root: self.cgroup_root.clone(),
             program_ids: self.program_ids.clone(),
             programs: vec!["zt_connect4", "zt_connect6", "zt_sockops", "zt_inbound"],
-            enrolled_namespaces: inner.enrolled.keys().filter(Result::is_ok).count(),
-            inbound_listeners: inner.inbound_links.len(),
-            pending_original_destinations: inner.orig.keys().filter(Result::is_ok).count(),
+            enrolled_namespaces: self.enrolled_namespaces(),
+            inbound_listeners: self.lock().inbound_links.len(),
+            pending_original_destinations: self.orig.len(),
         }
+    }
+
+    /// How many namespaces the outbound map holds (what the metrics scrape reads).
+    pub fn enrolled_namespaces(&self) -> usize {
+        self.enrolled().keys().filter(Result::is_ok).count()
     }
 
     /// Pod namespaces set up for deliveries from client addresses.
@@ -375,15 +354,14 @@ impl Capture {
     /// left in the pinned map (and its delivery marks).
     pub fn prune_enrolled(&self, keep: &[NetnsCookie]) -> usize {
         self.routing.prune(keep);
-        let mut inner = self.lock();
-        let stale: Vec<u64> = inner
-            .enrolled
+        let mut enrolled = self.enrolled_mut();
+        let stale: Vec<u64> = enrolled
             .keys()
             .filter_map(Result::ok)
             .filter(|k| !keep.contains(&NetnsCookie(*k)))
             .collect();
         for key in &stale {
-            let _ = inner.enrolled.remove(key);
+            let _ = enrolled.remove(key);
         }
         stale.len()
     }
@@ -408,14 +386,27 @@ impl Capture {
 
     /// Whether `netns` is in the outbound map (what readiness checks).
     pub fn is_enrolled(&self, netns: NetnsCookie) -> bool {
-        self.lock().enrolled.get(&netns.0, 0).is_ok()
+        self.enrolled().get(&netns.0, 0).is_ok()
     }
 
+    // A panic while holding one of these locks leaves the maps consistent (each call is one
+    // map operation), so a poisoned lock is still usable.
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock leaves the maps consistent (each call is one map
-        // operation), so a poisoned lock is still usable.
         self.inner
             .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn enrolled(&self) -> std::sync::RwLockReadGuard<'_, HashMap<MapData, u64, PodCapture>> {
+        self.enrolled
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn enrolled_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<MapData, u64, PodCapture>> {
+        self.enrolled
+            .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

@@ -75,6 +75,9 @@ pub struct PoolConfig {
     /// for twice that is taken for gone or stalled: the connection is dropped with its
     /// tunnels. `None`: never.
     pub keepalive: Option<Duration>,
+    /// A tunnel with bytes waiting to be sent that the peer grants no flow-control window for
+    /// this long (a peer that answers PINGs but never reads) is reset. `None`: never.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for PoolConfig {
@@ -87,6 +90,7 @@ impl Default for PoolConfig {
             max_frame_size: MAX_FRAME_SIZE,
             connect_timeout: Duration::from_secs(10),
             keepalive: Some(Duration::from_secs(10)),
+            stall_timeout: Some(super::DEFAULT_STALL_TIMEOUT),
         }
     }
 }
@@ -319,7 +323,12 @@ impl Pool {
             })
         })??;
         match response.status() {
-            StatusCode::OK => Ok(H2Stream::new(stream, response.into_body(), Some(slot))),
+            StatusCode::OK => Ok(H2Stream::new(
+                stream,
+                response.into_body(),
+                Some(slot),
+                self.inner.config.stall_timeout,
+            )),
             StatusCode::UNAUTHORIZED => Err(Attempt::Answered(HboneError::Denied)),
             other => Err(Attempt::Answered(HboneError::Status(other))),
         }

@@ -24,9 +24,13 @@ pub use request::{
     ConnectHeaders, Reject, forwarded_for, forwarded_host, is_traceparent, new_traceparent,
 };
 pub use server::{Accepted, Responder, ServerConfig, Session, serve, serve_until};
-pub use stream::H2Stream;
+pub use stream::{H2Stream, Stalled, stalled};
 
 use crate::tls::TlsError;
+
+/// How long a tunnel may wait for flow-control window with bytes to send before it is
+/// reset (`--hbone-stall-timeout`).
+pub const DEFAULT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The HBONE port every mesh workload (and waypoint) listens on.
 pub const HBONE_PORT: u16 = 15008;

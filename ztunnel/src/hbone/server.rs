@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::lifetime::{keepalive, wall_clock_reaches};
 use super::request::validate;
 use super::stream::H2Stream;
-use super::{CONNECTION_WINDOW, HboneError, MAX_FRAME_SIZE, STREAM_WINDOW};
+use super::{CONNECTION_WINDOW, DEFAULT_STALL_TIMEOUT, HboneError, MAX_FRAME_SIZE, STREAM_WINDOW};
 use crate::identity::Identity;
 use crate::time::rfc3339;
 use crate::tls::TlsError;
@@ -52,6 +52,9 @@ pub struct ServerConfig {
     /// within twice this time is taken for dead or stalled (it stopped reading): the
     /// connection is closed. `None`: never.
     pub keepalive: Option<Duration>,
+    /// A tunnel with bytes waiting to be sent that the peer grants no flow-control window for
+    /// this long (a peer that answers PINGs but never reads) is reset. `None`: never.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             max_header_list_size: 64 * 1024,
             max_send_buffer_size: 400 * 1024,
             keepalive: Some(Duration::from_secs(10)),
+            stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
         }
     }
 }
@@ -131,6 +135,7 @@ pub struct Accepted {
 pub struct Responder {
     respond: Option<SendResponse<Bytes>>,
     body: Option<RecvStream>,
+    stall_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Responder {
@@ -155,7 +160,7 @@ impl Responder {
         let mut response = Response::new(());
         *response.headers_mut() = headers;
         let send = respond.send_response(response, false)?;
-        Ok(H2Stream::new(send, body, None))
+        Ok(H2Stream::new(send, body, None, self.stall_timeout))
     }
 
     /// Answers with `status` and ends the stream.
@@ -292,6 +297,7 @@ where
                     responder: Responder {
                         respond: Some(respond),
                         body: Some(body),
+                        stall_timeout: config.stall_timeout,
                     },
                 };
                 tokio::spawn(on_stream(accepted));

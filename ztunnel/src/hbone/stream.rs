@@ -9,16 +9,70 @@
 //! - a RST_STREAM from the peer is an `io::Error` (`ConnectionReset`), except RST(NO_ERROR)
 //!   while reading, which RFC 9113 §8.1 uses for "response complete, stop sending" and is read
 //!   as end of stream. Dropping an `H2Stream` that was not shut down resets the stream
-//!   (h2 sends RST_STREAM(CANCEL)), which the peer sees as an aborted connection.
+//!   (h2 sends RST_STREAM(CANCEL)), which the peer sees as an aborted connection;
+//! - with a stall timeout, a write that waits for window longer than that without the peer
+//!   granting any (a peer that answers PINGs, so keep-alive holds, but never opens the
+//!   window) resets the stream and fails with [`Stalled`]; each grant restarts the clock.
+//!   Tokio's clock, so tests run it paused.
 
 use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf as _, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The error of a write that made no progress for the stall timeout (inside an
+/// `io::Error` of kind `TimedOut`; [`stalled`] finds it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "HBONE stream stalled: the peer opened no flow-control window for {after:?} with bytes waiting to be sent"
+)]
+pub struct Stalled {
+    pub after: Duration,
+}
+
+/// The [`Stalled`] behind `err`, when a tunnel was reset for making no progress.
+pub fn stalled(err: &io::Error) -> Option<&Stalled> {
+    err.get_ref()?.downcast_ref::<Stalled>()
+}
+
+/// The stall clock of a stream's writes: runs while a write waits for window.
+struct StallTimer {
+    after: Duration,
+    /// Allocated the first time a write waits, then reused.
+    sleep: Option<Pin<Box<Sleep>>>,
+    running: bool,
+}
+
+impl StallTimer {
+    /// Starts the clock if it is not running (a write began to wait); `Ready` once it ran
+    /// out.
+    fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<Stalled> {
+        if !self.running {
+            let deadline = Instant::now() + self.after;
+            match &mut self.sleep {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            self.running = true;
+        }
+        let Some(sleep) = &mut self.sleep else {
+            return Poll::Pending;
+        };
+        ready!(sleep.as_mut().poll(cx));
+        Poll::Ready(Stalled { after: self.after })
+    }
+
+    /// The peer granted window: the clock stops.
+    fn progress(&mut self) {
+        self.running = false;
+    }
+}
 
 /// Runs a closure when dropped (the pool uses it to release a stream slot).
 pub(crate) struct OnDrop(Option<Box<dyn FnOnce() + Send>>);
@@ -45,17 +99,30 @@ pub struct H2Stream {
     pending: Bytes,
     read_done: bool,
     write_done: bool,
+    stall: Option<StallTimer>,
     _on_drop: Option<OnDrop>,
 }
 
 impl H2Stream {
-    pub(crate) fn new(send: SendStream<Bytes>, recv: RecvStream, on_drop: Option<OnDrop>) -> Self {
+    /// A tunnel over `send`/`recv`; with `stall_timeout`, writes that get no window for that
+    /// long reset it.
+    pub(crate) fn new(
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+        on_drop: Option<OnDrop>,
+        stall_timeout: Option<Duration>,
+    ) -> Self {
         H2Stream {
             send,
             recv,
             pending: Bytes::new(),
             read_done: false,
             write_done: false,
+            stall: stall_timeout.map(|after| StallTimer {
+                after,
+                sleep: None,
+                running: false,
+            }),
             _on_drop: on_drop,
         }
     }
@@ -108,17 +175,31 @@ impl H2Stream {
         Poll::Ready(Ok(()))
     }
 
-    /// Waits until up to `want` bytes may be sent; returns how many.
+    /// Waits until up to `want` bytes may be sent; returns how many. Past the stall
+    /// timeout without window, resets the stream and fails with [`Stalled`].
     fn poll_window(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         self.send.reserve_capacity(want);
         let capacity = match self.send.capacity() {
-            0 => match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(n)) => n,
-                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
-                None => return Poll::Ready(Err(closed_error(&mut self.send, cx))),
+            0 => match self.send.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(n))) => n,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_to_io(e))),
+                Poll::Ready(None) => return Poll::Ready(Err(closed_error(&mut self.send, cx))),
+                Poll::Pending => {
+                    let Some(stall) = &mut self.stall else {
+                        return Poll::Pending;
+                    };
+                    let stalled = ready!(stall.poll_waiting(cx));
+                    self.abort();
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, stalled)));
+                }
             },
             n => n,
         };
+        if capacity > 0
+            && let Some(stall) = &mut self.stall
+        {
+            stall.progress();
+        }
         Poll::Ready(Ok(capacity.min(want)))
     }
 
@@ -145,6 +226,7 @@ impl fmt::Debug for H2Stream {
             .field("stream_id", &self.send.stream_id().as_u32())
             .field("read_done", &self.read_done)
             .field("write_done", &self.write_done)
+            .field("stall_timeout", &self.stall.as_ref().map(|s| s.after))
             .finish()
     }
 }

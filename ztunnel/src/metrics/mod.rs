@@ -71,6 +71,9 @@ pub struct Agent {
     /// Pooled outbound HBONE connections taken out of the pool before their end, by reason
     /// (`certificate_expired`, `keepalive_timeout`).
     pub hbone_pool_evictions: Family<ReasonLabels, Counter>,
+    /// HBONE tunnels (either direction) reset because the peer opened no flow-control window
+    /// for the stall timeout while bytes waited to be sent.
+    pub hbone_stalled_streams: Counter,
     /// Unix time at which each cached workload certificate expires.
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
     /// Requests to the certificate authority by result (`issued` or `failed`).
@@ -162,6 +165,11 @@ impl Metrics {
             "ztunnel_hbone_pool_evictions",
             "Outbound HBONE connections taken out of the pool before their end, by reason",
             agent.hbone_pool_evictions.clone(),
+        );
+        registry.register(
+            "ztunnel_hbone_stalled_streams",
+            "HBONE tunnels reset because the peer opened no flow-control window for the stall timeout",
+            agent.hbone_stalled_streams.clone(),
         );
         registry.register(
             "ztunnel_certificate_expiry_timestamp_seconds",

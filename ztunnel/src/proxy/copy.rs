@@ -179,7 +179,9 @@ impl Flow {
 }
 
 /// Relays `client` <-> `upstream` until both sides have closed; a half-close on one side is
-/// passed on to the other, and an error on either ends both (the caller resets them).
+/// passed on to the other, and an error on either ends both (the caller resets them). A
+/// tunnel reset for making no progress (`hbone::Stalled`) is counted and logged here, with
+/// the peer that stalled it.
 /// Bytes are counted on `tracked` as they move: received when read from the client, sent
 /// when written to it. Returns (bytes client -> upstream, bytes
 /// upstream -> client).
@@ -194,11 +196,13 @@ pub(super) async fn relay<A: Side, B: Side>(
     let mut down = Flow::default();
     let mut sent = None;
     let mut received = None;
+    let mut upstream_failed = false;
     let result = poll_fn(|cx| {
         if sent.is_none()
             && let Poll::Ready(n) =
                 up.poll(cx, client, upstream, |n| tracked.add_received(n), |_| {})
         {
+            upstream_failed = n.is_err();
             sent = Some(n?);
         }
         if received.is_none()
@@ -213,6 +217,11 @@ pub(super) async fn relay<A: Side, B: Side>(
     })
     .await;
     Stats::add(&stats.closed, 1);
+    if let Err(err) = &result
+        && let Some(stall) = crate::hbone::stalled(err)
+    {
+        tracked.stalled(stall, upstream_failed);
+    }
     if let Ok((sent, received)) = result {
         Stats::add(&stats.bytes_sent, sent);
         Stats::add(&stats.bytes_received, received);

@@ -94,6 +94,7 @@ async fn serve_hbone(
     debug!(%peer, identity = %peer_id, "HBONE connection accepted");
     let config = hbone::ServerConfig {
         keepalive: Some(proxy.hbone_keepalive),
+        stall_timeout: proxy.hbone_stall_timeout,
         ..Default::default()
     };
     let handler_proxy = proxy.clone();

@@ -8,8 +8,11 @@
 mod copy;
 mod inbound;
 mod outbound;
+pub mod pod_index;
 mod pods;
 mod retry;
+#[cfg(test)]
+mod stall_tests;
 pub mod tracker;
 
 use std::collections::HashMap;
@@ -74,6 +77,9 @@ pub struct ProxyOptions {
     pub handshake_timeout: std::time::Duration,
     pub connect_timeout: std::time::Duration,
     pub hbone_keepalive: std::time::Duration,
+    /// A tunnel that has bytes to send and gets no flow-control window for this long is
+    /// reset (`None`: never).
+    pub hbone_stall_timeout: Option<std::time::Duration>,
     /// Test only: see `Config::test_fail_first_capture`.
     pub test_fail_first_capture: bool,
     pub inbound_source: InboundSource,
@@ -85,6 +91,7 @@ impl Default for ProxyOptions {
             handshake_timeout: std::time::Duration::from_secs(10),
             connect_timeout: std::time::Duration::from_secs(10),
             hbone_keepalive: std::time::Duration::from_secs(10),
+            hbone_stall_timeout: Some(hbone::DEFAULT_STALL_TIMEOUT),
             test_fail_first_capture: false,
             inbound_source: InboundSource::Client,
         }
@@ -129,6 +136,9 @@ pub struct Proxy {
     /// PING interval on HBONE connections, inbound and pooled outbound; a peer silent for
     /// twice that is cut off.
     pub hbone_keepalive: std::time::Duration,
+    /// Bound on a tunnel's wait for flow-control window with bytes to send, inbound and
+    /// outbound (`None`: none).
+    pub hbone_stall_timeout: Option<std::time::Duration>,
     /// Set when this process stops taking new work (replaced, or shutting down): HBONE
     /// connections get GOAWAY so peers open new streams elsewhere.
     pub draining: watch::Sender<bool>,
@@ -183,6 +193,7 @@ impl Proxy {
             pool: hbone::Pool::new(hbone::PoolConfig {
                 connect_timeout: options.connect_timeout,
                 keepalive: Some(options.hbone_keepalive),
+                stall_timeout: options.hbone_stall_timeout,
                 ..hbone::PoolConfig::default()
             }),
             pods: PodRegistry::default(),
@@ -193,6 +204,7 @@ impl Proxy {
             handshake_timeout: options.handshake_timeout,
             connect_timeout: options.connect_timeout,
             hbone_keepalive: options.hbone_keepalive,
+            hbone_stall_timeout: options.hbone_stall_timeout,
             inbound_source: options.inbound_source,
             busy: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             fail_first_capture: pods::FailFirstCapture::new(options.test_fail_first_capture),

@@ -11,12 +11,13 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::pod_index::{Addressed, PodIndex};
 use super::retry::{Backoff, CERT_RETRY_FIRST, CERT_RETRY_MAX};
 use super::{
     HBONE_PORT, INBOUND_PLAINTEXT_PORT, InboundSource, OUTBOUND_PORT, Proxy, inbound, outbound,
@@ -37,6 +38,16 @@ pub struct Pod {
     /// client`). Every connection delivered into the pod holds the pod, and so this, until it
     /// ends: the set-up outlives a release for as long as their replies need it.
     routing: Option<Arc<PodRouting>>,
+}
+
+impl Addressed for Pod {
+    fn uid(&self) -> &str {
+        &self.workload.uid
+    }
+
+    fn ips(&self) -> &[IpAddr] {
+        &self.workload.workload_ips
+    }
 }
 
 impl Pod {
@@ -101,23 +112,25 @@ impl Drop for Listeners {
     }
 }
 
-/// The pods this ztunnel captures, by workload uid.
+/// The pods this ztunnel captures, by workload uid and by address. Looked up on every
+/// connection (readers share the lock); changed only by enrolment and release.
 #[derive(Debug, Default)]
 pub struct PodRegistry {
-    pods: Mutex<HashMap<String, Arc<Pod>>>,
+    pods: RwLock<PodIndex<Pod>>,
 }
 
 impl PodRegistry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Pod>>> {
-        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> RwLockReadGuard<'_, PodIndex<Pod>> {
+        self.pods.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, PodIndex<Pod>> {
+        self.pods.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The enrolled pod that owns `ip`, if it is on this node.
     pub fn by_ip(&self, ip: IpAddr) -> Option<Arc<Pod>> {
-        self.lock()
-            .values()
-            .find(|p| p.workload.workload_ips.contains(&ip))
-            .cloned()
+        self.lock().by_ip(&ip).cloned()
     }
 
     pub fn get(&self, uid: &str) -> Option<Arc<Pod>> {
@@ -169,7 +182,7 @@ impl PodRegistry {
     }
 
     pub fn clear(&self, capture: &Capture) {
-        for (_, pod) in self.lock().drain() {
+        for pod in self.write().drain() {
             capture.unenroll(pod.netns.cookie());
         }
     }
@@ -230,7 +243,7 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) -> Vec<NotEnrol
         .collect();
 
     let stale: Vec<Arc<Pod>> = {
-        let mut pods = proxy.pods.lock();
+        let mut pods = proxy.pods.write();
         let gone: Vec<String> = pods
             .iter()
             .filter(|(uid, pod)| {
@@ -260,7 +273,7 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) -> Vec<NotEnrol
                 // Same namespace and addresses, other details changed (policies, labels):
                 // keep the listeners, swap the description.
                 {
-                    let mut pods = proxy.pods.lock();
+                    let mut pods = proxy.pods.write();
                     if let Some(pod) = pods.get(&uid).cloned() {
                         let updated = Pod {
                             workload: w.clone(),
@@ -268,7 +281,7 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) -> Vec<NotEnrol
                             listeners: pod.listeners.clone(),
                             routing: pod.routing.clone(),
                         };
-                        pods.insert(uid, Arc::new(updated));
+                        pods.insert(Arc::new(updated));
                     }
                 }
                 if old.identity() != w.identity() {
@@ -281,7 +294,7 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) -> Vec<NotEnrol
                     // Registered before its accept loops start: a connection accepted at once
                     // (one already queued on an inherited socket) must find its pod.
                     let pod = Arc::new(pod);
-                    proxy.pods.lock().insert(uid, pod.clone());
+                    proxy.pods.write().insert(pod.clone());
                     pod.listeners.start(proxy, &pod, listeners);
                     info!(workload = %w.name, namespace = %w.namespace(), identity = %w.identity(), "pod enrolled");
                     fetch_certificate(proxy, &w);

@@ -365,7 +365,10 @@ impl Tracker {
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
         });
-        access_log::opened(&record.view("open", None));
+        // The view (a dozen strings) is built only when the line is written.
+        if access_log::opened_enabled() {
+            access_log::opened(&record.view("open", None));
+        }
         lock(&self.live).insert(record.id, record.clone());
         Tracked {
             tracker: self.clone(),
@@ -469,6 +472,26 @@ impl Tracked {
         self.record.add_sent(n);
     }
 
+    /// The relay reset a tunnel that made no progress (`toward_upstream`: the upstream side's,
+    /// else the client side's): counted, and logged with the peer that held it.
+    pub(super) fn stalled(&self, stall: &crate::hbone::Stalled, toward_upstream: bool) {
+        let m = &self.record.meta;
+        let peer = if toward_upstream {
+            m.upstream.unwrap_or(m.dst)
+        } else {
+            m.src
+        };
+        let peer_identity = if toward_upstream {
+            m.dst_identity.as_ref()
+        } else {
+            m.src_identity.as_ref()
+        };
+        self.tracker.metrics.agent.hbone_stalled_streams.inc();
+        tracing::warn!(id = self.record.id, path = m.path.as_str(), %peer,
+            peer.identity = peer_identity.map(tracing::field::display), src = %m.src, dst = %m.dst,
+            "{stall}: tunnel reset, and the connection relayed with it");
+    }
+
     pub fn finish(mut self, outcome: Outcome) {
         self.done = true;
         self.tracker.close(&self.record, &outcome);
@@ -542,6 +565,12 @@ mod access_log {
                 $msg
             );
         }};
+    }
+
+    /// Whether `opened` lines are written (debug level on target `access`): the caller builds
+    /// the view only then.
+    pub(super) fn opened_enabled() -> bool {
+        tracing::enabled!(target: "access", Level::DEBUG)
     }
 
     pub(super) fn opened(v: &ConnectionView) {

@@ -88,7 +88,7 @@ async fn the_server_sends_goaway_when_the_client_certificate_expires() {
         .unwrap();
     let response = response.await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    let mut first = H2Stream::new(stream, response.into_body(), None);
+    let mut first = H2Stream::new(stream, response.into_body(), None, None);
     echo(&mut first, b"before").await;
 
     // Once h2 has the GOAWAY it opens no stream on this connection. Polled for from the
