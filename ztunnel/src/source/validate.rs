@@ -375,14 +375,30 @@ mod tests {
             (USE_WAYPOINT_LABEL, "wp"),
             (USE_WAYPOINT_NAMESPACE_LABEL, "infra"),
         ]);
-        let cases: &[(&BTreeMap<String, String>, Option<&BTreeMap<String, String>>, Option<&str>)] = &[
+        let cases: &[(
+            &BTreeMap<String, String>,
+            Option<&BTreeMap<String, String>>,
+            Option<&str>,
+        )] = &[
             (&none, None, None),
             (&none, Some(&none), None),
             (&own, None, Some("shop/wp.shop.svc.cluster.local")),
             (&own, Some(&ns_wp), Some("shop/wp.shop.svc.cluster.local")),
-            (&none, Some(&ns_wp), Some("shop/ns-wp.shop.svc.cluster.local")),
-            (&none, Some(&ns_wp_elsewhere), Some("infra/shared.infra.svc.cluster.local")),
-            (&own_elsewhere, Some(&ns_wp), Some("infra/wp.infra.svc.cluster.local")),
+            (
+                &none,
+                Some(&ns_wp),
+                Some("shop/ns-wp.shop.svc.cluster.local"),
+            ),
+            (
+                &none,
+                Some(&ns_wp_elsewhere),
+                Some("infra/shared.infra.svc.cluster.local"),
+            ),
+            (
+                &own_elsewhere,
+                Some(&ns_wp),
+                Some("infra/wp.infra.svc.cluster.local"),
+            ),
             (&opt_out, Some(&ns_wp), None),
             (&opt_out, None, None),
             // A pod: the namespace label does not apply.
@@ -396,10 +412,19 @@ mod tests {
             );
         }
         for (bad, what) in [
-            (labels(&[(USE_WAYPOINT_LABEL, "")]), "label istio.io/use-waypoint \"\""),
-            (labels(&[(USE_WAYPOINT_LABEL, "Wp")]), "\"Wp\" is not a name"),
             (
-                labels(&[(USE_WAYPOINT_LABEL, "wp"), (USE_WAYPOINT_NAMESPACE_LABEL, "a/b")]),
+                labels(&[(USE_WAYPOINT_LABEL, "")]),
+                "label istio.io/use-waypoint \"\"",
+            ),
+            (
+                labels(&[(USE_WAYPOINT_LABEL, "Wp")]),
+                "\"Wp\" is not a name",
+            ),
+            (
+                labels(&[
+                    (USE_WAYPOINT_LABEL, "wp"),
+                    (USE_WAYPOINT_NAMESPACE_LABEL, "a/b"),
+                ]),
                 "label istio.io/use-waypoint-namespace \"a/b\" is not a name",
             ),
         ] {
@@ -408,7 +433,10 @@ mod tests {
         }
         let bad_ns = labels(&[(USE_WAYPOINT_LABEL, "-wp")]);
         let err = waypoint_from_labels(&none, Some(&bad_ns), "shop").unwrap_err();
-        assert!(err.starts_with("namespace label istio.io/use-waypoint"), "{err}");
+        assert!(
+            err.starts_with("namespace label istio.io/use-waypoint"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -94,7 +94,10 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::NoHealthyEndpoint { service, port } => {
-                write!(f, "service {service} has no healthy endpoint for port {port}")
+                write!(
+                    f,
+                    "service {service} has no healthy endpoint for port {port}"
+                )
             }
             Refusal::WaypointUnavailable {
                 target,
