@@ -10,6 +10,9 @@
 //! `default` is labelled `istio.io/use-waypoint: wp`. Services, all on echo's 8080:
 //! `echo` (labelled `wp`), `direct` (labelled `none`), `inherits` (no label: the
 //! namespace's), `broken` (labelled `gone`, a waypoint service without endpoints).
+//!
+//! And the destination side: echo's ztunnel believes `forwarded` from echo's waypoint (for
+//! policy and delivery), and from no other identity.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -136,6 +139,11 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with_policies(|_| String::new())
+}
+
+/// The fixture with the policies (YAML under `policies:`) `policies` writes for its mesh.
+fn fixture_with_policies(policies: impl FnOnce(&Mesh) -> String) -> Fixture {
     let mut echo = PodSpec::new("echo", "node1", "echo");
     for svc in ["echo", "direct", "inherits", "broken"] {
         echo = echo.service(svc, 80, APP_PORT);
@@ -161,6 +169,7 @@ fn fixture() -> Fixture {
         service("gone", 6, 15008),
     ];
     let mut mesh = Mesh::new(&["node1", "node2"], pods, services).unwrap();
+    mesh.policies = policies(&mesh);
     mesh.namespace_labels
         .push(("default".into(), USE_WAYPOINT.into(), "wp".into()));
     for (svc, value) in [("echo", "wp"), ("direct", "none"), ("broken", "gone")] {
@@ -267,4 +276,59 @@ fn a_pod_addressed_directly_keeps_the_l4_path() {
     assert!(answer.contains("hello from echo"), "{answer}");
     assert_eq!(f.echo.peers().len(), 1);
     assert!(f.waypoint.seen().is_empty(), "{:?}", f.waypoint.seen());
+}
+
+#[test]
+fn the_destination_believes_forwarded_only_from_its_waypoint() {
+    // Only sleep's address may reach echo's 8080.
+    let policies = "  - name: allow-sleep\n    namespace: default\n    scope: Namespace\n    action: Allow\n    rules:\n      - - - sourceIps: [\"SLEEP/32\"]\n";
+    let f = fixture_with_policies(|mesh| policies.replace("SLEEP", &mesh.ip("sleep").to_string()));
+    let sleep_ip = f.mesh.ip("sleep");
+    let echo_id: Identity = "spiffe://cluster.local/ns/default/sa/echo".parse().unwrap();
+    let hbone = SocketAddr::new(f.mesh.ip("echo").into(), 15008);
+    let dst = SocketAddr::new(f.mesh.ip("echo").into(), APP_PORT);
+    let claim = format!("for=\"{sleep_ip}:4444\"");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let status_as = |sa: &str| {
+        let id: Identity = format!("spiffe://cluster.local/ns/default/sa/{sa}")
+            .parse()
+            .unwrap();
+        let cert = f.mesh.ca().sign(&id, Duration::from_secs(600)).unwrap();
+        rt.block_on(mesh_tests::mesh::connect_status_with_headers(
+            &f.mesh,
+            "wp",
+            &cert,
+            echo_id.clone(),
+            hbone,
+            dst,
+            &[("forwarded", &claim)],
+        ))
+        .unwrap()
+        .as_u16()
+    };
+    // Another identity from the same address claiming sleep: judged by its own address.
+    assert_eq!(status_as("other"), 401);
+    assert!(f.echo.peers().is_empty(), "{:?}", f.echo.peers());
+    // The waypoint's identity: the claim is believed, and the delivery comes from sleep.
+    assert_eq!(status_as("wp"), 200);
+    mesh_tests::wait_until(Duration::from_secs(5), || !f.echo.peers().is_empty())
+        .unwrap_or_else(|e| panic!("no delivery: {e}"));
+    let peers = f.echo.peers();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(peers[0].ip(), std::net::IpAddr::from(sleep_ip), "{peers:?}");
+    let admitted = mesh_tests::operator::connections(&f.mesh, "node1", |c| {
+        c["path"] == "hbone-in" && c["policy"] == "allow"
+    });
+    assert_eq!(admitted.len(), 1, "{admitted:?}");
+    assert_eq!(
+        admitted[0]["src"],
+        format!("{sleep_ip}:4444"),
+        "{}",
+        admitted[0]
+    );
+    assert_eq!(
+        admitted[0]["src_workload"], "default/sleep",
+        "{}",
+        admitted[0]
+    );
 }
