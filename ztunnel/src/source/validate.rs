@@ -375,11 +375,8 @@ mod tests {
             (USE_WAYPOINT_LABEL, "wp"),
             (USE_WAYPOINT_NAMESPACE_LABEL, "infra"),
         ]);
-        let cases: &[(
-            &BTreeMap<String, String>,
-            Option<&BTreeMap<String, String>>,
-            Option<&str>,
-        )] = &[
+        type Labels = BTreeMap<String, String>;
+        let cases: &[(&Labels, Option<&Labels>, Option<&str>)] = &[
             (&none, None, None),
             (&none, Some(&none), None),
             (&own, None, Some("shop/wp.shop.svc.cluster.local")),

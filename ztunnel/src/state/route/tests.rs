@@ -353,15 +353,13 @@ fn a_destination_trusts_forwarded_only_from_its_own_waypoints() {
     assert!(ids("10.0.0.1").is_empty());
 
     let peer = sa("10.0.2.1:40000");
-    let claimed = Some(sa("10.0.0.1:5555"));
+    let client = sa("10.0.0.1:5555");
+    let claimed = Some(client);
     let echo2 = s.waypoint_identities(&workload(&s, "10.0.1.2"));
     let waypoint_id = workload(&s, "10.0.2.1").identity();
     let sleep_id = workload(&s, "10.0.0.1").identity();
     // The waypoint passes the original client on.
-    assert_eq!(
-        policy_source(peer, claimed, &waypoint_id, &echo2),
-        claimed.unwrap()
-    );
+    assert_eq!(policy_source(peer, claimed, &waypoint_id, &echo2), client);
     // Anyone else is judged by its own address, whatever it claims.
     assert_eq!(policy_source(peer, claimed, &sleep_id, &echo2), peer);
     // A destination without a waypoint trusts no one, the waypoint included.
