@@ -72,6 +72,10 @@ pub struct Mesh {
     pub services: Vec<ServiceSpec>,
     /// Namespace name -> dataplane-mode label value (absent: not enrolled).
     pub namespaces: Vec<(String, Option<String>)>,
+    /// More namespace labels: (namespace, key, value), e.g. `istio.io/use-waypoint`.
+    pub namespace_labels: Vec<(String, String, String)>,
+    /// Service labels: (service name, key, value), e.g. `istio.io/use-waypoint`.
+    pub service_labels: Vec<(String, String, String)>,
     /// Extra YAML appended under `policies:`.
     pub policies: String,
     /// Extra command-line flags for every ztunnel started from now on.
@@ -109,6 +113,8 @@ impl Mesh {
             pods,
             services,
             namespaces: vec![("default".to_owned(), Some("ambient".to_owned()))],
+            namespace_labels: Vec::new(),
+            service_labels: Vec::new(),
             policies: String::new(),
             ztunnel_args: Vec::new(),
             dual_stack: false,
@@ -130,12 +136,22 @@ impl Mesh {
         let mut y = String::from("namespaces:\n");
         for (ns, mode) in &self.namespaces {
             let _ = writeln!(y, "  - name: {ns}");
-            match mode {
-                Some(mode) => {
-                    let _ = writeln!(y, "    labels:\n      istio.io/dataplane-mode: {mode}");
-                }
-                None => {
-                    let _ = writeln!(y, "    labels: {{}}");
+            let mut labels: Vec<(&str, &str)> = mode
+                .iter()
+                .map(|m| ("istio.io/dataplane-mode", m.as_str()))
+                .collect();
+            labels.extend(
+                self.namespace_labels
+                    .iter()
+                    .filter(|(n, _, _)| n == ns)
+                    .map(|(_, k, v)| (k.as_str(), v.as_str())),
+            );
+            if labels.is_empty() {
+                let _ = writeln!(y, "    labels: {{}}");
+            } else {
+                y.push_str("    labels:\n");
+                for (k, v) in labels {
+                    let _ = writeln!(y, "      {k}: {v}");
                 }
             }
         }
@@ -189,6 +205,17 @@ impl Mesh {
             );
             for (port, target) in &svc.ports {
                 let _ = writeln!(y, "      {port}: {target}");
+            }
+            let labels: Vec<_> = self
+                .service_labels
+                .iter()
+                .filter(|(name, _, _)| *name == svc.name)
+                .collect();
+            if !labels.is_empty() {
+                y.push_str("    labels:\n");
+                for (_, k, v) in labels {
+                    let _ = writeln!(y, "      {k}: {v}");
+                }
             }
         }
         if self.services.is_empty() {

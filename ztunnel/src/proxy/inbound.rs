@@ -1,8 +1,9 @@
 //! Inbound: HBONE tunnels arriving on an enrolled pod's 15008, and plaintext connections
 //! steered to its 15006. Each is checked against the pod's L4 authorization policies before
 //! ztunnel connects to the application, inside the pod's namespace, from the address policy
-//! saw (the TCP peer: the client pod, or the plaintext client), or from 127.0.0.6 with
-//! `--inbound-source loopback`.
+//! saw (the TCP peer: the client pod, or the plaintext client; for a tunnel from a waypoint
+//! configured for the pod or its services, the original client it names in `forwarded`),
+//! or from 127.0.0.6 with `--inbound-source loopback`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use super::{InboundSource, Proxy, delivery_source};
 use crate::capture::Netns;
 use crate::hbone;
 use crate::identity::Identity;
-use crate::state::authz::{Decision, NO_TRUSTED_FORWARDERS, authorize, policy_source};
+use crate::state::authz::{Decision, authorize, policy_source};
 use crate::state::policy::ConnectionInfo;
 use crate::state::{Service, State, Workload};
 
@@ -133,10 +134,13 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
     };
     let dst = accepted.authority;
     let peer_id = accepted.peer_identity.clone();
-    // The client address the sender claims: recorded as claimed, never believed for policy
-    // unless the peer is a trusted forwarder (none yet).
+    let state = proxy.state.borrow().clone();
+    // The client address the sender claims: recorded as claimed, and believed (for records
+    // and policy) only from a waypoint configured for this pod or one of its services.
     let claimed = hbone::forwarded_for(&accepted.headers);
-    let client = policy_source(peer, claimed, &peer_id, NO_TRUSTED_FORWARDERS);
+    let trusted = state.waypoint_identities(&pod.workload);
+    let client = policy_source(peer, claimed, &peer_id, &trusted);
+    let forwarded_by_waypoint = claimed.is_some() && trusted.contains(&peer_id);
     // Optional (Istio's ztunnel sends them; nothing here requires them): logged for tracing.
     let header = |name: &str| accepted.headers.get(name).and_then(|v| v.to_str().ok());
     debug!(%dst, %peer, claimed_client = ?claimed, forwarded = ?header("forwarded"),
@@ -169,14 +173,14 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
         accepted.responder.reject(StatusCode::BAD_REQUEST);
         return;
     }
-    let state = proxy.state.borrow().clone();
     let mut meta = ConnMeta::new(ConnPath::HboneIn, client, dst);
     meta.src_claimed = claimed;
     meta.upstream = Some(dst);
-    // The workload table names the client only when it agrees with the proven identity.
+    // The workload table names the client only when it agrees with the proven identity, or
+    // when a trusted waypoint vouches for the address.
     meta.src_workload = state
         .workload_by_ip(client.ip())
-        .filter(|w| *w.identity_ref() == peer_id);
+        .filter(|w| forwarded_by_waypoint || *w.identity_ref() == peer_id);
     meta.src_identity = Some(peer_id.clone());
     meta.dst_identity = Some(pod.workload.identity());
     meta.dst_workload = Some(pod.workload.clone());
@@ -187,13 +191,14 @@ async fn on_stream(proxy: Arc<Proxy>, uid: String, peer: SocketAddr, accepted: h
         hbone::forwarded_host(&accepted.headers),
     );
     let tracked = proxy.tracker.open(meta);
-    // Policy and delivery see the TCP peer: `forwarded` is the client's word, not proof.
+    // Policy and delivery see the TCP peer (`forwarded` is the client's word, not proof),
+    // or the original client a trusted waypoint passed on.
     match admit(
         &proxy,
         &pod,
         dst,
         Some(peer_id.clone()),
-        Some(peer.ip()),
+        Some(client.ip()),
         None,
         &tracked,
     )

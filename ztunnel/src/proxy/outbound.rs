@@ -1,7 +1,9 @@
 //! Outbound: connections an enrolled pod's application made, redirected to the pod's 15001.
-//! The original destination decides the path: HBONE to a mesh workload on another node,
-//! straight to the destination pod's inbound path when it is on this node, plain TCP to
-//! workloads outside the mesh and to unknown addresses (passthrough).
+//! `state::route` decides the path from the original destination: HBONE to a mesh workload
+//! on another node, straight to the destination pod's inbound path when it is on this node,
+//! HBONE to the destination's waypoint (or a reset when the waypoint is unavailable: never
+//! around it), plain TCP to workloads outside the mesh and to unknown addresses
+//! (passthrough). This module does the I/O of that decision.
 //!
 //! The application's connect has already succeeded (to the pod's 15001) when ztunnel
 //! decides. So a connection refused before any byte is relayed (no route, connect failed,
@@ -20,8 +22,9 @@ use super::tracker::{ConnMeta, ConnPath, Outcome, Policy, Tracked};
 use super::{Proxy, hbone_addr, inbound};
 use crate::capture::Netns;
 use crate::hbone::{ConnectHeaders, HboneError, PoolKey, new_traceparent};
-use crate::state::Destination;
-use crate::state::workload::{Protocol, Workload};
+use crate::identity::Identity;
+use crate::state::workload::Workload;
+use crate::state::{Refusal, Route};
 
 pub(super) async fn accept_loop(
     proxy: Arc<Proxy>,
@@ -101,105 +104,180 @@ async fn handle(
     let mut meta = ConnMeta::new(ConnPath::Passthrough, client, orig);
     meta.src_workload = Some(src.clone());
     meta.src_identity = Some(src.identity());
-    let (dst, addr) = match state.resolve(orig) {
-        Destination::Workload(w, addr) => (Some(w), addr),
-        Destination::Service { service, endpoints } => {
-            meta.dst_service = Some(service.clone());
-            let seed = rand::random::<u64>();
-            match crate::state::pick_endpoint(&endpoints, seed).cloned() {
-                Some((w, addr)) => (Some(w), addr),
-                None => {
-                    meta.path = ConnPath::NoRoute;
-                    let reason = format!(
-                        "service {} has no healthy endpoint for port {}",
-                        service.hostname,
-                        orig.port()
-                    );
-                    return Err(failed(
-                        proxy.tracker.open(meta),
-                        Outcome::ConnectFailed(reason),
-                    ));
+    let routed = crate::state::route(&state, src, orig, rand::random::<u64>(), |ip| {
+        proxy.pods.by_ip(ip).is_some()
+    });
+    meta.dst_service = routed.service;
+    match routed.route {
+        Route::Refused(refusal @ Refusal::NoHealthyEndpoint { .. }) => {
+            meta.path = ConnPath::NoRoute;
+            let reason = refusal.to_string();
+            Err(failed(
+                proxy.tracker.open(meta),
+                Outcome::ConnectFailed(reason),
+            ))
+        }
+        Route::Refused(refusal) => {
+            // The waypoint leads nowhere: refused, never sent around it (fail closed).
+            meta.path = ConnPath::NoRoute;
+            let reason = refusal.to_string();
+            Stats::add(&proxy.stats.rejected_inputs, 1);
+            proxy.tracker.reject(meta, refusal.kind(), &reason);
+            Err(reason)
+        }
+        Route::Passthrough { addr, workload } => {
+            meta.upstream = Some(addr);
+            meta.dst_workload = workload;
+            // Not in the mesh: plain TCP from the pod's namespace, as if never captured.
+            debug!(src = %src.name, dst = %addr, "passthrough");
+            let tracked = proxy.tracker.open(meta);
+            let mut upstream = match proxy.connect_within(netns.connect(addr, None)).await {
+                Ok(upstream) => upstream,
+                Err(e) => {
+                    let reason = format!("connect {addr}: {e}");
+                    return Err(failed(tracked, Outcome::ConnectFailed(reason)));
                 }
+            };
+            let result = relay(&proxy.stats, &tracked, conn, &mut upstream).await;
+            if result.is_err() {
+                upstream.reset();
+            }
+            tracked.finish_relay(&result);
+            result.map(drop).map_err(|e| e.to_string())
+        }
+        Route::SameNode { workload, addr } => {
+            meta.upstream = Some(addr);
+            meta.dst_identity = Some(workload.identity());
+            meta.dst_workload = Some(workload);
+            // Gone since the decision: carried as to any other node's pod.
+            match proxy.pods.by_ip(addr.ip()) {
+                Some(local) => same_node(proxy, src, conn, client, meta, &local, addr).await,
+                None => hbone_to_workload(proxy, src, netns, conn, client, meta, addr).await,
             }
         }
-        Destination::Unknown => (None, orig),
-    };
-    meta.upstream = Some(addr);
-    meta.dst_workload = dst.clone();
-    // A workload is reached through HBONE only when its ztunnel captures it: in the mesh
-    // (protocol HBONE) and enrolled (namespace label, no opt-out).
-    let Some(dst) = dst.filter(|w| w.protocol == Protocol::Hbone && state.is_captured(w)) else {
-        // Not in the mesh: plain TCP from the pod's namespace, as if never captured.
-        debug!(src = %src.name, dst = %addr, "passthrough");
-        let tracked = proxy.tracker.open(meta);
-        let mut upstream = match proxy.connect_within(netns.connect(addr, None)).await {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                let reason = format!("connect {addr}: {e}");
-                return Err(failed(tracked, Outcome::ConnectFailed(reason)));
-            }
-        };
-        let result = relay(&proxy.stats, &tracked, conn, &mut upstream).await;
-        if result.is_err() {
-            upstream.reset();
+        Route::Hbone { workload, addr, .. } => {
+            meta.upstream = Some(addr);
+            meta.dst_identity = Some(workload.identity());
+            meta.dst_workload = Some(workload);
+            hbone_to_workload(proxy, src, netns, conn, client, meta, addr).await
         }
-        tracked.finish_relay(&result);
-        return result.map(drop).map_err(|e| e.to_string());
-    };
-    meta.dst_identity = Some(dst.identity());
-    let local = proxy.pods.by_ip(addr.ip());
+        Route::Waypoint(wp) => {
+            debug!(src = %src.name, dst = %orig, waypoint = %wp.waypoint, via = %wp.peer, "waypoint");
+            meta.dst_identity = Some(wp.identity.clone());
+            meta.dst_workload = Some(wp.waypoint.clone());
+            let hop = Hop {
+                peer: wp.peer,
+                identity: wp.identity,
+                authority: wp.authority,
+            };
+            hbone(proxy, src, netns, conn, client, meta, hop).await
+        }
+    }
+}
+
+/// To a mesh workload (another node's, or one of this node's that left since the route was
+/// decided) through its ztunnel's 15008, unless the port is one of ztunnel's own.
+async fn hbone_to_workload(
+    proxy: &Proxy,
+    src: &Arc<Workload>,
+    netns: &Netns,
+    conn: &mut TcpStream,
+    client: SocketAddr,
+    mut meta: ConnMeta,
+    addr: SocketAddr,
+) -> Result<(), String> {
+    meta.path = ConnPath::HboneOut;
     if let Some(reason) = super::own_port_refusal(addr) {
-        // To a mesh workload's ztunnel port: on this node it would be delivered into a
-        // listener of ours; on another the destination refuses it. Refused here either way.
-        meta.path = if local.is_some() {
-            ConnPath::SameNode
-        } else {
-            ConnPath::HboneOut
-        };
+        // To a mesh workload's ztunnel port: the destination refuses it; refused here.
         Stats::add(&proxy.stats.rejected_inputs, 1);
         proxy.tracker.reject(meta, super::OWN_PORT, &reason);
         return Err(reason);
     }
+    let Some(identity) = meta.dst_identity.clone() else {
+        return Err(format!("no identity known for {addr}"));
+    };
+    let hop = Hop {
+        peer: hbone_addr(addr),
+        identity,
+        authority: addr,
+    };
+    hbone(proxy, src, netns, conn, client, meta, hop).await
+}
 
-    if let Some(local) = local {
-        // Same node: no tunnel, same policy, delivered straight into the destination pod.
-        debug!(src = %src.name, dst = %addr, "same-node");
-        meta.path = ConnPath::SameNode;
-        let tracked = proxy.tracker.open(meta);
-        // The client's address of the destination's family, as a tunnel's peer would be.
-        let src_ip = src
-            .workload_ips
-            .iter()
-            .find(|ip| ip.is_ipv6() == addr.is_ipv6())
-            .copied()
-            .unwrap_or(client.ip());
-        let admitted = inbound::admit(
-            proxy,
-            &local,
-            addr,
-            Some(src.identity()),
-            Some(src_ip),
-            None,
-            &tracked,
-        )
-        .await;
-        let mut upstream = match admitted {
-            Ok(upstream) => upstream,
-            Err((status, reason)) => {
-                return Err(failed(tracked, inbound::outcome(status, reason)));
-            }
-        };
-        let result = relay(&proxy.stats, &tracked, conn, &mut upstream).await;
-        if result.is_err() {
-            upstream.reset();
-        }
-        tracked.finish_relay(&result);
-        return result.map(drop).map_err(|e| e.to_string());
+/// Same node: no tunnel, same policy, delivered straight into the destination pod.
+async fn same_node(
+    proxy: &Proxy,
+    src: &Arc<Workload>,
+    conn: &mut TcpStream,
+    client: SocketAddr,
+    mut meta: ConnMeta,
+    local: &super::pods::Pod,
+    addr: SocketAddr,
+) -> Result<(), String> {
+    meta.path = ConnPath::SameNode;
+    if let Some(reason) = super::own_port_refusal(addr) {
+        // Delivered into a listener of ours on this node: a loop. Refused here.
+        Stats::add(&proxy.stats.rejected_inputs, 1);
+        proxy.tracker.reject(meta, super::OWN_PORT, &reason);
+        return Err(reason);
     }
+    debug!(src = %src.name, dst = %addr, "same-node");
+    let tracked = proxy.tracker.open(meta);
+    // The client's address of the destination's family, as a tunnel's peer would be.
+    let src_ip = src
+        .workload_ips
+        .iter()
+        .find(|ip| ip.is_ipv6() == addr.is_ipv6())
+        .copied()
+        .unwrap_or(client.ip());
+    let admitted = inbound::admit(
+        proxy,
+        local,
+        addr,
+        Some(src.identity()),
+        Some(src_ip),
+        None,
+        &tracked,
+    )
+    .await;
+    let mut upstream = match admitted {
+        Ok(upstream) => upstream,
+        Err((status, reason)) => {
+            return Err(failed(tracked, inbound::outcome(status, reason)));
+        }
+    };
+    let result = relay(&proxy.stats, &tracked, conn, &mut upstream).await;
+    if result.is_err() {
+        upstream.reset();
+    }
+    tracked.finish_relay(&result);
+    result.map(drop).map_err(|e| e.to_string())
+}
 
+/// One HBONE hop: the peer's 15008 (or a waypoint's HBONE port), what it must prove, and the
+/// CONNECT authority.
+struct Hop {
+    peer: SocketAddr,
+    identity: Identity,
+    authority: SocketAddr,
+}
+
+/// A tunnel from `src` (its own identity, pooled per client address) over `hop`.
+async fn hbone(
+    proxy: &Proxy,
+    src: &Arc<Workload>,
+    netns: &Netns,
+    conn: &mut TcpStream,
+    client: SocketAddr,
+    mut meta: ConnMeta,
+    hop: Hop,
+) -> Result<(), String> {
+    let Hop {
+        peer,
+        identity: dst_id,
+        authority,
+    } = hop;
     let src_id = src.identity();
-    let dst_id = dst.identity();
-    let peer = hbone_addr(addr);
     meta.path = ConnPath::HboneOut;
     meta.upstream = Some(peer);
     let forwarded_host = meta.dst_service.as_ref().map(|s| s.hostname.clone());
@@ -222,7 +300,7 @@ async fn handle(
     };
     let connected = proxy
         .pool
-        .connect(key, addr, &headers, || netns.connect(peer, None), tls)
+        .connect(key, authority, &headers, || netns.connect(peer, None), tls)
         .await;
     let mut tunnel = match connected {
         Ok(tunnel) => tunnel,
@@ -239,7 +317,7 @@ async fn handle(
             return Err(failed(tracked, Outcome::ConnectFailed(reason)));
         }
     };
-    debug!(src = %src.name, dst = %addr, via = %peer, "HBONE");
+    debug!(src = %src.name, dst = %authority, via = %peer, "HBONE");
     let result = relay(&proxy.stats, &tracked, conn, &mut tunnel).await;
     if result.is_err() {
         tunnel.reset();

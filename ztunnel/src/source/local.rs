@@ -1,8 +1,11 @@
 //! The local-mode config file: the mesh described in YAML, with the top-level keys and field
 //! names of Istio ztunnel's local config (`workloads`, `services`, `policies`, camelCase
-//! fields, e.g. `examples/localhost.yaml` in istio/ztunnel), plus two extensions of ours:
-//! `namespaces: [{name, labels}]` (the `istio.io/dataplane-mode` enrolment label) and a
-//! per-workload `netns` (the path of the pod's network namespace) and `labels`.
+//! fields, e.g. `examples/localhost.yaml` in istio/ztunnel), plus extensions of ours:
+//! `namespaces: [{name, labels}]` (the `istio.io/dataplane-mode` enrolment label), a
+//! per-workload `netns` (the path of the pod's network namespace) and `labels`, and
+//! per-service `labels`. Istio's `istio.io/use-waypoint` labels (on a service, its
+//! namespace, or a pod) are resolved here into the `waypoint` the workload API would carry,
+//! so the data path reads only `Service::waypoint` / `Workload::waypoint`.
 //!
 //! Parsing is two steps: serde-saphyr turns text into loosely typed `Raw*` structs (syntax
 //! errors and unknown fields are reported with line:column), then `convert` checks every value
@@ -159,12 +162,17 @@ fn convert(raw: RawConfig) -> Result<State, Vec<String>> {
     let mut r = Report::default();
     let mut b = State::builder();
 
+    // Services read their namespace's labels (`istio.io/use-waypoint`).
+    let mut namespace_labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
     for (i, ns) in raw.namespaces.into_iter().enumerate() {
         let at = item("namespaces", i, &ns.name);
         if ns.name.is_empty() {
             r.add(&at, "name is required");
             continue;
         }
+        namespace_labels
+            .entry(ns.name.clone())
+            .or_insert_with(|| ns.labels.clone());
         let ns = Namespace {
             name: ns.name,
             labels: ns.labels,
@@ -191,7 +199,8 @@ fn convert(raw: RawConfig) -> Result<State, Vec<String>> {
     let mut service_keys = Vec::new();
     for (i, s) in raw.services.into_iter().enumerate() {
         let at = item("services", i, &s.name);
-        if let Some(s) = service(&at, s, &mut r) {
+        let ns_labels = namespace_labels.get(&s.namespace);
+        if let Some(s) = service(&at, s, ns_labels, &mut r) {
             service_keys.push(s.key());
             if let Err(e) = b.service(s) {
                 r.add(&at, e);
@@ -309,7 +318,7 @@ fn workload(
             );
         }
     }
-    let waypoint = w.waypoint.and_then(|g| gateway(at, "waypoint", g, r));
+    let waypoint = waypoint(at, w.waypoint, &w.labels, None, &namespace, r);
     let netns = match w.netns {
         Some(p) if !Path::new(&p).is_absolute() => {
             r.add(at, format!("netns {p:?} is not an absolute path"));
@@ -382,7 +391,42 @@ fn gateway(at: &str, field: &str, g: RawGatewayAddress, r: &mut Report) -> Optio
     }
 }
 
-fn service(at: &str, s: RawService, r: &mut Report) -> Option<Service> {
+/// The waypoint of an item: its `waypoint` field as Istio writes it, or else the one its
+/// `istio.io/use-waypoint` labels name (see `validate::waypoint_from_labels`). Both on the
+/// item itself is a conflict, reported.
+fn waypoint(
+    at: &str,
+    field: Option<RawGatewayAddress>,
+    labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    namespace: &str,
+    r: &mut Report,
+) -> Option<GatewayAddress> {
+    if let Some(g) = field {
+        if labels.contains_key(validate::USE_WAYPOINT_LABEL) {
+            r.add(
+                at,
+                format!(
+                    "waypoint and the label {} are both set: keep one",
+                    validate::USE_WAYPOINT_LABEL
+                ),
+            );
+            return None;
+        }
+        return gateway(at, "waypoint", g, r);
+    }
+    validate::waypoint_from_labels(labels, namespace_labels, namespace)
+        .map_err(|e| r.add(at, e))
+        .ok()
+        .flatten()
+}
+
+fn service(
+    at: &str,
+    s: RawService,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    r: &mut Report,
+) -> Option<Service> {
     let before = r.len();
     for (field, v) in [
         ("name", &s.name),
@@ -429,7 +473,7 @@ fn service(at: &str, s: RawService, r: &mut Report) -> Option<Service> {
             );
         }
     }
-    let waypoint = s.waypoint.and_then(|g| gateway(at, "waypoint", g, r));
+    let waypoint = waypoint(at, s.waypoint, &s.labels, namespace_labels, &s.namespace, r);
     if r.len() != before {
         return None;
     }

@@ -166,6 +166,68 @@ pub(crate) fn gateway(
     })
 }
 
+/// The label that sends a service's (or a namespace's services', or a pod's) traffic through
+/// a waypoint: the waypoint's name, or `none` to opt out of the namespace's waypoint.
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// The namespace of the waypoint named by [`USE_WAYPOINT_LABEL`], when not the object's own.
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+
+/// The waypoint Istio's labels give an object in `namespace` with `labels`, whose namespace
+/// has `namespace_labels` (`None` for objects the namespace label does not apply to: pods).
+/// The object's own label wins over its namespace's, and `none` opts out; the waypoint
+/// namespace comes from [`USE_WAYPOINT_NAMESPACE_LABEL`] next to the label that named the
+/// waypoint. The waypoint is the service `<name>.<namespace>.svc.cluster.local` on 15008.
+pub(crate) fn waypoint_from_labels(
+    labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    namespace: &str,
+) -> Result<Option<GatewayAddress>, String> {
+    let (from, whose) = if labels.contains_key(USE_WAYPOINT_LABEL) {
+        (labels, "label")
+    } else {
+        match namespace_labels.filter(|l| l.contains_key(USE_WAYPOINT_LABEL)) {
+            Some(ns) => (ns, "namespace label"),
+            None => return Ok(None),
+        }
+    };
+    let name = from.get(USE_WAYPOINT_LABEL).map_or("", String::as_str);
+    if name == "none" {
+        return Ok(None);
+    }
+    dns_label(name).map_err(|e| format!("{whose} {USE_WAYPOINT_LABEL} {name:?} {e}"))?;
+    let ns = match from.get(USE_WAYPOINT_NAMESPACE_LABEL) {
+        Some(ns) => {
+            dns_label(ns)
+                .map_err(|e| format!("{whose} {USE_WAYPOINT_NAMESPACE_LABEL} {ns:?} {e}"))?;
+            ns.as_str()
+        }
+        None => namespace,
+    };
+    Ok(Some(GatewayAddress {
+        destination: GatewayDestination::Hostname(NamespacedHostname {
+            namespace: ns.to_owned(),
+            hostname: format!("{name}.{ns}.svc.cluster.local"),
+        }),
+        hbone_mtls_port: crate::hbone::HBONE_PORT,
+    }))
+}
+
+/// A Kubernetes name that is part of a DNS name (RFC 1123 label): what a service or
+/// namespace name may be.
+fn dns_label(s: &str) -> Result<(), &'static str> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err("is not a name: 1 to 63 lowercase letters, digits and '-', not at either end")
+    }
+}
+
 /// An address range of a policy match: the prefix may not be longer than the address.
 pub(crate) fn cidr(ip: IpAddr, prefix_len: u32) -> Result<Cidr, String> {
     u8::try_from(prefix_len)
@@ -283,6 +345,95 @@ mod tests {
             gateway(nameless, 15008),
             Err(GatewayProblem::Hostname(_))
         ));
+    }
+
+    #[test]
+    fn waypoint_labels_own_first_then_namespace_and_none_opts_out() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let host = |r: Result<Option<GatewayAddress>, String>| match r {
+            Ok(Some(GatewayAddress {
+                destination: GatewayDestination::Hostname(h),
+                hbone_mtls_port: 15008,
+            })) => Some(h.to_string()),
+            Ok(None) => None,
+            other => panic!("unexpected {other:?}"),
+        };
+        let none = labels(&[]);
+        let ns_wp = labels(&[(USE_WAYPOINT_LABEL, "ns-wp")]);
+        let ns_wp_elsewhere = labels(&[
+            (USE_WAYPOINT_LABEL, "shared"),
+            (USE_WAYPOINT_NAMESPACE_LABEL, "infra"),
+        ]);
+        let own = labels(&[(USE_WAYPOINT_LABEL, "wp")]);
+        let opt_out = labels(&[(USE_WAYPOINT_LABEL, "none")]);
+        let own_elsewhere = labels(&[
+            (USE_WAYPOINT_LABEL, "wp"),
+            (USE_WAYPOINT_NAMESPACE_LABEL, "infra"),
+        ]);
+        type Labels = BTreeMap<String, String>;
+        let cases: &[(&Labels, Option<&Labels>, Option<&str>)] = &[
+            (&none, None, None),
+            (&none, Some(&none), None),
+            (&own, None, Some("shop/wp.shop.svc.cluster.local")),
+            (&own, Some(&ns_wp), Some("shop/wp.shop.svc.cluster.local")),
+            (
+                &none,
+                Some(&ns_wp),
+                Some("shop/ns-wp.shop.svc.cluster.local"),
+            ),
+            (
+                &none,
+                Some(&ns_wp_elsewhere),
+                Some("infra/shared.infra.svc.cluster.local"),
+            ),
+            (
+                &own_elsewhere,
+                Some(&ns_wp),
+                Some("infra/wp.infra.svc.cluster.local"),
+            ),
+            (&opt_out, Some(&ns_wp), None),
+            (&opt_out, None, None),
+            // A pod: the namespace label does not apply.
+            (&none, None, None),
+        ];
+        for (i, (own, ns, want)) in cases.iter().enumerate() {
+            assert_eq!(
+                host(waypoint_from_labels(own, *ns, "shop")).as_deref(),
+                *want,
+                "case {i}"
+            );
+        }
+        for (bad, what) in [
+            (
+                labels(&[(USE_WAYPOINT_LABEL, "")]),
+                "label istio.io/use-waypoint \"\"",
+            ),
+            (
+                labels(&[(USE_WAYPOINT_LABEL, "Wp")]),
+                "\"Wp\" is not a name",
+            ),
+            (
+                labels(&[
+                    (USE_WAYPOINT_LABEL, "wp"),
+                    (USE_WAYPOINT_NAMESPACE_LABEL, "a/b"),
+                ]),
+                "label istio.io/use-waypoint-namespace \"a/b\" is not a name",
+            ),
+        ] {
+            let err = waypoint_from_labels(&bad, None, "shop").unwrap_err();
+            assert!(err.contains(what), "{err}");
+        }
+        let bad_ns = labels(&[(USE_WAYPOINT_LABEL, "-wp")]);
+        let err = waypoint_from_labels(&none, Some(&bad_ns), "shop").unwrap_err();
+        assert!(
+            err.starts_with("namespace label istio.io/use-waypoint"),
+            "{err}"
+        );
     }
 
     #[test]

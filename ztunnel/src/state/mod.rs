@@ -7,7 +7,9 @@
 
 pub mod authz;
 pub mod policy;
+pub mod route;
 pub mod service;
+mod waypoint;
 pub mod workload;
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,6 +18,7 @@ use std::sync::Arc;
 
 pub use authz::{Decision, DenyReason, authorize};
 pub use policy::{Action, Authorization, ConnectionInfo, Scope};
+pub use route::{Refusal, Route, Routed, WaypointRoute, route};
 pub use service::Service;
 pub use workload::{DATAPLANE_MODE_LABEL, NamespacedHostname, Protocol, Workload};
 
@@ -267,6 +270,12 @@ impl State {
                 Some((w.clone(), SocketAddr::new(ip, target)))
             })
             .collect()
+    }
+
+    /// Every workload that names `service` as one of its services, healthy or not, sorted
+    /// by uid.
+    pub fn members(&self, service: &NamespacedHostname) -> Vec<Arc<Workload>> {
+        self.endpoints.get(service).cloned().unwrap_or_default()
     }
 
     /// Where a connection to `dst` goes.

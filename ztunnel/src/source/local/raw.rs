@@ -123,6 +123,9 @@ pub(super) struct RawService {
     pub(super) subject_alt_names: Vec<String>,
     #[serde(default)]
     pub(super) waypoint: Option<RawGatewayAddress>,
+    /// Extension: service labels (`istio.io/use-waypoint`, `istio.io/use-waypoint-namespace`).
+    #[serde(default)]
+    pub(super) labels: BTreeMap<String, String>,
 
     // Istio fields accepted and not used (yet).
     #[serde(default)]

@@ -257,6 +257,18 @@ fn invalid_values_name_file_item_and_field() {
             r#"waypoint.destination "nothing" is neither"#,
         ),
         (
+            format!("{W}  labels: {{istio.io/use-waypoint: My_Waypoint}}\n"),
+            r#"label istio.io/use-waypoint "My_Waypoint" is not a name"#,
+        ),
+        (
+            "services:\n- {name: echo, namespace: default, hostname: echo, labels: {istio.io/use-waypoint: wp},\n   waypoint: {destination: default/wp.default.svc.cluster.local, hboneMtlsPort: 15008}}\n".to_owned(),
+            r#"services[0] (name "echo"): waypoint and the label istio.io/use-waypoint are both set: keep one"#,
+        ),
+        (
+            "namespaces:\n- {name: default, labels: {istio.io/use-waypoint: \"wp.x\"}}\nservices:\n- {name: echo, namespace: default, hostname: echo}\n".to_owned(),
+            r#"services[0] (name "echo"): namespace label istio.io/use-waypoint "wp.x" is not a name"#,
+        ),
+        (
             "services:\n- name: echo\n  namespace: default\n  hostname: echo\n  ports:\n    http: 8080\n".to_owned(),
             r#"config.yaml: services[0] (name "echo"): ports: service port "http" is not a number from 1 to 65535"#,
         ),

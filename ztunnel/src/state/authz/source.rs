@@ -6,16 +6,16 @@
 //! the network proved is the TCP peer of the HBONE connection, and that is what policy sees.
 //!
 //! The claim may be believed only from a peer whose proven identity is one the destination
-//! trusts to forward the original client (a waypoint or gateway it is configured to accept).
-//! Nothing is trusted yet: callers pass [`NO_TRUSTED_FORWARDERS`] until waypoints exist.
-//! The claimed address stays useful for logs, metrics and connection records, labelled as
-//! claimed.
+//! trusts to forward the original client: the waypoint of the destination workload, or of a
+//! service it belongs to (`State::waypoint_identities`). A tunnel from anyone else is
+//! judged by its peer address whatever it claims. The claimed address stays useful for
+//! logs, metrics and connection records, labelled as claimed.
 
 use std::net::SocketAddr;
 
 use crate::identity::Identity;
 
-/// Identities whose `forwarded` header is believed today: none.
+/// No identity is trusted to forward (a destination with no waypoint).
 pub const NO_TRUSTED_FORWARDERS: &[Identity] = &[];
 
 /// The address policy sees for a tunnel from `peer` (the TCP peer of the HBONE connection)
