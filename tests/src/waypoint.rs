@@ -18,6 +18,9 @@ use crate::process::{Proc, binary, wait_until};
 pub const REVIEWS_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 pub const RATINGS_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
 pub const DETAILS_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
+/// The waypoint's own service (its pod is the endpoint, on 15008): what
+/// `istio.io/use-waypoint: waypoint` names.
+pub const WAYPOINT_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 9);
 /// A gRPC service (the tests run the Istio CA stand-in there).
 pub const GRPC_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 4);
 
@@ -42,10 +45,16 @@ pub fn service(name: &str, vip: Ipv4Addr) -> ServiceSpec {
 /// Two nodes: the client `sleep` and the waypoint `wp` (not captured: it terminates HBONE
 /// itself) on n1; reviews v1 and v2, ratings, details and grpc on n2.
 pub fn mesh() -> Mesh {
+    mesh_with(|_| {})
+}
+
+/// Like [`mesh`], with `before_start` changing the declaration (labels, say) before the
+/// ztunnels start.
+pub fn mesh_with(before_start: impl FnOnce(&mut Mesh)) -> Mesh {
     let pods = vec![
         PodSpec::new("sleep", "n1", "sleep"),
         labelled(
-            PodSpec::new("wp", "n1", "waypoint"),
+            PodSpec::new("wp", "n1", "waypoint").service("waypoint", 15008, 15008),
             &[("istio.io/dataplane-mode", "none")],
         ),
         labelled(
@@ -65,8 +74,13 @@ pub fn mesh() -> Mesh {
         service("ratings", RATINGS_VIP),
         service("details", DETAILS_VIP),
         service("grpc", GRPC_VIP),
+        ServiceSpec {
+            ports: vec![(15008, 15008)],
+            ..service("waypoint", WAYPOINT_VIP)
+        },
     ];
     let mut mesh = Mesh::new(&["n1", "n2"], pods, services).expect("topology");
+    before_start(&mut mesh);
     mesh.start().expect("ztunnels");
     mesh
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mesh_tests::http_app::Version;
 use mesh_tests::waypoint::{
-    DETAILS_VIP, RATINGS_VIP, REVIEWS_VIP, apps, mesh, routes_path, start_waypoint,
+    DETAILS_VIP, RATINGS_VIP, REVIEWS_VIP, apps, mesh, mesh_with, routes_path, start_waypoint,
     through_waypoint, write_atomic,
 };
 
@@ -330,4 +330,68 @@ async fn websocket_upgrades_pass_through_the_route() {
         assert_eq!(echoed, Message::text(format!("reviews-v2: hello {i}")));
     }
     ws.close(None).await.expect("close");
+}
+
+/// `curl -i` from `pod`: (exit code, status line and headers, body).
+fn curl_i(mesh: &mesh_tests::mesh::Mesh, pod: &str, url: &str, headers: &[&str]) -> (i32, String) {
+    let mut args = vec!["-sS", "-i", "--max-time", "10"];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.push(url);
+    let out = mesh_tests::netns::exec(&mesh.netns(pod), "curl", &args).expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The whole path: an application in an enrolled pod connects to the reviews VIP; its
+/// ztunnel captures the connection and, reviews being labelled `istio.io/use-waypoint`,
+/// tunnels it to the waypoint, which routes it to a reviews pod. With the waypoint gone the
+/// connection fails and nothing reaches reviews (fail closed, never around the waypoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captured_traffic_to_a_labelled_service_is_routed_by_the_waypoint() {
+    let mesh = mesh_with(|m| {
+        m.service_labels.push((
+            "reviews".to_owned(),
+            "istio.io/use-waypoint".to_owned(),
+            "waypoint".to_owned(),
+        ));
+    });
+    let apps = apps(&mesh);
+    let routes = routes_path(&mesh);
+    write_atomic(&routes, TUTORIAL);
+    let mut wp = start_waypoint(&mesh, &routes);
+    let url = format!("http://{REVIEWS_VIP}:9080/reviews/1");
+
+    let (code, out) = curl_i(&mesh, "sleep", &url, &["x-dark-launch: v2"]);
+    assert_eq!(code, 0, "{out}\n{}", wp.log());
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("server reviews-v2"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("x-served-via: waypoint"),
+        "{out}"
+    );
+    let (code, out) = curl_i(&mesh, "sleep", &url, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("server reviews-v1"), "{out}");
+    // A path no rule matches: the waypoint's 404 proves the request went through it.
+    let (_, out) = curl_i(
+        &mesh,
+        "sleep",
+        &format!("http://{REVIEWS_VIP}:9080/other"),
+        &[],
+    );
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+
+    let served: u64 = apps[..2].iter().map(|a| a.requests()).sum();
+    wp.kill();
+    let (code, out) = curl_i(&mesh, "sleep", &url, &[]);
+    assert_ne!(code, 0, "answered without its waypoint: {out}");
+    assert_eq!(
+        apps[..2].iter().map(|a| a.requests()).sum::<u64>(),
+        served,
+        "a request reached reviews around the waypoint"
+    );
 }
