@@ -32,7 +32,12 @@ use crate::netns::in_netns;
 pub struct HttpApp {
     pub addr: SocketAddr,
     requests: Arc<AtomicU64>,
+    seen: Seen,
 }
+
+/// What the application saw of each request: its authority (`Host` or `:authority`) and
+/// body length.
+type Seen = Arc<std::sync::Mutex<Vec<(String, usize)>>>;
 
 impl HttpApp {
     pub fn start(netns: &str, name: &str, addr: SocketAddr) -> io::Result<HttpApp> {
@@ -40,6 +45,8 @@ impl HttpApp {
         listener.set_nonblocking(true)?;
         let requests = Arc::new(AtomicU64::new(0));
         let counted = requests.clone();
+        let seen: Seen = Arc::default();
+        let recorded = seen.clone();
         let name: Arc<str> = name.into();
         std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -55,10 +62,11 @@ impl HttpApp {
                 while let Ok((conn, peer)) = listener.accept().await {
                     let name = name.clone();
                     let counted = counted.clone();
+                    let recorded = recorded.clone();
                     tokio::spawn(async move {
                         let service = service_fn(move |req| {
                             counted.fetch_add(1, Ordering::Relaxed);
-                            answer(name.clone(), peer, req)
+                            answer(name.clone(), peer, req, recorded.clone())
                         });
                         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                             .serve_connection_with_upgrades(TokioIo::new(conn), service)
@@ -67,7 +75,16 @@ impl HttpApp {
                 }
             });
         });
-        Ok(HttpApp { addr, requests })
+        Ok(HttpApp {
+            addr,
+            requests,
+            seen,
+        })
+    }
+
+    /// The authority and body length of every request answered so far, in order.
+    pub fn seen(&self) -> Vec<(String, usize)> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// Requests answered so far.
@@ -120,7 +137,18 @@ async fn answer(
     name: Arc<str>,
     peer: SocketAddr,
     req: Request<Incoming>,
+    seen: Seen,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get("host")
+                .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        })
+        .unwrap_or_default();
     if req
         .headers()
         .get("upgrade")
@@ -168,6 +196,9 @@ async fn answer(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     text.push_str(&format!("body-length {}\n", body.len()));
+    if let Ok(mut s) = seen.lock() {
+        s.push((authority, body.len()));
+    }
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     *resp.status_mut() = status;
     Ok(resp)

@@ -23,6 +23,30 @@ const ROUTES: &str = r#"
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata:
+  name: reviews
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{uri: {prefix: /half}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+    mirror: {host: reviews, subset: v2}
+    mirrorPercentage: {value: 50}
+  - route: [{destination: {host: reviews, subset: v1}}]
+    mirror: {host: reviews, subset: v2}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
   name: ratings
 spec:
   hosts: [ratings]
@@ -142,6 +166,123 @@ async fn retries_timeouts_and_faults_follow_the_route() {
         got.iter().filter(|s| **s == 200).count()
     );
     assert_eq!(app.requests() - before, (400 - aborted) as u64);
+}
+
+/// The value of the metric series named `name` whose labels include every one of `labels`,
+/// summed over the series that match, from the waypoint's `/metrics`.
+fn metric(mesh: &mesh_tests::mesh::Mesh, name: &str, labels: &[&str]) -> f64 {
+    let (status, text) = mesh_tests::mesh::http_get(
+        &mesh.netns("wp"),
+        "127.0.0.1:15020".parse().expect("addr"),
+        "/metrics",
+    )
+    .expect("scrape");
+    assert_eq!(status, 200);
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_copy_requests_and_metrics_count_them() {
+    let mesh = mesh();
+    let apps = apps(&mesh);
+    let routes = routes_path(&mesh);
+    write_atomic(&routes, ROUTES);
+    let wp = start_waypoint(&mesh, &routes);
+    let (v1, v2) = (&apps[0], &apps[1]);
+
+    // Every request mirrored: the client's answer is v1's; v2 gets a copy of each, body and
+    // authority included (Istio 1.28+: no `-shadow` suffix).
+    let conn = through_waypoint(&mesh, mesh_tests::waypoint::REVIEWS_VIP, Version::Http1).await;
+    let body = bytes::Bytes::from(vec![b'x'; 100 * 1024]);
+    for _ in 0..20 {
+        let a = conn
+            .send("POST", "reviews:9080", "/all", &[], body.clone())
+            .await
+            .expect("request");
+        assert_eq!((a.status, a.server()), (200, Some("reviews-v1")), "{a:?}");
+        assert_eq!(a.line("body-length"), Some("102400"));
+    }
+    let settled = mesh_tests::wait_until(Duration::from_secs(10), || {
+        metric(
+            &mesh,
+            "waypoint_mirror_requests_total",
+            &["phase=\"finished\""],
+        ) >= 20.0
+    });
+    assert!(settled.is_ok(), "mirrors did not finish:\n{}", wp.log());
+    let copies = v2.seen();
+    assert_eq!(copies.len(), 20, "{copies:?}");
+    assert!(
+        copies
+            .iter()
+            .all(|(authority, len)| authority == "reviews:9080" && *len == 102_400),
+        "{copies:?}"
+    );
+    assert_eq!(v1.seen().len(), 20);
+
+    // mirrorPercentage 50: n = 400 GETs, copies expected 200 (sd 10), bound 5 sd. Each copy
+    // is counted when started and when finished; the count is read once all have finished.
+    let started_before = metric(
+        &mesh,
+        "waypoint_mirror_requests_total",
+        &["phase=\"started\""],
+    );
+    let before = v2.seen().len();
+    let conn = through_waypoint(&mesh, mesh_tests::waypoint::REVIEWS_VIP, Version::Http2).await;
+    let mut tasks = Vec::new();
+    for _ in 0..400 {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            conn.get("reviews:9080", "/half", &[])
+                .await
+                .map(|a| a.status)
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task").expect("request"), 200);
+    }
+    let started = metric(
+        &mesh,
+        "waypoint_mirror_requests_total",
+        &["phase=\"started\""],
+    ) - started_before;
+    let finished = mesh_tests::wait_until(Duration::from_secs(10), || {
+        metric(
+            &mesh,
+            "waypoint_mirror_requests_total",
+            &["phase=\"finished\""],
+        ) >= started + started_before
+    });
+    assert!(finished.is_ok(), "mirrors did not finish");
+    let copies = v2.seen().len() - before;
+    assert_eq!(copies as f64, started, "every copy started reached v2");
+    assert!(
+        (150..=250).contains(&copies),
+        "{copies} of 400 mirrored, expected 200 ± 50"
+    );
+
+    // Istio's request metrics: every client request counted with its response code.
+    let ok = metric(
+        &mesh,
+        "istio_requests_total",
+        &[
+            "reporter=\"waypoint\"",
+            "destination_service=\"reviews.default.svc.cluster.local\"",
+            "response_code=\"200\"",
+            "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
+        ],
+    );
+    assert_eq!(ok, 420.0, "20 POSTs and 400 GETs");
+    let applied = metric(
+        &mesh,
+        "waypoint_config_updates_total",
+        &["source=\"routes\"", "result=\"applied\""],
+    );
+    assert_eq!(applied, 1.0);
 }
 
 /// A connector that hands tonic one HBONE tunnel (the waypoint's) as its connection.

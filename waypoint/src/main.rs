@@ -53,6 +53,9 @@ struct Args {
     /// Readiness (`/healthz/ready`).
     #[arg(long, default_value = "0.0.0.0:15021")]
     ready_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
     /// Milliseconds between looks at the route files for changes.
     #[arg(long, default_value_t = 500)]
     poll_ms: u64,
@@ -62,6 +65,10 @@ struct Args {
     /// Istio's root namespace, whose DestinationRules apply mesh-wide.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
+    /// Append `-shadow` to the host of mirrored requests, as Envoy and Istio up to 1.27 do
+    /// (Istio 1.28+ leaves the authority unchanged: the default).
+    #[arg(long)]
+    mirror_shadow_suffix: bool,
     /// Worker threads of the runtime.
     #[arg(long, default_value_t = 2)]
     worker_threads: usize,
@@ -96,6 +103,7 @@ fn main() -> ExitCode {
         ca_dir: args.ca_dir.clone(),
         listen: args.listen,
         ready_addr: args.ready_addr,
+        metrics_addr: args.metrics_addr,
         load: LoadOptions {
             default_namespace: args.namespace.clone(),
         },
@@ -104,6 +112,7 @@ fn main() -> ExitCode {
             root_namespace: args.root_namespace.clone(),
         },
         poll: Duration::from_millis(args.poll_ms.max(10)),
+        mirror_shadow_suffix: args.mirror_shadow_suffix,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.max(1))

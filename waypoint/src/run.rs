@@ -16,6 +16,7 @@ use ztunnel::identity::{CertManager, Identity, LocalCa, ManagerConfig, SystemClo
 use ztunnel::state::State;
 
 use crate::config::{self, LoadOptions, Severity};
+use crate::metrics::Metrics;
 use crate::route::{self, CompileOptions, RouteTable};
 use crate::server::{self, Ctx};
 use crate::snapshot::Snapshot;
@@ -33,10 +34,14 @@ pub struct Options {
     pub ca_dir: PathBuf,
     pub listen: SocketAddr,
     pub ready_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`).
+    pub metrics_addr: SocketAddr,
     pub load: LoadOptions,
     pub compile: CompileOptions,
     /// How often the route files are looked at for changes.
     pub poll: Duration,
+    /// Append `-shadow` to mirrored requests' host.
+    pub mirror_shadow_suffix: bool,
 }
 
 /// Loads and compiles the route files: the table, and whether anything was rejected.
@@ -97,7 +102,9 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
 
 /// Re-reads the route files when they change. A change with errors is not applied: the
 /// table in force stays, and the errors are logged with file, document and field.
-fn watch_routes(opts: Options, tx: watch::Sender<Arc<RouteTable>>) {
+fn watch_routes(opts: Options, tx: watch::Sender<Arc<RouteTable>>, metrics: Arc<Metrics>) {
+    let applied = metrics.config("routes", "applied");
+    let rejected = metrics.config("routes", "rejected");
     tokio::spawn(async move {
         let mut seen = fingerprint(&opts.routes);
         loop {
@@ -115,7 +122,9 @@ fn watch_routes(opts: Options, tx: watch::Sender<Arc<RouteTable>>) {
             if errors.is_empty() {
                 tracing::info!(hosts = table.hosts().len(), "route config applied");
                 tx.send_replace(Arc::new(table));
+                applied.inc();
             } else {
+                rejected.inc();
                 tracing::warn!(
                     errors = errors.len(),
                     "route config not applied, keeping the last good one"
@@ -148,10 +157,11 @@ fn combine(
 
 /// Runs the waypoint until SIGTERM or SIGINT.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
     let initial = ztunnel::source::load(&opts.mesh_config)
         .with_context(|| format!("mesh config {}", opts.mesh_config.display()))?;
     let (state_tx, state_rx) = watch::channel(Arc::new(initial));
-    let _state_watch =
+    let state_watch =
         ztunnel::source::spawn_file_watch(opts.mesh_config.clone(), state_tx, |err| {
             tracing::warn!("mesh config not applied, keeping the last good one: {err}");
         });
@@ -165,7 +175,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     tracing::info!(hosts = table.hosts().len(), "route config applied");
     let (routes_tx, routes_rx) = watch::channel(Arc::new(table));
-    watch_routes(opts.clone(), routes_tx);
+    metrics.config("routes", "applied").inc();
+    watch_routes(opts.clone(), routes_tx, metrics.clone());
     let first = Snapshot::new(state_rx.borrow().clone(), routes_rx.borrow().clone());
     let (snap_tx, snap_rx) = watch::channel(Arc::new(first));
     combine(state_rx, routes_rx, snap_tx);
@@ -189,13 +200,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         roots.clone(),
         Pool::new(PoolConfig::default()),
     );
-    let ctx = Arc::new(Ctx::new(
+    let mut ctx = Ctx::new(
         opts.identity.clone(),
         certs,
         roots,
         snap_rx,
         HttpPool::new(dialer),
-    ));
+    );
+    ctx.mirror_shadow_suffix = opts.mirror_shadow_suffix;
+    ctx.metrics = metrics.clone();
+    let ctx = Arc::new(ctx);
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("listening on {}", opts.listen))?;
@@ -207,6 +221,26 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     })
     .await
     .with_context(|| format!("readiness on {}", opts.ready_addr))?;
+    let mesh_stats = state_watch.stats();
+    let _metrics = ztunnel::endpoint::serve(opts.metrics_addr, move |req| {
+        let metrics = metrics.clone();
+        let mesh_stats = mesh_stats.clone();
+        async move {
+            if req.path != "/metrics" && req.path != "/stats/prometheus" {
+                return ztunnel::endpoint::text(http::StatusCode::NOT_FOUND, "not found\n");
+            }
+            // The mesh file's watcher counts its own updates (its first read included).
+            ztunnel::metrics::mirror(&metrics.config("mesh", "applied"), mesh_stats.applied());
+            ztunnel::metrics::mirror(&metrics.config("mesh", "rejected"), mesh_stats.rejected());
+            ztunnel::endpoint::reply(
+                http::StatusCode::OK,
+                ztunnel::metrics::CONTENT_TYPE,
+                metrics.encode(),
+            )
+        }
+    })
+    .await
+    .with_context(|| format!("metrics on {}", opts.metrics_addr))?;
     tracing::info!(identity = %opts.identity, listen = %opts.listen, "waypoint started");
     tokio::select! {
         () = server::serve(listener, ctx) => {}

@@ -14,6 +14,7 @@ use hyper::body::Body as _;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::metrics::RequestLabels;
 use crate::policy::fault::AbortCode;
 use crate::policy::redirect::RedirectInput;
 use crate::policy::retry::{Outcome, RetryPolicy};
@@ -21,6 +22,7 @@ use crate::route::table::{Action, Backend, Decision, Policy};
 use crate::route::{Request as RouteRequest, Source};
 use crate::snapshot::{Destination, Snapshot};
 use crate::upstream::{Body, Endpoint, Protocol};
+use ztunnel::state::Workload;
 
 use super::Ctx;
 use super::reply;
@@ -40,7 +42,65 @@ pub(super) async fn handle(
     down: Arc<Downstream>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    Ok(route(&ctx, &down, req).await)
+    let start = std::time::Instant::now();
+    let mut rec = Record {
+        endpoint: None,
+        flags: "-",
+        grpc: is_grpc(req.headers()),
+    };
+    let response = route(&ctx, &down, req, &mut rec).await;
+    let labels = labels(&down, &rec, response.status().as_u16());
+    ctx.metrics.requests.get_or_create(&labels).inc();
+    ctx.metrics
+        .duration
+        .get_or_create(&labels)
+        .observe(start.elapsed().as_secs_f64() * 1000.0);
+    Ok(response)
+}
+
+/// What one request's metrics record, filled in as it is handled.
+struct Record {
+    /// The endpoint that answered (last attempt).
+    endpoint: Option<Arc<Workload>>,
+    /// Envoy's response flag for how it ended.
+    flags: &'static str,
+    grpc: bool,
+}
+
+fn labels(down: &Downstream, rec: &Record, status: u16) -> RequestLabels {
+    let unknown = || "unknown".to_owned();
+    let (service, name, namespace) = match &down.destination {
+        Destination::Service(s) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
+        Destination::Workload(_) => (unknown(), unknown(), unknown()),
+    };
+    RequestLabels {
+        reporter: "waypoint",
+        source_workload: down
+            .source
+            .as_ref()
+            .map_or_else(unknown, |w| w.name.clone()),
+        source_workload_namespace: down.peer.namespace().to_owned(),
+        source_principal: down.peer.to_string(),
+        destination_workload: rec
+            .endpoint
+            .as_ref()
+            .map_or_else(unknown, |w| w.name.clone()),
+        destination_workload_namespace: rec
+            .endpoint
+            .as_ref()
+            .map_or_else(unknown, |w| w.namespace().to_owned()),
+        destination_principal: rec
+            .endpoint
+            .as_ref()
+            .map_or_else(unknown, |w| w.identity_ref().to_string()),
+        destination_service: service,
+        destination_service_name: name,
+        destination_service_namespace: namespace,
+        request_protocol: if rec.grpc { "grpc" } else { "http" },
+        response_code: status,
+        response_flags: rec.flags,
+        connection_security_policy: "mutual_tls",
+    }
 }
 
 /// The parts of a request kept to send it (again).
@@ -54,11 +114,14 @@ struct Outgoing {
     /// The body, until an attempt takes it (`None` and `replayable`: it was empty).
     body: Option<Body>,
     replayable: bool,
+    /// The HTTP version spoken to the endpoint.
+    protocol: Protocol,
 }
 
 impl Outgoing {
     /// The request for one attempt, or `None` if the body was already sent once.
-    fn attempt(&mut self, protocol: Protocol) -> Option<Request<Body>> {
+    fn attempt(&mut self) -> Option<Request<Body>> {
+        let protocol = self.protocol;
         let body = match self.body.take() {
             Some(body) => body,
             None if self.replayable => reply::empty(),
@@ -93,7 +156,12 @@ struct UpgradeRequest {
     client: hyper::upgrade::OnUpgrade,
 }
 
-async fn route(ctx: &Ctx, down: &Downstream, mut req: Request<Incoming>) -> Response<Body> {
+async fn route(
+    ctx: &Ctx,
+    down: &Downstream,
+    mut req: Request<Incoming>,
+    rec: &mut Record,
+) -> Response<Body> {
     let snap = ctx.snapshot();
     let protocol = if req.version() == Version::HTTP_2 {
         Protocol::Http2
@@ -135,14 +203,14 @@ async fn route(ctx: &Ctx, down: &Downstream, mut req: Request<Incoming>) -> Resp
                 port,
                 source: Source {
                     namespace: down.source_namespace(),
-                    labels: &down.source_labels,
+                    labels: down.source_labels(),
                 },
             };
             snap.table.decide(&service.hostname, &view)
         }
         Destination::Workload(_) => Decision::NoRoutes,
     };
-    let grpc = is_grpc(&parts.headers);
+    let grpc = rec.grpc;
     for h in &HOP_BY_HOP {
         parts.headers.remove(h);
     }
@@ -164,15 +232,19 @@ async fn route(ctx: &Ctx, down: &Downstream, mut req: Request<Incoming>) -> Resp
         replayable: body.is_end_stream(),
         body: (!body.is_end_stream()).then(|| body.boxed_unsync()),
         headers: parts.headers,
+        protocol,
     };
     let (target, matched_prefix) = match decision {
-        Decision::NotFound => return reply::text(404, "no route matched"),
+        Decision::NotFound => {
+            rec.flags = "NR";
+            return reply::text(404, "no route matched");
+        }
         Decision::NoRoutes => {
             let default = Policy {
                 retry: Some(RetryPolicy::istio_default()),
                 ..Policy::default()
             };
-            let response = forward(ctx, &snap, down, out, protocol, None, &default).await;
+            let response = forward(ctx, &snap, down, out, None, &default, rec).await;
             return switch(response, upgrade);
         }
         Decision::Matched {
@@ -213,8 +285,14 @@ async fn route(ctx: &Ctx, down: &Downstream, mut req: Request<Incoming>) -> Resp
             tokio::time::sleep(delay).await;
         }
         match decided.abort {
-            Some(AbortCode::Http(status)) => return reply::text(status, "fault filter abort"),
-            Some(AbortCode::Grpc(code)) => return reply::grpc(code, "fault filter abort"),
+            Some(AbortCode::Http(status)) => {
+                rec.flags = "FI";
+                return reply::text(status, "fault filter abort");
+            }
+            Some(AbortCode::Grpc(code)) => {
+                rec.flags = "FI";
+                return reply::grpc(code, "fault filter abort");
+            }
             None => {}
         }
     }
@@ -232,12 +310,13 @@ async fn route(ctx: &Ctx, down: &Downstream, mut req: Request<Incoming>) -> Resp
         }
     }
     policy.request_headers.apply(&mut out.headers);
+    mirror(ctx, &snap, &mut out, policy, port, protocol);
     let backend = backends.pick(rand::random());
     if let Some(why) = backend.invalid {
         return reply::text(500, why);
     }
     backend.request_headers.apply(&mut out.headers);
-    let response = forward(ctx, &snap, down, out, protocol, Some(backend), policy).await;
+    let response = forward(ctx, &snap, down, out, Some(backend), policy, rec).await;
     let mut response = switch(response, upgrade);
     if grpc && response.status() == http::StatusCode::SERVICE_UNAVAILABLE {
         // gRPC clients read `grpc-status`; the HTTP mapping of 503 is UNAVAILABLE (14).
@@ -289,6 +368,56 @@ fn switch(mut response: Response<Body>, upgrade: Option<UpgradeRequest>) -> Resp
     response
 }
 
+/// Sends the copies the route's mirrors ask for (each applies to its share of requests).
+fn mirror(
+    ctx: &Ctx,
+    snap: &Snapshot,
+    out: &mut Outgoing,
+    policy: &Policy,
+    port: u16,
+    protocol: Protocol,
+) {
+    if policy.mirrors.is_empty() {
+        return;
+    }
+    let chosen: Vec<_> = policy
+        .mirrors
+        .iter()
+        .filter(|m| m.fraction.applies(rand::random()))
+        .collect();
+    if chosen.is_empty() {
+        return;
+    }
+    let bodies = match out.body.take() {
+        Some(body) => {
+            let (main, copies) = super::mirror::Tee::split(body, chosen.len());
+            out.body = Some(main);
+            copies
+        }
+        None => chosen.iter().map(|_| reply::empty()).collect(),
+    };
+    let copy = super::mirror::Copy {
+        method: &out.method,
+        version: out.version,
+        authority: &out.authority,
+        path_and_query: &out.path_and_query,
+        headers: &out.headers,
+    };
+    for (m, body) in chosen.into_iter().zip(bodies) {
+        super::mirror::send(
+            &ctx.upstream,
+            snap,
+            m,
+            port,
+            &copy,
+            body,
+            protocol,
+            ctx.mirror_shadow_suffix,
+            &ctx.metrics,
+        );
+    }
+}
+
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -302,7 +431,7 @@ fn endpoints(
     snap: &Snapshot,
     down: &Downstream,
     backend: Option<&Backend>,
-) -> Result<Vec<Endpoint>, &'static str> {
+) -> Result<Vec<(Arc<Workload>, Endpoint)>, &'static str> {
     let port = down.authority.port();
     let found = match (backend, &down.destination) {
         (Some(b), _) => {
@@ -314,19 +443,27 @@ fn endpoints(
     };
     Ok(found
         .into_iter()
-        .map(|(w, addr)| Endpoint {
-            addr,
-            identity: w.identity(),
+        .map(|(w, addr)| {
+            let ep = Endpoint {
+                addr,
+                identity: w.identity(),
+            };
+            (w, ep)
         })
         .collect())
 }
 
 /// Picks an endpoint at random, preferring one not tried yet when `avoid` is set.
-fn pick<'e>(eps: &'e [Endpoint], tried: &[SocketAddr], avoid: bool, tries: u32) -> &'e Endpoint {
+fn pick<'e>(
+    eps: &'e [(Arc<Workload>, Endpoint)],
+    tried: &[SocketAddr],
+    avoid: bool,
+    tries: u32,
+) -> &'e (Arc<Workload>, Endpoint) {
     let mut ep = &eps[rand::random_range(0..eps.len())];
     if avoid {
         for _ in 1..tries.max(1) {
-            if !tried.contains(&ep.addr) {
+            if !tried.contains(&ep.1.addr) {
                 break;
             }
             ep = &eps[rand::random_range(0..eps.len())];
@@ -341,13 +478,16 @@ async fn forward(
     snap: &Snapshot,
     down: &Downstream,
     mut out: Outgoing,
-    protocol: Protocol,
     backend: Option<&Backend>,
     policy: &Policy,
+    rec: &mut Record,
 ) -> Response<Body> {
     let eps = match endpoints(snap, down, backend) {
         Ok(eps) if !eps.is_empty() => eps,
-        Ok(_) | Err(_) => return reply::text(503, "no healthy upstream"),
+        Ok(_) | Err(_) => {
+            rec.flags = "UH";
+            return reply::text(503, "no healthy upstream");
+        }
     };
     let deadline = policy.timeout.map(|t| Instant::now() + t);
     let no_retry = RetryPolicy {
@@ -359,21 +499,22 @@ async fn forward(
     let mut retries_done = 0u32;
     let mut returned: Option<Request<Body>> = None;
     loop {
-        let Some(req) = returned.take().or_else(|| out.attempt(protocol)) else {
+        let Some(req) = returned.take().or_else(|| out.attempt()) else {
             return reply::text(502, "upstream request failed");
         };
-        let ep = pick(
+        let (workload, ep) = pick(
             &eps,
             &tried,
             retry.avoid_previous_hosts,
             retry.host_selection_attempts,
         );
         tried.push(ep.addr);
+        rec.endpoint = Some(workload.clone());
         let bound = [retry.per_try_timeout.map(|t| Instant::now() + t), deadline]
             .into_iter()
             .flatten()
             .min();
-        let sent = ctx.upstream.send(ep, protocol, req);
+        let sent = ctx.upstream.send(ep, out.protocol, req);
         let result = match bound {
             Some(at) => tokio::time::timeout_at(at, sent).await.ok(),
             None => Some(sent.await),
@@ -409,6 +550,7 @@ async fn forward(
             let backoff = retry.backoff(retries_done, rand::random());
             let wake = Instant::now() + backoff;
             if deadline.is_some_and(|d| wake >= d) {
+                rec.flags = "UT";
                 return reply::text(504, "upstream request timeout");
             }
             tokio::time::sleep_until(wake).await;
@@ -423,15 +565,24 @@ async fn forward(
                 }
                 response
             }
-            (Outcome::PerTryTimeout, None) => reply::text(504, "upstream request timeout"),
-            (Outcome::ConnectFailure, None) => reply::text(
-                503,
-                "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-            ),
-            (_, None) => reply::text(
-                503,
-                "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-            ),
+            (Outcome::PerTryTimeout, None) => {
+                rec.flags = "UT";
+                reply::text(504, "upstream request timeout")
+            }
+            (Outcome::ConnectFailure, None) => {
+                rec.flags = "UF";
+                reply::text(
+                    503,
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                )
+            }
+            (_, None) => {
+                rec.flags = "UC";
+                reply::text(
+                    503,
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+                )
+            }
         };
     }
 }

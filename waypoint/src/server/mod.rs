@@ -5,6 +5,7 @@
 //! Who the client is comes from the TLS handshake only: headers never change it.
 
 mod forward;
+mod mirror;
 mod reply;
 mod tunnel;
 
@@ -34,6 +35,10 @@ pub struct Ctx {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub upstream: HttpPool,
     pub hbone: ServerConfig,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Append `-shadow` to the host of mirrored requests (Envoy's and Istio's up to 1.27
+    /// behaviour; Istio 1.28+ leaves the authority as it is).
+    pub mirror_shadow_suffix: bool,
     /// The server TLS configuration and the certificate it was made with.
     tls: Mutex<Option<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
 }
@@ -53,6 +58,8 @@ impl Ctx {
             snapshot,
             upstream,
             hbone: ServerConfig::default(),
+            metrics: Arc::default(),
+            mirror_shadow_suffix: false,
             tls: Mutex::new(None),
         }
     }

@@ -13,6 +13,7 @@ use hyper_util::server::conn::auto;
 
 use ztunnel::hbone::{Accepted, forwarded_for};
 use ztunnel::identity::Identity;
+use ztunnel::state::Workload;
 
 use super::Ctx;
 use crate::snapshot::{Destination, Snapshot};
@@ -25,29 +26,30 @@ pub(super) struct Downstream {
     pub(super) authority: SocketAddr,
     /// The identity the client proved (its ztunnel acts for it).
     pub(super) peer: Identity,
-    /// The client workload's labels, when it is known (`sourceLabels`).
-    pub(super) source_labels: BTreeMap<String, String>,
+    /// The client workload, when it is known (its labels are `sourceLabels`).
+    pub(super) source: Option<Arc<Workload>>,
 }
+
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
 impl Downstream {
     /// The client's namespace, from its proven identity (`sourceNamespace`).
     pub(super) fn source_namespace(&self) -> &str {
         self.peer.namespace()
     }
+
+    /// The client workload's labels (none when it is not known).
+    pub(super) fn source_labels(&self) -> &BTreeMap<String, String> {
+        self.source.as_ref().map_or(&NO_LABELS, |w| &w.labels)
+    }
 }
 
-/// The client workload's labels. The address in `forwarded` is only a hint of which pod of
-/// the identity it is: a workload counts only if it runs as the identity the peer proved.
-fn source_labels(
-    snap: &Snapshot,
-    peer: &Identity,
-    client: Option<SocketAddr>,
-) -> BTreeMap<String, String> {
+/// The client workload. The address in `forwarded` is only a hint of which pod of the
+/// identity it is: a workload counts only if it runs as the identity the peer proved.
+fn source(snap: &Snapshot, peer: &Identity, client: Option<SocketAddr>) -> Option<Arc<Workload>> {
     client
         .and_then(|c| snap.state.workload_by_ip(c.ip()))
         .filter(|w| w.identity_ref() == peer)
-        .map(|w| w.labels.clone())
-        .unwrap_or_default()
 }
 
 pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accepted) {
@@ -61,7 +63,7 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
     };
     let client = forwarded_for(&accepted.headers);
     let down = Arc::new(Downstream {
-        source_labels: source_labels(&snap, &accepted.peer_identity, client),
+        source: source(&snap, &accepted.peer_identity, client),
         destination,
         authority,
         peer: accepted.peer_identity,
