@@ -155,23 +155,29 @@ async fn routes_the_tutorials_virtual_services_and_http_routes() {
         assert_eq!(a.server(), None);
     }
 
-    // The 90/10 canary: 400 requests, v2 expected 40 times (binomial, sd 6); 4.5 sd either
-    // side (|v2 - 40| <= 27) fails a correct split about once in 150,000 runs.
+    // The 90/10 canary over 10,000 requests: v2 expected 1,000 times (binomial, sd 30); the
+    // 99.99% two-sided bound is ± 3.89 sd = ± 117.
     let reviews = through_waypoint(&mesh, REVIEWS_VIP, Version::Http2).await;
     let mut v2 = 0;
-    for _ in 0..400 {
-        let a = reviews
-            .get("reviews:9080", "/canary", &[])
-            .await
-            .expect("request");
-        assert_eq!(a.status, 200, "{a:?}");
-        if a.server() == Some("reviews-v2") {
-            v2 += 1;
+    for _batch in 0..20 {
+        let mut tasks = Vec::new();
+        for _ in 0..500 {
+            let reviews = reviews.clone();
+            tasks.push(tokio::spawn(async move {
+                reviews.get("reviews:9080", "/canary", &[]).await
+            }));
+        }
+        for t in tasks {
+            let a = t.await.expect("task").expect("request");
+            assert_eq!(a.status, 200, "{a:?}");
+            if a.server() == Some("reviews-v2") {
+                v2 += 1;
+            }
         }
     }
     assert!(
-        (13..=67).contains(&v2),
-        "v2 got {v2} of 400, expected 40 ± 27"
+        (883..=1117).contains(&v2),
+        "v2 got {v2} of 10,000, expected 1,000 ± 117"
     );
 
     // GAMMA: the HTTPRoute attached to the ratings Service. `/api` matches whole segments.

@@ -66,6 +66,12 @@ spec:
         httpStatus: 418
         percentage: {value: 50}
     route: [{destination: {host: ratings}}]
+  - match: [{uri: {prefix: /delay}}]
+    fault:
+      delay:
+        fixedDelay: 0.5s
+        percentage: {value: 50}
+    route: [{destination: {host: ratings}}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
@@ -81,22 +87,23 @@ spec:
     - {name: grpc, port: 9080}
 "#;
 
-/// Sends `n` GETs of `path` with `headers` side by side on one HTTP/2 connection through
-/// the waypoint; returns the statuses.
-async fn statuses(
+/// Sends `n` requests (`method` with `body`) side by side on one HTTP/2 connection through
+/// the waypoint; returns the answers.
+async fn answers(
     mesh: &mesh_tests::mesh::Mesh,
+    method: &'static str,
     path: &'static str,
     headers: &'static [(&'static str, &'static str)],
+    body: bytes::Bytes,
     n: usize,
-) -> Vec<u16> {
+) -> Vec<mesh_tests::http_app::Answer> {
     let conn = through_waypoint(mesh, RATINGS_VIP, Version::Http2).await;
     let mut tasks = Vec::new();
     for _ in 0..n {
         let conn = conn.clone();
+        let body = body.clone();
         tasks.push(tokio::spawn(async move {
-            conn.get("ratings:9080", path, headers)
-                .await
-                .map(|a| a.status)
+            conn.send(method, "ratings:9080", path, headers, body).await
         }));
     }
     let mut out = Vec::new();
@@ -104,6 +111,20 @@ async fn statuses(
         out.push(t.await.expect("task").expect("request"));
     }
     out
+}
+
+/// [`answers`] for GETs, as statuses.
+async fn statuses(
+    mesh: &mesh_tests::mesh::Mesh,
+    path: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+    n: usize,
+) -> Vec<u16> {
+    answers(mesh, "GET", path, headers, bytes::Bytes::new(), n)
+        .await
+        .into_iter()
+        .map(|a| a.status)
+        .collect()
 }
 
 fn ratings_app(apps: &[HttpApp]) -> &HttpApp {
@@ -121,20 +142,40 @@ async fn retries_timeouts_and_faults_follow_the_route() {
 
     // Retries: the application fails each request with p = 0.5; 3 retries on 5xx give a
     // success rate of 1 - 0.5^4 = 93.75% and 1.875 upstream requests per request (DESIGN.md,
-    // retry arithmetic). n = 400: successes 375 (sd 4.84), upstream requests 750 (sd 21.1);
-    // bounds at 5 sd.
+    // retry arithmetic). n = 2,000 POSTs with a 1 KiB body (read whole, so every attempt
+    // carries it): successes 1,875 (sd 10.8), upstream requests 3,750 (sd 47.1); bounds at
+    // 5 sd.
     let before = app.requests();
-    let got = statuses(&mesh, "/flaky", &[("x-app-fail-percent", "50")], 400).await;
-    let ok = got.iter().filter(|s| **s == 200).count();
+    let body = bytes::Bytes::from(vec![b'r'; 1024]);
+    let got = answers(
+        &mesh,
+        "POST",
+        "/flaky",
+        &[("x-app-fail-percent", "50")],
+        body,
+        2000,
+    )
+    .await;
+    let ok = got.iter().filter(|a| a.status == 200).count();
     let upstream = app.requests() - before;
-    assert!(got.iter().all(|s| *s == 200 || *s == 503), "{got:?}");
     assert!(
-        (351..=399).contains(&ok),
-        "{ok} of 400 succeeded, expected 375 ± 24"
+        got.iter().all(|a| a.status == 200 || a.status == 503),
+        "{:?}",
+        got.iter().find(|a| a.status != 200 && a.status != 503)
     );
     assert!(
-        (645..=855).contains(&upstream),
-        "{upstream} upstream requests, expected 750 ± 105\n{}",
+        got.iter()
+            .filter(|a| a.status == 200)
+            .all(|a| a.line("body-length") == Some("1024")),
+        "a retried request lost its body"
+    );
+    assert!(
+        (1821..=1929).contains(&ok),
+        "{ok} of 2000 succeeded, expected 1875 ± 54"
+    );
+    assert!(
+        (3514..=3986).contains(&upstream),
+        "{upstream} upstream requests, expected 3750 ± 236\n{}",
         wp.log()
     );
 
@@ -166,6 +207,51 @@ async fn retries_timeouts_and_faults_follow_the_route() {
         got.iter().filter(|s| **s == 200).count()
     );
     assert_eq!(app.requests() - before, (400 - aborted) as u64);
+
+    // Fault delay of 0.5 s on 50% of requests (n = 400: 200 ± 50 at 5 sd): the delayed ones
+    // carry Envoy's `DI` flag in the request metric, and none of them can have been answered
+    // sooner than the delay.
+    let flagged = |flag: &str| {
+        metric(
+            &mesh,
+            "istio_requests_total",
+            &[
+                &format!("response_flags=\"{flag}\""),
+                "response_code=\"200\"",
+            ],
+        )
+    };
+    let before = flagged("DI");
+    let conn = through_waypoint(&mesh, RATINGS_VIP, Version::Http2).await;
+    let mut tasks = Vec::new();
+    for _ in 0..400 {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            let a = conn
+                .get("ratings:9080", "/delay", &[])
+                .await
+                .expect("request");
+            (a.status, start.elapsed())
+        }));
+    }
+    let mut slow = 0;
+    for t in tasks {
+        let (status, took) = t.await.expect("task");
+        assert_eq!(status, 200);
+        if took >= Duration::from_millis(500) {
+            slow += 1;
+        }
+    }
+    let delayed = flagged("DI") - before;
+    assert!(
+        (150.0..=250.0).contains(&delayed),
+        "{delayed} of 400 delayed, expected 200 ± 50"
+    );
+    assert!(
+        slow as f64 >= delayed,
+        "{slow} answers took 0.5 s or more, {delayed} were delayed"
+    );
 }
 
 /// The value of the metric series named `name` whose labels include every one of `labels`,

@@ -28,7 +28,8 @@ pub struct RequestLabels {
     pub request_protocol: &'static str,
     pub response_code: u16,
     /// Envoy's response flags: `-`, `NR` (no route), `UH` (no healthy upstream), `UF`
-    /// (upstream connection failure), `UT` (upstream timeout), `FI` (fault injected), `DC`.
+    /// (upstream connection failure), `UC` (upstream connection ended), `UT` (upstream
+    /// timeout), `FI` (fault abort), `DI` (fault delay).
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
 }

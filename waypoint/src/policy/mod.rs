@@ -2,6 +2,7 @@
 //! rewrites and redirects. The route table carries these per route; the server acts on them.
 //! Random choices take the random number as an argument, so every decision is testable.
 
+pub mod cors;
 pub mod fault;
 pub mod headers;
 pub mod redirect;

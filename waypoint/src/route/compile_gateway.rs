@@ -266,7 +266,7 @@ fn target(
                     path: r.path.as_ref().map(path_rewrite),
                 });
             }
-            HttpRouteFilter::Cors(x) => policy.cors = Some(Cors::Gateway(x.clone())),
+            HttpRouteFilter::Cors(x) => policy.cors = Some(Arc::new(Cors::from_gateway(x))),
             HttpRouteFilter::ExtensionRef { .. } | HttpRouteFilter::ExternalAuth => {
                 fail = Some("a filter of this rule is not implemented");
             }

@@ -368,6 +368,16 @@ fn target(
             })
         })
         .transpose()?;
+    let cors = match &rule.cors_policy {
+        None => None,
+        Some(p) => Some(Arc::new(Cors::from_istio(p).map_err(|e| {
+            c.reject(
+                res,
+                &format!("{at}.corsPolicy.allowOrigins"),
+                Problem::Invalid(e),
+            )
+        })?)),
+    };
     Ok(Target {
         id,
         action,
@@ -379,7 +389,7 @@ fn target(
             request_headers,
             response_headers,
             rewrite,
-            cors: rule.cors_policy.clone().map(Cors::Istio),
+            cors,
         },
     })
 }

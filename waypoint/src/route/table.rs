@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::ResourceName;
-use crate::config::gateway::filter::Cors as GatewayCors;
-use crate::config::istio::http_policy::CorsPolicy;
 use crate::policy::fault::Fault;
 use crate::policy::headers::HeaderOps;
 use crate::policy::redirect::{Redirect, Rewrite};
@@ -108,12 +106,7 @@ pub struct Mirror {
     pub fraction: Fraction,
 }
 
-/// CORS as configured by either API (applied by the server's CORS filter).
-#[derive(Clone, Debug, PartialEq)]
-pub enum Cors {
-    Istio(CorsPolicy),
-    Gateway(GatewayCors),
-}
+pub use crate::policy::cors::Cors;
 
 /// What a matched route does.
 #[derive(Clone, Debug, PartialEq)]
@@ -144,7 +137,7 @@ pub struct Policy {
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub rewrite: Option<Rewrite>,
-    pub cors: Option<Cors>,
+    pub cors: Option<Arc<Cors>>,
 }
 
 /// Which rule of which resource a route came from (for logs, metrics and conflicts).

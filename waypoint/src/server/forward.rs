@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::metrics::RequestLabels;
+use crate::policy::cors::CorsDecision;
 use crate::policy::fault::AbortCode;
 use crate::policy::redirect::RedirectInput;
 use crate::policy::retry::{Outcome, RetryPolicy};
@@ -27,6 +28,10 @@ use ztunnel::state::Workload;
 use super::Ctx;
 use super::reply;
 use super::tunnel::Downstream;
+
+/// Request bodies up to this size are read whole before they are sent, so that a retry can
+/// send them again (Envoy buffers request bodies for retries likewise, up to a limit).
+const REPLAY_LIMIT: u64 = 64 * 1024;
 
 /// Headers of one hop only (RFC 9110 §7.6.1), never forwarded; HTTP/2 forbids them.
 const HOP_BY_HOP: [HeaderName; 5] = [
@@ -111,8 +116,11 @@ struct Outgoing {
     authority: String,
     path_and_query: String,
     headers: HeaderMap,
-    /// The body, until an attempt takes it (`None` and `replayable`: it was empty).
+    /// The body, until an attempt takes it (`None` and `replayable`: it was empty or is
+    /// in `buffered`).
     body: Option<Body>,
+    /// A small body read whole before the first attempt, so that a retry can send it again.
+    buffered: Option<bytes::Bytes>,
     replayable: bool,
     /// The HTTP version spoken to the endpoint.
     protocol: Protocol,
@@ -122,10 +130,11 @@ impl Outgoing {
     /// The request for one attempt, or `None` if the body was already sent once.
     fn attempt(&mut self) -> Option<Request<Body>> {
         let protocol = self.protocol;
-        let body = match self.body.take() {
-            Some(body) => body,
-            None if self.replayable => reply::empty(),
-            None => return None,
+        let body = match (self.body.take(), &self.buffered) {
+            (Some(body), _) => body,
+            (None, Some(bytes)) => reply::full(bytes.clone()),
+            (None, None) if self.replayable => reply::empty(),
+            (None, None) => return None,
         };
         let uri = match protocol {
             // HTTP/1.1 sends the path; the authority goes in `Host`.
@@ -224,13 +233,33 @@ async fn route(
         .uri
         .path_and_query()
         .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+    // A body of known, small length is read first, so that retries can replay it; a larger
+    // or unknown one streams through and is sent once.
+    let small = body
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n > 0 && n <= REPLAY_LIMIT);
+    let (body, buffered) = if small {
+        match body.collect().await {
+            Ok(collected) => (None, Some(collected.to_bytes())),
+            Err(error) => {
+                tracing::debug!(%error, "request body broken before it was read");
+                return reply::text(400, "request body incomplete");
+            }
+        }
+    } else if body.is_end_stream() {
+        (None, None)
+    } else {
+        (Some(body.boxed_unsync()), None)
+    };
     let mut out = Outgoing {
         method: parts.method,
         version: parts.version,
         authority,
         path_and_query,
-        replayable: body.is_end_stream(),
-        body: (!body.is_end_stream()).then(|| body.boxed_unsync()),
+        replayable: body.is_none(),
+        body,
+        buffered,
         headers: parts.headers,
         protocol,
     };
@@ -253,6 +282,20 @@ async fn route(
         } => (target, matched_prefix),
     };
     let policy = &target.policy;
+    let mut cors = None;
+    match policy
+        .cors
+        .as_ref()
+        .map(|c| c.decide(&out.method, &out.headers))
+    {
+        Some(CorsDecision::Preflight(headers)) => {
+            let mut r = reply::text(200, "");
+            r.headers_mut().extend(headers);
+            return r;
+        }
+        Some(CorsDecision::Allowed(headers)) => cors = Some(headers),
+        Some(CorsDecision::None) | None => {}
+    }
     let backends = match &target.action {
         Action::Forward(backends) => backends,
         Action::Direct { status, body } => {
@@ -282,6 +325,7 @@ async fn route(
     if let Some(fault) = &policy.fault {
         let decided = fault.decide(rand::random(), rand::random());
         if let Some(delay) = decided.delay {
+            rec.flags = "DI";
             tokio::time::sleep(delay).await;
         }
         match decided.abort {
@@ -326,6 +370,9 @@ async fn route(
     }
     policy.response_headers.apply(response.headers_mut());
     backend.response_headers.apply(response.headers_mut());
+    if let Some(cors) = cors {
+        response.headers_mut().extend(cors);
+    }
     response
 }
 
@@ -388,13 +435,14 @@ fn mirror(
     if chosen.is_empty() {
         return;
     }
-    let bodies = match out.body.take() {
-        Some(body) => {
+    let bodies = match (out.body.take(), &out.buffered) {
+        (Some(body), _) => {
             let (main, copies) = super::mirror::Tee::split(body, chosen.len());
             out.body = Some(main);
             copies
         }
-        None => chosen.iter().map(|_| reply::empty()).collect(),
+        (None, Some(bytes)) => chosen.iter().map(|_| reply::full(bytes.clone())).collect(),
+        (None, None) => chosen.iter().map(|_| reply::empty()).collect(),
     };
     let copy = super::mirror::Copy {
         method: &out.method,
