@@ -1,0 +1,246 @@
+//! What real HTTP clients see of a waypoint, on the whole path (curl in an enrolled pod, its
+//! ztunnel, the waypoint, the routed pod): redirects, rewrites and CORS; and malformed or
+//! smuggling requests refused with 400 before anything reaches a backend (or, for
+//! Content-Length with Transfer-Encoding, normalised so that nothing is smuggled).
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mesh_tests::waypoint::{
+    REVIEWS_VIP, apps, mesh_with, routes_path, start_waypoint, write_atomic,
+};
+
+const ROUTES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{uri: {prefix: /old}}]
+    redirect:
+      uri: /new
+      redirectCode: 301
+  - match: [{uri: {prefix: /api/v1}}]
+    rewrite:
+      uri: /v2
+    route: [{destination: {host: reviews, subset: v1}}]
+  - corsPolicy:
+      allowOrigins:
+      - exact: https://shop.example
+      allowMethods: [GET, POST]
+      allowHeaders: [x-custom]
+      exposeHeaders: [x-exposed]
+      maxAge: 24h
+    route: [{destination: {host: reviews, subset: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+"#;
+
+/// `curl -i` from the `sleep` pod with extra arguments: (exit code, head and body).
+fn curl(mesh: &mesh_tests::mesh::Mesh, args: &[&str]) -> (i32, String) {
+    let mut all = vec!["-sS", "-i", "--max-time", "10"];
+    all.extend_from_slice(args);
+    let out = mesh_tests::netns::exec(&mesh.netns("sleep"), "curl", &all).expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_ascii_lowercase(),
+    )
+}
+
+fn labelled_mesh() -> mesh_tests::mesh::Mesh {
+    mesh_with(|m| {
+        m.service_labels.push((
+            "reviews".to_owned(),
+            "istio.io/use-waypoint".to_owned(),
+            "waypoint".to_owned(),
+        ));
+    })
+}
+
+#[test]
+fn curl_sees_redirects_rewrites_and_cors() {
+    let mesh = labelled_mesh();
+    let apps = apps(&mesh);
+    let routes = routes_path(&mesh);
+    write_atomic(&routes, ROUTES);
+    let wp = start_waypoint(&mesh, &routes);
+    let base = format!("http://{REVIEWS_VIP}:9080");
+
+    // Redirect: answered by the waypoint, the Location keeps the request's authority.
+    let (code, out) = curl(&mesh, &[&format!("{base}/old/page?q=1")]);
+    assert_eq!(code, 0, "{out}\n{}", wp.log());
+    assert!(out.starts_with("http/1.1 301"), "{out}");
+    assert!(
+        out.contains(&format!("location: http://{REVIEWS_VIP}:9080/new?q=1")),
+        "{out}"
+    );
+
+    // Rewrite: the application sees the rewritten path.
+    let (_, out) = curl(&mesh, &[&format!("{base}/api/v1/items")]);
+    assert!(out.starts_with("http/1.1 200"), "{out}");
+    assert!(out.contains("\npath /v2/items\n"), "{out}");
+
+    // CORS preflight from an allowed origin: answered by the waypoint, never forwarded.
+    let before = apps[0].requests();
+    let (_, out) = curl(
+        &mesh,
+        &[
+            "-X",
+            "OPTIONS",
+            "-H",
+            "origin: https://shop.example",
+            "-H",
+            "access-control-request-method: POST",
+            &format!("{base}/cart"),
+        ],
+    );
+    assert!(out.starts_with("http/1.1 200"), "{out}");
+    assert!(
+        out.contains("access-control-allow-origin: https://shop.example"),
+        "{out}"
+    );
+    assert!(
+        out.contains("access-control-allow-methods: get,post"),
+        "{out}"
+    );
+    assert!(
+        out.contains("access-control-allow-headers: x-custom"),
+        "{out}"
+    );
+    assert!(out.contains("access-control-max-age: 86400"), "{out}");
+    assert_eq!(
+        apps[0].requests(),
+        before,
+        "the preflight reached the application"
+    );
+
+    // The actual request from that origin: forwarded, its answer carries the CORS headers;
+    // another origin's gets none.
+    let (_, out) = curl(
+        &mesh,
+        &[
+            "-H",
+            "origin: https://shop.example",
+            &format!("{base}/cart"),
+        ],
+    );
+    assert!(out.contains("server reviews-v1"), "{out}");
+    assert!(
+        out.contains("access-control-allow-origin: https://shop.example"),
+        "{out}"
+    );
+    assert!(
+        out.contains("access-control-expose-headers: x-exposed"),
+        "{out}"
+    );
+    let (_, out) = curl(
+        &mesh,
+        &[
+            "-H",
+            "origin: https://evil.example",
+            &format!("{base}/cart"),
+        ],
+    );
+    assert!(out.contains("server reviews-v1"), "{out}");
+    assert!(!out.contains("access-control-allow-origin"), "{out}");
+}
+
+/// Sends raw bytes from the `sleep` pod to the reviews VIP (captured, carried to the
+/// waypoint) and returns what came back before the connection closed.
+fn raw(mesh: &mesh_tests::mesh::Mesh, request: &'static [u8]) -> String {
+    let addr = SocketAddr::from((REVIEWS_VIP, 9080));
+    mesh_tests::netns::in_netns(&mesh.netns("sleep"), move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(request)?;
+        let mut out = Vec::new();
+        // The waypoint answers and closes; a reset after the answer is fine.
+        let _ = s.read_to_end(&mut out);
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&out).into_owned())
+    })
+    .expect("netns")
+    .expect("connect")
+}
+
+#[test]
+fn malformed_requests_get_400_and_smuggling_reaches_no_backend() {
+    let mesh = labelled_mesh();
+    let apps = apps(&mesh);
+    let routes = routes_path(&mesh);
+    write_atomic(&routes, ROUTES);
+    let _wp = start_waypoint(&mesh, &routes);
+    let served = || apps.iter().map(|a| a.requests()).sum::<u64>();
+
+    // Content-Length and Transfer-Encoding together (the classic smuggling vector): the
+    // waypoint's HTTP/1.1 parser (hyper) reads the body by Transfer-Encoding, drops the
+    // Content-Length before anything is forwarded (RFC 9112 §6.1) and closes the connection
+    // after the answer, so the request hidden after the chunked body is never read: the
+    // backend sees exactly one request, with the chunked (empty) body.
+    let got = raw(
+        &mesh,
+        b"POST /cart HTTP/1.1\r\nHost: reviews\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: reviews\r\n\r\n",
+    );
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    assert!(
+        got.contains("\npath /cart\n") && got.contains("body-length 0"),
+        "{got:?}"
+    );
+    assert!(!got.contains("header content-length"), "{got:?}");
+    assert!(
+        got.to_ascii_lowercase().contains("connection: close"),
+        "{got:?}"
+    );
+    assert_eq!(got.matches("HTTP/1.1 ").count(), 1, "{got:?}");
+    assert_eq!(served(), 1, "only the outer request reached a backend");
+    let served_before = served();
+    let served = || served() - served_before;
+
+    let cases: [(&str, &'static [u8]); 3] = [
+        (
+            "two different Content-Lengths",
+            b"POST /cart HTTP/1.1\r\nHost: reviews\r\nContent-Length: 4\r\nContent-Length: 6\r\n\r\nabcdef",
+        ),
+        (
+            "a header line without a colon",
+            b"GET /cart HTTP/1.1\r\nHost: reviews\r\nthis is not a header\r\n\r\n",
+        ),
+        ("not HTTP at all", b"\x16\x03\x01\x02\x00 hello\r\n\r\n"),
+    ];
+    for (what, bytes) in cases {
+        let got = raw(&mesh, bytes);
+        assert!(got.starts_with("HTTP/1.1 400"), "{what}: {got:?}");
+        assert_eq!(served(), 0, "{what}: a backend saw a request");
+    }
+    // Oversized headers (past hyper's limit of ~400 KiB).
+    let huge: &'static [u8] = Box::leak(
+        format!(
+            "GET /cart HTTP/1.1\r\nHost: reviews\r\nx-big: {}\r\n\r\n",
+            "a".repeat(512 * 1024)
+        )
+        .into_bytes()
+        .into_boxed_slice(),
+    );
+    let got = raw(&mesh, huge);
+    assert!(
+        got.starts_with("HTTP/1.1 431") || got.starts_with("HTTP/1.1 400"),
+        "oversized headers: {got:?}"
+    );
+    assert_eq!(served(), 0);
+    // And a well-formed request on a new connection still works.
+    let got = raw(
+        &mesh,
+        b"GET /cart HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n",
+    );
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    assert_eq!(served(), 1);
+}
