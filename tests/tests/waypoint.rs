@@ -393,11 +393,51 @@ async fn captured_traffic_to_a_labelled_service_is_routed_by_the_waypoint() {
 
     let served: u64 = apps[..2].iter().map(|a| a.requests()).sum();
     wp.kill();
-    let (code, out) = curl_i(&mesh, "sleep", &url, &[]);
-    assert_ne!(code, 0, "answered without its waypoint: {out}");
+    // While the waypoint is gone, nothing goes to the reviews pods at all: no plaintext to
+    // the application port, no tunnel to their HBONE port (capture on their node).
+    let node = mesh.topo.node("n2").netns.clone();
+    let mut capture =
+        mesh_tests::wire::PacketCapture::start(&node, "any", mesh.dir.path(), "n2-no-waypoint")
+            .expect("capture");
+    for _ in 0..3 {
+        let (code, out) = curl_i(&mesh, "sleep", &url, &[]);
+        assert_ne!(code, 0, "answered without its waypoint: {out}");
+    }
+    capture.stop().expect("stop capture");
+    let pods = [mesh.ip("reviews-v1"), mesh.ip("reviews-v2")];
+    for pod in pods {
+        let seen = capture
+            .packets(&format!(
+                "dst host {pod} and (tcp port 8080 or tcp port 15008)"
+            ))
+            .expect("read capture");
+        assert!(
+            seen.is_empty(),
+            "traffic reached {pod} around the waypoint: {seen:?}"
+        );
+    }
     assert_eq!(
         apps[..2].iter().map(|a| a.requests()).sum::<u64>(),
         served,
         "a request reached reviews around the waypoint"
+    );
+
+    // The waypoint comes back: traffic resumes, no config change needed.
+    drop(wp);
+    let wp = start_waypoint(&mesh, &routes);
+    // The same capture now sees the waypoint's tunnel to v2 (the check above can fail).
+    let mut capture =
+        mesh_tests::wire::PacketCapture::start(&node, "any", mesh.dir.path(), "n2-waypoint")
+            .expect("capture");
+    let (code, out) = curl_i(&mesh, "sleep", &url, &["x-dark-launch: v2"]);
+    assert_eq!(code, 0, "{out}\n{}", wp.log());
+    assert!(out.contains("server reviews-v2"), "{out}");
+    capture.stop().expect("stop capture");
+    let tunnel = capture
+        .packets(&format!("dst host {} and tcp port 15008", pods[1]))
+        .expect("read capture");
+    assert!(
+        !tunnel.is_empty(),
+        "no HBONE to reviews-v2 seen on its node"
     );
 }
