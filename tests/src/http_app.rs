@@ -9,7 +9,9 @@
 //! `x-app-fail-percent: <p>` it answers 503 to each request with probability p/100, drawn
 //! independently; `x-app-delay-ms: <ms>` delays the answer. A WebSocket handshake
 //! (`Upgrade: websocket`) is accepted, and every message is echoed back prefixed with the
-//! server's name. It counts requests.
+//! server's name. A gRPC request (`content-type: application/grpc...`) with
+//! `x-app-echo-stream: 1` is answered as a stream: each chunk of its body is sent back as soon
+//! as it arrives, then trailers with `grpc-status: 0`. It counts requests.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -94,11 +96,54 @@ impl HttpApp {
 }
 
 /// Accepts a WebSocket handshake and echoes messages on the upgraded connection.
-fn websocket(name: Arc<str>, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// The application's response bodies.
+type AppBody = http_body_util::combinators::UnsyncBoxBody<Bytes, hyper::Error>;
+
+fn full(bytes: Bytes) -> AppBody {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Echoes a streaming request's body chunk by chunk, then `grpc-status: 0` in trailers.
+fn echo_stream(req: Request<Incoming>) -> Response<AppBody> {
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, hyper::Error>>(16);
+    let mut body = req.into_body();
+    tokio::spawn(async move {
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Ok(data) = f.into_data()
+                        && tx.send(Ok(hyper::body::Frame::data(data))).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let _ = tx.send(Ok(hyper::body::Frame::trailers(trailers))).await;
+    });
+    let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut r = Response::new(http_body_util::StreamBody::new(stream).boxed_unsync());
+    r.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    r
+}
+
+fn websocket(name: Arc<str>, mut req: Request<Incoming>) -> Response<AppBody> {
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::{Message, handshake::derive_accept_key, protocol::Role};
     let Some(key) = req.headers().get("sec-websocket-key") else {
-        let mut r = Response::new(Full::new(Bytes::from_static(b"no sec-websocket-key\n")));
+        let mut r = Response::new(full(Bytes::from_static(b"no sec-websocket-key\n")));
         *r.status_mut() = StatusCode::BAD_REQUEST;
         return r;
     };
@@ -129,8 +174,8 @@ fn websocket(name: Arc<str>, mut req: Request<Incoming>) -> Response<Full<Bytes>
         .header("upgrade", "websocket")
         .header("connection", "upgrade")
         .header("sec-websocket-accept", accept)
-        .body(Full::new(Bytes::new()))
-        .unwrap_or_default()
+        .body(full(Bytes::new()))
+        .unwrap_or_else(|_| Response::new(full(Bytes::new())))
 }
 
 async fn answer(
@@ -138,7 +183,7 @@ async fn answer(
     peer: SocketAddr,
     req: Request<Incoming>,
     seen: Seen,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<AppBody>, Infallible> {
     let authority = req
         .uri()
         .authority()
@@ -155,6 +200,13 @@ async fn answer(
         .is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket"))
     {
         return Ok(websocket(name, req));
+    }
+    let grpc = req
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc && req.headers().contains_key("x-app-echo-stream") {
+        return Ok(echo_stream(req));
     }
     let mut text = format!(
         "server {name}\nmethod {}\npath {}\nversion {:?}\npeer {peer}\n",
@@ -199,7 +251,7 @@ async fn answer(
     if let Ok(mut s) = seen.lock() {
         s.push((authority, body.len()));
     }
-    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    let mut resp = Response::new(full(Bytes::from(text)));
     *resp.status_mut() = status;
     Ok(resp)
 }

@@ -85,6 +85,19 @@ spec:
     - method: {service: istio.v1.auth.IstioCertificateService, method: CreateCertificate}
     backendRefs:
     - {name: grpc, port: 9080}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata:
+  name: chat
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: details, port: 9080}
+  rules:
+  - matches:
+    - method: {service: demo.Echo, method: Chat}
+    backendRefs:
+    - {name: details, port: 9080}
 "#;
 
 /// Sends `n` requests (`method` with `body`) side by side on one HTTP/2 connection through
@@ -452,4 +465,91 @@ async fn grpc_calls_and_their_status_pass_through_a_grpc_route() {
         .expect_err("the CA was told to fail");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert_eq!(ca.requests().len(), 2);
+}
+
+/// A bidirectional gRPC stream through a GRPCRoute: each message comes back before the next
+/// is sent (nothing is buffered on the way), and the trailers' status arrives at the end. A
+/// method the route does not match answers 404 (gRPC: UNIMPLEMENTED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_flow_both_ways_through_the_waypoint() {
+    let mesh = mesh();
+    let _apps = apps(&mesh);
+    let routes = routes_path(&mesh);
+    write_atomic(&routes, ROUTES);
+    let wp = start_waypoint(&mesh, &routes);
+    let sleep = Identity::new("cluster.local", "default", "sleep").expect("identity");
+    let cert = mesh
+        .ca()
+        .sign(&sleep, Duration::from_secs(3600))
+        .expect("cert");
+    let stream = mesh_tests::mesh::tunnel(
+        &mesh,
+        "sleep",
+        &cert,
+        waypoint_identity(),
+        SocketAddr::from((mesh.ip("wp"), 15008)),
+        SocketAddr::from((mesh_tests::waypoint::DETAILS_VIP, 9080)),
+    )
+    .await
+    .expect("tunnel");
+    let (client, connection) = h2::client::handshake(stream)
+        .await
+        .expect("h2 in the tunnel");
+    tokio::spawn(connection);
+    let request = |path: &str| {
+        http::Request::builder()
+            .method("POST")
+            .uri(format!("http://details:9080{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-app-echo-stream", "1")
+            .body(())
+            .expect("request")
+    };
+    let mut client = client.ready().await.expect("ready");
+    let (response, mut send) = client
+        .send_request(request("/demo.Echo/Chat"), false)
+        .expect("send");
+    // The first message goes out before the response head can exist: the echo's head and
+    // body follow it.
+    let message = |i: u8| bytes::Bytes::from(vec![0, 0, 0, 0, 5, b'h', b'e', b'l', b'l', i]);
+    send.send_data(message(b'0'), false).expect("first message");
+    let response = response.await.expect("response head");
+    assert_eq!(response.status(), 200, "{}", wp.log());
+    let mut body = response.into_body();
+    for i in 0..5u8 {
+        if i > 0 {
+            send.send_data(message(b'0' + i), false).expect("message");
+        }
+        let echoed = body.data().await.expect("an echo").expect("data");
+        let _ = body.flow_control().release_capacity(echoed.len());
+        assert_eq!(
+            echoed,
+            message(b'0' + i),
+            "message {i} came back whole and in order"
+        );
+    }
+    send.send_data(bytes::Bytes::new(), true)
+        .expect("end of stream");
+    assert!(
+        body.data().await.is_none(),
+        "no more data after the client's end"
+    );
+    let trailers = body
+        .trailers()
+        .await
+        .expect("trailers")
+        .expect("some trailers");
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+
+    // A method the GRPCRoute does not match: 404 from the waypoint.
+    let mut client = client.ready().await.expect("ready");
+    let (response, mut send) = client
+        .send_request(request("/demo.Echo/Other"), false)
+        .expect("send");
+    send.send_data(message(b'x'), true).expect("message");
+    assert_eq!(response.await.expect("response").status(), 404);
 }
