@@ -128,6 +128,12 @@ impl Mesh {
     /// The workload resource istiod would send for `pod`.
     pub fn workload_resource(&self, pod: &PodSpec) -> pbw::Workload {
         let host = self.topo.pod(&pod.name);
+        let label = |key: &str| {
+            pod.labels
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
         let mut addresses = vec![octets(host.ip.into())];
         if self.dual_stack {
             addresses.push(octets(host.ip6.into()));
@@ -157,7 +163,10 @@ impl Mesh {
             tunnel_protocol: protocol as i32,
             service_account: pod.service_account.clone(),
             node: pod.node.clone(),
-            canonical_name: pod.name.clone(),
+            // istiod derives these from the pod's `app` and `version` labels (the workload API
+            // carries no other labels): what DestinationRule subsets select on.
+            canonical_name: label("app").unwrap_or_else(|| pod.name.clone()),
+            canonical_revision: label("version").unwrap_or_default(),
             services: services.into_iter().collect(),
             cluster_id: "cluster1".to_owned(),
             ..Default::default()

@@ -230,6 +230,25 @@ impl Topology {
         Ok(host)
     }
 
+    /// Routes from the fabric's own namespace to every node's pods, so a pod can reach a
+    /// service listening on the fabric (the in-process control plane) and get its answers.
+    pub fn route_fabric_to_pods(&self) -> io::Result<()> {
+        // IPv4 only: the fabric namespace has no IPv6 address of its own.
+        for node in self.nodes.values() {
+            ip(
+                &self.fabric,
+                &[
+                    "route",
+                    "add",
+                    &format!("198.19.{}.0/24", node.index),
+                    "via",
+                    &node.ip.to_string(),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
     pub fn node(&self, name: &str) -> &Node {
         &self.nodes[name]
     }

@@ -51,6 +51,13 @@ pub fn mesh() -> Mesh {
 /// Like [`mesh`], with `before_start` changing the declaration (labels, say) before the
 /// ztunnels start.
 pub fn mesh_with(before_start: impl FnOnce(&mut Mesh)) -> Mesh {
+    let mut mesh = declared(before_start);
+    mesh.start().expect("ztunnels");
+    mesh
+}
+
+/// The topology and its declaration, changed by `before_start`; nothing runs yet.
+fn declared(before_start: impl FnOnce(&mut Mesh)) -> Mesh {
     let pods = vec![
         PodSpec::new("sleep", "n1", "sleep"),
         labelled(
@@ -81,7 +88,22 @@ pub fn mesh_with(before_start: impl FnOnce(&mut Mesh)) -> Mesh {
     ];
     let mut mesh = Mesh::new(&["n1", "n2"], pods, services).expect("topology");
     before_start(&mut mesh);
-    mesh.start().expect("ztunnels");
+    mesh
+}
+
+/// The same mesh fed by the in-process xDS server (istiod's workload API) instead of the
+/// local file; the waypoint reads it from there too ([`start_waypoint_xds`]).
+pub fn mesh_xds() -> Mesh {
+    // istiod publishes a waypoint's own pods without HBONE (they are not captured: the
+    // waypoint terminates HBONE itself), as it does for pods labelled dataplane-mode none.
+    let mut mesh = declared(|m| {
+        for pod in m.pods.iter_mut().filter(|p| p.name == "wp") {
+            pod.protocol = "TCP".to_owned();
+        }
+    });
+    mesh.start_xds().expect("xDS server and ztunnels");
+    // The waypoint pod reaches the control plane on the fabric, as ztunnels do.
+    mesh.topo.route_fabric_to_pods().expect("fabric routes");
     mesh
 }
 
@@ -110,9 +132,20 @@ pub fn waypoint_identity() -> Identity {
 /// Starts the waypoint in its pod with `routes` and waits until it is ready.
 pub fn start_waypoint(mesh: &Mesh, routes: &Path) -> Proc {
     let mut cmd = Command::new(binary("waypoint"));
-    cmd.arg("--mesh-config")
-        .arg(mesh.config_path())
-        .arg("--routes")
+    cmd.arg("--mesh-config").arg(mesh.config_path());
+    run_waypoint(mesh, routes, cmd)
+}
+
+/// Starts the waypoint with its workloads and services from the mesh's xDS server.
+pub fn start_waypoint_xds(mesh: &Mesh, routes: &Path) -> Proc {
+    let mut cmd = Command::new(binary("waypoint"));
+    let url = mesh.xds.as_ref().expect("a mesh in xDS mode").url();
+    cmd.arg("--xds-address").arg(url);
+    run_waypoint(mesh, routes, cmd)
+}
+
+fn run_waypoint(mesh: &Mesh, routes: &Path, mut cmd: Command) -> Proc {
+    cmd.arg("--routes")
         .arg(routes)
         .arg("--ca-dir")
         .arg(mesh.dir.path().join("ca"))

@@ -441,3 +441,37 @@ async fn captured_traffic_to_a_labelled_service_is_routed_by_the_waypoint() {
         "no HBONE to reviews-v2 seen on its node"
     );
 }
+
+/// The waypoint reads workloads and services from istiod's workload API (the in-process xDS
+/// server) instead of a file: it is ready only once the first answer arrived, and routes by
+/// the subsets of the workloads it learned there.
+#[test]
+fn workloads_and_services_from_xds() {
+    // The mesh (and its xDS server, which has a runtime of its own) lives outside the
+    // client's runtime.
+    let mesh = mesh_tests::waypoint::mesh_xds();
+    let _apps = apps(&mesh);
+    let routes = routes_path(&mesh);
+    write_atomic(&routes, TUTORIAL);
+    let wp = mesh_tests::waypoint::start_waypoint_xds(&mesh, &routes);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let reviews = through_waypoint(&mesh, REVIEWS_VIP, Version::Http1).await;
+        for (header, want) in [
+            (Some(("x-dark-launch", "v2")), "reviews-v2"),
+            (None, "reviews-v1"),
+        ] {
+            let headers: Vec<(&str, &str)> = header.into_iter().collect();
+            let a = reviews
+                .get("reviews:9080", "/reviews/1", &headers)
+                .await
+                .expect("request");
+            assert_eq!(
+                (a.status, a.server()),
+                (200, Some(want)),
+                "{a:?}\n{}",
+                wp.log()
+            );
+        }
+    });
+}

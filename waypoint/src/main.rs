@@ -1,6 +1,7 @@
 //! The waypoint L7 proxy.
 //!
-//! `waypoint --mesh-config MESH.yaml --routes FILE|DIR...` serves HBONE on 15008 as
+//! `waypoint --mesh-config MESH.yaml --routes FILE|DIR...` (or `--xds-address` for istiod's
+//! workload API instead of the file) serves HBONE on 15008 as
 //! `spiffe://<trust domain>/ns/<namespace>/sa/<service account>` and routes the HTTP inside
 //! each tunnel by the VirtualServices, DestinationRules, HTTPRoutes and GRPCRoutes of the
 //! route files (watched).
@@ -26,11 +27,30 @@ use ztunnel::identity::Identity;
 struct Args {
     /// Check these route config files or directories (VirtualService, DestinationRule,
     /// HTTPRoute; other kinds are skipped) and exit: 0 if all load, 1 if any is rejected.
-    #[arg(long, value_name = "PATH", num_args = 1.., conflicts_with = "mesh_config")]
+    #[arg(long, value_name = "PATH", num_args = 1.., conflicts_with_all = ["mesh_config", "xds_address"])]
     check: Vec<PathBuf>,
     /// The mesh's workloads and services, in ztunnel's local config format (watched).
-    #[arg(long, value_name = "FILE", required_unless_present = "check")]
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["check", "xds_address"])]
     mesh_config: Option<PathBuf>,
+    /// Or from istiod's workload API (delta ADS) at this address, e.g.
+    /// `https://istiod.istio-system.svc:15012` (`http://` for a plaintext test server).
+    #[arg(long, env = "XDS_ADDRESS", conflicts_with = "mesh_config")]
+    xds_address: Option<String>,
+    /// PEM root certificate(s) istiod's serving certificate must chain to.
+    #[arg(long, env = "XDS_ROOT_CA")]
+    xds_root_cert: Option<PathBuf>,
+    /// Bearer token sent to istiod (a projected service account token), re-read per request.
+    #[arg(long, env = "XDS_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
+    /// The waypoint's pod and node, as istiod identifies its clients.
+    #[arg(long, env = "POD_NAME", default_value = "waypoint")]
+    pod_name: String,
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node: String,
+    #[arg(long, env = "INSTANCE_IP", default_value = "")]
+    instance_ip: String,
     /// Route config files or directories to serve (watched; a change with errors is not
     /// applied and the last good routes stay).
     #[arg(long, value_name = "PATH", num_args = 1..)]
@@ -85,9 +105,33 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let Some(mesh_config) = args.mesh_config.clone() else {
-        eprintln!("--mesh-config is required");
-        return ExitCode::FAILURE;
+    let mesh = match (&args.mesh_config, &args.xds_address) {
+        (Some(path), _) => waypoint::run::MeshSource::File(path.clone()),
+        (None, Some(address)) => {
+            use ztunnel::source::xds;
+            waypoint::run::MeshSource::Xds(Box::new(xds::XdsConfig {
+                target: ztunnel::grpc::GrpcTarget {
+                    address: address.clone(),
+                    root_cert: args.xds_root_cert.clone(),
+                    token_file: args.token_file.clone(),
+                    cluster_id: args.cluster_id.clone(),
+                },
+                node: xds::NodeInfo {
+                    node_name: args.node.clone(),
+                    pod_name: args.pod_name.clone(),
+                    pod_namespace: args.namespace.clone(),
+                    instance_ip: args.instance_ip.clone(),
+                    cluster_id: args.cluster_id.clone(),
+                },
+                trust_domain: args.trust_domain.clone(),
+                backoff: xds::Backoff::default(),
+                netns_dir: None,
+            }))
+        }
+        (None, None) => {
+            eprintln!("--mesh-config or --xds-address is required");
+            return ExitCode::FAILURE;
+        }
     };
     let identity = match Identity::new(&args.trust_domain, &args.namespace, &args.service_account) {
         Ok(id) => id,
@@ -97,7 +141,7 @@ fn main() -> ExitCode {
         }
     };
     let opts = waypoint::run::Options {
-        mesh_config,
+        mesh,
         routes: args.routes.clone(),
         identity,
         ca_dir: args.ca_dir.clone(),

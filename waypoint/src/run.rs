@@ -22,11 +22,19 @@ use crate::server::{self, Ctx};
 use crate::snapshot::Snapshot;
 use crate::upstream::{Dialer, HttpPool};
 
+/// Where the mesh's workloads and services come from: the same sources as ztunnel's.
+#[derive(Clone, Debug)]
+pub enum MeshSource {
+    /// ztunnel's local config format, watched.
+    File(PathBuf),
+    /// istiod's workload API (delta ADS), as ztunnel's xDS client reads it.
+    Xds(Box<ztunnel::source::xds::XdsConfig>),
+}
+
 /// What the process is started with.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// The mesh's workloads and services (ztunnel's local config format).
-    pub mesh_config: PathBuf,
+    pub mesh: MeshSource,
     /// Route files or directories (VirtualService, DestinationRule, HTTPRoute, GRPCRoute).
     pub routes: Vec<PathBuf>,
     pub identity: Identity,
@@ -155,16 +163,38 @@ fn combine(
     });
 }
 
+/// Keeps the mesh source running (dropping it stops it).
+enum MeshHandle {
+    File(ztunnel::source::FileWatch),
+    /// Held only to keep the client running.
+    Xds {
+        _client: ztunnel::source::xds::XdsClient,
+    },
+}
+
 /// Runs the waypoint until SIGTERM or SIGINT.
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let initial = ztunnel::source::load(&opts.mesh_config)
-        .with_context(|| format!("mesh config {}", opts.mesh_config.display()))?;
-    let (state_tx, state_rx) = watch::channel(Arc::new(initial));
-    let state_watch =
-        ztunnel::source::spawn_file_watch(opts.mesh_config.clone(), state_tx, |err| {
-            tracing::warn!("mesh config not applied, keeping the last good one: {err}");
-        });
+    let (state_rx, mesh_handle) = match &opts.mesh {
+        MeshSource::File(path) => {
+            let initial = ztunnel::source::load(path)
+                .with_context(|| format!("mesh config {}", path.display()))?;
+            let (tx, rx) = watch::channel(Arc::new(initial));
+            let watch = ztunnel::source::spawn_file_watch(path.clone(), tx, |err| {
+                tracing::warn!("mesh config not applied, keeping the last good one: {err}");
+            });
+            (rx, MeshHandle::File(watch))
+        }
+        MeshSource::Xds(config) => {
+            // Nothing is known until istiod has answered every type once: readiness waits.
+            let mut empty = State::builder();
+            empty.capture_by_protocol(true);
+            empty.incomplete("waiting for the first answer of istiod's workload API");
+            let (tx, rx) = watch::channel(Arc::new(empty.build()));
+            let client = ztunnel::source::xds::spawn((**config).clone(), tx);
+            (rx, MeshHandle::Xds { _client: client })
+        }
+    };
 
     let (table, errors) = load_routes(&opts);
     if !errors.is_empty() {
@@ -213,25 +243,40 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("listening on {}", opts.listen))?;
-    let _ready = ztunnel::endpoint::serve(opts.ready_addr, |req| async move {
-        match req.path.as_str() {
-            "/healthz/ready" => ztunnel::endpoint::text(http::StatusCode::OK, "ready\n"),
-            _ => ztunnel::endpoint::text(http::StatusCode::NOT_FOUND, "not found\n"),
+    let ready_state = ctx.snapshot.clone();
+    let _ready = ztunnel::endpoint::serve(opts.ready_addr, move |req| {
+        let incomplete = ready_state.borrow().state.incomplete().map(str::to_owned);
+        async move {
+            match (req.path.as_str(), incomplete) {
+                ("/healthz/ready", None) => {
+                    ztunnel::endpoint::text(http::StatusCode::OK, "ready\n")
+                }
+                ("/healthz/ready", Some(why)) => ztunnel::endpoint::text(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+                _ => ztunnel::endpoint::text(http::StatusCode::NOT_FOUND, "not found\n"),
+            }
         }
     })
     .await
     .with_context(|| format!("readiness on {}", opts.ready_addr))?;
-    let mesh_stats = state_watch.stats();
+    let file_stats = match &mesh_handle {
+        MeshHandle::File(watch) => Some(watch.stats()),
+        MeshHandle::Xds { .. } => None,
+    };
     let _metrics = ztunnel::endpoint::serve(opts.metrics_addr, move |req| {
         let metrics = metrics.clone();
-        let mesh_stats = mesh_stats.clone();
+        let file_stats = file_stats.clone();
         async move {
             if req.path != "/metrics" && req.path != "/stats/prometheus" {
                 return ztunnel::endpoint::text(http::StatusCode::NOT_FOUND, "not found\n");
             }
             // The mesh file's watcher counts its own updates (its first read included).
-            ztunnel::metrics::mirror(&metrics.config("mesh", "applied"), mesh_stats.applied());
-            ztunnel::metrics::mirror(&metrics.config("mesh", "rejected"), mesh_stats.rejected());
+            if let Some(stats) = &file_stats {
+                ztunnel::metrics::mirror(&metrics.config("mesh", "applied"), stats.applied());
+                ztunnel::metrics::mirror(&metrics.config("mesh", "rejected"), stats.rejected());
+            }
             ztunnel::endpoint::reply(
                 http::StatusCode::OK,
                 ztunnel::metrics::CONTENT_TYPE,
