@@ -469,7 +469,7 @@ async fn grpc_calls_and_their_status_pass_through_a_grpc_route() {
 
 /// A bidirectional gRPC stream through a GRPCRoute: each message comes back before the next
 /// is sent (nothing is buffered on the way), and the trailers' status arrives at the end. A
-/// method the route does not match answers 404 (gRPC: UNIMPLEMENTED).
+/// method the route does not match gets grpc-status UNIMPLEMENTED (the HTTP 404's mapping).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_streams_flow_both_ways_through_the_waypoint() {
     let mesh = mesh();
@@ -551,5 +551,12 @@ async fn grpc_streams_flow_both_ways_through_the_waypoint() {
         .send_request(request("/demo.Echo/Other"), false)
         .expect("send");
     send.send_data(message(b'x'), true).expect("message");
-    assert_eq!(response.await.expect("response").status(), 404);
+    // gRPC clients read the waypoint's own 404 as the gRPC mapping says: HTTP 200 with
+    // grpc-status 12 (UNIMPLEMENTED), a trailers-only response.
+    let response = response.await.expect("response");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"12"[..])
+    );
 }

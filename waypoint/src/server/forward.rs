@@ -53,7 +53,10 @@ pub(super) async fn handle(
         flags: "-",
         grpc: is_grpc(req.headers()),
     };
-    let response = route(&ctx, &down, req, &mut rec).await;
+    let mut response = route(&ctx, &down, req, &mut rec).await;
+    if rec.grpc {
+        response = reply::for_grpc(response);
+    }
     let labels = labels(&down, &rec, response.status().as_u16());
     ctx.metrics.requests.get_or_create(&labels).inc();
     ctx.metrics
@@ -219,7 +222,6 @@ async fn route(
         }
         Destination::Workload(_) => Decision::NoRoutes,
     };
-    let grpc = rec.grpc;
     for h in &HOP_BY_HOP {
         parts.headers.remove(h);
     }
@@ -362,12 +364,6 @@ async fn route(
     backend.request_headers.apply(&mut out.headers);
     let response = forward(ctx, &snap, down, out, Some(backend), policy, rec).await;
     let mut response = switch(response, upgrade);
-    if grpc && response.status() == http::StatusCode::SERVICE_UNAVAILABLE {
-        // gRPC clients read `grpc-status`; the HTTP mapping of 503 is UNAVAILABLE (14).
-        response
-            .headers_mut()
-            .insert("grpc-status", HeaderValue::from_static("14"));
-    }
     policy.response_headers.apply(response.headers_mut());
     backend.response_headers.apply(response.headers_mut());
     if let Some(cors) = cors {
