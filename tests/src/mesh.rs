@@ -76,6 +76,8 @@ pub struct Mesh {
     pub namespace_labels: Vec<(String, String, String)>,
     /// Service labels: (service name, key, value), e.g. `istio.io/use-waypoint`.
     pub service_labels: Vec<(String, String, String)>,
+    /// (service name, service port, protocol): the local config's `appProtocols`.
+    pub service_protocols: Vec<(String, u16, String)>,
     /// Extra YAML appended under `policies:`.
     pub policies: String,
     /// Extra command-line flags for every ztunnel started from now on.
@@ -115,6 +117,7 @@ impl Mesh {
             namespaces: vec![("default".to_owned(), Some("ambient".to_owned()))],
             namespace_labels: Vec::new(),
             service_labels: Vec::new(),
+            service_protocols: Vec::new(),
             policies: String::new(),
             ztunnel_args: Vec::new(),
             dual_stack: false,
@@ -215,6 +218,17 @@ impl Mesh {
                 y.push_str("    labels:\n");
                 for (_, k, v) in labels {
                     let _ = writeln!(y, "      {k}: {v}");
+                }
+            }
+            let protocols: Vec<_> = self
+                .service_protocols
+                .iter()
+                .filter(|(name, _, _)| *name == svc.name)
+                .collect();
+            if !protocols.is_empty() {
+                y.push_str("    appProtocols:\n");
+                for (_, port, proto) in protocols {
+                    let _ = writeln!(y, "      {port}: {proto}");
                 }
             }
         }

@@ -193,6 +193,7 @@ fn load_balancing(c: &mut Criterion) {
         vips: vec![vip],
         ports: BTreeMap::from([(80, 8080)]),
         subject_alt_names: Vec::new(),
+        app_protocols: Default::default(),
         waypoint: None,
     })
     .expect("unique service");

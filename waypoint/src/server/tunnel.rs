@@ -13,7 +13,10 @@ use hyper_util::server::conn::auto;
 
 use ztunnel::hbone::{Accepted, forwarded_for};
 use ztunnel::identity::Identity;
-use ztunnel::state::Workload;
+use ztunnel::state::service::AppProtocol;
+use ztunnel::state::{Service, Workload};
+
+use crate::upstream::Endpoint;
 
 use super::Ctx;
 use crate::snapshot::{Destination, Snapshot};
@@ -52,6 +55,51 @@ fn source(snap: &Snapshot, peer: &Identity, client: Option<SocketAddr>) -> Optio
         .filter(|w| w.identity_ref() == peer)
 }
 
+/// A port declared as not HTTP: the tunnel's bytes go to an endpoint of the service as they
+/// are (no routes apply). No endpoint, or none reachable: the tunnel is refused (503), so the
+/// client's ztunnel resets the client's connection.
+async fn relay_tcp(
+    ctx: &Ctx,
+    snap: &Snapshot,
+    service: &Service,
+    peer_addr: SocketAddr,
+    accepted: Accepted,
+) {
+    let port = accepted.authority.port();
+    let eps = snap.endpoints(service, port, None);
+    if eps.is_empty() {
+        tracing::info!(service = %service.hostname, port, "TCP tunnel refused: no healthy endpoint");
+        accepted.responder.reject(StatusCode::SERVICE_UNAVAILABLE);
+        return;
+    }
+    let (w, addr) = &eps[rand::random_range(0..eps.len())];
+    let ep = Endpoint {
+        addr: *addr,
+        identity: w.identity(),
+    };
+    let mut upstream = match ctx.upstream.dialer().tunnel(&ep).await {
+        Ok(up) => up,
+        Err(error) => {
+            tracing::info!(service = %service.hostname, endpoint = %ep.addr, %error, "TCP tunnel refused");
+            accepted.responder.reject(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
+    let Ok(mut downstream) = accepted.responder.accept() else {
+        return;
+    };
+    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        Ok((sent, received)) => {
+            tracing::debug!(peer = %peer_addr, endpoint = %ep.addr, sent, received, "TCP relay done");
+        }
+        Err(error) => {
+            tracing::debug!(peer = %peer_addr, endpoint = %ep.addr, %error, "TCP relay ended");
+            downstream.abort();
+            upstream.abort();
+        }
+    }
+}
+
 pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accepted) {
     let snap = ctx.snapshot();
     let authority = accepted.authority;
@@ -61,6 +109,13 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
         accepted.responder.reject(StatusCode::SERVICE_UNAVAILABLE);
         return;
     };
+    if let Destination::Service(service) = &destination
+        && service.app_protocols.get(&authority.port()) == Some(&AppProtocol::Tcp)
+    {
+        let service = service.clone();
+        relay_tcp(&ctx, &snap, &service, peer_addr, accepted).await;
+        return;
+    }
     let client = forwarded_for(&accepted.headers);
     let down = Arc::new(Downstream {
         source: source(&snap, &accepted.peer_identity, client),

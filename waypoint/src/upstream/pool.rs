@@ -88,6 +88,11 @@ impl HttpPool {
         }
     }
 
+    /// The dialer the pool's connections are made with (also for TCP relays).
+    pub fn dialer(&self) -> &Dialer {
+        &self.inner.dialer
+    }
+
     /// Sends `req` to `ep` and returns the response head; its body streams from the endpoint.
     /// On failure the request comes back if none of it was sent (it may be sent elsewhere).
     pub async fn send(

@@ -271,6 +271,7 @@ fn xds_resource(dir: &Path) -> io::Result<()> {
             },
         ],
         subject_alt_names: vec!["spiffe://cluster.local/ns/default/sa/echo".into()],
+        app_protocols: Default::default(),
         waypoint: Some(pbw::GatewayAddress {
             destination: Some(pbw::gateway_address::Destination::Hostname(
                 pbw::NamespacedHostname {

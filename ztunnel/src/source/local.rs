@@ -463,6 +463,7 @@ fn service(
             ),
         }
     }
+    let app_protocols = validate::app_protocols(at, &s.app_protocols, &ports, r);
     for (j, san) in s.subject_alt_names.iter().enumerate() {
         if san.parse::<Identity>().is_err() {
             r.add(
@@ -485,6 +486,7 @@ fn service(
         ports,
         subject_alt_names: s.subject_alt_names,
         waypoint,
+        app_protocols,
     })
 }
 

@@ -13,6 +13,7 @@ use std::net::IpAddr;
 
 use crate::identity::Identity;
 use crate::state::policy::Cidr;
+use crate::state::service::AppProtocol;
 use crate::state::workload::{GatewayAddress, GatewayDestination, HealthStatus};
 use crate::state::{Action, NamespacedHostname, Protocol, Scope};
 
@@ -274,8 +275,75 @@ pub(crate) fn action(name: &str) -> Option<Action> {
     }
 }
 
+/// A port's application protocol as Istio names it (`appProtocol`, or the port name's prefix
+/// before `-`): HTTP kinds, or any other protocol Istio knows, which a waypoint relays as
+/// TCP. `None` for a name Istio does not know.
+pub fn app_protocol(name: &str) -> Option<AppProtocol> {
+    let name = name.split('-').next().unwrap_or(name).to_ascii_lowercase();
+    Some(match name.as_str() {
+        "http" | "http11" | "http/1.1" => AppProtocol::Http11,
+        "http2" | "h2c" | "kubernetes.io/h2c" => AppProtocol::Http2,
+        "grpc" | "grpc-web" => AppProtocol::Grpc,
+        "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "udp" | "kubernetes.io/ws"
+        | "kubernetes.io/wss" => AppProtocol::Tcp,
+        _ => return None,
+    })
+}
+
+/// The local config's `appProtocols` (service port as text -> protocol name): each port must
+/// be one of the service's, each name one Istio knows; problems are added to `r`.
+pub(crate) fn app_protocols(
+    at: &str,
+    declared: &BTreeMap<String, String>,
+    ports: &BTreeMap<u16, u16>,
+    r: &mut Problems,
+) -> BTreeMap<u16, AppProtocol> {
+    let mut out = BTreeMap::new();
+    for (port, name) in declared {
+        let Some(p) = port.parse::<u16>().ok().filter(|p| ports.contains_key(p)) else {
+            r.add(
+                at,
+                format!("appProtocols: {port:?} is not one of the service's ports"),
+            );
+            continue;
+        };
+        match app_protocol(name) {
+            Some(proto) => {
+                out.insert(p, proto);
+            }
+            None => r.add(
+                at,
+                format!(
+                    "appProtocols[{port}]: {name:?} is not a protocol Istio knows (http, http2, grpc, tcp, tls, ...)"
+                ),
+            ),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn app_protocols_by_istio_names_and_port_name_prefixes() {
+        use crate::state::service::AppProtocol::*;
+        for (name, want) in [
+            ("http", Some(Http11)),
+            ("HTTP", Some(Http11)),
+            ("http-web", Some(Http11)),
+            ("http2", Some(Http2)),
+            ("kubernetes.io/h2c", Some(Http2)),
+            ("grpc", Some(Grpc)),
+            ("grpc-api", Some(Grpc)),
+            ("tcp", Some(Tcp)),
+            ("tls", Some(Tcp)),
+            ("mysql-primary", Some(Tcp)),
+            ("web", None),
+        ] {
+            assert_eq!(super::app_protocol(name), want, "{name}");
+        }
+    }
     use super::*;
 
     #[test]

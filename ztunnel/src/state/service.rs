@@ -7,6 +7,17 @@ use std::net::IpAddr;
 
 use super::workload::{GatewayAddress, NamespacedHostname};
 
+/// The application protocol declared for a service port (Istio's `AppProtocol`, from the
+/// port's name or `appProtocol`): how a waypoint reads the port's traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppProtocol {
+    Http11,
+    Http2,
+    Grpc,
+    /// Not HTTP (TCP, TLS, databases...): a waypoint relays the bytes as they are.
+    Tcp,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
@@ -20,6 +31,8 @@ pub struct Service {
     /// Identities the endpoints may present besides their own (Istio's `subjectAltNames`).
     pub subject_alt_names: Vec<String>,
     pub waypoint: Option<GatewayAddress>,
+    /// Declared application protocols, by service port; a port absent here declared none.
+    pub app_protocols: BTreeMap<u16, AppProtocol>,
 }
 
 impl Service {
@@ -62,6 +75,7 @@ mod tests {
             ports: BTreeMap::from([(80, 8080), (90, 0)]),
             subject_alt_names: vec![],
             waypoint: None,
+            app_protocols: BTreeMap::new(),
         };
         let ep = BTreeMap::from([(80, 9090), (90, 9000)]);
         let ep_zero = BTreeMap::from([(80, 0)]);

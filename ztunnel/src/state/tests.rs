@@ -32,6 +32,7 @@ fn echo_service() -> Service {
         vips: vec![ip("10.96.0.10")],
         ports: BTreeMap::from([(80, 8080), (9000, 0)]),
         subject_alt_names: vec![],
+        app_protocols: Default::default(),
         waypoint: None,
     }
 }

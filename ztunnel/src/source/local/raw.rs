@@ -126,6 +126,10 @@ pub(super) struct RawService {
     /// Extension: service labels (`istio.io/use-waypoint`, `istio.io/use-waypoint-namespace`).
     #[serde(default)]
     pub(super) labels: BTreeMap<String, String>,
+    /// Extension: service port -> application protocol (Istio's `appProtocol` or port-name
+    /// prefix: `http`, `http2`, `grpc`, `tcp`, ...).
+    #[serde(default)]
+    pub(super) app_protocols: BTreeMap<String, String>,
 
     // Istio fields accepted and not used (yet).
     #[serde(default)]

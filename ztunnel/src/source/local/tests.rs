@@ -425,3 +425,27 @@ fn unreadable_file_names_the_path() {
         "{e}"
     );
 }
+
+#[test]
+fn service_app_protocols_are_read_and_checked() {
+    let svc = |protocols: &str| {
+        format!(
+            "services:\n  - name: s\n    namespace: default\n    hostname: s.default.svc.cluster.local\n    vips: [\"10.0.0.1\"]\n    ports: {{\"80\": \"8080\", \"81\": \"8081\"}}\n    appProtocols: {protocols}\n"
+        )
+    };
+    let state = parse("config.yaml", &svc("{\"80\": tcp, \"81\": grpc}")).unwrap();
+    let s = state.services().next().unwrap();
+    use crate::state::service::AppProtocol;
+    assert_eq!(s.app_protocols.get(&80), Some(&AppProtocol::Tcp));
+    assert_eq!(s.app_protocols.get(&81), Some(&AppProtocol::Grpc));
+    let e = err(&svc("{\"90\": tcp}"));
+    assert!(
+        e.contains("appProtocols: \"90\" is not one of the service's ports"),
+        "{e}"
+    );
+    let e = err(&svc("{\"80\": carrier-pigeon}"));
+    assert!(
+        e.contains("appProtocols[80]: \"carrier-pigeon\" is not a protocol"),
+        "{e}"
+    );
+}

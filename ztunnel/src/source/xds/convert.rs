@@ -244,6 +244,7 @@ pub fn service(pb: pbw::Service) -> Result<Service, ConvertError> {
         }
     }
     let mut ports = BTreeMap::new();
+    let mut app_protocols = BTreeMap::new();
     for (i, port) in pb.ports.iter().enumerate() {
         match (
             port16(port.service_port, false),
@@ -251,6 +252,9 @@ pub fn service(pb: pbw::Service) -> Result<Service, ConvertError> {
         ) {
             (Ok(sp), Ok(tp)) => {
                 ports.insert(sp, tp);
+                if let Some(proto) = app_protocol(port.app_protocol) {
+                    app_protocols.insert(sp, proto);
+                }
             }
             (Err(e), _) => p.add(format_args!("ports[{i}].service_port"), e),
             (_, Err(e)) => p.add(format_args!("ports[{i}].target_port"), e),
@@ -265,7 +269,20 @@ pub fn service(pb: pbw::Service) -> Result<Service, ConvertError> {
         ports,
         subject_alt_names: pb.subject_alt_names,
         waypoint,
+        app_protocols,
     })
+}
+
+/// The workload API's `AppProtocol` (`UNKNOWN`: none declared).
+fn app_protocol(value: i32) -> Option<crate::state::service::AppProtocol> {
+    use crate::state::service::AppProtocol;
+    match pbw::AppProtocol::try_from(value).ok()? {
+        pbw::AppProtocol::Unknown => None,
+        pbw::AppProtocol::Http11 => Some(AppProtocol::Http11),
+        pbw::AppProtocol::Http2 => Some(AppProtocol::Http2),
+        pbw::AppProtocol::Grpc => Some(AppProtocol::Grpc),
+        pbw::AppProtocol::Tcp | pbw::AppProtocol::Tls => Some(AppProtocol::Tcp),
+    }
 }
 
 pub fn authorization(pb: pbs::Authorization) -> Result<Authorization, ConvertError> {

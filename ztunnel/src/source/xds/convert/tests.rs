@@ -162,7 +162,7 @@ fn pb_service() -> pbw::Service {
             pbw::Port {
                 service_port: 90,
                 target_port: 0,
-                ..Default::default()
+                app_protocol: pbw::AppProtocol::Grpc as i32,
             },
         ],
         subject_alt_names: vec!["spiffe://td/ns/default/sa/other".into()],
@@ -188,6 +188,11 @@ fn service_converts() {
     );
     assert_eq!(s.vips, vec!["10.96.0.10".parse::<IpAddr>().unwrap()]);
     assert_eq!(s.ports, BTreeMap::from([(80, 8080), (90, 0)]));
+    // Port 80 declares no protocol; 90 is gRPC.
+    assert_eq!(
+        s.app_protocols,
+        BTreeMap::from([(90, crate::state::service::AppProtocol::Grpc)])
+    );
     assert_eq!(s.subject_alt_names, ["spiffe://td/ns/default/sa/other"]);
     assert!(matches!(
         s.waypoint.unwrap().destination,
