@@ -289,28 +289,37 @@ fn the_destination_believes_forwarded_only_from_its_waypoint() {
     let dst = SocketAddr::new(f.mesh.ip("echo").into(), APP_PORT);
     let claim = format!("for=\"{sleep_ip}:4444\"");
     let rt = tokio::runtime::Runtime::new().unwrap();
+    // Sends the CONNECT as `sa` and returns its status with the open stream: the tunnel stays
+    // up until the caller drops it (a stream dropped at once may end before the delivery).
     let status_as = |sa: &str| {
         let id: Identity = format!("spiffe://cluster.local/ns/default/sa/{sa}")
             .parse()
             .unwrap();
         let cert = f.mesh.ca().sign(&id, Duration::from_secs(600)).unwrap();
-        rt.block_on(mesh_tests::mesh::connect_status_with_headers(
-            &f.mesh,
-            "wp",
-            &cert,
-            echo_id.clone(),
-            hbone,
-            dst,
-            &[("forwarded", &claim)],
-        ))
-        .unwrap()
-        .as_u16()
+        rt.block_on(async {
+            let tls = mesh_tests::mesh::mtls_connect(&f.mesh, "wp", &cert, echo_id.clone(), hbone)
+                .await
+                .unwrap();
+            let (send, connection) = h2::client::handshake(tls).await.unwrap();
+            tokio::spawn(connection);
+            let mut send = send.ready().await.unwrap();
+            let req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri(dst.to_string())
+                .header("forwarded", &claim)
+                .body(())
+                .unwrap();
+            let (response, stream) = send.send_request(req, false).unwrap();
+            let status = response.await.unwrap().status().as_u16();
+            (status, stream, send)
+        })
     };
     // Another identity from the same address claiming sleep: judged by its own address.
-    assert_eq!(status_as("other"), 401);
+    assert_eq!(status_as("other").0, 401);
     assert!(f.echo.peers().is_empty(), "{:?}", f.echo.peers());
     // The waypoint's identity: the claim is believed, and the delivery comes from sleep.
-    assert_eq!(status_as("wp"), 200);
+    let (status, _tunnel, _connection) = status_as("wp");
+    assert_eq!(status, 200);
     mesh_tests::wait_until(Duration::from_secs(5), || !f.echo.peers().is_empty())
         .unwrap_or_else(|e| panic!("no delivery: {e}"));
     let peers = f.echo.peers();
