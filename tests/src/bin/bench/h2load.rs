@@ -153,7 +153,8 @@ pub fn percentiles_of(mut us: Vec<f64>) -> Option<Percentiles> {
     }
     us.sort_by(f64::total_cmp);
     let rank = |p: f64| -> f64 {
-        let i = ((p / 100.0) * us.len() as f64).ceil() as usize;
+        // Rounded down first: 99.9 / 100 * 1000 is a hair above 999 in floating point.
+        let i = (p * us.len() as f64 / 100.0 - 1e-9).ceil() as usize;
         us[i.clamp(1, us.len()) - 1]
     };
     Some(Percentiles {

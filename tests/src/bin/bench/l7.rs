@@ -415,7 +415,7 @@ fn chart(f: &Figures, machine: &procfs::Machine) -> String {
     svg::chart_of(
         f,
         machine,
-        "What an L7 hop costs: direct, L4 mesh, waypoint, nginx (medians)",
+        "L7 hop cost: direct, L4 mesh, waypoint, nginx (medians)",
         &l7_report::PATHS,
         &panels,
     )
