@@ -120,11 +120,13 @@ http {{
     keepalive_timeout 300s;
     client_header_timeout 600s;
     client_max_body_size 2m;
-    upstream v2 {{ server {v2}:{HTTP_PORT}; keepalive 64; }}
+    # Idle upstream connections kept: more than the most requests in flight (h2c: 4 x 32),
+    # so that no workload opens and closes upstream connections.
+    upstream v2 {{ server {v2}:{HTTP_PORT}; keepalive 256; }}
     upstream canary {{
         server {v1}:{HTTP_PORT} weight={w1};
         server {v2}:{HTTP_PORT} weight={w2};
-        keepalive 64;
+        keepalive 256;
     }}
     map $http_{var} $by_header {{ {v} canary; default \"\"; }}
     map $http_x_dark_launch $pool {{ v2 v2; default $by_header; }}

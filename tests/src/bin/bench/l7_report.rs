@@ -54,7 +54,7 @@ pub const METRICS: &[Metric] = &[
     m(
         "r1k_rps",
         "req/s",
-        "fixed 1,000 req/s (h2load --rps): achieved",
+        "fixed 1,000 req/s (rate.rs, wrk2-style): achieved",
         true,
     ),
     m("r1k_p50", "us", "  latency p50", false),
