@@ -5,7 +5,9 @@
 //!   target for a bounded time.
 //! - `demo`: prereqs, build, then a mesh of nodes and pods on this machine.
 //! - `soak`: the long versions of the load and upgrade tests.
-//! - `bench`: prereqs, release build, then the L4 benchmark (direct vs mesh vs same-node).
+//! - `bench`: prereqs, release build, then the L4 benchmark (direct vs mesh vs same-node);
+//!   `bench --l7`: the waypoint's criterion benchmarks, then the L7 benchmark (direct vs L4
+//!   mesh vs waypoint vs nginx).
 //! - `fuzz`: every fuzz target of `ztunnel/fuzz` for a bounded time.
 //!
 //! xtask depends on nothing of the workspace, so it builds on a machine that cannot build the
@@ -54,8 +56,15 @@ enum Task {
     },
     /// Build release binaries and run the L4 benchmark: direct vs mesh vs same-node mesh,
     /// with ztunnel CPU and memory. Writes `target/bench/{results.json,results.md,bench.svg}`
-    /// and updates `tests/bench/bench.svg`. Arguments go to the benchmark (`-- --help` lists them).
+    /// and updates `tests/bench/bench.svg`. Arguments go to the benchmark (`-- --help` lists them;
+    /// `--quick` is a short smoke run).
     Bench {
+        /// The L7 benchmark instead (issue 21): first the waypoint's criterion benchmarks
+        /// (route match), then direct vs L4 mesh vs waypoint vs nginx over HTTP. Writes
+        /// `target/bench/{l7-results.json,l7-results.md,l7.svg}` and updates
+        /// `tests/bench/l7.svg`.
+        #[arg(long)]
+        l7: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -80,7 +89,7 @@ fn main() -> ExitCode {
         Task::Test { fuzz_seconds, args } => test(fuzz_seconds, &args),
         Task::Demo { args } => demo(&args),
         Task::Soak { args } => soak(&args),
-        Task::Bench { args } => bench(&args),
+        Task::Bench { l7, args } => bench(l7, &args),
         Task::Fuzz {
             seconds,
             sanitizer,
@@ -181,11 +190,19 @@ fn soak(args: &[String]) -> Result<()> {
     cargo(&run)
 }
 
-fn bench(args: &[String]) -> Result<()> {
+fn bench(l7: bool, args: &[String]) -> Result<()> {
+    // `--l7` after another benchmark option lands among the arguments.
+    let l7 = l7 || args.iter().any(|a| a == "--l7");
     prereqs::install()?;
     step("cargo build --release --bins", || {
         cargo(&["build", "--release", "--bins"])
     })?;
+    if l7 && !args.iter().any(|a| a == "--quick") {
+        // The route-match target is judged from criterion's saved results (target/criterion).
+        step("cargo bench -p waypoint --bench route", || {
+            cargo(&["bench", "--package", "waypoint", "--bench", "route"])
+        })?;
+    }
     let root = workspace_root();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
@@ -204,15 +221,19 @@ fn bench(args: &[String]) -> Result<()> {
         "--out",
         &out_arg,
     ];
+    if l7 && !args.iter().any(|a| a == "--l7") {
+        run.push("--l7");
+    }
     run.extend(args.iter().map(String::as_str));
     cargo(&run)?;
-    let svg = out.join("bench.svg");
+    let chart = if l7 { "l7.svg" } else { "bench.svg" };
+    let svg = out.join(chart);
     if svg.exists() {
         let docs = root.join("tests").join("bench");
         std::fs::create_dir_all(&docs)?;
-        std::fs::copy(&svg, docs.join("bench.svg"))
+        std::fs::copy(&svg, docs.join(chart))
             .with_context(|| format!("copying {} to tests/bench/", svg.display()))?;
-        println!("==> tests/bench/bench.svg updated (the README embeds it)");
+        println!("==> tests/bench/{chart} updated (the README embeds it)");
     }
     Ok(())
 }

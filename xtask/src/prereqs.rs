@@ -28,7 +28,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "1 KiB round-trip latency percentiles, in the benchmark",
     ),
     ("wrk", "HTTP/1.1 load, in the benchmark"),
-    ("nginx-light", "HTTP server in the benchmark's server pods"),
+    (
+        "nginx",
+        "HTTP server in the benchmark's server pods, and the L7 benchmark's reverse proxy",
+    ),
+    (
+        "libnginx-mod-http-echo",
+        "nginx echo module: the benchmark's upload endpoint reads the whole body, then answers",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

@@ -159,6 +159,7 @@ pub struct Http {
     pub requests_per_s: f64,
     pub requests: f64,
     pub p50_ms: f64,
+    pub p90_ms: f64,
     pub p99_ms: f64,
     /// Socket errors and non-2xx answers: a run with errors is reported, not hidden.
     pub errors: f64,
@@ -172,6 +173,18 @@ pub fn wrk(
     connections: u32,
     close: bool,
     time: Duration,
+) -> io::Result<Http> {
+    wrk_with(netns, url, connections, close, time, &[])
+}
+
+/// [`wrk`] with more header lines (`name: value`).
+pub fn wrk_with(
+    netns: &str,
+    url: &str,
+    connections: u32,
+    close: bool,
+    time: Duration,
+    headers: &[&str],
 ) -> io::Result<Http> {
     let mut args: Vec<String> = [
         "-t",
@@ -190,6 +203,10 @@ pub fn wrk(
     if close {
         args.push("-H".into());
         args.push("Connection: close".into());
+    }
+    for h in headers {
+        args.push("-H".into());
+        args.push((*h).to_owned());
     }
     args.push(url.to_owned());
     let out = run_in(netns, "wrk", &args)?;
@@ -236,6 +253,7 @@ fn parse_wrk(out: &str) -> Option<Http> {
         requests_per_s,
         requests,
         p50_ms: percentile("50%")?,
+        p90_ms: percentile("90%")?,
         p99_ms: percentile("99%")?,
         errors,
     })
@@ -320,6 +338,7 @@ Transfer/sec:     46.00MB
         assert_eq!(h.requests_per_s, 38000.5);
         assert_eq!(h.requests, 190000.0);
         assert_eq!(h.p50_ms, 0.79);
+        assert_eq!(h.p90_ms, 1.2);
         assert_eq!(h.p99_ms, 2.5);
         assert_eq!(h.errors, 6.0);
     }

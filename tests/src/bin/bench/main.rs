@@ -11,9 +11,18 @@
 //! Every workload runs on every path, interleaved, `--runs` times; figures are reported as
 //! median and worst run. ztunnel CPU comes from `/proc/<pid>/stat`, memory from
 //! `/proc/<pid>/status`. Nothing here asserts a speed: the targets are printed, met or not.
+//!
+//! `--l7` runs the L7 benchmark instead (issue 21, module `l7`): direct, L4 mesh, waypoint and
+//! nginx, HTTP workloads, the CPU and memory of every proxy process.
 
+mod h2load;
+mod l7;
+mod l7_config;
+mod l7_measure;
+mod l7_report;
 mod load;
 mod procfs;
+mod rate;
 mod report;
 mod servers;
 mod svg;
@@ -34,9 +43,17 @@ use mesh_tests::wait_until;
 use report::Figures;
 use servers::{HTTP_PATH, HTTP_PORT, HoldServer, IPERF_PORT, PodServers, SOCKPERF_PORT};
 
-/// L4 benchmark: direct vs mesh vs same-node mesh, with ztunnel CPU and memory.
+/// L4 benchmark: direct vs mesh vs same-node mesh, with ztunnel CPU and memory; with
+/// `--l7`, the L7 benchmark: direct vs L4 mesh vs waypoint vs nginx.
 #[derive(Debug, Parser)]
 struct Args {
+    /// The L7 benchmark (issue 21) instead of the L4 one: writes l7-results.json,
+    /// l7-results.md and l7.svg.
+    #[arg(long)]
+    l7: bool,
+    /// A smoke run: one repetition of 2 s per measurement, 1,000 held connections.
+    #[arg(long)]
+    quick: bool,
     /// How many times each measurement is repeated (median and worst are reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -53,16 +70,40 @@ struct Args {
     /// Where results.json, bench.svg and results.md go (default: `<target>/bench`).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Only these paths (for profiling one; the ratios need `direct`).
-    #[arg(long, value_delimiter = ',', default_values_t = ["direct", "mesh", "same-node"].map(String::from))]
+    /// Only these paths (default: all; for profiling one; the ratios need `direct`). L4:
+    /// `direct`, `mesh`, `same-node`; L7: `direct`, `mesh`, `waypoint`, `nginx`.
+    #[arg(long, value_delimiter = ',')]
     paths: Vec<String>,
-    /// Only these workloads: `tput` (iperf3), `rtt` (sockperf), `conn` (wrk, Connection:
-    /// close), `ka` (wrk keep-alive).
-    #[arg(long, value_delimiter = ',', default_values_t = ["tput", "rtt", "conn", "ka"].map(String::from))]
+    /// Only these workloads (default: all). L4: `tput` (iperf3), `rtt` (sockperf), `conn`
+    /// (wrk, Connection: close), `ka` (wrk keep-alive). L7: `ka`, `rate` (1,000 and 10,000
+    /// req/s), `h2c`, `conn`, `upload`.
+    #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Extra ztunnel arguments, e.g. `--ztunnel-arg=--worker-threads=1` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     ztunnel_arg: Vec<String>,
+    /// Extra waypoint arguments (L7), e.g. `--waypoint-arg=--worker-threads=1` (repeatable).
+    #[arg(long, allow_hyphen_values = true)]
+    waypoint_arg: Vec<String>,
+}
+
+impl Args {
+    /// `--quick` applied.
+    fn effective(mut self) -> Args {
+        if self.quick {
+            self.runs = 1;
+            self.seconds = 2;
+            self.held = self.held.min(1000);
+        }
+        self
+    }
+}
+
+/// What both benchmarks set up first.
+struct Prepared {
+    out_dir: PathBuf,
+    nofile: u64,
+    machine: procfs::Machine,
 }
 
 /// One compared path: who connects to whom.
@@ -73,8 +114,15 @@ struct Path {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match bench(&args) {
+    let args = Args::parse().effective();
+    let result = prepare(&args).and_then(|prep| {
+        if args.l7 {
+            l7::bench(&args, &prep)
+        } else {
+            bench(&args, &prep)
+        }
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("bench failed: {err}");
@@ -87,7 +135,7 @@ fn say(line: &str) {
     println!("== {line}");
 }
 
-fn bench(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+fn prepare(args: &Args) -> Result<Prepared, Box<dyn std::error::Error>> {
     mesh_tests::require_root();
     let out_dir = args.out.clone().unwrap_or_else(|| {
         target_dir()
@@ -117,6 +165,15 @@ fn bench(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             "   note: the machine is busy; figures will be noisy (ratios are taken within this run)"
         );
     }
+    Ok(Prepared {
+        out_dir,
+        nofile,
+        machine,
+    })
+}
+
+fn bench(args: &Args, prep: &Prepared) -> Result<(), Box<dyn std::error::Error>> {
+    let (out_dir, nofile, machine) = (&prep.out_dir, prep.nofile, &prep.machine);
 
     let plain = |mut p: PodSpec| {
         p.namespace = "plain".to_owned();
@@ -208,7 +265,7 @@ fn bench(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         _ => &holds[1],
     };
     for path in &paths {
-        let peer = peer_seen(path, hold_of(path))?;
+        let peer = peer_seen(path.name, &path.client_netns, path.server, hold_of(path))?;
         let meshed = peer == IpAddr::from([127, 0, 0, 6]);
         println!(
             "   {:<9} server sees {peer}{}",
@@ -247,7 +304,7 @@ fn bench(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         say(&format!("run {run} of {}", args.runs));
         for path in paths
             .iter()
-            .filter(|p| args.paths.iter().any(|n| n == p.name))
+            .filter(|p| args.paths.is_empty() || args.paths.iter().any(|n| n == p.name))
         {
             measure(path, &ztunnels, time, args, &mut figures)?;
         }
@@ -285,12 +342,12 @@ fn bench(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "ztunnel_log": mesh.log_filter,
         "tools": tool_versions(),
     });
-    let json = report::json(&figures, &machine, settings, &verdicts);
+    let json = report::json(&figures, machine, settings, &verdicts);
     std::fs::write(
         out_dir.join("results.json"),
         serde_json::to_string_pretty(&json)?,
     )?;
-    std::fs::write(out_dir.join("bench.svg"), svg::chart(&figures, &machine))?;
+    std::fs::write(out_dir.join("bench.svg"), svg::chart(&figures, machine))?;
     std::fs::write(out_dir.join("results.md"), report::table(&figures, true))?;
     say(&format!(
         "wrote {0}/results.json, {0}/results.md (the README table), {0}/bench.svg",
@@ -314,16 +371,22 @@ fn url(path: &Path) -> String {
     format!("http://{}:{HTTP_PORT}{HTTP_PATH}", path.server)
 }
 
-/// Opens one connection on `path` and returns the peer address its server saw.
-fn peer_seen(path: &Path, hold: &HoldServer) -> Result<IpAddr, Box<dyn std::error::Error>> {
+/// Opens one connection from `client_netns` to `server`'s hold port and returns the peer
+/// address the server saw.
+fn peer_seen(
+    name: &str,
+    client_netns: &str,
+    server: Ipv4Addr,
+    hold: &HoldServer,
+) -> Result<IpAddr, Box<dyn std::error::Error>> {
     let before = hold.accepted();
-    let dst = SocketAddr::new(path.server.into(), servers::HOLD_PORT);
-    let _conn: TcpStream = mesh_tests::traffic::connect(&path.client_netns, dst)?;
+    let dst = SocketAddr::new(server.into(), servers::HOLD_PORT);
+    let _conn: TcpStream = mesh_tests::traffic::connect(client_netns, dst)?;
     wait_until(Duration::from_secs(10), || hold.accepted() > before)
-        .map_err(|e| format!("path {}: no connection reached the server: {e}", path.name))?;
+        .map_err(|e| format!("path {name}: no connection reached the server: {e}"))?;
     hold.last_peer()
         .map(|p| p.ip())
-        .ok_or_else(|| format!("path {}: peer address unknown", path.name).into())
+        .ok_or_else(|| format!("path {name}: peer address unknown").into())
 }
 
 fn cpu_now(ztunnels: &[(String, u32)]) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
@@ -342,7 +405,8 @@ fn measure(
     f: &mut Figures,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let connections = args.connections;
-    let runs = |workload: &str| args.workloads.iter().any(|w| w == workload);
+    let runs =
+        |workload: &str| args.workloads.is_empty() || args.workloads.iter().any(|w| w == workload);
     let meshed = path.name != "direct";
     let netns = &path.client_netns;
     // Records the CPU the ztunnels used since `before`, divided by `per`, for a mesh path.
@@ -520,6 +584,7 @@ fn tool_versions() -> serde_json::Value {
         "iperf3": version("iperf3", "--version"),
         "sockperf": version("sockperf", "--version"),
         "wrk": version("wrk", "-v"),
+        "h2load": version("h2load", "--version"),
         "nginx": version("nginx", "-v"),
     })
 }

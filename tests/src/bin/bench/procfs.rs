@@ -63,6 +63,47 @@ fn parse_status(status: &str) -> Option<Memory> {
     })
 }
 
+/// `pid` and its children (nginx's master and its workers), each thread's list of children
+/// read from `/proc/<pid>/task/<tid>/children`.
+pub fn with_children(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for task in tasks {
+        let children = std::fs::read_to_string(task.join("children")).unwrap_or_default();
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+    }
+    pids
+}
+
+/// CPU seconds of `pid` and its children together.
+pub fn tree_cpu_seconds(pid: u32) -> io::Result<f64> {
+    with_children(pid).into_iter().map(cpu_seconds).sum()
+}
+
+/// Memory of `pid` and its children together (their peaks added: an upper bound).
+pub fn tree_memory(pid: u32) -> io::Result<Memory> {
+    let mut total = Memory {
+        rss_mib: 0.0,
+        peak_mib: 0.0,
+        anon_mib: 0.0,
+        file_mib: 0.0,
+    };
+    for p in with_children(pid) {
+        let m = memory(p)?;
+        total.rss_mib += m.rss_mib;
+        total.peak_mib += m.peak_mib;
+        total.anon_mib += m.anon_mib;
+        total.file_mib += m.file_mib;
+    }
+    Ok(total)
+}
+
 /// The machine the figures were taken on.
 #[derive(Debug, Clone)]
 pub struct Machine {
@@ -160,5 +201,18 @@ mod tests {
         let pid = std::process::id();
         assert!(cpu_seconds(pid).unwrap() >= 0.0);
         assert!(memory(pid).unwrap().rss_mib > 0.0);
+    }
+
+    #[test]
+    fn children_are_found() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pids = with_children(std::process::id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(pids[0], std::process::id());
+        assert!(pids.contains(&child.id()), "{pids:?}");
     }
 }

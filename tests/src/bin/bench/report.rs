@@ -263,7 +263,7 @@ pub fn verdicts(f: &Figures) -> Vec<Verdict> {
     out
 }
 
-fn fmt_value(v: Option<f64>) -> String {
+pub fn fmt_value(v: Option<f64>) -> String {
     match v {
         None => "-".to_owned(),
         Some(v) if v.abs() >= 1000.0 => format!("{v:.0}"),
@@ -342,7 +342,7 @@ pub fn verdict_lines(verdicts: &[Verdict]) -> String {
     out
 }
 
-fn render(rows: &[Vec<String>], markdown: bool) -> String {
+pub fn render(rows: &[Vec<String>], markdown: bool) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|c| {

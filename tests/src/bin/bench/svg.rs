@@ -6,16 +6,17 @@ use std::fmt::Write as _;
 use crate::procfs::Machine;
 use crate::report::{Figures, PATHS};
 
-const COLORS: [&str; 3] = ["#8c8c8c", "#1f6feb", "#2da44e"];
+const COLORS: [&str; 4] = ["#8c8c8c", "#1f6feb", "#2da44e", "#d29922"];
 const WIDTH: f64 = 960.0;
 const HEIGHT: f64 = 400.0;
 
-struct Panel<'a> {
-    title: &'a str,
+pub struct Panel<'a> {
+    pub title: &'a str,
     /// (group label, metric key, scale applied to the median for display)
-    groups: &'a [(&'a str, &'a str, f64)],
+    pub groups: &'a [(&'a str, &'a str, f64)],
 }
 
+/// The L4 benchmark's chart.
 pub fn chart(f: &Figures, machine: &Machine) -> String {
     let panels = [
         Panel {
@@ -38,6 +39,23 @@ pub fn chart(f: &Figures, machine: &Machine) -> String {
             ],
         },
     ];
+    chart_of(
+        f,
+        machine,
+        "ztunnel L4 overhead: direct vs mesh (medians)",
+        &PATHS,
+        &panels,
+    )
+}
+
+/// A chart of `panels` side by side, a bar per path (at most four) in each group.
+pub fn chart_of(
+    f: &Figures,
+    machine: &Machine,
+    title: &str,
+    paths: &[&str],
+    panels: &[Panel<'_>],
+) -> String {
     let mut svg = String::new();
     let _ = writeln!(
         svg,
@@ -49,7 +67,8 @@ pub fn chart(f: &Figures, machine: &Machine) -> String {
     );
     let _ = writeln!(
         svg,
-        r#"<text x="16" y="22" font-size="15" font-weight="bold">ztunnel L4 overhead: direct vs mesh (medians)</text>"#
+        r#"<text x="16" y="22" font-size="15" font-weight="bold">{}</text>"#,
+        escape(title)
     );
     let _ = writeln!(
         svg,
@@ -58,8 +77,8 @@ pub fn chart(f: &Figures, machine: &Machine) -> String {
         machine.cores,
         escape(&machine.kernel)
     );
-    for (i, path) in PATHS.iter().enumerate() {
-        let x = WIDTH - 300.0 + i as f64 * 95.0;
+    for (i, path) in paths.iter().enumerate().take(COLORS.len()) {
+        let x = WIDTH - 95.0 * paths.len() as f64 - 15.0 + i as f64 * 95.0;
         let _ = writeln!(
             svg,
             r#"<rect x="{x}" y="12" width="12" height="12" fill="{}"/><text x="{}" y="22">{path}</text>"#,
@@ -72,6 +91,7 @@ pub fn chart(f: &Figures, machine: &Machine) -> String {
         draw_panel(
             &mut svg,
             f,
+            paths,
             panel,
             16.0 + i as f64 * panel_w,
             60.0,
@@ -83,7 +103,17 @@ pub fn chart(f: &Figures, machine: &Machine) -> String {
     svg
 }
 
-fn draw_panel(svg: &mut String, f: &Figures, panel: &Panel<'_>, x: f64, y: f64, w: f64, h: f64) {
+#[allow(clippy::too_many_arguments)]
+fn draw_panel(
+    svg: &mut String,
+    f: &Figures,
+    paths: &[&str],
+    panel: &Panel<'_>,
+    x: f64,
+    y: f64,
+    w: f64,
+    h: f64,
+) {
     let plot_top = y + 30.0;
     let plot_bottom = y + h - 24.0;
     let plot_h = plot_bottom - plot_top;
@@ -98,8 +128,9 @@ fn draw_panel(svg: &mut String, f: &Figures, panel: &Panel<'_>, x: f64, y: f64, 
         .groups
         .iter()
         .map(|(_, key, scale)| {
-            PATHS
+            paths
                 .iter()
+                .take(COLORS.len())
                 .map(|p| f.median(p, key).map(|v| v * scale))
                 .collect()
         })
@@ -117,7 +148,7 @@ fn draw_panel(svg: &mut String, f: &Figures, panel: &Panel<'_>, x: f64, y: f64, 
         x + w
     );
     let group_w = w / panel.groups.len() as f64;
-    let bar_w = (group_w - 20.0) / PATHS.len() as f64;
+    let bar_w = (group_w - 20.0) / paths.len().min(COLORS.len()) as f64;
     for (g, ((label, _, _), vals)) in panel.groups.iter().zip(&values).enumerate() {
         let gx = x + g as f64 * group_w + 10.0;
         for (p, v) in vals.iter().enumerate() {
@@ -130,7 +161,7 @@ fn draw_panel(svg: &mut String, f: &Figures, panel: &Panel<'_>, x: f64, y: f64, 
                 plot_bottom - bh,
                 bar_w - 2.0,
                 COLORS[p],
-                PATHS[p],
+                paths[p],
                 short(*v)
             );
             let _ = writeln!(
