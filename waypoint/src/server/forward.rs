@@ -29,6 +29,19 @@ use super::Ctx;
 use super::reply;
 use super::tunnel::Downstream;
 
+/// The policy of a service without route config: Istio's default retries, nothing else.
+static DEFAULT_POLICY: std::sync::LazyLock<Policy> = std::sync::LazyLock::new(|| Policy {
+    retry: Some(RetryPolicy::istio_default()),
+    ..Policy::default()
+});
+
+/// For a route whose compiled policy has no retries (`retry: None`): one attempt. Built once,
+/// not per request.
+static NO_RETRY: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(|| RetryPolicy {
+    attempts: 0,
+    ..RetryPolicy::istio_default()
+});
+
 /// Request bodies up to this size are read whole before they are sent, so that a retry can
 /// send them again (Envoy buffers request bodies for retries likewise, up to a limit).
 const REPLAY_LIMIT: u64 = 64 * 1024;
@@ -271,11 +284,7 @@ async fn route(
             return reply::text(404, "no route matched");
         }
         Decision::NoRoutes => {
-            let default = Policy {
-                retry: Some(RetryPolicy::istio_default()),
-                ..Policy::default()
-            };
-            let response = forward(ctx, &snap, down, out, None, &default, rec).await;
+            let response = forward(ctx, &snap, down, out, None, &DEFAULT_POLICY, rec).await;
             return switch(response, upgrade);
         }
         Decision::Matched {
@@ -475,7 +484,7 @@ fn endpoints(
     snap: &Snapshot,
     down: &Downstream,
     backend: Option<&Backend>,
-) -> Result<Vec<(Arc<Workload>, Endpoint)>, &'static str> {
+) -> Result<Vec<(Arc<Workload>, SocketAddr)>, &'static str> {
     let port = down.authority.port();
     let found = match (backend, &down.destination) {
         (Some(b), _) => {
@@ -485,29 +494,20 @@ fn endpoints(
         (None, Destination::Service(service)) => snap.endpoints(service, port, None),
         (None, Destination::Workload(w)) => vec![(w.clone(), down.authority)],
     };
-    Ok(found
-        .into_iter()
-        .map(|(w, addr)| {
-            let ep = Endpoint {
-                addr,
-                identity: w.identity(),
-            };
-            (w, ep)
-        })
-        .collect())
+    Ok(found)
 }
 
 /// Picks an endpoint at random, preferring one not tried yet when `avoid` is set.
 fn pick<'e>(
-    eps: &'e [(Arc<Workload>, Endpoint)],
+    eps: &'e [(Arc<Workload>, SocketAddr)],
     tried: &[SocketAddr],
     avoid: bool,
     tries: u32,
-) -> &'e (Arc<Workload>, Endpoint) {
+) -> &'e (Arc<Workload>, SocketAddr) {
     let mut ep = &eps[rand::random_range(0..eps.len())];
     if avoid {
         for _ in 1..tries.max(1) {
-            if !tried.contains(&ep.1.addr) {
+            if !tried.contains(&ep.1) {
                 break;
             }
             ep = &eps[rand::random_range(0..eps.len())];
@@ -534,11 +534,7 @@ async fn forward(
         }
     };
     let deadline = policy.timeout.map(|t| Instant::now() + t);
-    let no_retry = RetryPolicy {
-        attempts: 0,
-        ..RetryPolicy::istio_default()
-    };
-    let retry = policy.retry.as_ref().unwrap_or(&no_retry);
+    let retry = policy.retry.as_ref().unwrap_or(&NO_RETRY);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut retries_done = 0u32;
     let mut returned: Option<Request<Body>> = None;
@@ -546,13 +542,17 @@ async fn forward(
         let Some(req) = returned.take().or_else(|| out.attempt()) else {
             return reply::text(502, "upstream request failed");
         };
-        let (workload, ep) = pick(
+        let (workload, addr) = pick(
             &eps,
             &tried,
             retry.avoid_previous_hosts,
             retry.host_selection_attempts,
         );
-        tried.push(ep.addr);
+        tried.push(*addr);
+        let ep = &Endpoint {
+            addr: *addr,
+            identity: workload.identity(),
+        };
         rec.endpoint = Some(workload.clone());
         let bound = [retry.per_try_timeout.map(|t| Instant::now() + t), deadline]
             .into_iter()
