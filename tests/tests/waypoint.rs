@@ -274,6 +274,31 @@ async fn route_changes_apply_to_open_connections_and_bad_ones_keep_the_last_good
         log.contains("routes.yaml") && log.contains("weight"),
         "{log}"
     );
+    // The admin endpoint says so too: the change was rejected, why, and what is served.
+    let (status, dump) = mesh_tests::mesh::http_get(
+        &mesh.netns("wp"),
+        "127.0.0.1:15000".parse().expect("addr"),
+        "/config_dump",
+    )
+    .expect("config_dump");
+    assert_eq!(status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("JSON");
+    assert_eq!(dump["routes"]["last_change"], "rejected", "{dump}");
+    let errors = dump["routes"]["errors"].to_string();
+    assert!(
+        errors.contains("weight") && errors.contains("routes.yaml"),
+        "{dump}"
+    );
+    assert_eq!(
+        dump["routes"]["hosts"],
+        serde_json::json!(["reviews.default.svc.cluster.local"]),
+        "{dump}"
+    );
+    assert_eq!(
+        dump["identity"],
+        "spiffe://cluster.local/ns/default/sa/waypoint"
+    );
+    assert_eq!(dump["mesh"]["complete"], true);
     for _ in 0..5 {
         let a = conn.get("reviews:9080", "/", &[]).await.expect("request");
         assert_eq!(a.server(), Some("reviews-v2"), "{a:?}");

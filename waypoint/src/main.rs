@@ -76,6 +76,9 @@ struct Args {
     /// Prometheus metrics (`/metrics`).
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
+    /// Admin (`/config_dump`: identity, mesh, route hosts, the last route change's errors).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
     /// Milliseconds between looks at the route files for changes.
     #[arg(long, default_value_t = 500)]
     poll_ms: u64,
@@ -148,6 +151,7 @@ fn main() -> ExitCode {
         listen: args.listen,
         ready_addr: args.ready_addr,
         metrics_addr: args.metrics_addr,
+        admin_addr: args.admin_addr,
         load: LoadOptions {
             default_namespace: args.namespace.clone(),
         },

@@ -44,6 +44,8 @@ pub struct Options {
     pub ready_addr: SocketAddr,
     /// Prometheus metrics (`/metrics`).
     pub metrics_addr: SocketAddr,
+    /// Admin (`/config_dump`), loopback by default.
+    pub admin_addr: SocketAddr,
     pub load: LoadOptions,
     pub compile: CompileOptions,
     /// How often the route files are looked at for changes.
@@ -110,7 +112,23 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
 
 /// Re-reads the route files when they change. A change with errors is not applied: the
 /// table in force stays, and the errors are logged with file, document and field.
-fn watch_routes(opts: Options, tx: watch::Sender<Arc<RouteTable>>, metrics: Arc<Metrics>) {
+/// The route config's history, for `/config_dump`: how the last change ended and its errors.
+#[derive(Debug, Default)]
+struct RouteStatus {
+    /// `initial`, `applied` or `rejected`.
+    last_change: &'static str,
+    /// The errors of the last change (of the initial load when it was the last), as logged.
+    errors: Vec<String>,
+}
+
+type SharedStatus = Arc<std::sync::Mutex<RouteStatus>>;
+
+fn watch_routes(
+    opts: Options,
+    tx: watch::Sender<Arc<RouteTable>>,
+    metrics: Arc<Metrics>,
+    status: SharedStatus,
+) {
     let applied = metrics.config("routes", "applied");
     let rejected = metrics.config("routes", "rejected");
     tokio::spawn(async move {
@@ -127,7 +145,12 @@ fn watch_routes(opts: Options, tx: watch::Sender<Arc<RouteTable>>, metrics: Arc<
             else {
                 continue;
             };
-            if errors.is_empty() {
+            let ok = errors.is_empty();
+            if let Ok(mut s) = status.lock() {
+                s.last_change = if ok { "applied" } else { "rejected" };
+                s.errors.clone_from(&errors);
+            }
+            if ok {
                 tracing::info!(hosts = table.hosts().len(), "route config applied");
                 tx.send_replace(Arc::new(table));
                 applied.inc();
@@ -161,6 +184,34 @@ fn combine(
             tx.send_replace(Arc::new(snap));
         }
     });
+}
+
+/// What `/config_dump` shows: who the waypoint is, what it knows of the mesh, which hosts
+/// have routes, and how the last route change ended (with its errors).
+fn config_dump(
+    identity: &str,
+    source: &str,
+    snap: &Snapshot,
+    status: &SharedStatus,
+) -> serde_json::Value {
+    let (last_change, errors) = status
+        .lock()
+        .map(|s| (s.last_change, s.errors.clone()))
+        .unwrap_or(("unknown", Vec::new()));
+    serde_json::json!({
+        "identity": identity,
+        "mesh": {
+            "source": source,
+            "complete": snap.state.incomplete().is_none(),
+            "workloads": snap.state.workloads().count(),
+            "services": snap.state.services().map(|s| s.hostname.clone()).collect::<Vec<_>>(),
+        },
+        "routes": {
+            "hosts": snap.table.hosts(),
+            "last_change": last_change,
+            "errors": errors,
+        },
+    })
 }
 
 /// Keeps the mesh source running (dropping it stops it).
@@ -206,7 +257,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     tracing::info!(hosts = table.hosts().len(), "route config applied");
     let (routes_tx, routes_rx) = watch::channel(Arc::new(table));
     metrics.config("routes", "applied").inc();
-    watch_routes(opts.clone(), routes_tx, metrics.clone());
+    let status: SharedStatus = Arc::new(std::sync::Mutex::new(RouteStatus {
+        last_change: "initial",
+        errors,
+    }));
+    watch_routes(opts.clone(), routes_tx, metrics.clone(), status.clone());
     let first = Snapshot::new(state_rx.borrow().clone(), routes_rx.borrow().clone());
     let (snap_tx, snap_rx) = watch::channel(Arc::new(first));
     combine(state_rx, routes_rx, snap_tx);
@@ -286,6 +341,24 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     })
     .await
     .with_context(|| format!("metrics on {}", opts.metrics_addr))?;
+    let dump_state = ctx.snapshot.clone();
+    let identity = opts.identity.to_string();
+    let source = match &opts.mesh {
+        MeshSource::File(p) => format!("file {}", p.display()),
+        MeshSource::Xds(x) => format!("xds {}", x.target.address),
+    };
+    let _admin = ztunnel::endpoint::serve(opts.admin_addr, move |req| {
+        let body = (req.path == "/config_dump")
+            .then(|| config_dump(&identity, &source, &dump_state.borrow(), &status));
+        async move {
+            match body {
+                Some(json) => ztunnel::endpoint::json(&json),
+                None => ztunnel::endpoint::text(http::StatusCode::NOT_FOUND, "not found\n"),
+            }
+        }
+    })
+    .await
+    .with_context(|| format!("admin on {}", opts.admin_addr))?;
     tracing::info!(identity = %opts.identity, listen = %opts.listen, "waypoint started");
     tokio::select! {
         () = server::serve(listener, ctx) => {}
