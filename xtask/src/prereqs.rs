@@ -49,8 +49,7 @@ fn progress(step: &str, status: &str) {
 }
 
 fn check_system() -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { geteuid() };
+    let euid = effective_uid()?;
     if euid != 0 {
         bail!(
             "must run as root (uid 0, this is uid {euid}): the tests and the demo create network \
@@ -87,8 +86,17 @@ fn check_system() -> Result<()> {
     Ok(())
 }
 
-unsafe extern "C" {
-    fn geteuid() -> u32;
+/// This process's effective user id, the second field of `Uid:` in `/proc/self/status`
+/// (real, effective, saved, filesystem), read there so xtask needs no `unsafe` libc call.
+fn effective_uid() -> Result<u32> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|id| id.parse().ok())
+        .context("no effective uid in the Uid: line of /proc/self/status")
 }
 
 fn installed(package: &str) -> bool {

@@ -24,9 +24,7 @@ fn parse_stat_ticks(stat: &str) -> Option<u64> {
 }
 
 fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
+    mesh_tests::sys::clock_ticks_per_second().map_or(100.0, |t| t as f64)
 }
 
 /// Resident memory now (`VmRSS`) and at its peak (`VmHWM`), in MiB.
@@ -110,28 +108,14 @@ pub fn machine() -> Machine {
 /// is not permitted (no `CAP_SYS_RESOURCE`, as in some containers); returns the limit now in
 /// force. Children inherit it: the ztunnels, servers and clients started afterwards.
 pub fn raise_nofile(want: u64) -> io::Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into a valid struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    for (soft, hard) in [
-        (want, want.max(limit.rlim_max)),
-        (want.min(limit.rlim_max), limit.rlim_max),
-    ] {
-        let new = libc::rlimit {
-            rlim_cur: soft,
-            rlim_max: hard,
-        };
-        // SAFETY: setrlimit reads a valid, initialised struct.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
-            return Ok(soft);
-        }
-    }
-    Err(io::Error::last_os_error())
+    use mesh_tests::sys::{open_files_limit, set_open_files_limit};
+    let (_, max) = open_files_limit()?;
+    set_open_files_limit(want, want.max(max))
+        .map(|()| want)
+        .or_else(|_| {
+            let soft = want.min(max);
+            set_open_files_limit(soft, max).map(|()| soft)
+        })
 }
 
 #[cfg(test)]
