@@ -35,7 +35,7 @@ const BPF_LINKER_VERSION: &str = "0.13";
 /// cargo-fuzz 0.13 builds on Rust 1.95 (0.13.2 checked).
 const CARGO_FUZZ_VERSION: &str = "0.13";
 
-pub fn install() -> Result<()> {
+pub(crate) fn install() -> Result<()> {
     check_system()?;
     debian_packages()?;
     rust_src()?;
@@ -191,7 +191,7 @@ fn nextest() -> Result<()> {
 }
 
 /// cargo-fuzz, for `cargo xtask fuzz` only (not needed by the test suite).
-pub fn cargo_fuzz() -> Result<()> {
+pub(crate) fn cargo_fuzz() -> Result<()> {
     if let Ok(version) = output("cargo", &["fuzz", "--version"])
         && version.contains(&format!(" {CARGO_FUZZ_VERSION}."))
     {

@@ -5,7 +5,7 @@ use std::io;
 
 /// CPU seconds a process has used so far, user plus system, all threads
 /// (`/proc/<pid>/stat` fields 14 and 15, `utime` and `stime`, in clock ticks).
-pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> io::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let ticks = parse_stat_ticks(&stat)
         .ok_or_else(|| io::Error::other(format!("unexpected /proc/{pid}/stat: {stat:?}")))?;
@@ -29,7 +29,7 @@ fn clock_ticks_per_second() -> f64 {
 
 /// Resident memory now (`VmRSS`) and at its peak (`VmHWM`), in MiB.
 #[derive(Debug, Clone, Copy)]
-pub struct Memory {
+pub(crate) struct Memory {
     pub rss_mib: f64,
     pub peak_mib: f64,
     /// Of the RSS: private memory (heap, stacks, maps)...
@@ -38,7 +38,7 @@ pub struct Memory {
     pub file_mib: f64,
 }
 
-pub fn memory(pid: u32) -> io::Result<Memory> {
+pub(crate) fn memory(pid: u32) -> io::Result<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     parse_status(&status)
         .ok_or_else(|| io::Error::other(format!("no VmRSS/VmHWM in /proc/{pid}/status")))
@@ -63,7 +63,7 @@ fn parse_status(status: &str) -> Option<Memory> {
 
 /// The machine the figures were taken on.
 #[derive(Debug, Clone)]
-pub struct Machine {
+pub(crate) struct Machine {
     pub cpu_model: String,
     pub cores: usize,
     pub kernel: String,
@@ -72,7 +72,7 @@ pub struct Machine {
     pub load_average: f64,
 }
 
-pub fn machine() -> Machine {
+pub(crate) fn machine() -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo
         .lines()
@@ -107,7 +107,7 @@ pub fn machine() -> Machine {
 /// Raises this process's open-file limit to `want`, or to the hard limit when raising that
 /// is not permitted (no `CAP_SYS_RESOURCE`, as in some containers); returns the limit now in
 /// force. Children inherit it: the ztunnels, servers and clients started afterwards.
-pub fn raise_nofile(want: u64) -> io::Result<u64> {
+pub(crate) fn raise_nofile(want: u64) -> io::Result<u64> {
     use mesh_tests::sys::{open_files_limit, set_open_files_limit};
     let (_, max) = open_files_limit()?;
     set_open_files_limit(want, want.max(max))

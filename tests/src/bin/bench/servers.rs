@@ -13,15 +13,15 @@ use std::time::Duration;
 use mesh_tests::netns::in_netns;
 use mesh_tests::{Proc, wait_until};
 
-pub const IPERF_PORT: u16 = 5201;
-pub const SOCKPERF_PORT: u16 = 11111;
-pub const HTTP_PORT: u16 = 8080;
-pub const HOLD_PORT: u16 = 9000;
+pub(crate) const IPERF_PORT: u16 = 5201;
+pub(crate) const SOCKPERF_PORT: u16 = 11111;
+pub(crate) const HTTP_PORT: u16 = 8080;
+pub(crate) const HOLD_PORT: u16 = 9000;
 /// The path nginx answers with a 1 KiB body.
-pub const HTTP_PATH: &str = "/1k";
+pub(crate) const HTTP_PATH: &str = "/1k";
 
 /// The load servers of one pod; stopped on drop.
-pub struct PodServers {
+pub(crate) struct PodServers {
     procs: Vec<Proc>,
 }
 
@@ -38,7 +38,12 @@ impl Drop for PodServers {
 impl PodServers {
     /// Starts iperf3, sockperf and nginx listening on `ip` inside `netns`, and waits until
     /// each is listening. Logs and nginx's files go to `dir/<name>`.
-    pub fn start(name: &str, netns: &str, ip: Ipv4Addr, dir: &Path) -> io::Result<PodServers> {
+    pub(crate) fn start(
+        name: &str,
+        netns: &str,
+        ip: Ipv4Addr,
+        dir: &Path,
+    ) -> io::Result<PodServers> {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir)?;
         let mut procs = Vec::new();
@@ -138,7 +143,7 @@ http {{
 
 /// Whether something listens on TCP `port` in `netns` (its `/proc/net/tcp`, state 0A).
 /// Probing with a connection would not do: from an enrolled pod, it would be captured.
-pub fn listening(netns: &str, port: u16) -> io::Result<bool> {
+pub(crate) fn listening(netns: &str, port: u16) -> io::Result<bool> {
     let table = in_netns(netns, || {
         std::fs::read_to_string("/proc/thread-self/net/tcp")
     })??;
@@ -152,14 +157,14 @@ pub fn listening(netns: &str, port: u16) -> io::Result<bool> {
 }
 
 /// Accepts connections and keeps them open, idle, until dropped; tells who connected.
-pub struct HoldServer {
+pub(crate) struct HoldServer {
     accepted: Arc<AtomicUsize>,
     held: Arc<Mutex<Vec<TcpStream>>>,
     last_peer: Arc<Mutex<Option<SocketAddr>>>,
 }
 
 impl HoldServer {
-    pub fn start(netns: &str, addr: SocketAddr) -> io::Result<HoldServer> {
+    pub(crate) fn start(netns: &str, addr: SocketAddr) -> io::Result<HoldServer> {
         let listener = in_netns(netns, move || TcpListener::bind(addr))??;
         let accepted = Arc::new(AtomicUsize::new(0));
         let held = Arc::new(Mutex::new(Vec::new()));
@@ -186,17 +191,17 @@ impl HoldServer {
 
     /// The peer address of the last accepted connection (127.0.0.6 when ztunnel delivered it
     /// with `--inbound-source loopback`).
-    pub fn last_peer(&self) -> Option<SocketAddr> {
+    pub(crate) fn last_peer(&self) -> Option<SocketAddr> {
         self.last_peer.lock().ok().and_then(|p| *p)
     }
 
     /// Connections accepted so far.
-    pub fn accepted(&self) -> usize {
+    pub(crate) fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
 
     /// Closes every held connection.
-    pub fn release(&self) {
+    pub(crate) fn release(&self) {
         if let Ok(mut held) = self.held.lock() {
             held.clear();
         }
@@ -205,7 +210,7 @@ impl HoldServer {
 
 /// Established TCP connections whose local port is `port` in `netns` (server ends, from its
 /// `/proc/net/tcp`, state 01): counted by the kernel, whoever accepts them.
-pub fn established(netns: &str, port: u16) -> io::Result<usize> {
+pub(crate) fn established(netns: &str, port: u16) -> io::Result<usize> {
     let table = in_netns(netns, || {
         std::fs::read_to_string("/proc/thread-self/net/tcp")
     })??;
@@ -227,7 +232,7 @@ pub fn established(netns: &str, port: u16) -> io::Result<usize> {
 /// pod `server_netns` has them established: through the mesh a client's connect completes at
 /// its ztunnel, before the tunnel reaches the server. The server end is not in this process,
 /// whose open-file limit may be too low for both ends.
-pub fn hold_connections(
+pub(crate) fn hold_connections(
     netns: &str,
     dst: SocketAddr,
     server_netns: &str,

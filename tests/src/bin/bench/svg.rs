@@ -16,7 +16,7 @@ struct Panel<'a> {
     groups: &'a [(&'a str, &'a str, f64)],
 }
 
-pub fn chart(f: &Figures, machine: &Machine) -> String {
+pub(crate) fn chart(f: &Figures, machine: &Machine) -> String {
     let panels = [
         Panel {
             title: "Throughput, Gbit/s (higher is better)",
