@@ -232,3 +232,15 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effective_uid_is_the_one_id_reports() {
+        let out = Command::new("id").arg("-u").output().unwrap();
+        let id: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert_eq!(effective_uid().unwrap(), id);
+    }
+}
