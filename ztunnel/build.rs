@@ -9,6 +9,10 @@
 //! Without the `ebpf` feature (on by default) the object is left empty and capture refuses
 //! to start: for builds that never capture, such as the fuzz targets (`ztunnel/fuzz`), where
 //! the nested BPF build would only cost time.
+
+// `std::env::set_var` is unsafe (edition 2024); aya-build's cargo inherits the environment.
+#![allow(unsafe_code)]
+
 use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {

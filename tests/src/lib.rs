@@ -10,6 +10,7 @@ pub mod mesh_xds;
 pub mod netns;
 pub mod operator;
 pub mod process;
+pub mod sys;
 pub mod topology;
 pub mod traffic;
 pub mod waypoint;
@@ -21,8 +22,7 @@ pub use topology::{Node, Pod, Topology};
 
 /// Fails the test early, with a clear reason, when it cannot run here (not root).
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = sys::effective_uid();
     assert_eq!(
         euid, 0,
         "the end-to-end tests create namespaces and load eBPF: run as root"

@@ -1,5 +1,8 @@
 //! Running code and commands inside the test's network namespaces.
 
+// Entering a namespace is setns(2), and a child's pre-exec hook is unsafe by contract.
+#![allow(unsafe_code)]
+
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;

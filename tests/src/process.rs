@@ -75,8 +75,8 @@ impl Proc {
         let Some(child) = self.child.as_mut() else {
             return Err(io::Error::other("already reaped"));
         };
-        // SAFETY: plain kill(2) on our own child's pid, which we have not reaped yet.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        // Our own child, not reaped yet: the pid cannot have been reused.
+        crate::sys::terminate(child.id())?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait()? {

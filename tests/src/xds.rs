@@ -424,7 +424,7 @@ impl XdsServer {
 
     /// Makes the `Address` resources exactly `want` (by name), pushing only the differences.
     pub fn set_addresses(&self, want: BTreeMap<String, pbw::Address>) {
-        self.replace(ADDRESS_TYPE_URL, want)
+        self.replace(ADDRESS_TYPE_URL, want);
     }
 
     fn replace<M: prost::Message>(&self, type_url: &str, want: BTreeMap<String, M>) {

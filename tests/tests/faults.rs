@@ -256,12 +256,9 @@ async fn an_http2_rapid_reset_flood_is_cut_off_and_others_keep_flowing() {
             .uri(format!("{}", addr(&mesh, "echo", 8080)))
             .body(())
             .unwrap();
-        let ready = match send.ready().await {
-            Ok(ready) => ready,
-            Err(_) => {
-                cut_off = true;
-                break;
-            }
+        let Ok(ready) = send.ready().await else {
+            cut_off = true;
+            break;
         };
         send = ready;
         match send.send_request(req, false) {

@@ -290,7 +290,7 @@ fn spawn_reader(
             let mut answered_ping = false;
             match (frame.kind, frame.flags & h2raw::ACK) {
                 (h2raw::SETTINGS, 0) => {
-                    h2raw::frame(&mut reply, h2raw::SETTINGS, h2raw::ACK, 0, &[])
+                    h2raw::frame(&mut reply, h2raw::SETTINGS, h2raw::ACK, 0, &[]);
                 }
                 (h2raw::PING, 0) if answer_pings.load(Ordering::Relaxed) => {
                     h2raw::frame(&mut reply, h2raw::PING, h2raw::ACK, 0, &frame.payload);

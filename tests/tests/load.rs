@@ -18,17 +18,7 @@ fn soak() -> bool {
 /// Room for the client end of every test connection in this process: the soft limit up
 /// to the hard one. Returns the limit.
 fn raise_fd_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
-        limit.rlim_cur = limit.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
-    }
-    limit.rlim_cur
+    mesh_tests::sys::raise_open_files_limit().expect("raising the open-files limit")
 }
 
 fn rss_kib(pid: u32) -> u64 {

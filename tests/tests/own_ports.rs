@@ -139,8 +139,7 @@ async fn ztunnels_own_ports_are_refused_on_every_path() {
     // Idle afterwards: over a window of 2 s, each ztunnel uses under 5 % of one core (a
     // delivery loop spins a whole one).
     let window = Duration::from_secs(2);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = mesh_tests::sys::clock_ticks_per_second().expect("the clock-tick rate") as f64;
     let pids: Vec<(String, u32)> = ["node1", "node2"]
         .iter()
         .map(|n| (n.to_string(), mesh.ztunnel(n).pid()))

@@ -262,7 +262,7 @@ async fn retries_timeouts_and_faults_follow_the_route() {
         "{delayed} of 400 delayed, expected 200 ± 50"
     );
     assert!(
-        slow as f64 >= delayed,
+        f64::from(slow) >= delayed,
         "{slow} answers took 0.5 s or more, {delayed} were delayed"
     );
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, bail};
 
 /// The fuzz targets, one per hostile input (`ztunnel/fuzz/fuzz_targets/<name>.rs`).
-pub const TARGETS: &[&str] = &["hbone_request", "local_config", "xds_resource", "cert_san"];
+pub(crate) const TARGETS: &[&str] = &["hbone_request", "local_config", "xds_resource", "cert_san"];
 
 /// More codegen units than cargo-fuzz's default of 1: the build is several times faster
 /// and the fuzzers barely slower, which is the right trade for bounded runs.
@@ -22,7 +22,7 @@ const CODEGEN_UNITS: &str = "16";
 /// How the targets are instrumented. Both have libFuzzer's coverage and catch panics, hangs
 /// and runaway memory; they differ in cost (measured in README "Fuzzing").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Sanitizer {
+pub(crate) enum Sanitizer {
     /// AddressSanitizer: also memory errors in `unsafe` and C code. cargo-fuzz passes it
     /// `-Z` flags, so `RUSTC_BOOTSTRAP=1` is set for the cargo-fuzz processes only (never for
     /// the workspace's own builds). About twice the build CPU of `none`, and a fifth of its
@@ -43,7 +43,7 @@ impl Sanitizer {
 
 /// A bounded fuzzing run.
 #[derive(Debug, Clone)]
-pub struct Run {
+pub(crate) struct Run {
     /// Seconds per target.
     pub seconds: u64,
     pub sanitizer: Sanitizer,
@@ -51,7 +51,7 @@ pub struct Run {
     pub targets: Vec<String>,
 }
 
-pub fn run(run: &Run) -> Result<()> {
+pub(crate) fn run(run: &Run) -> Result<()> {
     let targets: Vec<&str> = if run.targets.is_empty() {
         TARGETS.to_vec()
     } else {

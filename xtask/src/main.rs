@@ -171,8 +171,6 @@ fn soak(args: &[String]) -> Result<()> {
     step("cargo build --all-targets", || {
         cargo(&["build", "--all-targets"])
     })?;
-    // SAFETY: single-threaded at this point; the variable is for the test processes.
-    unsafe { std::env::set_var("ZTUNNEL_SOAK", "1") };
     let mut run = vec![
         "nextest",
         "run",
@@ -187,7 +185,7 @@ fn soak(args: &[String]) -> Result<()> {
     ];
     run.extend(args.iter().map(String::as_str));
     println!("==> ZTUNNEL_SOAK=1 cargo {}", run.join(" "));
-    cargo(&run)
+    cargo_with_env(&run, &[("ZTUNNEL_SOAK", "1")])
 }
 
 fn bench(l7: bool, args: &[String]) -> Result<()> {
@@ -250,9 +248,15 @@ fn step(what: &str, run: impl FnOnce() -> Result<()>) -> Result<()> {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
+    cargo_with_env(args, &[])
+}
+
+/// Runs cargo with `env` added to its environment (and so to the processes it starts).
+fn cargo_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let status = Command::new(&cargo)
         .args(args)
+        .envs(env.iter().copied())
         .status()
         .with_context(|| format!("cannot run {cargo}"))?;
     if !status.success() {

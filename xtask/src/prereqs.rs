@@ -42,7 +42,7 @@ const BPF_LINKER_VERSION: &str = "0.13";
 /// cargo-fuzz 0.13 builds on Rust 1.95 (0.13.2 checked).
 const CARGO_FUZZ_VERSION: &str = "0.13";
 
-pub fn install() -> Result<()> {
+pub(crate) fn install() -> Result<()> {
     check_system()?;
     debian_packages()?;
     rust_src()?;
@@ -56,8 +56,7 @@ fn progress(step: &str, status: &str) {
 }
 
 fn check_system() -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { geteuid() };
+    let euid = effective_uid()?;
     if euid != 0 {
         bail!(
             "must run as root (uid 0, this is uid {euid}): the tests and the demo create network \
@@ -94,8 +93,17 @@ fn check_system() -> Result<()> {
     Ok(())
 }
 
-unsafe extern "C" {
-    fn geteuid() -> u32;
+/// This process's effective user id, the second field of `Uid:` in `/proc/self/status`
+/// (real, effective, saved, filesystem), read there so xtask needs no `unsafe` libc call.
+fn effective_uid() -> Result<u32> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|id| id.parse().ok())
+        .context("no effective uid in the Uid: line of /proc/self/status")
 }
 
 fn installed(package: &str) -> bool {
@@ -190,7 +198,7 @@ fn nextest() -> Result<()> {
 }
 
 /// cargo-fuzz, for `cargo xtask fuzz` only (not needed by the test suite).
-pub fn cargo_fuzz() -> Result<()> {
+pub(crate) fn cargo_fuzz() -> Result<()> {
     if let Ok(version) = output("cargo", &["fuzz", "--version"])
         && version.contains(&format!(" {CARGO_FUZZ_VERSION}."))
     {
@@ -230,4 +238,16 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
         bail!("{program} {} failed with {status}", args.join(" "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effective_uid_is_the_one_id_reports() {
+        let out = Command::new("id").arg("-u").output().unwrap();
+        let id: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert_eq!(effective_uid().unwrap(), id);
+    }
 }

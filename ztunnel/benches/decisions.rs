@@ -48,10 +48,10 @@ fn workload_by_ip(c: &mut Criterion) {
         bench.iter(|| {
             i = (i + 7919) % N;
             black_box(state.workload_by_ip(black_box(ip(i))))
-        })
+        });
     });
     c.bench_function("workload_by_ip among 100,000 workloads (miss)", |bench| {
-        bench.iter(|| black_box(state.workload_by_ip(black_box(ip(N + 1)))))
+        bench.iter(|| black_box(state.workload_by_ip(black_box(ip(N + 1)))));
     });
 }
 
@@ -88,13 +88,13 @@ fn pod_by_ip(c: &mut Criterion) {
             i = (i + 7919) % N;
             let pods = index.read().expect("not poisoned");
             black_box(pods.by_ip(&black_box(ip(i))).cloned())
-        })
+        });
     });
     c.bench_function("pod by ip among 1,000 pods (index, miss)", |bench| {
         bench.iter(|| {
             let pods = index.read().expect("not poisoned");
             black_box(pods.by_ip(&black_box(ip(N + 1))).cloned())
-        })
+        });
     });
     c.bench_function("pod by ip among 1,000 pods (linear scan, hit)", |bench| {
         bench.iter(|| {
@@ -102,7 +102,7 @@ fn pod_by_ip(c: &mut Criterion) {
             let wanted = black_box(ip(i));
             let pods = index.read().expect("not poisoned");
             black_box(pods.values().find(|p| p.ips.contains(&wanted)).cloned())
-        })
+        });
     });
 }
 
@@ -207,7 +207,7 @@ fn load_balancing(c: &mut Criterion) {
         bench.iter(|| {
             seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
             black_box(pick_endpoint(black_box(&endpoints), seed))
-        })
+        });
     });
     // What a connection to a service VIP pays before the pick: resolving the VIP builds the
     // list of healthy endpoints.
@@ -218,7 +218,7 @@ fn load_balancing(c: &mut Criterion) {
                 black_box(pick_endpoint(&endpoints, 42).map(|(_, a)| *a))
             }
             _ => None,
-        })
+        });
     });
 }
 

@@ -97,7 +97,7 @@ fn open_stream(c: &mut Criterion) {
     assert_eq!(pool.connection_count(&key), 1);
     c.bench_function("HBONE: open a tunnel on a pooled mTLS connection", |b| {
         b.to_async(&runtime)
-            .iter(|| async { black_box(open().await) })
+            .iter(|| async { black_box(open().await) });
     });
     assert_eq!(pool.connection_count(&key), 1, "the pool dialled again");
 }

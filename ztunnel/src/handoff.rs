@@ -11,6 +11,9 @@
 //! The exchange is lock-step (one request, one answer), which keeps each answer and its file
 //! descriptors in one message on the stream socket.
 
+// Received file descriptors become `OwnedFd`s, which only `unsafe` can assert.
+#![allow(unsafe_code)]
+
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;

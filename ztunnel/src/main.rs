@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     }
     let config = Config::parse();
     let logging = init_logging(&config);
-    raise_open_files_limit();
+    sys::raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(config.worker_threads))
         .enable_all()
@@ -43,38 +43,6 @@ fn main() -> ExitCode {
         Err(err) => {
             error!("{err:#}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-/// Gives the heap freed since startup back to the system: loading the eBPF programs parses
-/// the kernel's BTF (megabytes, all freed), which the allocator would otherwise keep.
-fn release_startup_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; any thread may call it.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// Every proxied connection holds two or three sockets: take the whole hard limit of open
-/// files (the soft limit is often 1024).
-fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid, writable rlimit struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                warn!(
-                    "cannot raise the open files limit: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
         }
     }
 }
@@ -196,7 +164,7 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
         Some(xds) => info!(node = %config.node, %xds, "ztunnel started (xDS)"),
         None => info!(node = %config.node, config = ?config.config, "ztunnel started"),
     }
-    release_startup_memory();
+    sys::release_startup_memory();
 
     let successor = {
         let proxy = proxy.clone();
@@ -285,5 +253,45 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// The binary's two libc calls, fenced here so the rest of the binary stays free of `unsafe`.
+mod sys {
+    // malloc_trim and getrlimit/setrlimit have no safe wrapper in std.
+    #![allow(unsafe_code)]
+
+    use tracing::warn;
+
+    /// Gives the heap freed since startup back to the system: loading the eBPF programs parses
+    /// the kernel's BTF (megabytes, all freed), which the allocator would otherwise keep.
+    pub(crate) fn release_startup_memory() {
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only returns free heap pages to the kernel; any thread may call it.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+
+    /// Every proxied connection holds two or three sockets: take the whole hard limit of open
+    /// files (the soft limit is often 1024).
+    pub(crate) fn raise_open_files_limit() {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the valid rlimit struct it is given.
+        let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) };
+        if got != 0 || limit.rlim_cur >= limit.rlim_max {
+            return;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads the valid, initialised rlimit struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) } != 0 {
+            warn!(
+                "cannot raise the open files limit: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }

@@ -423,7 +423,7 @@ async fn keeps_the_state_while_the_server_is_away_and_resubscribes_with_versions
     })
     .await;
     let mut uids: Vec<&str> = state.workloads().map(|w| w.uid.as_str()).collect();
-    uids.sort();
+    uids.sort_unstable();
     assert_eq!(uids, ["echo-1", "echo-3"]);
     assert_eq!(client.stats().streams(), 2);
 }

@@ -87,6 +87,9 @@ pub struct DeliveryFlow {
 
 #[cfg(feature = "user")]
 mod pod {
+    // `aya::Pod` is an unsafe trait: it promises any bit pattern is a valid value.
+    #![allow(unsafe_code)]
+
     // SAFETY: the types are `#[repr(C)]`, `Copy`, made only of integers, with explicit
     // padding fields, so any bit pattern is valid and there is no uninitialised byte.
     unsafe impl aya::Pod for super::PodCapture {}

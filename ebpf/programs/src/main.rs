@@ -24,6 +24,12 @@
 //! the old process's program is found by the new process's listener, and vice versa.
 #![no_std]
 #![no_main]
+// A kernel-side program: context fields, maps and BPF helpers are reached through raw
+// pointers, so this whole crate is unsafe code (each block says why it is sound).
+#![allow(unsafe_code)]
+// The programs are entry points the loader finds by symbol name, outside this crate: `pub`
+// says so, though no Rust code can reach them.
+#![allow(unreachable_pub)]
 
 use aya_ebpf::{
     EbpfContext,

@@ -17,7 +17,7 @@ pub fn is_bpffs(path: &Path) -> bool {
     // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statfs buffer.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut st) };
     rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
 }
 

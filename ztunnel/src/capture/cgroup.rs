@@ -23,14 +23,13 @@ pub fn find_cgroup2() -> Result<PathBuf, CaptureError> {
     let mounts = std::fs::read_to_string("/proc/mounts").map_err(|_| CaptureError::NoCgroup2)?;
     mounts
         .lines()
-        .filter_map(|line| {
+        .find_map(|line| {
             let mut fields = line.split_whitespace();
             let _source = fields.next()?;
             let target = fields.next()?;
             let fstype = fields.next()?;
             (fstype == "cgroup2").then(|| PathBuf::from(target))
         })
-        .next()
         .ok_or(CaptureError::NoCgroup2)
 }
 

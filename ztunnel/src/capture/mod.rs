@@ -6,6 +6,10 @@
 //! decides policy. Links are owned by the loaded object: they go away when `Capture` is
 //! dropped or the process dies, so a crashed ztunnel never leaves a pod black-holed.
 
+// Kernel-facing: setns, socket options, bpf(2) and mounts are raw syscalls (this module
+// and its children are the node layer's unsafe fence; each block says why it is sound).
+#![allow(unsafe_code)]
+
 pub mod bpffs;
 pub mod cgroup;
 pub mod netns;

@@ -233,7 +233,7 @@ fn current_cookie() -> io::Result<NetnsCookie> {
             libc::SOL_SOCKET,
             SO_NETNS_COOKIE,
             (&raw mut cookie).cast(),
-            &mut len,
+            &raw mut len,
         )
     };
     if rc != 0 {

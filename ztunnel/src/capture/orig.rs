@@ -53,7 +53,7 @@ impl OrigMap {
             Ok(orig) => orig,
             // Older kernels: read, then delete (a concurrent reader of the same client key
             // cannot exist: the key is one accepted socket's address).
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(ENOTSUPP)) => {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | ENOTSUPP)) => {
                 let orig = elem_cmd(BPF_MAP_LOOKUP_ELEM, fd, &key).ok()?;
                 let _ = elem_cmd(BPF_MAP_DELETE_ELEM, fd, &key);
                 orig

@@ -40,7 +40,7 @@ const LOOPBACK_IFINDEX: u32 = 1;
 
 /// An address family as netlink names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
+pub(super) enum Family {
     V4,
     V6,
 }
@@ -56,7 +56,7 @@ impl Family {
 
 /// "Packets marked `mark` look up `table`", at priority `priority`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MarkRule {
+pub(super) struct MarkRule {
     pub family: Family,
     pub priority: u32,
     pub mark: u32,
@@ -65,14 +65,14 @@ pub struct MarkRule {
 
 /// Add or delete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
+pub(super) enum Op {
     Add,
     Delete,
 }
 
 /// The request for `rule`. Adding is exclusive (an identical rule answers `EEXIST`), since
 /// rules, unlike routes, would otherwise pile up.
-pub fn rule_message(op: Op, rule: &MarkRule, seq: u32) -> Vec<u8> {
+pub(super) fn rule_message(op: Op, rule: &MarkRule, seq: u32) -> Vec<u8> {
     let (kind, flags) = match op {
         Op::Add => (RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL),
         Op::Delete => (RTM_DELRULE, 0),
@@ -90,7 +90,7 @@ pub fn rule_message(op: Op, rule: &MarkRule, seq: u32) -> Vec<u8> {
 
 /// The request for "every destination is local, through the loopback" (`local default dev
 /// lo`) in `table`. Adding replaces an identical route, so it can be repeated.
-pub fn local_default_message(op: Op, family: Family, table: u32, seq: u32) -> Vec<u8> {
+pub(super) fn local_default_message(op: Op, family: Family, table: u32, seq: u32) -> Vec<u8> {
     let (kind, flags) = match op {
         Op::Add => (RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE),
         Op::Delete => (RTM_DELROUTE, 0),
@@ -138,7 +138,7 @@ fn finish(mut msg: Vec<u8>) -> Vec<u8> {
 }
 
 /// What the kernel answered to request `seq`: `Ok(())`, or the errno it refused with.
-pub fn parse_ack(reply: &[u8], seq: u32) -> io::Result<Result<(), i32>> {
+pub(super) fn parse_ack(reply: &[u8], seq: u32) -> io::Result<Result<(), i32>> {
     let bad = |what: &str| io::Error::other(format!("netlink answer: {what}"));
     let mut rest = reply;
     while rest.len() >= 16 {
@@ -164,13 +164,13 @@ pub fn parse_ack(reply: &[u8], seq: u32) -> io::Result<Result<(), i32>> {
 }
 
 /// A route-netlink socket in the calling thread's namespace.
-pub struct Rtnl {
+pub(super) struct Rtnl {
     socket: Socket,
     seq: u32,
 }
 
 impl Rtnl {
-    pub fn open() -> io::Result<Rtnl> {
+    pub(super) fn open() -> io::Result<Rtnl> {
         let socket = Socket::new(
             Domain::from(libc::AF_NETLINK),
             Type::RAW.cloexec(),
@@ -181,13 +181,13 @@ impl Rtnl {
         Ok(Rtnl { socket, seq: 0 })
     }
 
-    pub fn next_seq(&mut self) -> u32 {
+    pub(super) fn next_seq(&mut self) -> u32 {
         self.seq = self.seq.wrapping_add(1);
         self.seq
     }
 
     /// Sends one request (built with `seq`) and returns the kernel's answer to it.
-    pub fn request(&mut self, msg: &[u8], seq: u32) -> io::Result<Result<(), i32>> {
+    pub(super) fn request(&mut self, msg: &[u8], seq: u32) -> io::Result<Result<(), i32>> {
         // With no address, a netlink socket sends to the kernel.
         self.socket.send(msg)?;
         let mut buf = [0u8; 4096];

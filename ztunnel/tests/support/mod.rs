@@ -5,15 +5,15 @@
 
 #![allow(dead_code)]
 
-pub mod xds;
+pub(crate) mod xds;
 
 use std::time::Duration;
 
 /// How long any single expected event may take before the test fails.
-pub const DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(10);
 
 /// The next item of `rx`, or a panic naming `what` after [`DEADLINE`].
-pub async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, what: &str) -> T {
+pub(crate) async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, what: &str) -> T {
     match tokio::time::timeout(DEADLINE, rx.recv()).await {
         Ok(Some(v)) => v,
         Ok(None) => panic!("{what}: channel closed"),
@@ -22,7 +22,7 @@ pub async fn next<T>(rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>, what: &st
 }
 
 /// Waits until `cond` holds, checking every few milliseconds, for at most [`DEADLINE`].
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while !cond() {
         assert!(

@@ -21,18 +21,18 @@ use ztunnel::proto::envoy::service::discovery::v3::{
 use super::next;
 
 /// One client stream, as the server sees it.
-pub struct Stream_ {
+pub(crate) struct Stream_ {
     pub metadata: MetadataMap,
     pub requests: mpsc::UnboundedReceiver<DeltaDiscoveryRequest>,
     pub responses: mpsc::UnboundedSender<Result<DeltaDiscoveryResponse, Status>>,
 }
 
 impl Stream_ {
-    pub async fn request(&mut self) -> DeltaDiscoveryRequest {
+    pub(crate) async fn request(&mut self) -> DeltaDiscoveryRequest {
         next(&mut self.requests, "xDS request").await
     }
 
-    pub fn send(&self, resp: DeltaDiscoveryResponse) {
+    pub(crate) fn send(&self, resp: DeltaDiscoveryResponse) {
         self.responses.send(Ok(resp)).expect("client stream gone");
     }
 }
@@ -75,7 +75,7 @@ impl AggregatedDiscoveryService for Service {
 }
 
 /// A running server; `stop` ends it.
-pub struct XdsServer {
+pub(crate) struct XdsServer {
     pub addr: SocketAddr,
     pub streams: mpsc::UnboundedReceiver<Stream_>,
     stop: Option<oneshot::Sender<()>>,
@@ -84,7 +84,7 @@ pub struct XdsServer {
 
 impl XdsServer {
     /// Serves on `addr` (port 0 for any).
-    pub async fn start(addr: SocketAddr) -> XdsServer {
+    pub(crate) async fn start(addr: SocketAddr) -> XdsServer {
         let listener = TcpListener::bind(addr).await.expect("bind xDS server");
         let addr = listener.local_addr().unwrap();
         let (streams_tx, streams) = mpsc::unbounded_channel();
@@ -109,17 +109,17 @@ impl XdsServer {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub async fn stream(&mut self) -> Stream_ {
+    pub(crate) async fn stream(&mut self) -> Stream_ {
         next(&mut self.streams, "xDS stream").await
     }
 
     /// Stops accepting, ends the open streams (`open` are dropped) and waits until the server
     /// has closed every connection.
-    pub async fn stop(mut self, open: Vec<Stream_>) {
+    pub(crate) async fn stop(mut self, open: Vec<Stream_>) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

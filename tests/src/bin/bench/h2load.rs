@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::load::run_in;
 
 /// What to run.
-pub struct Run<'a> {
+pub(crate) struct Run<'a> {
     pub url: &'a str,
     /// HTTP/1.1 (`--h1`) instead of h2c with prior knowledge.
     pub h1: bool,
@@ -29,7 +29,7 @@ pub struct Run<'a> {
 
 /// One h2load run.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub requests_per_s: f64,
     /// Requests completed in the measured period.
     pub requests: f64,
@@ -40,14 +40,14 @@ pub struct Outcome {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Percentiles {
+pub(crate) struct Percentiles {
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
     pub p999: f64,
 }
 
-pub fn run(netns: &str, r: &Run<'_>) -> io::Result<Outcome> {
+pub(crate) fn run(netns: &str, r: &Run<'_>) -> io::Result<Outcome> {
     let mut args: Vec<String> = vec![
         "-t".into(),
         "1".into(),
@@ -147,7 +147,7 @@ fn percentiles(log: &str) -> Option<Percentiles> {
 }
 
 /// Percentiles (nearest rank) of latencies.
-pub fn percentiles_of(mut us: Vec<f64>) -> Option<Percentiles> {
+pub(crate) fn percentiles_of(mut us: Vec<f64>) -> Option<Percentiles> {
     if us.is_empty() {
         return None;
     }

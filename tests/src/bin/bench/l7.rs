@@ -189,7 +189,7 @@ fn start_nginx_proxy(mesh: &Mesh, held: usize) -> Result<Proc, Error> {
     Ok(proc)
 }
 
-pub fn bench(args: &Args, prep: &Prepared) -> Result<(), Error> {
+pub(crate) fn bench(args: &Args, prep: &Prepared) -> Result<(), Error> {
     let mut mesh = topology(args)?;
     say("topology: two nodes, eight pods (namespace `plain` is not enrolled)");
     for pod in mesh.topo.pods() {

@@ -12,13 +12,13 @@ use std::path::Path;
 use crate::servers::{H2C_PORT, HTTP_PATH, HTTP_PORT, UPLOAD_PATH};
 
 /// The header (and value) every benchmark request carries; without it the proxies answer 404.
-pub const MATCH_HEADER: (&str, &str) = ("x-bench", "l7");
+pub(crate) const MATCH_HEADER: (&str, &str) = ("x-bench", "l7");
 /// Weights of the two versions (v1, v2).
-pub const WEIGHTS: (u32, u32) = (90, 10);
+pub(crate) const WEIGHTS: (u32, u32) = (90, 10);
 
 /// A VirtualService and a DestinationRule for each of `hosts` (the HTTP/1.1 and the h2c
 /// service), subsets by the pods' `version` label.
-pub fn waypoint_routes(hosts: &[&str]) -> String {
+pub(crate) fn waypoint_routes(hosts: &[&str]) -> String {
     let (h, v) = MATCH_HEADER;
     let (w1, w2) = WEIGHTS;
     let mut y = String::new();
@@ -89,7 +89,7 @@ spec:
 /// does), HTTP/1.1 on 8080 and h2c on 8081, both proxied as HTTP/1.1 to `v1` and `v2`.
 /// `connections`: room for the client and upstream connections at once (nginx allocates its
 /// connection table for that many up front, which counts in its memory).
-pub fn nginx_proxy(
+pub(crate) fn nginx_proxy(
     dir: &Path,
     ip: Ipv4Addr,
     v1: Ipv4Addr,

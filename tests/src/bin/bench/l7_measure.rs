@@ -24,7 +24,7 @@ type Error = Box<dyn std::error::Error>;
 
 /// A proxy process whose CPU and memory are measured.
 #[derive(Clone, Debug)]
-pub struct ProxyProc {
+pub(crate) struct ProxyProc {
     pub name: String,
     pub pid: u32,
     /// Count its children too (nginx's workers).
@@ -32,7 +32,7 @@ pub struct ProxyProc {
 }
 
 impl ProxyProc {
-    pub fn new(name: &str, pid: u32, tree: bool) -> ProxyProc {
+    pub(crate) fn new(name: &str, pid: u32, tree: bool) -> ProxyProc {
         ProxyProc {
             name: name.to_owned(),
             pid,
@@ -40,7 +40,7 @@ impl ProxyProc {
         }
     }
 
-    pub fn cpu_seconds(&self) -> io::Result<f64> {
+    pub(crate) fn cpu_seconds(&self) -> io::Result<f64> {
         if self.tree {
             procfs::tree_cpu_seconds(self.pid)
         } else {
@@ -48,7 +48,7 @@ impl ProxyProc {
         }
     }
 
-    pub fn memory(&self) -> io::Result<Memory> {
+    pub(crate) fn memory(&self) -> io::Result<Memory> {
         if self.tree {
             procfs::tree_memory(self.pid)
         } else {
@@ -58,7 +58,7 @@ impl ProxyProc {
 }
 
 /// One compared path: who the client is, whom it addresses, and which proxies carry it.
-pub struct Path {
+pub(crate) struct Path {
     pub name: &'static str,
     pub client_netns: String,
     /// Where HTTP/1.1 requests go (port 8080).
@@ -114,7 +114,7 @@ impl Path {
 }
 
 /// What carries each path, for the terminal.
-pub fn describe(path: &str) -> &'static str {
+pub(crate) fn describe(path: &str) -> &'static str {
     match path {
         "direct" => "client-plain -> server-plain: the kernel only",
         "mesh" => "client -> server pod IP: both ztunnels (HBONE), no waypoint",
@@ -148,7 +148,7 @@ fn curl_status(path: &Path, extra: &[&str]) -> Result<String, Error> {
 
 /// Each request kind answers 200 on `path`; on the proxied paths, a request without the
 /// match header is answered 404 by the proxy's routes (proof that they decided it).
-pub fn check(path: &Path, body: &FsPath) -> Result<(), Error> {
+pub(crate) fn check(path: &Path, body: &FsPath) -> Result<(), Error> {
     let h = header();
     let upload = format!("@{}", body.display());
     let url = path.url(HTTP_PATH);
@@ -191,7 +191,7 @@ pub fn check(path: &Path, body: &FsPath) -> Result<(), Error> {
 const RATES: [(&str, f64, usize); 2] = [("r1k", 1000.0, 10), ("r10k", 10_000.0, 50)];
 
 /// Every selected workload once on `path`.
-pub fn measure(
+pub(crate) fn measure(
     path: &Path,
     time: Duration,
     args: &Args,
@@ -373,7 +373,7 @@ pub fn measure(
 
 /// RSS of the path's proxies with 1,000 and `max` client connections open on it, each
 /// having made one keep-alive request (so each went all the way through the proxies).
-pub fn held_connections(path: &Path, max: usize, f: &mut Figures) -> Result<(), Error> {
+pub(crate) fn held_connections(path: &Path, max: usize, f: &mut Figures) -> Result<(), Error> {
     crate::say(&format!(
         "{}: holding open client connections (up to {max})",
         path.name

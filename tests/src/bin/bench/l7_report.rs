@@ -11,10 +11,10 @@ use crate::procfs::Machine;
 use crate::report::{Figures, Metric, Verdict, fmt_value, median, render};
 
 /// The paths compared, in display order.
-pub const PATHS: [&str; 4] = ["direct", "mesh", "waypoint", "nginx"];
+pub(crate) const PATHS: [&str; 4] = ["direct", "mesh", "waypoint", "nginx"];
 
 /// Workloads whose CPU per request is recorded per process: key and what it is.
-pub const CPU_WORKLOADS: [(&str, &str); 6] = [
+pub(crate) const CPU_WORKLOADS: [(&str, &str); 6] = [
     ("ka", "keep-alive, saturation"),
     ("r1k", "keep-alive, 1,000 req/s"),
     ("r10k", "keep-alive, 10,000 req/s"),
@@ -24,7 +24,7 @@ pub const CPU_WORKLOADS: [(&str, &str); 6] = [
 ];
 
 /// The proxy processes, in display order; `total` is their sum on a path.
-pub const PROCESSES: [&str; 5] = [
+pub(crate) const PROCESSES: [&str; 5] = [
     "waypoint",
     "ztunnel node1",
     "ztunnel node2",
@@ -41,7 +41,7 @@ const fn m(key: &'static str, unit: &'static str, what: &'static str, higher: bo
     }
 }
 
-pub const METRICS: &[Metric] = &[
+pub(crate) const METRICS: &[Metric] = &[
     m(
         "ka_rps",
         "req/s",
@@ -89,12 +89,12 @@ pub const METRICS: &[Metric] = &[
 ];
 
 /// The key of a per-process CPU figure.
-pub fn cpu_key(workload: &str, process: &str) -> String {
+pub(crate) fn cpu_key(workload: &str, process: &str) -> String {
     format!("cpu_us.{workload}.{process}")
 }
 
 /// The main table: one row per metric, "median (worst)" per path.
-pub fn table(f: &Figures, markdown: bool) -> String {
+pub(crate) fn table(f: &Figures, markdown: bool) -> String {
     let mut rows = vec![header("figure")];
     for metric in METRICS {
         let mut row = vec![metric.what.to_owned(), metric.unit.to_owned()];
@@ -184,7 +184,7 @@ fn mb(mb: f64) -> f64 {
 
 /// The targets of issue 21 from the medians of this run; `criterion_ns` is the median of
 /// the route-match micro-benchmark over 1,000 routes, when it has been run.
-pub fn verdicts(f: &Figures, criterion_ns: Option<f64>) -> Vec<Verdict> {
+pub(crate) fn verdicts(f: &Figures, criterion_ns: Option<f64>) -> Vec<Verdict> {
     let v = |target: String, measured, limit, unit, at_least| Verdict {
         target,
         measured,
@@ -268,11 +268,11 @@ pub fn verdicts(f: &Figures, criterion_ns: Option<f64>) -> Vec<Verdict> {
 }
 
 /// The criterion benchmark whose median the route-match target is judged by.
-pub const CRITERION_ROUTE_BENCH: &str = "VirtualService 1,000 prefix routes: match the last";
+pub(crate) const CRITERION_ROUTE_BENCH: &str = "VirtualService 1,000 prefix routes: match the last";
 
 /// The median, in ns, of criterion benchmark `id` as `cargo bench` last saved it under
 /// `criterion_dir` (`<dir>/<sanitised id>/new/{benchmark,estimates}.json`).
-pub fn criterion_median_ns(criterion_dir: &Path, id: &str) -> Option<f64> {
+pub(crate) fn criterion_median_ns(criterion_dir: &Path, id: &str) -> Option<f64> {
     for entry in std::fs::read_dir(criterion_dir).ok()?.flatten() {
         let new = entry.path().join("new");
         let Ok(bench) = std::fs::read_to_string(new.join("benchmark.json")) else {
@@ -290,7 +290,7 @@ pub fn criterion_median_ns(criterion_dir: &Path, id: &str) -> Option<f64> {
 }
 
 /// Everything, for `results.json`.
-pub fn json(f: &Figures, machine: &Machine, settings: Value, verdicts: &[Verdict]) -> Value {
+pub(crate) fn json(f: &Figures, machine: &Machine, settings: Value, verdicts: &[Verdict]) -> Value {
     let mut paths = serde_json::Map::new();
     for path in PATHS {
         let mut metrics = serde_json::Map::new();

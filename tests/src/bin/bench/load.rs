@@ -10,7 +10,7 @@ use mesh_tests::netns::enter_before_exec;
 
 /// Runs `program` inside namespace `netns` and returns its standard output; fails with its
 /// standard error when it exits non-zero.
-pub fn run_in(netns: &str, program: &str, args: &[String]) -> io::Result<String> {
+pub(crate) fn run_in(netns: &str, program: &str, args: &[String]) -> io::Result<String> {
     let mut cmd = Command::new(program);
     cmd.args(args);
     enter_before_exec(&mut cmd, netns)?;
@@ -31,7 +31,7 @@ pub fn run_in(netns: &str, program: &str, args: &[String]) -> io::Result<String>
 
 /// Bulk throughput of one iperf3 run.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Throughput {
+pub(crate) struct Throughput {
     pub gbit_per_s: f64,
     /// Bytes the receiver got.
     pub bytes: f64,
@@ -41,7 +41,7 @@ pub struct Throughput {
     pub endpoints_cpu_per_gb: Option<f64>,
 }
 
-pub fn iperf3(
+pub(crate) fn iperf3(
     netns: &str,
     server: SocketAddr,
     streams: u32,
@@ -98,7 +98,7 @@ fn parse_iperf3(json: &str) -> Result<Throughput, String> {
 
 /// Round-trip time percentiles, in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RoundTrips {
+pub(crate) struct RoundTrips {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
@@ -106,7 +106,7 @@ pub struct RoundTrips {
 }
 
 /// 1 KiB request/response ping-pong over one TCP connection (`sockperf ping-pong`).
-pub fn sockperf(netns: &str, server: SocketAddr, time: Duration) -> io::Result<RoundTrips> {
+pub(crate) fn sockperf(netns: &str, server: SocketAddr, time: Duration) -> io::Result<RoundTrips> {
     let args: Vec<String> = [
         "ping-pong",
         "--tcp",
@@ -155,7 +155,7 @@ fn parse_sockperf(out: &str) -> Option<RoundTrips> {
 
 /// An HTTP/1.1 load run (wrk).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Http {
+pub(crate) struct Http {
     pub requests_per_s: f64,
     pub requests: f64,
     pub p50_ms: f64,
@@ -167,7 +167,7 @@ pub struct Http {
 
 /// wrk against `url`; `close` sends `Connection: close`, so every request is a new TCP
 /// connection (and, through the mesh, a new HBONE stream).
-pub fn wrk(
+pub(crate) fn wrk(
     netns: &str,
     url: &str,
     connections: u32,
@@ -178,7 +178,7 @@ pub fn wrk(
 }
 
 /// [`wrk`] with more header lines (`name: value`).
-pub fn wrk_with(
+pub(crate) fn wrk_with(
     netns: &str,
     url: &str,
     connections: u32,

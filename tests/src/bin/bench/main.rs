@@ -547,7 +547,7 @@ fn held_connections(
     } else {
         "held_1k_rss_mib"
     };
-    for (node, m) in f.memory.iter_mut() {
+    for (node, m) in &mut f.memory {
         let (Some(&base), Some(&top)) = (m.get("before_held_rss_mib"), m.get(top_key)) else {
             continue;
         };

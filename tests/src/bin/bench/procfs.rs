@@ -5,7 +5,7 @@ use std::io;
 
 /// CPU seconds a process has used so far, user plus system, all threads
 /// (`/proc/<pid>/stat` fields 14 and 15, `utime` and `stime`, in clock ticks).
-pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> io::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let ticks = parse_stat_ticks(&stat)
         .ok_or_else(|| io::Error::other(format!("unexpected /proc/{pid}/stat: {stat:?}")))?;
@@ -24,14 +24,12 @@ fn parse_stat_ticks(stat: &str) -> Option<u64> {
 }
 
 fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
+    mesh_tests::sys::clock_ticks_per_second().map_or(100.0, |t| t as f64)
 }
 
 /// Resident memory now (`VmRSS`) and at its peak (`VmHWM`), in MiB.
 #[derive(Debug, Clone, Copy)]
-pub struct Memory {
+pub(crate) struct Memory {
     pub rss_mib: f64,
     pub peak_mib: f64,
     /// Of the RSS: private memory (heap, stacks, maps)...
@@ -40,7 +38,7 @@ pub struct Memory {
     pub file_mib: f64,
 }
 
-pub fn memory(pid: u32) -> io::Result<Memory> {
+pub(crate) fn memory(pid: u32) -> io::Result<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     parse_status(&status)
         .ok_or_else(|| io::Error::other(format!("no VmRSS/VmHWM in /proc/{pid}/status")))
@@ -65,7 +63,7 @@ fn parse_status(status: &str) -> Option<Memory> {
 
 /// `pid` and its children (nginx's master and its workers), each thread's list of children
 /// read from `/proc/<pid>/task/<tid>/children`.
-pub fn with_children(pid: u32) -> Vec<u32> {
+pub(crate) fn with_children(pid: u32) -> Vec<u32> {
     let mut pids = vec![pid];
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
@@ -82,12 +80,12 @@ pub fn with_children(pid: u32) -> Vec<u32> {
 }
 
 /// CPU seconds of `pid` and its children together.
-pub fn tree_cpu_seconds(pid: u32) -> io::Result<f64> {
+pub(crate) fn tree_cpu_seconds(pid: u32) -> io::Result<f64> {
     with_children(pid).into_iter().map(cpu_seconds).sum()
 }
 
 /// Memory of `pid` and its children together (their peaks added: an upper bound).
-pub fn tree_memory(pid: u32) -> io::Result<Memory> {
+pub(crate) fn tree_memory(pid: u32) -> io::Result<Memory> {
     let mut total = Memory {
         rss_mib: 0.0,
         peak_mib: 0.0,
@@ -106,7 +104,7 @@ pub fn tree_memory(pid: u32) -> io::Result<Memory> {
 
 /// The machine the figures were taken on.
 #[derive(Debug, Clone)]
-pub struct Machine {
+pub(crate) struct Machine {
     pub cpu_model: String,
     pub cores: usize,
     pub kernel: String,
@@ -115,7 +113,7 @@ pub struct Machine {
     pub load_average: f64,
 }
 
-pub fn machine() -> Machine {
+pub(crate) fn machine() -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo
         .lines()
@@ -150,29 +148,15 @@ pub fn machine() -> Machine {
 /// Raises this process's open-file limit to `want`, or to the hard limit when raising that
 /// is not permitted (no `CAP_SYS_RESOURCE`, as in some containers); returns the limit now in
 /// force. Children inherit it: the ztunnels, servers and clients started afterwards.
-pub fn raise_nofile(want: u64) -> io::Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into a valid struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    for (soft, hard) in [
-        (want, want.max(limit.rlim_max)),
-        (want.min(limit.rlim_max), limit.rlim_max),
-    ] {
-        let new = libc::rlimit {
-            rlim_cur: soft,
-            rlim_max: hard,
-        };
-        // SAFETY: setrlimit reads a valid, initialised struct.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } == 0 {
-            return Ok(soft);
-        }
-    }
-    Err(io::Error::last_os_error())
+pub(crate) fn raise_nofile(want: u64) -> io::Result<u64> {
+    use mesh_tests::sys::{open_files_limit, set_open_files_limit};
+    let (_, max) = open_files_limit()?;
+    set_open_files_limit(want, want.max(max))
+        .map(|()| want)
+        .or_else(|_| {
+            let soft = want.min(max);
+            set_open_files_limit(soft, max).map(|()| soft)
+        })
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::h2load::{Percentiles, percentiles_of};
 
 /// What a constant-rate run did.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Rated {
+pub(crate) struct Rated {
     pub requests_per_s: f64,
     pub requests: f64,
     /// Answers other than 200, and failed connections' requests.
@@ -27,7 +27,7 @@ pub struct Rated {
 
 /// Sends `request` to `dst` from `netns` at `rate` per second over `connections` keep-alive
 /// connections for `time`.
-pub fn run(
+pub(crate) fn run(
     netns: &str,
     dst: SocketAddr,
     request: &str,
@@ -118,12 +118,11 @@ fn drive(mut conns: Vec<TcpStream>, request: &str, rate: f64, time: Duration) ->
 
 /// Wake-ups within a nanosecond of the due time, rather than Linux's default 50 µs slack.
 fn set_timer_slack() {
-    // SAFETY: prctl(PR_SET_TIMERSLACK) takes an integer and only affects the calling thread.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+    mesh_tests::sys::precise_timer_slack();
 }
 
 /// Reads one HTTP/1.1 response with a `content-length` body; returns its status.
-pub fn read_response(conn: &mut impl Read) -> io::Result<u16> {
+pub(crate) fn read_response(conn: &mut impl Read) -> io::Result<u16> {
     let mut buf = Vec::with_capacity(2048);
     let mut chunk = [0u8; 4096];
     loop {

@@ -9,17 +9,17 @@ use serde_json::{Value, json};
 use crate::procfs::Machine;
 
 /// The paths compared, in display order.
-pub const PATHS: [&str; 3] = ["direct", "mesh", "same-node"];
+pub(crate) const PATHS: [&str; 3] = ["direct", "mesh", "same-node"];
 
 /// A measured quantity: key, unit, what it is, and whether more is better.
-pub struct Metric {
+pub(crate) struct Metric {
     pub key: &'static str,
     pub unit: &'static str,
     pub what: &'static str,
     pub higher_is_better: bool,
 }
 
-pub const METRICS: &[Metric] = &[
+pub(crate) const METRICS: &[Metric] = &[
     m("tput_1", "Gbit/s", "throughput, iperf3 1 stream", true),
     m("tput_8", "Gbit/s", "throughput, iperf3 8 streams", true),
     m("rtt_p50", "us", "1 KiB round trip p50 (sockperf)", false),
@@ -77,7 +77,7 @@ const fn m(key: &'static str, unit: &'static str, what: &'static str, higher: bo
 
 /// Every sample of every figure, by path and metric; memory figures by ztunnel.
 #[derive(Default)]
-pub struct Figures {
+pub(crate) struct Figures {
     samples: BTreeMap<(String, String), Vec<f64>>,
     /// `<node>` -> figure name -> MiB.
     pub memory: BTreeMap<String, BTreeMap<String, f64>>,
@@ -88,26 +88,26 @@ pub struct Figures {
 }
 
 impl Figures {
-    pub fn record(&mut self, path: &str, metric: &str, value: f64) {
+    pub(crate) fn record(&mut self, path: &str, metric: &str, value: f64) {
         self.samples
             .entry((path.to_owned(), metric.to_owned()))
             .or_default()
             .push(value);
     }
 
-    pub fn samples(&self, path: &str, metric: &str) -> &[f64] {
+    pub(crate) fn samples(&self, path: &str, metric: &str) -> &[f64] {
         self.samples
             .get(&(path.to_owned(), metric.to_owned()))
             .map_or(&[], Vec::as_slice)
     }
 
-    pub fn median(&self, path: &str, metric: &str) -> Option<f64> {
+    pub(crate) fn median(&self, path: &str, metric: &str) -> Option<f64> {
         median(self.samples(path, metric))
     }
 
     /// The worst sample: the lowest of a higher-is-better figure, else the highest. Printed
     /// as "min" for throughputs, where it is the minimum the issue asks for.
-    pub fn worst(&self, path: &str, metric: &Metric) -> Option<f64> {
+    pub(crate) fn worst(&self, path: &str, metric: &Metric) -> Option<f64> {
         let s = self.samples(path, metric.key);
         let fold = if metric.higher_is_better {
             f64::min
@@ -117,12 +117,12 @@ impl Figures {
         s.iter().copied().reduce(fold)
     }
 
-    pub fn min(&self, path: &str, metric: &str) -> Option<f64> {
+    pub(crate) fn min(&self, path: &str, metric: &str) -> Option<f64> {
         self.samples(path, metric).iter().copied().reduce(f64::min)
     }
 }
 
-pub fn median(samples: &[f64]) -> Option<f64> {
+pub(crate) fn median(samples: &[f64]) -> Option<f64> {
     if samples.is_empty() {
         return None;
     }
@@ -137,7 +137,7 @@ pub fn median(samples: &[f64]) -> Option<f64> {
 }
 
 /// One target of the issue and how this run did against it.
-pub struct Verdict {
+pub(crate) struct Verdict {
     pub target: String,
     pub measured: Option<f64>,
     pub limit: f64,
@@ -147,7 +147,7 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    pub fn met(&self) -> Option<bool> {
+    pub(crate) fn met(&self) -> Option<bool> {
         let m = self.measured?;
         Some(if self.at_least {
             m >= self.limit
@@ -158,7 +158,7 @@ impl Verdict {
 }
 
 /// The targets of issue 13, from the medians of this run.
-pub fn verdicts(f: &Figures) -> Vec<Verdict> {
+pub(crate) fn verdicts(f: &Figures) -> Vec<Verdict> {
     let ratio = |path: &str, metric: &str| -> Option<f64> {
         Some(f.median(path, metric)? / f.median("direct", metric)?)
     };
@@ -263,7 +263,7 @@ pub fn verdicts(f: &Figures) -> Vec<Verdict> {
     out
 }
 
-pub fn fmt_value(v: Option<f64>) -> String {
+pub(crate) fn fmt_value(v: Option<f64>) -> String {
     match v {
         None => "-".to_owned(),
         Some(v) if v.abs() >= 1000.0 => format!("{v:.0}"),
@@ -275,7 +275,7 @@ pub fn fmt_value(v: Option<f64>) -> String {
 
 /// The figures as a table: one row per metric, "median (worst)" per path. `markdown`
 /// writes pipes for the README.
-pub fn table(f: &Figures, markdown: bool) -> String {
+pub(crate) fn table(f: &Figures, markdown: bool) -> String {
     let mut rows: Vec<Vec<String>> = vec![{
         let mut h = vec!["figure".to_owned(), "unit".to_owned()];
         h.extend(PATHS.iter().map(|p| format!("{p} median (worst)")));
@@ -323,7 +323,7 @@ pub fn table(f: &Figures, markdown: bool) -> String {
     out
 }
 
-pub fn verdict_lines(verdicts: &[Verdict]) -> String {
+pub(crate) fn verdict_lines(verdicts: &[Verdict]) -> String {
     let mut out = String::new();
     for v in verdicts {
         let status = match v.met() {
@@ -342,7 +342,7 @@ pub fn verdict_lines(verdicts: &[Verdict]) -> String {
     out
 }
 
-pub fn render(rows: &[Vec<String>], markdown: bool) -> String {
+pub(crate) fn render(rows: &[Vec<String>], markdown: bool) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|c| {
@@ -377,7 +377,7 @@ pub fn render(rows: &[Vec<String>], markdown: bool) -> String {
 }
 
 /// Everything, for `results.json`.
-pub fn json(f: &Figures, machine: &Machine, settings: Value, verdicts: &[Verdict]) -> Value {
+pub(crate) fn json(f: &Figures, machine: &Machine, settings: Value, verdicts: &[Verdict]) -> Value {
     let mut paths = serde_json::Map::new();
     for path in PATHS {
         let mut metrics = serde_json::Map::new();

@@ -13,22 +13,22 @@ use std::time::Duration;
 use mesh_tests::netns::in_netns;
 use mesh_tests::{Proc, wait_until};
 
-pub const IPERF_PORT: u16 = 5201;
-pub const SOCKPERF_PORT: u16 = 11111;
-pub const HTTP_PORT: u16 = 8080;
+pub(crate) const IPERF_PORT: u16 = 5201;
+pub(crate) const SOCKPERF_PORT: u16 = 11111;
+pub(crate) const HTTP_PORT: u16 = 8080;
 /// nginx's HTTP/2 listener (h2c, prior knowledge): nginx 1.22 speaks only HTTP/2 on a port
 /// marked `http2`, so HTTP/1.1 keeps its own.
-pub const H2C_PORT: u16 = 8081;
-pub const HOLD_PORT: u16 = 9000;
+pub(crate) const H2C_PORT: u16 = 8081;
+pub(crate) const HOLD_PORT: u16 = 9000;
 /// The path nginx answers with a 1 KiB body.
-pub const HTTP_PATH: &str = "/1k";
+pub(crate) const HTTP_PATH: &str = "/1k";
 /// The path that takes a request body of up to 2 MiB (read and discarded) and answers `ok`.
-pub const UPLOAD_PATH: &str = "/upload";
+pub(crate) const UPLOAD_PATH: &str = "/upload";
 /// Debian's nginx echo module (`libnginx-mod-http-echo`), for the upload endpoint.
 const ECHO_MODULE: &str = "/usr/lib/nginx/modules/ngx_http_echo_module.so";
 
 /// The load servers of one pod; stopped on drop.
-pub struct PodServers {
+pub(crate) struct PodServers {
     procs: Vec<Proc>,
 }
 
@@ -45,7 +45,12 @@ impl Drop for PodServers {
 impl PodServers {
     /// Starts iperf3, sockperf and nginx listening on `ip` inside `netns`, and waits until
     /// each is listening. Logs and nginx's files go to `dir/<name>`.
-    pub fn start(name: &str, netns: &str, ip: Ipv4Addr, dir: &Path) -> io::Result<PodServers> {
+    pub(crate) fn start(
+        name: &str,
+        netns: &str,
+        ip: Ipv4Addr,
+        dir: &Path,
+    ) -> io::Result<PodServers> {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir)?;
         let mut procs = Vec::new();
@@ -163,7 +168,7 @@ http {{
 
 /// Whether something listens on TCP `port` in `netns` (its `/proc/net/tcp`, state 0A).
 /// Probing with a connection would not do: from an enrolled pod, it would be captured.
-pub fn listening(netns: &str, port: u16) -> io::Result<bool> {
+pub(crate) fn listening(netns: &str, port: u16) -> io::Result<bool> {
     let table = in_netns(netns, || {
         std::fs::read_to_string("/proc/thread-self/net/tcp")
     })??;
@@ -177,14 +182,14 @@ pub fn listening(netns: &str, port: u16) -> io::Result<bool> {
 }
 
 /// Accepts connections and keeps them open, idle, until dropped; tells who connected.
-pub struct HoldServer {
+pub(crate) struct HoldServer {
     accepted: Arc<AtomicUsize>,
     held: Arc<Mutex<Vec<TcpStream>>>,
     last_peer: Arc<Mutex<Option<SocketAddr>>>,
 }
 
 impl HoldServer {
-    pub fn start(netns: &str, addr: SocketAddr) -> io::Result<HoldServer> {
+    pub(crate) fn start(netns: &str, addr: SocketAddr) -> io::Result<HoldServer> {
         let listener = in_netns(netns, move || TcpListener::bind(addr))??;
         let accepted = Arc::new(AtomicUsize::new(0));
         let held = Arc::new(Mutex::new(Vec::new()));
@@ -211,17 +216,17 @@ impl HoldServer {
 
     /// The peer address of the last accepted connection (127.0.0.6 when ztunnel delivered it
     /// with `--inbound-source loopback`).
-    pub fn last_peer(&self) -> Option<SocketAddr> {
+    pub(crate) fn last_peer(&self) -> Option<SocketAddr> {
         self.last_peer.lock().ok().and_then(|p| *p)
     }
 
     /// Connections accepted so far.
-    pub fn accepted(&self) -> usize {
+    pub(crate) fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
 
     /// Closes every held connection.
-    pub fn release(&self) {
+    pub(crate) fn release(&self) {
         if let Ok(mut held) = self.held.lock() {
             held.clear();
         }
@@ -230,7 +235,7 @@ impl HoldServer {
 
 /// Established TCP connections whose local port is `port` in `netns` (server ends, from its
 /// `/proc/net/tcp`, state 01): counted by the kernel, whoever accepts them.
-pub fn established(netns: &str, port: u16) -> io::Result<usize> {
+pub(crate) fn established(netns: &str, port: u16) -> io::Result<usize> {
     let table = in_netns(netns, || {
         std::fs::read_to_string("/proc/thread-self/net/tcp")
     })??;
@@ -252,7 +257,7 @@ pub fn established(netns: &str, port: u16) -> io::Result<usize> {
 /// pod `server_netns` has them established: through the mesh a client's connect completes at
 /// its ztunnel, before the tunnel reaches the server. The server end is not in this process,
 /// whose open-file limit may be too low for both ends.
-pub fn hold_connections(
+pub(crate) fn hold_connections(
     netns: &str,
     dst: SocketAddr,
     server_netns: &str,

@@ -10,14 +10,14 @@ const COLORS: [&str; 4] = ["#8c8c8c", "#1f6feb", "#2da44e", "#d29922"];
 const WIDTH: f64 = 960.0;
 const HEIGHT: f64 = 400.0;
 
-pub struct Panel<'a> {
+pub(crate) struct Panel<'a> {
     pub title: &'a str,
     /// (group label, metric key, scale applied to the median for display)
     pub groups: &'a [(&'a str, &'a str, f64)],
 }
 
 /// The L4 benchmark's chart.
-pub fn chart(f: &Figures, machine: &Machine) -> String {
+pub(crate) fn chart(f: &Figures, machine: &Machine) -> String {
     let panels = [
         Panel {
             title: "Throughput, Gbit/s (higher is better)",
@@ -49,7 +49,7 @@ pub fn chart(f: &Figures, machine: &Machine) -> String {
 }
 
 /// A chart of `panels` side by side, a bar per path (at most four) in each group.
-pub fn chart_of(
+pub(crate) fn chart_of(
     f: &Figures,
     machine: &Machine,
     title: &str,

@@ -77,7 +77,7 @@ fn example_mesh_loads() {
     assert!(!authorize(&conn(Some("sleep"), 8081), &echo, &s).is_allow());
     match authorize(&conn(Some("sleep"), 9999), &echo, &s) {
         Decision::Deny { policy, .. } => {
-            assert_eq!(policy.as_deref(), Some("default/deny-debug-port"))
+            assert_eq!(policy.as_deref(), Some("default/deny-debug-port"));
         }
         other => panic!("{other:?}"),
     }

@@ -201,7 +201,7 @@ async fn run(config: XdsConfig, tx: watch::Sender<Arc<State>>, stats: Arc<XdsSta
                 warn!(address = %config.target.address, "xDS stream ended before any response; keeping the last good state");
             }
             Err(e) => {
-                warn!(address = %config.target.address, "xDS: {e}; keeping the last good state")
+                warn!(address = %config.target.address, "xDS: {e}; keeping the last good state");
             }
         }
         let (wait, next) = config.backoff.next(base);
