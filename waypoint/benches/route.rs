@@ -76,7 +76,7 @@ fn route_match(c: &mut Criterion) {
     let middle = Request::get("/api/v1/svc-499/items", &headers, 80);
     assert!(matched(vs.table.decide(HOST, &last)));
     c.bench_function("VirtualService 1,000 prefix routes: match the last", |b| {
-        b.iter(|| black_box(vs.table.decide(black_box(HOST), black_box(&last))))
+        b.iter(|| black_box(vs.table.decide(black_box(HOST), black_box(&last))));
     });
     let service = vs.table.service(HOST).expect("routes");
     c.bench_function(
@@ -86,26 +86,26 @@ fn route_match(c: &mut Criterion) {
     // Rule 499's tenant is t9 (499 % 10), so this is a hit halfway down the list.
     assert!(matched(vs.table.decide(HOST, &middle)));
     c.bench_function("VirtualService 1,000 prefix routes: match the 500th", |b| {
-        b.iter(|| black_box(vs.table.decide(black_box(HOST), black_box(&middle))))
+        b.iter(|| black_box(vs.table.decide(black_box(HOST), black_box(&middle))));
     });
     let miss = Request::get("/nothing/here", &headers, 80);
     assert!(matches!(vs.table.decide(HOST, &miss), Decision::NotFound));
     c.bench_function("VirtualService 1,000 prefix routes: no match (404)", |b| {
-        b.iter(|| black_box(vs.table.decide(black_box(HOST), black_box(&miss))))
+        b.iter(|| black_box(vs.table.decide(black_box(HOST), black_box(&miss))));
     });
 
     let hr = table(&http_route(1_000));
     let last = Request::get("/api/v1/svc-999/items", &headers, 80);
     assert!(matched(hr.table.decide(HOST, &last)));
     c.bench_function("HTTPRoute 1,000 rules: match one", |b| {
-        b.iter(|| black_box(hr.table.decide(black_box(HOST), black_box(&last))))
+        b.iter(|| black_box(hr.table.decide(black_box(HOST), black_box(&last))));
     });
 
     let rx = table(&virtual_service(100, true));
     let last = Request::get("/api/v2/svc-99/items", &headers, 80);
     assert!(matched(rx.table.decide(HOST, &last)));
     c.bench_function("VirtualService 100 regex routes: match the last", |b| {
-        b.iter(|| black_box(rx.table.decide(black_box(HOST), black_box(&last))))
+        b.iter(|| black_box(rx.table.decide(black_box(HOST), black_box(&last))));
     });
 }
 
@@ -139,13 +139,13 @@ fn header_matching(c: &mut Criterion) {
     };
     assert!(exact.matches(&headers) && regex.matches(&headers) && !absent.matches(&headers));
     c.bench_function("header exact match (6 headers)", |b| {
-        b.iter(|| black_box(exact.matches(black_box(&headers))))
+        b.iter(|| black_box(exact.matches(black_box(&headers))));
     });
     c.bench_function("header regex match (6 headers)", |b| {
-        b.iter(|| black_box(regex.matches(black_box(&headers))))
+        b.iter(|| black_box(regex.matches(black_box(&headers))));
     });
     c.bench_function("header present, absent (6 headers)", |b| {
-        b.iter(|| black_box(absent.matches(black_box(&headers))))
+        b.iter(|| black_box(absent.matches(black_box(&headers))));
     });
 }
 
@@ -173,10 +173,10 @@ fn weighted_pick(c: &mut Criterion) {
         x
     };
     c.bench_function("weighted pick of 2 (90/10)", |b| {
-        b.iter(|| black_box(two.pick(next())))
+        b.iter(|| black_box(two.pick(next())));
     });
     c.bench_function("weighted pick of 10", |b| {
-        b.iter(|| black_box(ten.pick(next())))
+        b.iter(|| black_box(ten.pick(next())));
     });
 }
 
@@ -189,7 +189,7 @@ fn retry_decision(c: &mut Criterion) {
     };
     assert!(on.should_retry(outcome));
     c.bench_function("retry decision (503 under 5xx,...)", |b| {
-        b.iter(|| black_box(on.should_retry(black_box(outcome))))
+        b.iter(|| black_box(on.should_retry(black_box(outcome))));
     });
 }
 

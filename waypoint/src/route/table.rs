@@ -273,7 +273,7 @@ impl ServiceRoutes {
 
     /// Tries every route in order.
     pub fn scan(&self, req: &Request<'_>) -> Decision<'_> {
-        for r in self.routes.iter() {
+        for r in &self.routes {
             if let Some(matched_prefix) = r.matches(req) {
                 return Decision::Matched {
                     target: &r.target,
