@@ -43,6 +43,17 @@ type Seen = Arc<std::sync::Mutex<Vec<(String, usize)>>>;
 
 impl HttpApp {
     pub fn start(netns: &str, name: &str, addr: SocketAddr) -> io::Result<HttpApp> {
+        HttpApp::start_failing(netns, name, addr, 0)
+    }
+
+    /// Like [`HttpApp::start`], and this instance answers 503 to each request with probability
+    /// `fail_percent`/100 whatever the request says (an unhealthy replica).
+    pub fn start_failing(
+        netns: &str,
+        name: &str,
+        addr: SocketAddr,
+        fail_percent: u64,
+    ) -> io::Result<HttpApp> {
         let listener = in_netns(netns, move || std::net::TcpListener::bind(addr))??;
         listener.set_nonblocking(true)?;
         let requests = Arc::new(AtomicU64::new(0));
@@ -68,7 +79,7 @@ impl HttpApp {
                     tokio::spawn(async move {
                         let service = service_fn(move |req| {
                             counted.fetch_add(1, Ordering::Relaxed);
-                            answer(name.clone(), peer, req, recorded.clone())
+                            answer(name.clone(), peer, req, recorded.clone(), fail_percent)
                         });
                         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                             .serve_connection_with_upgrades(TokioIo::new(conn), service)
@@ -183,6 +194,7 @@ async fn answer(
     peer: SocketAddr,
     req: Request<Incoming>,
     seen: Seen,
+    fail_percent: u64,
 ) -> Result<Response<AppBody>, Infallible> {
     let authority = req
         .uri()
@@ -233,7 +245,7 @@ async fn answer(
         .and_then(|s| u16::try_from(s).ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
-    if let Some(p) = number("x-app-fail-percent")
+    if let Some(p) = number("x-app-fail-percent").or(Some(fail_percent).filter(|p| *p > 0))
         && rand::random_range(0..100) < p
     {
         status = StatusCode::SERVICE_UNAVAILABLE;

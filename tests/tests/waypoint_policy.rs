@@ -31,6 +31,9 @@ spec:
     route: [{destination: {host: reviews, subset: v1}}]
     mirror: {host: reviews, subset: v2}
     mirrorPercentage: {value: 50}
+  - match: [{uri: {prefix: /both}}]
+    retries: {attempts: 3, retryOn: 5xx}
+    route: [{destination: {host: reviews}}]
   - route: [{destination: {host: reviews, subset: v1}}]
     mirror: {host: reviews, subset: v2}
 ---
@@ -558,5 +561,63 @@ async fn grpc_streams_flow_both_ways_through_the_waypoint() {
     assert_eq!(
         response.headers().get("grpc-status").map(|v| v.as_bytes()),
         Some(&b"12"[..])
+    );
+}
+
+/// Retries prefer a host not tried yet (Envoy's previous-hosts predicate, up to 5 host
+/// selections): with one endpoint failing every request and one healthy, a request fails only
+/// if its first pick is the failing one (1/2) and each of its 3 retries picks it 5 times in a
+/// row ((1/32)^3): 1/65,536. Over 2,000 requests: 0.03 failures expected; more than 2 has a
+/// probability below 5e-6.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_go_to_another_endpoint() {
+    let mesh = mesh();
+    let failing = HttpApp::start_failing(
+        &mesh.netns("reviews-v1"),
+        "reviews-v1",
+        SocketAddr::from((mesh.ip("reviews-v1"), 8080)),
+        100,
+    )
+    .expect("failing replica");
+    let healthy = HttpApp::start(
+        &mesh.netns("reviews-v2"),
+        "reviews-v2",
+        SocketAddr::from((mesh.ip("reviews-v2"), 8080)),
+    )
+    .expect("healthy replica");
+    let routes = routes_path(&mesh);
+    write_atomic(&routes, ROUTES);
+    let wp = start_waypoint(&mesh, &routes);
+    let conn = through_waypoint(&mesh, mesh_tests::waypoint::REVIEWS_VIP, Version::Http2).await;
+    let mut tasks = Vec::new();
+    for _ in 0..2000 {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            conn.get("reviews:9080", "/both", &[])
+                .await
+                .map(|a| a.status)
+        }));
+    }
+    let mut failed = 0;
+    for t in tasks {
+        if t.await.expect("task").expect("request") != 200 {
+            failed += 1;
+        }
+    }
+    assert!(
+        failed <= 2,
+        "{failed} of 2000 failed, expected 0.03\n{}",
+        wp.log()
+    );
+    assert_eq!(
+        healthy.requests(),
+        2000 - failed,
+        "every success came from the healthy replica"
+    );
+    // About half of the first attempts went to the failing replica, each then retried once.
+    let first_on_failing = failing.requests();
+    assert!(
+        (800..=1200).contains(&first_on_failing),
+        "{first_on_failing} attempts on the failing replica, expected 1,000 ± 200 (sd 22)"
     );
 }

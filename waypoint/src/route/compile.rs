@@ -134,17 +134,6 @@ pub fn compile(resources: &[Resource], opts: &CompileOptions) -> Compiled {
         rejected: Vec::new(),
         hosts: HashSet::new(),
     };
-    for r in resources {
-        if let Spec::DestinationRule(dr) = &r.spec
-            && !dr.export_to.is_empty()
-        {
-            c.note(
-                r,
-                "spec.exportTo",
-                Problem::NotImplemented("exportTo (visible to every namespace)"),
-            );
-        }
-    }
     // Service host -> (routes, where they came from, who defined them).
     let mut services: HashMap<String, (Vec<Route>, RouteSource, ResourceName)> = HashMap::new();
     for (host, (routes, owner)) in super::compile_gateway::routes(&mut c, resources) {

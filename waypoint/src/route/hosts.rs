@@ -27,6 +27,16 @@ pub fn namespace_of<'h>(fqdn: &'h str, domain: &str) -> Option<&'h str> {
         .filter(|ns| !ns.contains('.'))
 }
 
+/// Whether a resource of namespace `own` with `exportTo` list `to` is visible in namespace
+/// `from` (Istio: empty is every namespace, `*` every namespace, `.` its own, `~` none, else
+/// the namespaces named).
+pub fn exported(to: &[String], own: &str, from: &str) -> bool {
+    to.is_empty()
+        || to
+            .iter()
+            .any(|t| t == "*" || (t == "." && own == from) || (t != "~" && t == from))
+}
+
 fn covers(pattern: &str, host: &str) -> bool {
     pattern == host
         || pattern == "*"
@@ -68,14 +78,17 @@ impl<'c> Subsets<'c> {
     }
 
     /// The DestinationRule that applies to `host` for a route in namespace `from`: one in
-    /// `from`, else in the service's namespace, else in the root namespace (mesh-wide).
+    /// `from`, else in the service's namespace, else in the root namespace (mesh-wide); a
+    /// rule counts only where its `exportTo` makes it visible to `from`.
     pub fn rule_for(&self, host: &str, from: &str) -> Option<&'c DestinationRule> {
         let service_ns = namespace_of(host, self.domain);
         let order = [Some(from), service_ns, Some(self.root_namespace)];
         order.iter().flatten().find_map(|ns| {
             self.rules
                 .iter()
-                .find(|(rns, h, _)| rns == ns && covers(h, host))
+                .find(|(rns, h, dr)| {
+                    rns == ns && covers(h, host) && exported(&dr.export_to, rns, from)
+                })
                 .map(|(_, _, dr)| *dr)
         })
     }
@@ -132,6 +145,18 @@ mod tests {
             namespace_of("a.b.c.svc.cluster.local", "cluster.local"),
             None
         );
+    }
+
+    #[test]
+    fn export_to_visibility() {
+        let to = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert!(exported(&to(&[]), "a", "b"));
+        assert!(exported(&to(&["*"]), "a", "b"));
+        assert!(exported(&to(&["."]), "a", "a"));
+        assert!(!exported(&to(&["."]), "a", "b"));
+        assert!(!exported(&to(&["~"]), "a", "a"));
+        assert!(exported(&to(&["c", "b"]), "a", "b"));
+        assert!(!exported(&to(&["c"]), "a", "b"));
     }
 
     #[test]

@@ -596,3 +596,55 @@ spec:
     assert_eq!(r.backoff_base, Duration::from_millis(100));
     assert_eq!(r.backoff_max(), Duration::from_secs(1));
 }
+
+#[test]
+fn destination_rule_export_to_limits_where_its_subsets_are_seen() {
+    let yaml = |export: &str| {
+        format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [reviews.shop.svc.cluster.local]
+  http:
+  - route:
+    - destination: {{host: reviews.shop.svc.cluster.local, subset: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  host: reviews
+  exportTo: {export}
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+"#
+        )
+    };
+    let h = hdrs(&[]);
+    let subset_defined = |export: &str| {
+        let c = build(&yaml(export));
+        assert!(
+            c.diagnostics
+                .iter()
+                .all(|d| d.severity() != Severity::Error),
+            "{:#?}",
+            c.diagnostics
+        );
+        let t = route(
+            &c,
+            "reviews.shop.svc.cluster.local",
+            &Request::get("/", &h, 9080),
+        )
+        .expect("a route");
+        let subset = backends(t).all()[0].subset.clone().expect("a subset");
+        subset.labels.is_some()
+    };
+    // Visible to the route's namespace: everywhere, or by name.
+    assert!(subset_defined("[\"*\"]"));
+    assert!(subset_defined("[default]"));
+    // Only its own namespace, or none: the route in `default` does not see the subset.
+    assert!(!subset_defined("[\".\"]"));
+    assert!(!subset_defined("[\"~\"]"));
+}
