@@ -145,10 +145,19 @@ pub fn start_waypoint_xds(mesh: &Mesh, routes: &Path) -> Proc {
 }
 
 fn run_waypoint(mesh: &Mesh, routes: &Path, mut cmd: Command) -> Proc {
+    // The same CA as the ztunnels: Istio's when the mesh uses one, else the local one.
+    match &mesh.istio_ca {
+        Some(ca) => cmd
+            .arg("--ca-address")
+            .arg(ca.url())
+            .arg("--ca-root-cert")
+            .arg(mesh.dir.path().join("istio-ca-root.pem"))
+            .arg("--token-file")
+            .arg(mesh.istio_token_path()),
+        None => cmd.arg("--ca-dir").arg(mesh.dir.path().join("ca")),
+    };
     cmd.arg("--routes")
         .arg(routes)
-        .arg("--ca-dir")
-        .arg(mesh.dir.path().join("ca"))
         .arg("--service-account")
         .arg("waypoint")
         .arg("--poll-ms")

@@ -557,3 +557,48 @@ async fn tcp_ports_are_relayed_as_bytes() {
         std::net::IpAddr::from(mesh.ip("wp"))
     );
 }
+
+/// The waypoint takes its certificate from Istio's CA (the in-process stand-in on istiod's
+/// 15012, bearer token, as ztunnel does) when the mesh uses one: both ztunnels accept it, as
+/// the client's tunnel's server and as the client of the destination's.
+#[test]
+fn certificates_from_istios_ca() {
+    let mesh = mesh_with(|m| {
+        m.service_labels.push((
+            "reviews".to_owned(),
+            "istio.io/use-waypoint".to_owned(),
+            "waypoint".to_owned(),
+        ));
+        m.use_istio_ca(Duration::from_secs(3600)).expect("Istio CA");
+        // The waypoint pod reaches the CA on the fabric, as ztunnels do.
+        m.topo.route_fabric_to_pods().expect("fabric routes");
+    });
+    let _apps = apps(&mesh);
+    let routes = routes_path(&mesh);
+    write_atomic(&routes, TUTORIAL);
+    let mut mesh = mesh;
+    let wp = start_waypoint(&mesh, &routes);
+    // Istio's agents name the identity they ask for in the request's metadata.
+    let waypoint_id = "spiffe://cluster.local/ns/default/sa/waypoint";
+    let asked = mesh
+        .istio_ca()
+        .requests()
+        .iter()
+        .filter(|seen| {
+            seen.request.metadata.as_ref().is_some_and(|m| {
+                m.fields.get("ImpersonatedIdentity").is_some_and(|v| {
+                    matches!(&v.kind, Some(prost_types::value::Kind::StringValue(id)) if id == waypoint_id)
+                })
+            })
+        })
+        .count();
+    assert!(asked >= 1, "the CA issued nothing for {waypoint_id}");
+    let url = format!("http://{REVIEWS_VIP}:9080/reviews/1");
+    let (code, out) = curl_i(&mesh, "sleep", &url, &["x-dark-launch: v2"]);
+    assert_eq!(code, 0, "{out}\n{}", wp.log());
+    assert!(out.contains("server reviews-v2"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("x-served-via: waypoint"),
+        "{out}"
+    );
+}

@@ -67,6 +67,16 @@ struct Args {
     /// The local CA's directory (ca-key.pem, root-cert.pem; created if absent).
     #[arg(long, default_value = "/var/run/ztunnel/ca")]
     ca_dir: PathBuf,
+    /// Take the certificate from Istio's CA at this address instead (istiod's 15012, e.g.
+    /// `https://istiod.istio-system.svc:15012`), as ztunnel does.
+    #[arg(long, env = "CA_ADDRESS", requires = "ca_root_cert")]
+    ca_address: Option<String>,
+    /// PEM root of the mesh (verifies istiod and the peers); with `--ca-address`.
+    #[arg(long, env = "CA_ROOT_CERT")]
+    ca_root_cert: Option<PathBuf>,
+    /// Lifetime asked of Istio's CA for the certificate, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    cert_ttl_secs: u64,
     /// HBONE listener.
     #[arg(long, default_value = "0.0.0.0:15008")]
     listen: SocketAddr,
@@ -147,7 +157,19 @@ fn main() -> ExitCode {
         mesh,
         routes: args.routes.clone(),
         identity,
-        ca_dir: args.ca_dir.clone(),
+        ca: match (&args.ca_address, &args.ca_root_cert) {
+            (Some(address), Some(root)) => waypoint::run::CaSource::Istio {
+                target: ztunnel::grpc::GrpcTarget {
+                    address: address.clone(),
+                    root_cert: Some(root.clone()),
+                    token_file: args.token_file.clone(),
+                    cluster_id: args.cluster_id.clone(),
+                },
+                root: root.clone(),
+                ttl: Duration::from_secs(args.cert_ttl_secs.max(60)),
+            },
+            _ => waypoint::run::CaSource::Local(args.ca_dir.clone()),
+        },
         listen: args.listen,
         ready_addr: args.ready_addr,
         metrics_addr: args.metrics_addr,

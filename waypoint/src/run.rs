@@ -12,7 +12,10 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 
 use ztunnel::hbone::{Pool, PoolConfig};
-use ztunnel::identity::{CertManager, Identity, LocalCa, ManagerConfig, SystemClock};
+use ztunnel::identity::{
+    CertManager, CertificateSource, Identity, IstioCa, LocalCa, ManagerConfig, SystemClock,
+    TrustBundle,
+};
 use ztunnel::state::State;
 
 use crate::config::{self, LoadOptions, Severity};
@@ -31,6 +34,20 @@ pub enum MeshSource {
     Xds(Box<ztunnel::source::xds::XdsConfig>),
 }
 
+/// Where the waypoint's certificate comes from: the same CA as ztunnel's.
+#[derive(Clone, Debug)]
+pub enum CaSource {
+    /// The local CA's directory (`ca-key.pem`, `root-cert.pem`), as ztunnel's `--ca-dir`.
+    Local(PathBuf),
+    /// Istio's CA (`IstioCertificateService` on istiod's 15012); `root` is the PEM file of
+    /// the mesh's root, which also verifies istiod's serving certificate.
+    Istio {
+        target: ztunnel::grpc::GrpcTarget,
+        root: PathBuf,
+        ttl: Duration,
+    },
+}
+
 /// What the process is started with.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -38,8 +55,8 @@ pub struct Options {
     /// Route files or directories (VirtualService, DestinationRule, HTTPRoute, GRPCRoute).
     pub routes: Vec<PathBuf>,
     pub identity: Identity,
-    /// The local CA's directory (the one ztunnel uses).
-    pub ca_dir: PathBuf,
+    /// Where the waypoint's certificate comes from.
+    pub ca: CaSource,
     pub listen: SocketAddr,
     pub ready_addr: SocketAddr,
     /// Prometheus metrics (`/metrics`).
@@ -266,14 +283,23 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let (snap_tx, snap_rx) = watch::channel(Arc::new(first));
     combine(state_rx, routes_rx, snap_tx);
 
-    let ca = LocalCa::load_or_create(&opts.ca_dir, opts.identity.trust_domain())
-        .with_context(|| format!("local CA in {}", opts.ca_dir.display()))?;
-    let roots = ca.roots();
-    let certs = CertManager::new(
-        Arc::new(ca),
-        Arc::new(SystemClock),
-        ManagerConfig::default(),
-    );
+    let (ca, roots): (Arc<dyn CertificateSource>, TrustBundle) = match &opts.ca {
+        CaSource::Local(dir) => {
+            let ca = LocalCa::load_or_create(dir, opts.identity.trust_domain())
+                .with_context(|| format!("local CA in {}", dir.display()))?;
+            let roots = ca.roots();
+            (Arc::new(ca), roots)
+        }
+        CaSource::Istio { target, root, ttl } => {
+            let pem = std::fs::read_to_string(root)
+                .with_context(|| format!("CA root certificate {}", root.display()))?;
+            let roots = TrustBundle::from_pem(&pem)
+                .with_context(|| format!("CA root certificate {}", root.display()))?;
+            let ca = IstioCa::new(target.clone(), *ttl).context("Istio CA")?;
+            (Arc::new(ca), roots)
+        }
+    };
+    let certs = CertManager::new(ca, Arc::new(SystemClock), ManagerConfig::default());
     certs
         .get(&opts.identity)
         .await
