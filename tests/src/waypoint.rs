@@ -180,27 +180,44 @@ fn run_waypoint(mesh: &Mesh, routes: &Path, mut cmd: Command) -> Proc {
 
 /// An HTTP connection from `sleep`, through the waypoint, for the service at `vip`.
 pub async fn through_waypoint(mesh: &Mesh, vip: Ipv4Addr, version: Version) -> HttpConn {
-    let sleep = Identity::new("cluster.local", "default", "sleep").expect("identity");
-    let cert = mesh
-        .ca()
-        .sign(&sleep, Duration::from_secs(3600))
-        .expect("cert");
-    let wp = SocketAddr::from((mesh.ip("wp"), 15008));
-    let stream = tunnel(
-        mesh,
-        "sleep",
-        &cert,
-        waypoint_identity(),
-        wp,
-        SocketAddr::from((vip, 9080)),
-    )
-    .await
-    .expect("tunnel to the waypoint");
+    let stream = tunnel_to_waypoint(mesh, vip).await;
     HttpConn::handshake(stream, version)
         .await
         .expect("HTTP in the tunnel")
 }
 
+/// An HBONE tunnel from `sleep` (its certificate from the mesh's local CA) to the waypoint's
+/// 15008, asking for the service at `vip`, port 9080: what `sleep`'s ztunnel opens.
+pub async fn tunnel_to_waypoint(mesh: &Mesh, vip: Ipv4Addr) -> ztunnel::hbone::H2Stream {
+    let sleep = Identity::new("cluster.local", "default", "sleep").expect("identity");
+    let cert = mesh
+        .ca()
+        .sign(&sleep, Duration::from_secs(3600))
+        .expect("cert");
+    tunnel(
+        mesh,
+        "sleep",
+        &cert,
+        waypoint_identity(),
+        SocketAddr::from((mesh.ip("wp"), 15008)),
+        SocketAddr::from((vip, 9080)),
+    )
+    .await
+    .expect("tunnel to the waypoint")
+}
+
 pub fn routes_path(mesh: &Mesh) -> PathBuf {
     mesh.dir.path().join("routes.yaml")
+}
+
+/// `curl -sS -i --max-time 10 <args>` from `pod`: the exit code and what it printed (status
+/// line, headers, body).
+pub fn curl_i(mesh: &Mesh, pod: &str, args: &[&str]) -> (i32, String) {
+    let mut all = vec!["-sS", "-i", "--max-time", "10"];
+    all.extend_from_slice(args);
+    let out = crate::netns::exec(&mesh.netns(pod), "curl", &all).expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }

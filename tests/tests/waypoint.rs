@@ -314,21 +314,7 @@ async fn websocket_upgrades_pass_through_the_route() {
     let routes = routes_path(&mesh);
     write_atomic(&routes, TUTORIAL);
     let wp = start_waypoint(&mesh, &routes);
-    let sleep = ztunnel::identity::Identity::new("cluster.local", "default", "sleep").expect("id");
-    let cert = mesh
-        .ca()
-        .sign(&sleep, Duration::from_secs(3600))
-        .expect("cert");
-    let stream = mesh_tests::mesh::tunnel(
-        &mesh,
-        "sleep",
-        &cert,
-        mesh_tests::waypoint::waypoint_identity(),
-        std::net::SocketAddr::from((mesh.ip("wp"), 15008)),
-        std::net::SocketAddr::from((REVIEWS_VIP, 9080)),
-    )
-    .await
-    .expect("tunnel");
+    let stream = mesh_tests::waypoint::tunnel_to_waypoint(&mesh, REVIEWS_VIP).await;
     // The dark-launch route sends the handshake to v2; the messages follow on the switched
     // connection.
     let request = http::Request::builder()
@@ -363,18 +349,14 @@ async fn websocket_upgrades_pass_through_the_route() {
     ws.close(None).await.expect("close");
 }
 
-/// `curl -i` from `pod`: (exit code, status line and headers, body).
+/// `curl -i` from `pod` of `url` with extra request headers.
 fn curl_i(mesh: &mesh_tests::mesh::Mesh, pod: &str, url: &str, headers: &[&str]) -> (i32, String) {
-    let mut args = vec!["-sS", "-i", "--max-time", "10"];
+    let mut args = Vec::new();
     for h in headers {
         args.extend(["-H", h]);
     }
     args.push(url);
-    let out = mesh_tests::netns::exec(&mesh.netns(pod), "curl", &args).expect("curl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    mesh_tests::waypoint::curl_i(mesh, pod, &args)
 }
 
 /// The whole path: an application in an enrolled pod connects to the reviews VIP; its
@@ -520,21 +502,7 @@ async fn tcp_ports_are_relayed_as_bytes() {
     let routes = routes_path(&mesh);
     write_atomic(&routes, TUTORIAL);
     let wp = start_waypoint(&mesh, &routes);
-    let sleep = ztunnel::identity::Identity::new("cluster.local", "default", "sleep").expect("id");
-    let cert = mesh
-        .ca()
-        .sign(&sleep, Duration::from_secs(3600))
-        .expect("cert");
-    let mut stream = mesh_tests::mesh::tunnel(
-        &mesh,
-        "sleep",
-        &cert,
-        mesh_tests::waypoint::waypoint_identity(),
-        std::net::SocketAddr::from((mesh.ip("wp"), 15008)),
-        std::net::SocketAddr::from((DETAILS_VIP, 9080)),
-    )
-    .await
-    .expect("tunnel");
+    let mut stream = mesh_tests::waypoint::tunnel_to_waypoint(&mesh, DETAILS_VIP).await;
     // Not HTTP: an HTTP parser would answer 400 and close.
     stream
         .write_all(b"\x00\x01 not http\n")

@@ -46,15 +46,11 @@ spec:
   - {name: v1, labels: {version: v1}}
 "#;
 
-/// `curl -i` from the `sleep` pod with extra arguments: (exit code, head and body).
+/// `curl -i` from the `sleep` pod with extra arguments: (exit code, head and body, in
+/// lowercase).
 fn curl(mesh: &mesh_tests::mesh::Mesh, args: &[&str]) -> (i32, String) {
-    let mut all = vec!["-sS", "-i", "--max-time", "10"];
-    all.extend_from_slice(args);
-    let out = mesh_tests::netns::exec(&mesh.netns("sleep"), "curl", &all).expect("curl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_ascii_lowercase(),
-    )
+    let (code, out) = mesh_tests::waypoint::curl_i(mesh, "sleep", args);
+    (code, out.to_ascii_lowercase())
 }
 
 fn labelled_mesh() -> mesh_tests::mesh::Mesh {

@@ -11,8 +11,7 @@ use hyper_util::rt::TokioIo;
 use mesh_tests::ca::{CaServer, Plan};
 use mesh_tests::http_app::{HttpApp, Version};
 use mesh_tests::waypoint::{
-    GRPC_VIP, RATINGS_VIP, apps, mesh, routes_path, start_waypoint, through_waypoint,
-    waypoint_identity, write_atomic,
+    GRPC_VIP, RATINGS_VIP, apps, mesh, routes_path, start_waypoint, through_waypoint, write_atomic,
 };
 use ztunnel::hbone::H2Stream;
 use ztunnel::identity::Identity;
@@ -424,27 +423,14 @@ async fn grpc_calls_and_their_status_pass_through_a_grpc_route() {
     .expect("gRPC server");
     ca.listen().expect("listen");
 
-    let sleep = Identity::new("cluster.local", "default", "sleep").expect("identity");
-    let cert = mesh
-        .ca()
-        .sign(&sleep, Duration::from_secs(3600))
-        .expect("cert");
-    let stream = mesh_tests::mesh::tunnel(
-        &mesh,
-        "sleep",
-        &cert,
-        waypoint_identity(),
-        SocketAddr::from((mesh.ip("wp"), 15008)),
-        SocketAddr::from((GRPC_VIP, 9080)),
-    )
-    .await
-    .expect("tunnel");
+    let stream = mesh_tests::waypoint::tunnel_to_waypoint(&mesh, GRPC_VIP).await;
     let channel = tonic::transport::Endpoint::from_static("http://grpc.default:9080")
         .connect_with_connector(OneTunnel(std::sync::Arc::new(Mutex::new(Some(stream)))))
         .await
         .expect("gRPC channel through the waypoint");
     let mut client = IstioCertificateServiceClient::new(channel);
     let key = rcgen::KeyPair::generate().expect("key");
+    let sleep = Identity::new("cluster.local", "default", "sleep").expect("identity");
     let csr = ztunnel::identity::istio_ca::csr_pem(&sleep, &key).expect("csr");
     let request = || IstioCertificateRequest {
         csr: csr.clone(),
@@ -480,21 +466,8 @@ async fn grpc_streams_flow_both_ways_through_the_waypoint() {
     let routes = routes_path(&mesh);
     write_atomic(&routes, ROUTES);
     let wp = start_waypoint(&mesh, &routes);
-    let sleep = Identity::new("cluster.local", "default", "sleep").expect("identity");
-    let cert = mesh
-        .ca()
-        .sign(&sleep, Duration::from_secs(3600))
-        .expect("cert");
-    let stream = mesh_tests::mesh::tunnel(
-        &mesh,
-        "sleep",
-        &cert,
-        waypoint_identity(),
-        SocketAddr::from((mesh.ip("wp"), 15008)),
-        SocketAddr::from((mesh_tests::waypoint::DETAILS_VIP, 9080)),
-    )
-    .await
-    .expect("tunnel");
+    let stream =
+        mesh_tests::waypoint::tunnel_to_waypoint(&mesh, mesh_tests::waypoint::DETAILS_VIP).await;
     let (client, connection) = h2::client::handshake(stream)
         .await
         .expect("h2 in the tunnel");
