@@ -131,8 +131,13 @@ pub fn waypoint_identity() -> Identity {
 
 /// Starts the waypoint in its pod with `routes` and waits until it is ready.
 pub fn start_waypoint(mesh: &Mesh, routes: &Path) -> Proc {
+    start_waypoint_args(mesh, routes, &[])
+}
+
+/// `start_waypoint` with more command-line arguments.
+pub fn start_waypoint_args(mesh: &Mesh, routes: &Path, args: &[&str]) -> Proc {
     let mut cmd = Command::new(binary("waypoint"));
-    cmd.arg("--mesh-config").arg(mesh.config_path());
+    cmd.arg("--mesh-config").arg(mesh.config_path()).args(args);
     run_waypoint(mesh, routes, cmd)
 }
 

@@ -483,49 +483,6 @@ fn workloads_and_services_from_xds() {
     });
 }
 
-/// A service port declared as TCP (`appProtocols`, Istio's `appProtocol: tcp` or a `tcp-`
-/// port name) is relayed as bytes: no HTTP parsing, the client's half-close reaches the
-/// application, and its answer comes back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_ports_are_relayed_as_bytes() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mesh = mesh_with(|m| {
-        m.service_protocols
-            .push(("details".to_owned(), 9080, "tcp".to_owned()));
-    });
-    let details = mesh_tests::traffic::AppServer::start(
-        &mesh.netns("details"),
-        "details",
-        std::net::SocketAddr::from((mesh.ip("details"), 8080)),
-    )
-    .expect("echo server");
-    let routes = routes_path(&mesh);
-    write_atomic(&routes, TUTORIAL);
-    let wp = start_waypoint(&mesh, &routes);
-    let mut stream = mesh_tests::waypoint::tunnel_to_waypoint(&mesh, DETAILS_VIP).await;
-    // Not HTTP: an HTTP parser would answer 400 and close.
-    stream
-        .write_all(b"\x00\x01 not http\n")
-        .await
-        .expect("write");
-    let mut echoed = [0u8; 12];
-    stream.read_exact(&mut echoed).await.expect("echo");
-    assert_eq!(&echoed, b"\x00\x01 not http\n");
-    stream.shutdown().await.expect("half-close");
-    let mut rest = Vec::new();
-    stream
-        .read_to_end(&mut rest)
-        .await
-        .expect("read to the end");
-    assert_eq!(rest, b"bye", "{}", wp.log());
-    // The application's peer is the waypoint.
-    assert_eq!(details.peers().len(), 1);
-    assert_eq!(
-        details.peers()[0].ip(),
-        std::net::IpAddr::from(mesh.ip("wp"))
-    );
-}
-
 /// The waypoint takes its certificate from Istio's CA (the in-process stand-in on istiod's
 /// 15012, bearer token, as ztunnel does) when the mesh uses one: both ztunnels accept it, as
 /// the client's tunnel's server and as the client of the destination's.

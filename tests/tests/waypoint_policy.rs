@@ -1,22 +1,14 @@
 //! Per-route policy through a real waypoint: retries (against the computed success rate),
-//! the route timeout, fault injection (against the configured share), and gRPC unary calls
-//! with their trailers. Harness: `mesh_tests::waypoint`.
+//! the route timeout, fault injection (against the configured share), mirrors and metrics.
+//! Harness: `mesh_tests::waypoint`; gRPC is in `waypoint_grpc.rs`.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use mesh_tests::ca::{CaServer, Plan};
 use mesh_tests::http_app::{HttpApp, Version};
 use mesh_tests::waypoint::{
-    GRPC_VIP, RATINGS_VIP, apps, mesh, routes_path, start_waypoint, through_waypoint, write_atomic,
+    RATINGS_VIP, apps, mesh, routes_path, start_waypoint, through_waypoint, write_atomic,
 };
-use ztunnel::hbone::H2Stream;
-use ztunnel::identity::Identity;
-use ztunnel::proto::istio::v1::auth::IstioCertificateRequest;
-use ztunnel::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 
 const ROUTES: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -74,32 +66,6 @@ spec:
         fixedDelay: 0.5s
         percentage: {value: 50}
     route: [{destination: {host: ratings}}]
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: GRPCRoute
-metadata:
-  name: certificates
-spec:
-  parentRefs:
-  - {group: "", kind: Service, name: grpc, port: 9080}
-  rules:
-  - matches:
-    - method: {service: istio.v1.auth.IstioCertificateService, method: CreateCertificate}
-    backendRefs:
-    - {name: grpc, port: 9080}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: GRPCRoute
-metadata:
-  name: chat
-spec:
-  parentRefs:
-  - {group: "", kind: Service, name: details, port: 9080}
-  rules:
-  - matches:
-    - method: {service: demo.Echo, method: Chat}
-    backendRefs:
-    - {name: details, port: 9080}
 "#;
 
 /// Sends `n` requests (`method` with `body`) side by side on one HTTP/2 connection through
@@ -384,157 +350,6 @@ async fn mirrors_copy_requests_and_metrics_count_them() {
         &["source=\"routes\"", "result=\"applied\""],
     );
     assert_eq!(applied, 1.0);
-}
-
-/// A connector that hands tonic one HBONE tunnel (the waypoint's) as its connection.
-#[derive(Clone)]
-struct OneTunnel(std::sync::Arc<Mutex<Option<H2Stream>>>);
-
-impl tower_service::Service<http::Uri> for OneTunnel {
-    type Response = TokioIo<H2Stream>;
-    type Error = std::io::Error;
-    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let taken = self.0.lock().ok().and_then(|mut t| t.take());
-        std::future::ready(
-            taken
-                .map(TokioIo::new)
-                .ok_or_else(|| std::io::Error::other("the tunnel was used already")),
-        )
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_calls_and_their_status_pass_through_a_grpc_route() {
-    let mesh = mesh();
-    let routes = routes_path(&mesh);
-    write_atomic(&routes, ROUTES);
-    let _wp = start_waypoint(&mesh, &routes);
-    let mut ca = CaServer::new(
-        Some(&mesh.netns("grpc")),
-        SocketAddr::from((mesh.ip("grpc"), 8080)),
-        false,
-    )
-    .expect("gRPC server");
-    ca.listen().expect("listen");
-
-    let stream = mesh_tests::waypoint::tunnel_to_waypoint(&mesh, GRPC_VIP).await;
-    let channel = tonic::transport::Endpoint::from_static("http://grpc.default:9080")
-        .connect_with_connector(OneTunnel(std::sync::Arc::new(Mutex::new(Some(stream)))))
-        .await
-        .expect("gRPC channel through the waypoint");
-    let mut client = IstioCertificateServiceClient::new(channel);
-    let key = rcgen::KeyPair::generate().expect("key");
-    let sleep = Identity::new("cluster.local", "default", "sleep").expect("identity");
-    let csr = ztunnel::identity::istio_ca::csr_pem(&sleep, &key).expect("csr");
-    let request = || IstioCertificateRequest {
-        csr: csr.clone(),
-        validity_duration: 3600,
-        metadata: None,
-    };
-
-    // A unary call: the answer (a signed chain) and the trailers' OK status come back.
-    let answer = client
-        .create_certificate(request())
-        .await
-        .expect("CreateCertificate through the waypoint");
-    assert!(!answer.get_ref().cert_chain.is_empty());
-    assert_eq!(ca.requests().len(), 1);
-
-    // The server's error status travels in the trailers and reaches the client.
-    ca.plan([Plan::Fail]);
-    let status = client
-        .create_certificate(request())
-        .await
-        .expect_err("the CA was told to fail");
-    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert_eq!(ca.requests().len(), 2);
-}
-
-/// A bidirectional gRPC stream through a GRPCRoute: each message comes back before the next
-/// is sent (nothing is buffered on the way), and the trailers' status arrives at the end. A
-/// method the route does not match gets grpc-status UNIMPLEMENTED (the HTTP 404's mapping).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_streams_flow_both_ways_through_the_waypoint() {
-    let mesh = mesh();
-    let _apps = apps(&mesh);
-    let routes = routes_path(&mesh);
-    write_atomic(&routes, ROUTES);
-    let wp = start_waypoint(&mesh, &routes);
-    let stream =
-        mesh_tests::waypoint::tunnel_to_waypoint(&mesh, mesh_tests::waypoint::DETAILS_VIP).await;
-    let (client, connection) = h2::client::handshake(stream)
-        .await
-        .expect("h2 in the tunnel");
-    tokio::spawn(connection);
-    let request = |path: &str| {
-        http::Request::builder()
-            .method("POST")
-            .uri(format!("http://details:9080{path}"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .header("x-app-echo-stream", "1")
-            .body(())
-            .expect("request")
-    };
-    let mut client = client.ready().await.expect("ready");
-    let (response, mut send) = client
-        .send_request(request("/demo.Echo/Chat"), false)
-        .expect("send");
-    // The first message goes out before the response head can exist: the echo's head and
-    // body follow it.
-    let message = |i: u8| bytes::Bytes::from(vec![0, 0, 0, 0, 5, b'h', b'e', b'l', b'l', i]);
-    send.send_data(message(b'0'), false).expect("first message");
-    let response = response.await.expect("response head");
-    assert_eq!(response.status(), 200, "{}", wp.log());
-    let mut body = response.into_body();
-    for i in 0..5u8 {
-        if i > 0 {
-            send.send_data(message(b'0' + i), false).expect("message");
-        }
-        let echoed = body.data().await.expect("an echo").expect("data");
-        let _ = body.flow_control().release_capacity(echoed.len());
-        assert_eq!(
-            echoed,
-            message(b'0' + i),
-            "message {i} came back whole and in order"
-        );
-    }
-    send.send_data(bytes::Bytes::new(), true)
-        .expect("end of stream");
-    assert!(
-        body.data().await.is_none(),
-        "no more data after the client's end"
-    );
-    let trailers = body
-        .trailers()
-        .await
-        .expect("trailers")
-        .expect("some trailers");
-    assert_eq!(
-        trailers.get("grpc-status").map(|v| v.as_bytes()),
-        Some(&b"0"[..])
-    );
-
-    // A method the GRPCRoute does not match: 404 from the waypoint.
-    let mut client = client.ready().await.expect("ready");
-    let (response, mut send) = client
-        .send_request(request("/demo.Echo/Other"), false)
-        .expect("send");
-    send.send_data(message(b'x'), true).expect("message");
-    // gRPC clients read the waypoint's own 404 as the gRPC mapping says: HTTP 200 with
-    // grpc-status 12 (UNIMPLEMENTED), a trailers-only response.
-    let response = response.await.expect("response");
-    assert_eq!(response.status(), 200);
-    assert_eq!(
-        response.headers().get("grpc-status").map(|v| v.as_bytes()),
-        Some(&b"12"[..])
-    );
 }
 
 /// Retries prefer a host not tried yet (Envoy's previous-hosts predicate, up to 5 host

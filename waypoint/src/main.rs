@@ -102,6 +102,12 @@ struct Args {
     /// (Istio 1.28+ leaves the authority unchanged: the default).
     #[arg(long)]
     mirror_shadow_suffix: bool,
+    /// On a port that declares no protocol, milliseconds to wait for the client's first bytes
+    /// before relaying the connection as TCP (for protocols where the server speaks first,
+    /// such as MySQL or SMTP). 0 waits as long as it takes, as Istio's default
+    /// `protocolDetectionTimeout: 0s`; declare such ports `tcp` instead where you can.
+    #[arg(long, default_value_t = 0)]
+    protocol_detection_timeout_ms: u64,
     /// Worker threads of the runtime.
     #[arg(long, default_value_t = 2)]
     worker_threads: usize,
@@ -180,9 +186,12 @@ fn main() -> ExitCode {
         compile: CompileOptions {
             domain_suffix: args.domain.clone(),
             root_namespace: args.root_namespace.clone(),
+            namespace: args.namespace.clone(),
         },
         poll: Duration::from_millis(args.poll_ms.max(10)),
         mirror_shadow_suffix: args.mirror_shadow_suffix,
+        protocol_detection_timeout: (args.protocol_detection_timeout_ms > 0)
+            .then(|| Duration::from_millis(args.protocol_detection_timeout_ms)),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.max(1))
@@ -222,6 +231,7 @@ fn check(args: &Args) -> ExitCode {
         &CompileOptions {
             domain_suffix: args.domain.clone(),
             root_namespace: args.root_namespace.clone(),
+            namespace: args.namespace.clone(),
         },
     );
     let all = loaded.diagnostics.iter().chain(&compiled.diagnostics);

@@ -69,6 +69,8 @@ pub struct Options {
     pub poll: Duration,
     /// Append `-shadow` to mirrored requests' host.
     pub mirror_shadow_suffix: bool,
+    /// See `server::Ctx::protocol_detection_timeout`.
+    pub protocol_detection_timeout: Option<Duration>,
 }
 
 /// Loads and compiles the route files: the table, and whether anything was rejected.
@@ -319,6 +321,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         HttpPool::new(dialer),
     );
     ctx.mirror_shadow_suffix = opts.mirror_shadow_suffix;
+    ctx.protocol_detection_timeout = opts.protocol_detection_timeout;
     ctx.metrics = metrics.clone();
     let ctx = Arc::new(ctx);
     let listener = tokio::net::TcpListener::bind(opts.listen)

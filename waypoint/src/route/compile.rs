@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::config::istio::VirtualService;
 use crate::config::{Diagnostic, Problem, Resource, ResourceName, Spec};
 
-use super::hosts::{Subsets, resolve};
+use super::hosts::{Subsets, exported, resolve};
 use super::table::{Route, RouteSource, RouteTable, ServiceRoutes};
 
 /// What compiling needs to know about the mesh.
@@ -20,6 +20,9 @@ pub struct CompileOptions {
     pub domain_suffix: String,
     /// Istio's root namespace: its DestinationRules apply mesh-wide (`istio-system`).
     pub root_namespace: String,
+    /// The waypoint's own namespace. As for any Istio proxy, `exportTo` is read against it:
+    /// a VirtualService or DestinationRule not exported there is not used.
+    pub namespace: String,
 }
 
 impl Default for CompileOptions {
@@ -27,6 +30,7 @@ impl Default for CompileOptions {
         CompileOptions {
             domain_suffix: "cluster.local".into(),
             root_namespace: "istio-system".into(),
+            namespace: "default".into(),
         }
     }
 }
@@ -140,6 +144,17 @@ pub fn compile(resources: &[Resource], opts: &CompileOptions) -> Compiled {
         services.insert(host, (routes, RouteSource::HttpRoute, owner));
     }
     for (res, vs) in super::compile_istio::mesh_virtual_services(resources) {
+        if !exported(&vs.export_to, &res.meta.namespace, &opts.namespace) {
+            c.note(
+                res,
+                "spec.exportTo",
+                Problem::Note(format!(
+                    "not exported to the waypoint's namespace {}, so this waypoint does not use it",
+                    opts.namespace
+                )),
+            );
+            continue;
+        }
         let Ok(routes) = super::compile_istio::routes(&mut c, res, vs) else {
             continue;
         };

@@ -31,13 +31,6 @@ pub(super) fn routes(
     vs: &VirtualService,
 ) -> Result<Vec<Route>, Rejected> {
     let ns = res.meta.namespace.as_str();
-    if !vs.export_to.is_empty() {
-        c.note(
-            res,
-            "spec.exportTo",
-            Problem::NotImplemented("exportTo (visible to every namespace)"),
-        );
-    }
     let mut out = Vec::new();
     for (i, rule) in vs.http.iter().enumerate() {
         let at = format!("spec.http[{i}]");
@@ -404,7 +397,7 @@ fn destination(c: &mut Compiler<'_>, res: &Resource, ns: &str, at: &str, d: &Des
     let host: Arc<str> = c.intern(resolve(&d.host, ns, c.opts.domain_suffix.as_str()));
     let subset =
         d.subset.as_ref().map(|s| {
-            let sel = c.subsets.selector(&host, &res.meta.namespace, s);
+            let sel = c.subsets.selector(&host, &c.opts.namespace, s);
             if sel.labels.is_none() {
                 c.note(res, &format!("{at}.subset"), Problem::Note(format!(
                 "no DestinationRule defines subset {s:?} of {host}; requests to it answer 503")));

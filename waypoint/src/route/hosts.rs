@@ -77,9 +77,10 @@ impl<'c> Subsets<'c> {
         }
     }
 
-    /// The DestinationRule that applies to `host` for a route in namespace `from`: one in
-    /// `from`, else in the service's namespace, else in the root namespace (mesh-wide); a
-    /// rule counts only where its `exportTo` makes it visible to `from`.
+    /// The DestinationRule that applies to `host` for a proxy in namespace `from` (the
+    /// waypoint's): one in `from`, else in the service's namespace, else in the root
+    /// namespace (mesh-wide); a rule counts only where its `exportTo` makes it visible to
+    /// `from`.
     pub fn rule_for(&self, host: &str, from: &str) -> Option<&'c DestinationRule> {
         let service_ns = namespace_of(host, self.domain);
         let order = [Some(from), service_ns, Some(self.root_namespace)];

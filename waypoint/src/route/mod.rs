@@ -24,4 +24,6 @@ pub use table::{Action, Backend, Backends, Decision, Policy, Route, RouteTable, 
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_export;
+#[cfg(test)]
 mod tests_gateway;

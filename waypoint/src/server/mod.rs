@@ -7,6 +7,7 @@
 mod forward;
 mod mirror;
 mod reply;
+mod sniff;
 mod tunnel;
 
 use std::net::SocketAddr;
@@ -39,6 +40,10 @@ pub struct Ctx {
     /// Append `-shadow` to the host of mirrored requests (Envoy's and Istio's up to 1.27
     /// behaviour; Istio 1.28+ leaves the authority as it is).
     pub mirror_shadow_suffix: bool,
+    /// On a port that declares no protocol, how long to wait for the client's first bytes
+    /// before relaying it as TCP (a protocol where the server speaks first). `None`: wait
+    /// as long as it takes (Istio's default, `protocolDetectionTimeout: 0s`).
+    pub protocol_detection_timeout: Option<Duration>,
     /// The server TLS configuration and the certificate it was made with.
     tls: Mutex<Option<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
 }
@@ -60,6 +65,7 @@ impl Ctx {
             hbone: ServerConfig::default(),
             metrics: Arc::default(),
             mirror_shadow_suffix: false,
+            protocol_detection_timeout: None,
             tls: Mutex::new(None),
         }
     }

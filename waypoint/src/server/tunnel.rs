@@ -1,6 +1,8 @@
 //! One HBONE tunnel into the waypoint: find what its CONNECT authority names (a service VIP
 //! or a workload of the mesh), who the client is, then serve HTTP/1.1 or HTTP/2 (h2c, told by
-//! the connection preface) inside it, each request through `forward`.
+//! the connection preface) inside it, each request through `forward`. A port declared as not
+//! HTTP is relayed as bytes; one that declares nothing is read as HTTP when its first bytes
+//! are HTTP (`sniff`) and relayed as bytes otherwise.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,14 +13,17 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
-use ztunnel::hbone::{Accepted, forwarded_for};
+use bytes::BytesMut;
+
+use ztunnel::hbone::{Accepted, H2Stream, forwarded_for};
 use ztunnel::identity::Identity;
+use ztunnel::state::Workload;
 use ztunnel::state::service::AppProtocol;
-use ztunnel::state::{Service, Workload};
 
 use crate::upstream::Endpoint;
 
 use super::Ctx;
+use super::sniff::{self, Detected, Replay};
 use crate::snapshot::{Destination, Snapshot};
 
 /// What every request of one tunnel shares.
@@ -55,46 +60,103 @@ fn source(snap: &Snapshot, peer: &Identity, client: Option<SocketAddr>) -> Optio
         .filter(|w| w.identity_ref() == peer)
 }
 
-/// A port declared as not HTTP: the tunnel's bytes go to an endpoint of the service as they
-/// are (no routes apply). No endpoint, or none reachable: the tunnel is refused (503), so the
-/// client's ztunnel resets the client's connection.
-async fn relay_tcp(
-    ctx: &Ctx,
+/// The endpoint a relayed tunnel goes to: one of the service's, at random, or the workload
+/// addressed. `None` when there is none.
+fn relay_endpoint(
     snap: &Snapshot,
-    service: &Service,
+    destination: &Destination,
+    authority: SocketAddr,
+) -> Option<Endpoint> {
+    let (w, addr) = match destination {
+        Destination::Service(service) => {
+            let eps = snap.endpoints(service, authority.port(), None);
+            if eps.is_empty() {
+                return None;
+            }
+            eps[rand::random_range(0..eps.len())].clone()
+        }
+        Destination::Workload(w) => (w.clone(), authority),
+    };
+    Some(Endpoint {
+        addr,
+        identity: w.identity(),
+    })
+}
+
+/// A port declared as not HTTP: the tunnel's bytes go to an endpoint as they are (no
+/// routes apply). No endpoint, or none reachable: the tunnel is refused (503), so the
+/// client's ztunnel resets the client's connection.
+async fn relay_declared(
+    ctx: &Ctx,
+    destination: &Destination,
     peer_addr: SocketAddr,
     accepted: Accepted,
 ) {
-    let port = accepted.authority.port();
-    let eps = snap.endpoints(service, port, None);
-    if eps.is_empty() {
-        tracing::info!(service = %service.hostname, port, "TCP tunnel refused: no healthy endpoint");
+    let authority = accepted.authority;
+    let ep = relay_endpoint(&ctx.snapshot(), destination, authority);
+    let Some(ep) = ep else {
+        tracing::info!(%authority, "TCP tunnel refused: no healthy endpoint");
         accepted.responder.reject(StatusCode::SERVICE_UNAVAILABLE);
         return;
-    }
-    let (w, addr) = &eps[rand::random_range(0..eps.len())];
-    let ep = Endpoint {
-        addr: *addr,
-        identity: w.identity(),
     };
-    let mut upstream = match ctx.upstream.dialer().tunnel(&ep).await {
+    let upstream = match ctx.upstream.dialer().tunnel(&ep).await {
         Ok(up) => up,
         Err(error) => {
-            tracing::info!(service = %service.hostname, endpoint = %ep.addr, %error, "TCP tunnel refused");
+            tracing::info!(%authority, endpoint = %ep.addr, %error, "TCP tunnel refused");
             accepted.responder.reject(StatusCode::SERVICE_UNAVAILABLE);
             return;
         }
     };
-    let Ok(mut downstream) = accepted.responder.accept() else {
+    let Ok(downstream) = accepted.responder.accept() else {
         return;
     };
+    relay(
+        Replay::new(BytesMut::new(), downstream),
+        upstream,
+        peer_addr,
+        &ep,
+    )
+    .await;
+}
+
+/// A port that declares no protocol and whose client did not speak HTTP: relayed as bytes,
+/// those read to decide first. The tunnel is already accepted, so a missing or unreachable
+/// endpoint resets it.
+async fn relay_detected(
+    ctx: &Ctx,
+    down: &Downstream,
+    peer_addr: SocketAddr,
+    mut downstream: Replay<H2Stream>,
+) {
+    let authority = down.authority;
+    let ep = relay_endpoint(&ctx.snapshot(), &down.destination, authority);
+    let Some(ep) = ep else {
+        tracing::info!(%authority, "TCP tunnel reset: no healthy endpoint");
+        downstream.inner.abort();
+        return;
+    };
+    match ctx.upstream.dialer().tunnel(&ep).await {
+        Ok(upstream) => relay(downstream, upstream, peer_addr, &ep).await,
+        Err(error) => {
+            tracing::info!(%authority, endpoint = %ep.addr, %error, "TCP tunnel reset");
+            downstream.inner.abort();
+        }
+    }
+}
+
+async fn relay(
+    mut downstream: Replay<H2Stream>,
+    mut upstream: H2Stream,
+    peer_addr: SocketAddr,
+    ep: &Endpoint,
+) {
     match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
         Ok((sent, received)) => {
             tracing::debug!(peer = %peer_addr, endpoint = %ep.addr, sent, received, "TCP relay done");
         }
         Err(error) => {
             tracing::debug!(peer = %peer_addr, endpoint = %ep.addr, %error, "TCP relay ended");
-            downstream.abort();
+            downstream.inner.abort();
             upstream.abort();
         }
     }
@@ -109,11 +171,13 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
         accepted.responder.reject(StatusCode::SERVICE_UNAVAILABLE);
         return;
     };
-    if let Destination::Service(service) = &destination
-        && service.app_protocols.get(&authority.port()) == Some(&AppProtocol::Tcp)
-    {
-        let service = service.clone();
-        relay_tcp(&ctx, &snap, &service, peer_addr, accepted).await;
+    let declared = match &destination {
+        Destination::Service(service) => service.app_protocols.get(&authority.port()).copied(),
+        Destination::Workload(_) => None,
+    };
+    if declared == Some(AppProtocol::Tcp) {
+        drop(snap);
+        relay_declared(&ctx, &destination, peer_addr, accepted).await;
         return;
     }
     let client = forwarded_for(&accepted.headers);
@@ -124,19 +188,48 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
         peer: accepted.peer_identity,
     });
     drop(snap);
-    let stream = match accepted.responder.accept() {
+    let mut stream = match accepted.responder.accept() {
         Ok(stream) => stream,
         Err(error) => {
             tracing::debug!(peer = %peer_addr, %error, "tunnel closed before it was accepted");
             return;
         }
     };
+    if declared.is_some() {
+        serve_http(ctx, down, peer_addr, Replay::new(BytesMut::new(), stream)).await;
+        return;
+    }
+    match sniff::detect(&mut stream, ctx.protocol_detection_timeout).await {
+        Ok((Detected::Http, head)) => {
+            serve_http(ctx, down, peer_addr, Replay::new(head, stream)).await;
+        }
+        Ok((detected @ (Detected::Opaque | Detected::Silent), head)) => {
+            tracing::debug!(peer = %peer_addr, %authority, ?detected, "not HTTP: relayed as TCP");
+            relay_detected(&ctx, &down, peer_addr, Replay::new(head, stream)).await;
+        }
+        Ok((Detected::Closed, _)) => {}
+        Err(error) => {
+            tracing::debug!(peer = %peer_addr, %authority, %error, "tunnel ended before its protocol was known");
+        }
+    }
+}
+
+/// HTTP/1.1 or HTTP/2 (told by the preface) inside the tunnel, each request through
+/// `forward`.
+async fn serve_http(
+    ctx: Arc<Ctx>,
+    down: Arc<Downstream>,
+    peer_addr: SocketAddr,
+    stream: Replay<H2Stream>,
+) {
+    let authority = down.authority;
     let service = {
         let ctx = ctx.clone();
-        let down = down.clone();
         service_fn(move |req| super::forward::handle(ctx.clone(), down.clone(), req))
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client may shut its side after the request and wait for the answer.
+    builder.http1().half_close(true);
     builder
         .http2()
         .initial_stream_window_size(ztunnel::hbone::STREAM_WINDOW)
