@@ -5,6 +5,7 @@
 //! Who the client is comes from the TLS handshake only: headers never change it.
 
 mod forward;
+mod h1guard;
 mod mirror;
 mod reply;
 mod sniff;

@@ -30,6 +30,11 @@ pub(super) enum Detected {
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Whether what `detect` read starts an HTTP/2 connection.
+pub(super) fn is_h2(head: &[u8]) -> bool {
+    head.starts_with(H2_PREFACE)
+}
+
 /// Past this many bytes without the end of a request line that is HTTP so far, it is taken
 /// as HTTP: the HTTP server answers an overlong line itself (414/400).
 const MAX_LINE: usize = 16 * 1024;
@@ -134,6 +139,11 @@ pub(super) struct Replay<S> {
 impl<S> Replay<S> {
     pub(super) fn new(head: BytesMut, inner: S) -> Replay<S> {
         Replay { head, inner }
+    }
+
+    /// The bytes read ahead and not yet replayed.
+    pub(super) fn head(&self) -> &[u8] {
+        &self.head
     }
 }
 

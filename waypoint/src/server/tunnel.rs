@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::StatusCode;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 
 use bytes::BytesMut;
 
@@ -23,6 +23,7 @@ use ztunnel::state::service::AppProtocol;
 use crate::upstream::Endpoint;
 
 use super::Ctx;
+use super::h1guard::H1Guard;
 use super::sniff::{self, Detected, Replay};
 use crate::snapshot::{Destination, Snapshot};
 
@@ -195,12 +196,17 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
             return;
         }
     };
-    if declared.is_some() {
-        serve_http(ctx, down, peer_addr, Replay::new(BytesMut::new(), stream)).await;
-        return;
-    }
-    match sniff::detect(&mut stream, ctx.protocol_detection_timeout).await {
+    // A port declared HTTP waits for the client as long as it takes, and what is not HTTP
+    // on it is answered 400 by the HTTP server.
+    let timeout = match declared {
+        Some(_) => None,
+        None => ctx.protocol_detection_timeout,
+    };
+    match sniff::detect(&mut stream, timeout).await {
         Ok((Detected::Http, head)) => {
+            serve_http(ctx, down, peer_addr, Replay::new(head, stream)).await;
+        }
+        Ok((Detected::Opaque | Detected::Silent, head)) if declared.is_some() => {
             serve_http(ctx, down, peer_addr, Replay::new(head, stream)).await;
         }
         Ok((detected @ (Detected::Opaque | Detected::Silent), head)) => {
@@ -214,8 +220,8 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
     }
 }
 
-/// HTTP/1.1 or HTTP/2 (told by the preface) inside the tunnel, each request through
-/// `forward`.
+/// HTTP/2 when the stream starts with its preface, else HTTP/1.1 behind the framing guard;
+/// each request through `forward`.
 async fn serve_http(
     ctx: Arc<Ctx>,
     down: Arc<Downstream>,
@@ -227,17 +233,21 @@ async fn serve_http(
         let ctx = ctx.clone();
         service_fn(move |req| super::forward::handle(ctx.clone(), down.clone(), req))
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A client may shut its side after the request and wait for the answer.
-    builder.http1().half_close(true);
-    builder
-        .http2()
-        .initial_stream_window_size(ztunnel::hbone::STREAM_WINDOW)
-        .initial_connection_window_size(ztunnel::hbone::CONNECTION_WINDOW);
-    if let Err(error) = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .await
-    {
+    let ended = if sniff::is_h2(stream.head()) {
+        http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(ztunnel::hbone::STREAM_WINDOW)
+            .initial_connection_window_size(ztunnel::hbone::CONNECTION_WINDOW)
+            .serve_connection(TokioIo::new(stream), service)
+            .await
+    } else {
+        http1::Builder::new()
+            // A client may shut its side after the request and wait for the answer.
+            .half_close(true)
+            .serve_connection(TokioIo::new(H1Guard::new(stream)), service)
+            .with_upgrades()
+            .await
+    };
+    if let Err(error) = ended {
         tracing::debug!(peer = %peer_addr, %authority, %error, "HTTP connection in tunnel ended");
     }
 }

@@ -1,0 +1,447 @@
+//! A guard in front of the HTTP/1 server for request framing that can smuggle a request
+//! past a proxy. It follows the stream's framing (each request head, then its body by
+//! `Content-Length` or chunks) and, when a head carries both `Content-Length` and
+//! `Transfer-Encoding`, or when the first chunk-size line that arrived with the head is not
+//! a chunk size, hands the HTTP server an unparsable head instead, so the server answers
+//! 400 and closes before anything is forwarded (as Envoy refuses such requests). Everything
+//! else passes unchanged; whatever the guard does not follow (an upgrade, a head it cannot
+//! parse) is passed on as it is, and the HTTP server, with the same parser, judges it.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Heads longer than this are passed on for the HTTP server to refuse (hyper's limit is
+/// about 400 KiB).
+const MAX_HEAD: usize = 512 * 1024;
+const MAX_HEADERS: usize = 128;
+const READ_SIZE: usize = 16 * 1024;
+/// What the HTTP server is given instead of a smuggling head: a request line it refuses.
+const REFUSED: &[u8] = b"\x00 / HTTP/1.1\r\n\r\n";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Collecting a request head (nothing of it handed on yet); `scanned` bytes of it
+    /// searched for its end already.
+    Head {
+        scanned: usize,
+    },
+    /// This many body bytes to pass.
+    Body(u64),
+    /// A chunk-size line, then `ChunkData`.
+    ChunkSize,
+    /// This many chunk bytes, then CRLF.
+    ChunkData(u64),
+    ChunkEnd,
+    /// Trailer lines up to an empty line.
+    Trailers,
+    /// Not followed any more: everything passes.
+    Through,
+    /// A refused head was handed on: nothing more is.
+    Refused,
+}
+
+/// Why a head is refused; for the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Refusal {
+    ContentLengthAndTransferEncoding,
+    BadChunkSize,
+}
+
+pub(super) struct H1Guard<S> {
+    inner: S,
+    state: State,
+    /// Bytes read and not handed on yet.
+    buf: BytesMut,
+    /// Bytes at the front of `buf` cleared to be handed on.
+    ready: usize,
+    eof: bool,
+    refused: Option<Refusal>,
+}
+
+impl<S> H1Guard<S> {
+    pub(super) fn new(inner: S) -> H1Guard<S> {
+        H1Guard {
+            inner,
+            state: State::Head { scanned: 0 },
+            buf: BytesMut::new(),
+            ready: 0,
+            eof: false,
+            refused: None,
+        }
+    }
+
+    /// Why the stream's last head was refused, if it was.
+    #[cfg(test)]
+    fn refused(&self) -> Option<Refusal> {
+        self.refused
+    }
+
+    /// Clears as much of `buf` past `ready` as the framing allows; false when more bytes
+    /// are needed to go on.
+    fn advance(&mut self) -> bool {
+        let rest = self.buf.len() - self.ready;
+        if rest == 0 {
+            return false;
+        }
+        let at = self.ready;
+        match self.state {
+            State::Through => self.ready = self.buf.len(),
+            State::Refused => {
+                self.buf.truncate(self.ready);
+                return false;
+            }
+            State::Body(n) => {
+                let take = (rest as u64).min(n);
+                self.ready += take as usize;
+                self.state = if take == n {
+                    State::Head { scanned: 0 }
+                } else {
+                    State::Body(n - take)
+                };
+            }
+            State::ChunkData(n) => {
+                let take = (rest as u64).min(n);
+                self.ready += take as usize;
+                self.state = if take == n {
+                    State::ChunkEnd
+                } else {
+                    State::ChunkData(n - take)
+                };
+            }
+            State::ChunkEnd => {
+                let Some(len) = line_len(&self.buf[at..]) else {
+                    return false;
+                };
+                self.ready += len;
+                self.state = State::ChunkSize;
+            }
+            State::ChunkSize => {
+                let Some(len) = line_len(&self.buf[at..]) else {
+                    return false;
+                };
+                self.ready += len;
+                self.state = match chunk_size(&self.buf[at..at + len]) {
+                    Some(0) => State::Trailers,
+                    Some(n) => State::ChunkData(n),
+                    // The HTTP server refuses it as well; the head is gone already.
+                    None => State::Through,
+                };
+            }
+            State::Trailers => {
+                let Some(len) = line_len(&self.buf[at..]) else {
+                    return false;
+                };
+                self.ready += len;
+                if self.buf[at..at + len].trim_ascii().is_empty() {
+                    self.state = State::Head { scanned: 0 };
+                }
+            }
+            State::Head { scanned } => return self.head(scanned),
+        }
+        true
+    }
+
+    fn head(&mut self, scanned: usize) -> bool {
+        let at = self.ready;
+        let bytes = &self.buf[at..];
+        let Some(end) = head_end(bytes, scanned) else {
+            if bytes.len() > MAX_HEAD {
+                self.state = State::Through;
+                return true;
+            }
+            self.state = State::Head {
+                scanned: bytes.len().saturating_sub(3),
+            };
+            return false;
+        };
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let framing = match req.parse(&bytes[..end]) {
+            Ok(httparse::Status::Complete(_)) => framing(&req),
+            _ => Framing::Unknown,
+        };
+        let next = match framing {
+            Framing::None => State::Head { scanned: 0 },
+            Framing::Length(n) => State::Body(n),
+            Framing::Chunked => match line_len(&bytes[end..]) {
+                Some(len) if chunk_size(&bytes[end..end + len]).is_none() => {
+                    return self.refuse(Refusal::BadChunkSize);
+                }
+                _ => State::ChunkSize,
+            },
+            Framing::Both => return self.refuse(Refusal::ContentLengthAndTransferEncoding),
+            Framing::Unknown => State::Through,
+        };
+        self.ready += end;
+        self.state = next;
+        true
+    }
+
+    /// Replaces the head at `ready` (and all after it) with `REFUSED`.
+    fn refuse(&mut self, why: Refusal) -> bool {
+        self.buf.truncate(self.ready);
+        self.buf.extend_from_slice(REFUSED);
+        self.ready = self.buf.len();
+        self.state = State::Refused;
+        self.refused = Some(why);
+        tracing::info!(reason = ?why, "HTTP/1 request refused with 400 before it was read");
+        true
+    }
+}
+
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    Both,
+    /// Upgrades, CONNECT, and framing the HTTP server refuses itself.
+    Unknown,
+}
+
+fn framing(req: &httparse::Request<'_, '_>) -> Framing {
+    fn named<'h, 'b>(
+        headers: &'h [httparse::Header<'b>],
+        name: &'static str,
+    ) -> impl Iterator<Item = &'h httparse::Header<'b>> {
+        headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+    }
+    let named = |name: &'static str| named(req.headers, name);
+    let te = named("transfer-encoding").count();
+    let cl: Vec<&[u8]> = named("content-length").map(|h| h.value).collect();
+    if te > 0 && !cl.is_empty() {
+        return Framing::Both;
+    }
+    if req.method == Some("CONNECT") || named("upgrade").count() > 0 {
+        return Framing::Unknown;
+    }
+    if te > 0 {
+        let chunked_last = named("transfer-encoding").last().is_some_and(|h| {
+            h.value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        });
+        return if chunked_last {
+            Framing::Chunked
+        } else {
+            Framing::Unknown
+        };
+    }
+    let mut lengths = cl.iter().map(|v| {
+        std::str::from_utf8(v.trim_ascii())
+            .ok()?
+            .parse::<u64>()
+            .ok()
+    });
+    match lengths.next() {
+        None => Framing::None,
+        Some(Some(n)) if lengths.all(|l| l == Some(n)) => Framing::Length(n),
+        Some(_) => Framing::Unknown,
+    }
+}
+
+/// The length of the head at the start of `bytes` (through its empty line), searching
+/// from `from`.
+fn head_end(bytes: &[u8], from: usize) -> Option<usize> {
+    // Empty lines before the request line are skipped by HTTP parsers.
+    let start = bytes.iter().position(|b| *b != b'\r' && *b != b'\n')?;
+    let from = from.max(start);
+    bytes[from..]
+        .windows(2)
+        .enumerate()
+        .find_map(|(i, w)| match w {
+            b"\n\n" => Some(from + i + 2),
+            b"\n\r" if bytes.get(from + i + 2) == Some(&b'\n') => Some(from + i + 3),
+            _ => None,
+        })
+}
+
+/// The length of the line at the start of `bytes`, with its LF.
+fn line_len(bytes: &[u8]) -> Option<usize> {
+    bytes.iter().position(|b| *b == b'\n').map(|i| i + 1)
+}
+
+/// A chunk-size line's size: hex digits (at most 16), optional extensions after `;`.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let line = line.strip_suffix(b"\n")?;
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let size = line.split(|b| *b == b';').next()?.trim_ascii_end();
+    if size.is_empty() || size.len() > 16 || !size.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(size).ok()?, 16).ok()
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            while this.advance() {}
+            if this.ready > 0 {
+                let n = this.ready.min(out.remaining());
+                out.put_slice(&this.buf[..n]);
+                this.buf.advance(n);
+                this.ready -= n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof || this.state == State::Refused {
+                // A head cut short by the end of the stream goes on as it is.
+                let n = this.buf.len().min(out.remaining());
+                out.put_slice(&this.buf[..n]);
+                this.buf.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.buf.is_empty() && this.state == State::Through {
+                return Pin::new(&mut this.inner).poll_read(cx, out);
+            }
+            let before = this.buf.len();
+            this.buf.resize(before + READ_SIZE, 0);
+            let mut read = ReadBuf::new(&mut this.buf[before..]);
+            let polled = Pin::new(&mut this.inner).poll_read(cx, &mut read);
+            let n = read.filled().len();
+            this.buf.truncate(before + n);
+            ready!(polled)?;
+            if n == 0 {
+                this.eof = true;
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for H1Guard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// What the HTTP server reads when a client writes `chunks` (one write each) and
+    /// closes.
+    async fn through(chunks: &[&[u8]]) -> (Vec<u8>, Option<Refusal>) {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        for c in chunks {
+            client.write_all(c).await.unwrap();
+        }
+        drop(client);
+        let mut guard = H1Guard::new(server);
+        let mut got = Vec::new();
+        guard.read_to_end(&mut got).await.unwrap();
+        (got, guard.refused())
+    }
+
+    /// Every way of cutting `bytes` in two writes.
+    async fn every_split(bytes: &[u8]) -> Vec<(Vec<u8>, Option<Refusal>)> {
+        let mut all = Vec::new();
+        for i in 0..=bytes.len() {
+            all.push(through(&[&bytes[..i], &bytes[i..]]).await);
+        }
+        all
+    }
+
+    const PIPELINE: &[u8] = b"\r\nPOST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+GET /b HTTP/1.1\r\nHost: x\r\n\r\n\
+POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5;ext=1\r\nworld\r\n0\r\nx-trailer: 1\r\n\r\n\
+POST /d HTTP/1.1\nHost: x\ncontent-length: 0\n\n";
+
+    #[tokio::test]
+    async fn well_framed_requests_pass_unchanged_however_they_arrive() {
+        for (got, refused) in every_split(PIPELINE).await {
+            assert_eq!(got, PIPELINE);
+            assert_eq!(refused, None);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_with_both_lengths_is_refused_even_behind_good_requests() {
+        let good = b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n";
+        let bad = b"POST /cart HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n";
+        let stream = [&good[..], &bad[..]].concat();
+        for (got, refused) in every_split(&stream).await {
+            assert_eq!(got, [&good[..], REFUSED].concat());
+            assert_eq!(refused, Some(Refusal::ContentLengthAndTransferEncoding));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_first_chunk_size_arriving_with_the_head_is_refused() {
+        let bad =
+            b"POST /cart HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n";
+        let (got, refused) = through(&[bad]).await;
+        assert_eq!(
+            (got.as_slice(), refused),
+            (REFUSED, Some(Refusal::BadChunkSize))
+        );
+        // One that comes later is left to the HTTP server, which refuses it too.
+        let head = b"POST /cart HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (got, refused) = through(&[head, b"3\r\nabc\r\n", b"-1\r\n"]).await;
+        assert_eq!(got, [&head[..], b"3\r\nabc\r\n-1\r\n"].concat());
+        assert_eq!(refused, None);
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(chunk_size(b"1a\r\n"), Some(26));
+        assert_eq!(chunk_size(b"0;name=value\r\n"), Some(0));
+        assert_eq!(chunk_size(b"ffffffffffffffff\r\n"), Some(u64::MAX));
+        for bad in [
+            &b"\r\n"[..],
+            b"-1\r\n",
+            b"0x10\r\n",
+            b"10000000000000000\r\n",
+            b" 5\r\n",
+            b"5",
+        ] {
+            assert_eq!(chunk_size(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[tokio::test]
+    async fn upgrades_and_unparsable_heads_pass_as_they_are() {
+        let upgrade =
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello";
+        assert_eq!(through(&[upgrade]).await, (upgrade.to_vec(), None));
+        let odd = b"GET / HTTP/1.1\r\nno colon here\r\n\r\n";
+        assert_eq!(through(&[odd]).await, (odd.to_vec(), None));
+        let cut = b"GET / HTTP/1.1\r\nHost: x\r\n";
+        assert_eq!(through(&[cut]).await, (cut.to_vec(), None));
+    }
+}
