@@ -36,7 +36,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "libnginx-mod-http-echo",
         "nginx echo module: the benchmark's upload endpoint reads the whole body, then answers",
     ),
-    ("python3-venv", "the virtual environment of the chart tests' Helm"),
+    (
+        "python3-venv",
+        "the virtual environment of the chart tests' Helm",
+    ),
     ("nodejs", "the chart tests' CRD validators (npm packages)"),
 ];
 
