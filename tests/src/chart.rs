@@ -4,11 +4,14 @@
 //! (their CRD schemas, from npm). The tools are those `cargo xtask prereqs` installs in
 //! `/opt/mesh-chart-tools` (or `$MESH_CHART_TOOLS`); no cluster is involved.
 
+use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use clap::{CommandFactory, Parser};
 use serde_json::Value;
+use ztunnel::config::Config;
 
 /// Kubernetes versions the chart supports (Chart.yaml's kubeVersion is >=1.30), up to the
 /// newest `kubernetes-validate` 1.37.0 knows. Every object is validated against each.
@@ -239,4 +242,86 @@ pub fn container_env(container: &Value, fields: &[(&str, &str)]) -> Vec<(String,
         env.push((name, value));
     }
     env
+}
+
+/// Samples of what the kubelet fills in from the downward API.
+pub const FIELDS: &[(&str, &str)] = &[
+    ("spec.nodeName", "node-a"),
+    ("metadata.name", "ztunnel-x7k2p"),
+    ("metadata.namespace", NAMESPACE),
+    ("status.podIP", "198.18.0.10"),
+];
+
+/// The ztunnel container of the rendered DaemonSet.
+pub fn ztunnel_container(objects: &[Value]) -> &Value {
+    let daemonset = object(objects, "DaemonSet", "ztunnel");
+    &daemonset["spec"]["template"]["spec"]["containers"][0]
+}
+
+/// ztunnel's configuration from the container's environment, through ztunnel's own parser:
+/// each variable must be one a flag of ztunnel reads.
+pub fn ztunnel_config(container: &Value) -> Config {
+    let command = Config::command();
+    let mut args = vec!["ztunnel".to_owned()];
+    for (name, value) in container_env(container, FIELDS) {
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_env() == Some(OsStr::new(&name)))
+            .unwrap_or_else(|| panic!("the chart sets {name}, which no flag of ztunnel reads"));
+        let long = arg.get_long().expect("ztunnel's flags are long flags");
+        if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+            assert_eq!(value, "true", "{name} is a switch: only \"true\" sets it");
+            args.push(format!("--{long}"));
+        } else {
+            args.push(format!("--{long}={value}"));
+        }
+    }
+    Config::try_parse_from(&args)
+        .unwrap_or_else(|e| panic!("ztunnel refuses the chart's environment {args:?}: {e}"))
+}
+
+/// The volume mounted at the deepest mount path holding `path`, and that volume's source.
+pub fn volume_holding<'a>(objects: &'a [Value], path: &Path) -> (&'a str, &'a Value) {
+    let pod = &object(objects, "DaemonSet", "ztunnel")["spec"]["template"]["spec"];
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+        .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
+        .unwrap_or_else(|| {
+            panic!(
+                "{} is in no volume of the ztunnel container",
+                path.display()
+            )
+        });
+    let name = mount["name"].as_str().unwrap();
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("mount {name} has no volume"));
+    (mount["mountPath"].as_str().unwrap(), volume)
+}
+
+/// The waypoint controller's settings, config.yaml of its ConfigMap.
+pub fn waypoint_settings(objects: &[Value]) -> Value {
+    let map = object(objects, "ConfigMap", "dataplane-waypoint-controller");
+    let text = map["data"]["config.yaml"].as_str().expect("config.yaml");
+    let mut documents = parse_documents(text);
+    assert_eq!(documents.len(), 1, "{text}");
+    documents.remove(0)
+}
+
+/// Whether a rule of a (Cluster)Role grants `verb` on `resource` of `group` (or `*` does).
+pub fn rules_grant(rules: &Value, group: &str, resource: &str, verb: &str) -> bool {
+    rules.as_array().unwrap().iter().any(|rule| {
+        let has = |field: &str, value: &str| {
+            rule[field]
+                .as_array()
+                .is_some_and(|list| list.iter().any(|v| v == value || v == "*"))
+        };
+        has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+    })
 }

@@ -5,21 +5,14 @@
 //! ztunnel container's environment parsed by ztunnel's own flag parser, and broken values
 //! refused with the field named. Tools: `cargo xtask prereqs` (see `mesh_tests::chart`).
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use clap::{CommandFactory, Parser};
-use mesh_tests::chart::{self, NAMESPACE, Tools, object};
+use mesh_tests::chart::{
+    self, NAMESPACE, Tools, object, rules_grant, volume_holding, waypoint_settings, ztunnel_config,
+    ztunnel_container,
+};
 use serde_json::{Value, json};
-use ztunnel::config::{Config, InboundSource};
-
-/// Samples of what the kubelet fills in from the downward API.
-const FIELDS: &[(&str, &str)] = &[
-    ("spec.nodeName", "node-a"),
-    ("metadata.name", "ztunnel-x7k2p"),
-    ("metadata.namespace", NAMESPACE),
-    ("status.podIP", "198.18.0.10"),
-];
+use ztunnel::config::InboundSource;
 
 fn values(name: &str) -> PathBuf {
     chart::repo_path("tests/chart").join(name)
@@ -44,58 +37,6 @@ fn kinds(objects: &[Value]) -> Vec<String> {
         .collect();
     kinds.sort();
     kinds
-}
-
-fn ztunnel_container(objects: &[Value]) -> &Value {
-    let daemonset = object(objects, "DaemonSet", "ztunnel");
-    &daemonset["spec"]["template"]["spec"]["containers"][0]
-}
-
-/// ztunnel's configuration from the container's environment, through ztunnel's own parser:
-/// each variable must be one a flag of ztunnel reads.
-fn ztunnel_config(container: &Value) -> Config {
-    let command = Config::command();
-    let mut args = vec!["ztunnel".to_owned()];
-    for (name, value) in chart::container_env(container, FIELDS) {
-        let arg = command
-            .get_arguments()
-            .find(|a| a.get_env() == Some(OsStr::new(&name)))
-            .unwrap_or_else(|| panic!("the chart sets {name}, which no flag of ztunnel reads"));
-        let long = arg.get_long().expect("ztunnel's flags are long flags");
-        if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
-            assert_eq!(value, "true", "{name} is a switch: only \"true\" sets it");
-            args.push(format!("--{long}"));
-        } else {
-            args.push(format!("--{long}={value}"));
-        }
-    }
-    Config::try_parse_from(&args)
-        .unwrap_or_else(|e| panic!("ztunnel refuses the chart's environment {args:?}: {e}"))
-}
-
-/// The volume mounted at the deepest mount path holding `path`, and that volume's source.
-fn volume_holding<'a>(objects: &'a [Value], path: &Path) -> (&'a str, &'a Value) {
-    let pod = &object(objects, "DaemonSet", "ztunnel")["spec"]["template"]["spec"];
-    let mount = pod["containers"][0]["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
-        .max_by_key(|m| m["mountPath"].as_str().unwrap().len())
-        .unwrap_or_else(|| {
-            panic!(
-                "{} is in no volume of the ztunnel container",
-                path.display()
-            )
-        });
-    let name = mount["name"].as_str().unwrap();
-    let volume = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == name)
-        .unwrap_or_else(|| panic!("mount {name} has no volume"));
-    (mount["mountPath"].as_str().unwrap(), volume)
 }
 
 #[test]
@@ -367,26 +308,6 @@ fn non_default_values_reach_ztunnel_and_the_waypoints() {
         "horizontalpodautoscalers",
         "create"
     ));
-}
-
-/// The waypoint controller's settings, config.yaml of its ConfigMap.
-fn waypoint_settings(objects: &[Value]) -> Value {
-    let map = object(objects, "ConfigMap", "dataplane-waypoint-controller");
-    let text = map["data"]["config.yaml"].as_str().expect("config.yaml");
-    let mut documents = chart::parse_documents(text);
-    assert_eq!(documents.len(), 1, "{text}");
-    documents.remove(0)
-}
-
-fn rules_grant(rules: &Value, group: &str, resource: &str, verb: &str) -> bool {
-    rules.as_array().unwrap().iter().any(|rule| {
-        let has = |field: &str, value: &str| {
-            rule[field]
-                .as_array()
-                .is_some_and(|list| list.iter().any(|v| v == value || v == "*"))
-        };
-        has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
-    })
 }
 
 #[test]
