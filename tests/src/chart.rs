@@ -80,11 +80,22 @@ impl Tools {
 
     /// `helm template` of the chart: its objects, or helm's error output.
     pub fn template(&self, values: &[&Path], set: &[&str]) -> Result<Vec<Value>, String> {
+        self.template_with(&[], values, set)
+    }
+
+    /// `helm template` with extra arguments (e.g. `--kube-version`).
+    pub fn template_with(
+        &self,
+        extra: &[&str],
+        values: &[&Path],
+        set: &[&str],
+    ) -> Result<Vec<Value>, String> {
         let mut command = Command::new(&self.helm);
         command
             .args(["template", RELEASE])
             .arg(chart_dir())
-            .args(["--namespace", NAMESPACE]);
+            .args(["--namespace", NAMESPACE])
+            .args(extra);
         add_values(&mut command, values, set);
         let out = command.output().expect("running helm template");
         if !out.status.success() {

@@ -69,6 +69,27 @@ fn default_values_lint_clean_and_every_object_validates_on_1_30_to_1_37() {
 }
 
 #[test]
+fn renders_for_each_supported_kubernetes_version_and_refuses_older_ones() {
+    let tools = Tools::find();
+    let expected = kinds(&render_default());
+    for version in chart::KUBERNETES_VERSIONS {
+        let objects = tools
+            .template_with(&["--kube-version", version], &[], &[])
+            .unwrap_or_else(|e| panic!("helm template --kube-version {version}:\n{e}"));
+        assert_eq!(kinds(&objects), expected, "Kubernetes {version}");
+    }
+    let error = tools
+        .template_with(&["--kube-version", "1.29.0"], &[], &[])
+        .unwrap_err();
+    assert!(
+        error.contains(
+            "requires kubeVersion: >=1.30.0-0 which is incompatible with Kubernetes v1.29.0"
+        ),
+        "{error}"
+    );
+}
+
+#[test]
 fn non_default_values_lint_clean_and_every_object_validates_on_1_30_to_1_37() {
     let tools = Tools::find();
     let lint = tools.lint(&[&values("values-custom.yaml")], &[]);
