@@ -551,12 +551,17 @@ fn the_validators_reject_unknown_fields_and_wrong_types() {
 }
 
 #[test]
-fn the_kubernetes_examples_validate_and_name_our_class() {
+fn the_kubernetes_examples_validate_and_the_waypoint_accepts_their_routes() {
     let tools = Tools::find();
-    let file = chart::repo_path("deploy/examples/kubernetes/waypoint.yaml");
-    let text = std::fs::read_to_string(&file).unwrap();
-    let objects = chart::parse_documents(&text);
-    assert_eq!(tools.validate(&objects), Ok((1, 1)));
+    let dir = chart::repo_path("deploy/examples/kubernetes");
+    let mut objects = Vec::new();
+    for file in ["waypoint.yaml", "routes.yaml"] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        objects.extend(chart::parse_documents(&text));
+    }
+    // The Namespace against Kubernetes' schemas; Gateway, HTTPRoute and DestinationRule
+    // against their CRDs.
+    assert_eq!(tools.validate(&objects), Ok((1, 3)));
 
     let gateway = object(&objects, "Gateway", "waypoint");
     let class = object(&render_default(), "GatewayClass", "ambient-waypoint").clone();
@@ -576,5 +581,22 @@ fn the_kubernetes_examples_validate_and_name_our_class() {
     assert_eq!(
         namespace["metadata"]["labels"]["istio.io/use-waypoint"],
         "waypoint"
+    );
+
+    // The routes load in our waypoint as they are.
+    let out = std::process::Command::new(mesh_tests::process::binary("waypoint"))
+        .arg("--check")
+        .arg(&dir)
+        .output()
+        .expect("running waypoint --check");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains("2 resources accepted, 0 rejected"),
+        "{report}"
     );
 }
