@@ -3,6 +3,7 @@
 //! also when a test panics; what a killed run left behind is removed by the next run.
 
 pub mod ca;
+pub mod chart;
 pub mod h2raw;
 pub mod http_app;
 pub mod mesh;

@@ -13,6 +13,7 @@
 //! xtask depends on nothing of the workspace, so it builds on a machine that cannot build the
 //! eBPF programs yet, and can install what they need.
 
+mod chart_tools;
 mod fuzz;
 mod prereqs;
 
@@ -30,7 +31,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install the prerequisites (Debian packages, rust-src, bpf-linker); safe to repeat.
+    /// Install the prerequisites (Debian packages, rust-src, bpf-linker, the Helm chart's test
+    /// tools); safe to repeat.
     Prereqs,
     /// Run everything CI runs: prerequisites, `cargo fmt --check`, clippy, the test suite,
     /// then each fuzz target for a bounded time (no sanitizer).

@@ -36,6 +36,11 @@ const PACKAGES: &[(&str, &str)] = &[
         "libnginx-mod-http-echo",
         "nginx echo module: the benchmark's upload endpoint reads the whole body, then answers",
     ),
+    (
+        "python3-venv",
+        "the virtual environment of the chart tests' Helm",
+    ),
+    ("nodejs", "the chart tests' CRD validators (npm packages)"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
@@ -48,7 +53,7 @@ pub(crate) fn install() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     nextest()?;
-    Ok(())
+    crate::chart_tools::install(progress)
 }
 
 fn progress(step: &str, status: &str) {
