@@ -140,9 +140,22 @@ fn upgrading_both_nodes_under_load_refuses_and_resets_nothing() {
         old.push(previous);
     }
 
-    // The old processes still serve the long-lived connections.
+    // The old processes still serve the long-lived connections, also after the SIGTERM that
+    // Kubernetes sends an old pod as soon as its successor is ready.
     for conn in &mut long_lived {
         exchange(conn, b"during").unwrap();
+    }
+    for proc in &old {
+        mesh_tests::sys::terminate(proc.pid()).expect("SIGTERM");
+    }
+    for proc in &old {
+        wait_until(Duration::from_secs(10), || {
+            proc.log().contains("the drain goes on")
+        })
+        .unwrap_or_else(|_| panic!("{} did not see the SIGTERM:\n{}", proc.name, proc.log()));
+    }
+    for conn in &mut long_lived {
+        exchange(conn, b"after the SIGTERM").unwrap();
     }
     for proc in &mut old {
         assert!(

@@ -187,10 +187,7 @@ fn malformed_requests_get_400_and_smuggling_reaches_no_backend() {
         &mesh,
         b"GET /cart HTTP/1.1\r\nHost: reviews\r\n\r\nPOST /cart HTTP/1.1\r\nHost: reviews\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: reviews\r\n\r\n",
     );
-    let statuses: Vec<&str> = got
-        .lines()
-        .filter(|l| l.starts_with("HTTP/1.1 "))
-        .collect();
+    let statuses: Vec<&str> = got.lines().filter(|l| l.starts_with("HTTP/1.1 ")).collect();
     assert_eq!(statuses.len(), 2, "{got:?}");
     assert!(statuses[0].starts_with("HTTP/1.1 200"), "{got:?}");
     assert!(statuses[1].starts_with("HTTP/1.1 400"), "{got:?}");

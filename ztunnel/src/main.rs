@@ -200,9 +200,14 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
         proxy.pods.stop_accepting().await;
         proxy.pods.clear(&proxy.capture);
     }
+    // A signal during the drain ends it, except the first one after a hand-over: Kubernetes
+    // sends SIGTERM to the old pod as soon as its successor is ready, and the old pod's
+    // connections must still finish (within the pod's grace period, which the chart keeps
+    // longer than the drain deadline).
+    let signals_to_stop = if replaced { 2 } else { 1 };
     let open = tokio::select! {
         open = proxy.drain(config.drain_deadline()) => open,
-        _ = shutdown_signal() => proxy.active_connections(),
+        _ = shutdown_signals(signals_to_stop) => proxy.active_connections(),
     };
     if open > 0 {
         warn!(open, "exiting with connections still open");
@@ -242,6 +247,11 @@ fn certificate_source(
 }
 
 async fn shutdown_signal() {
+    shutdown_signals(1).await;
+}
+
+/// Returns at the `n`th SIGTERM or SIGINT; the ones before are logged.
+async fn shutdown_signals(n: usize) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -250,9 +260,16 @@ async fn shutdown_signal() {
         warn!("cannot install signal handlers; waiting forever");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    for seen in 1..=n {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if seen < n {
+            info!(
+                "signal while draining after a hand-over: the drain goes on (another signal ends it)"
+            );
+        }
     }
 }
 
