@@ -187,6 +187,7 @@ fn main() -> ExitCode {
             domain_suffix: args.domain.clone(),
             root_namespace: args.root_namespace.clone(),
             namespace: args.namespace.clone(),
+            canonical_labels_only: args.xds_address.is_some(),
         },
         poll: Duration::from_millis(args.poll_ms.max(10)),
         mirror_shadow_suffix: args.mirror_shadow_suffix,
@@ -232,6 +233,7 @@ fn check(args: &Args) -> ExitCode {
             domain_suffix: args.domain.clone(),
             root_namespace: args.root_namespace.clone(),
             namespace: args.namespace.clone(),
+            canonical_labels_only: false,
         },
     );
     let all = loaded.diagnostics.iter().chain(&compiled.diagnostics);

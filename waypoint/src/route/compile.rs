@@ -23,6 +23,9 @@ pub struct CompileOptions {
     /// The waypoint's own namespace. As for any Istio proxy, `exportTo` is read against it:
     /// a VirtualService or DestinationRule not exported there is not used.
     pub namespace: String,
+    /// Workloads carry only the labels Istio's workload API gives (`app` and `version`,
+    /// from the canonical name and revision): subsets selecting others are reported.
+    pub canonical_labels_only: bool,
 }
 
 impl Default for CompileOptions {
@@ -31,6 +34,7 @@ impl Default for CompileOptions {
             domain_suffix: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             namespace: "default".into(),
+            canonical_labels_only: false,
         }
     }
 }
@@ -128,6 +132,35 @@ pub(super) fn age_then_name(a: &Resource, b: &Resource) -> Ordering {
         .then_with(|| a.meta.name.cmp(&b.meta.name))
 }
 
+/// The labels a workload from Istio's workload API has.
+const CANONICAL_LABELS: [&str; 4] = [
+    "app",
+    "version",
+    "service.istio.io/canonical-name",
+    "service.istio.io/canonical-revision",
+];
+
+fn report_unmatchable_subsets(c: &mut Compiler<'_>, resources: &[Resource]) {
+    for res in resources {
+        let Spec::DestinationRule(dr) = &res.spec else {
+            continue;
+        };
+        for (i, subset) in dr.subsets.iter().enumerate() {
+            for key in subset.labels.keys() {
+                if !CANONICAL_LABELS.contains(&key.as_str()) {
+                    c.note(
+                        res,
+                        &format!("spec.subsets[{i}].labels.{key}"),
+                        Problem::NotImplemented(
+                            "labels other than app and version with workloads from istiod (its workload API carries no others): no endpoint matches",
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Compiles every route resource of `resources` into one table.
 pub fn compile(resources: &[Resource], opts: &CompileOptions) -> Compiled {
     let mut c = Compiler {
@@ -138,6 +171,9 @@ pub fn compile(resources: &[Resource], opts: &CompileOptions) -> Compiled {
         rejected: Vec::new(),
         hosts: HashSet::new(),
     };
+    if opts.canonical_labels_only {
+        report_unmatchable_subsets(&mut c, resources);
+    }
     // Service host -> (routes, where they came from, who defined them).
     let mut services: HashMap<String, (Vec<Route>, RouteSource, ResourceName)> = HashMap::new();
     for (host, (routes, owner)) in super::compile_gateway::routes(&mut c, resources) {

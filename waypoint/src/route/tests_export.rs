@@ -119,3 +119,37 @@ spec:
     assert!(!subset_defined("[\".\"]"));
     assert!(!subset_defined("[\"~\"]"));
 }
+
+#[test]
+fn with_workloads_from_istiod_subsets_beyond_app_and_version_are_reported() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: shop}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: blue, labels: {app: reviews, track: blue}}
+"#;
+    let loaded = load_str("test.yaml", yaml, &LoadOptions::default());
+    let opts = |canonical_labels_only| CompileOptions {
+        canonical_labels_only,
+        ..CompileOptions::default()
+    };
+    let c = compile(&loaded.resources, &opts(true));
+    let paths: Vec<&str> = c.diagnostics.iter().map(|d| d.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["spec.subsets[1].labels.track"],
+        "{:#?}",
+        c.diagnostics
+    );
+    assert_eq!(c.diagnostics[0].severity(), Severity::Warning);
+    // With the local config, workloads have any labels.
+    assert!(
+        compile(&loaded.resources, &opts(false))
+            .diagnostics
+            .is_empty()
+    );
+}
