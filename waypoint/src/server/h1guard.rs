@@ -251,7 +251,7 @@ fn framing(req: &httparse::Request<'_, '_>) -> Framing {
 fn head_end(bytes: &[u8], from: usize) -> Option<usize> {
     // Empty lines before the request line are skipped by HTTP parsers.
     let start = bytes.iter().position(|b| *b != b'\r' && *b != b'\n')?;
-    let from = from.max(start);
+    let from = from.max(start).min(bytes.len());
     bytes[from..]
         .windows(2)
         .enumerate()
@@ -296,6 +296,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
             }
             if this.eof || this.state == State::Refused {
                 // A head cut short by the end of the stream goes on as it is.
+                if this.state != State::Refused {
+                    this.state = State::Through;
+                }
                 let n = this.buf.len().min(out.remaining());
                 out.put_slice(&this.buf[..n]);
                 this.buf.advance(n);
@@ -443,5 +446,76 @@ POST /d HTTP/1.1\nHost: x\ncontent-length: 0\n\n";
         assert_eq!(through(&[odd]).await, (odd.to_vec(), None));
         let cut = b"GET / HTTP/1.1\r\nHost: x\r\n";
         assert_eq!(through(&[cut]).await, (cut.to_vec(), None));
+    }
+
+    /// Streams built from HTTP-ish pieces (heads with either or both lengths, bodies, chunk
+    /// lines good and bad, upgrades, garbage), cut into reads at random: the HTTP server
+    /// reads either the stream unchanged, or it up to a head followed by `REFUSED`; and the
+    /// same whatever the cuts.
+    #[tokio::test]
+    async fn any_stream_passes_whole_or_up_to_a_refused_head_whatever_the_reads() {
+        use rand::{Rng, SeedableRng};
+        const PIECES: &[&[u8]] = &[
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nContent-Length: 3\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            b"abc",
+            b"3\r\nabc\r\n",
+            b"0\r\n\r\n",
+            b"zz\r\n",
+            b"\r\n",
+            b"\n\n",
+            b"x-t: 1\r\n",
+            b"\x00\xff",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        let mut refusals = 0;
+        for _ in 0..2_000 {
+            let n = rng.random_range(1..8);
+            let stream: Vec<u8> = (0..n)
+                .flat_map(|_| PIECES[rng.random_range(0..PIECES.len())].iter().copied())
+                .collect();
+            let mut outcomes = Vec::new();
+            for _ in 0..3 {
+                let mut cuts: Vec<usize> = (0..rng.random_range(0..4))
+                    .map(|_| rng.random_range(0..=stream.len()))
+                    .collect();
+                cuts.sort_unstable();
+                let mut chunks = Vec::new();
+                let mut at = 0;
+                for c in cuts.into_iter().chain([stream.len()]) {
+                    chunks.push(&stream[at..c]);
+                    at = c;
+                }
+                outcomes.push(through(&chunks).await);
+            }
+            let (got, refused) = &outcomes[0];
+            assert!(
+                outcomes.iter().all(|o| o == &outcomes[0]),
+                "{:?}: {outcomes:?}",
+                String::from_utf8_lossy(&stream)
+            );
+            match refused {
+                None => assert_eq!(got, &stream),
+                Some(_) => {
+                    refusals += 1;
+                    let kept = got
+                        .strip_suffix(REFUSED)
+                        .expect("ends with the refused head");
+                    assert!(
+                        stream.starts_with(kept),
+                        "{:?}",
+                        String::from_utf8_lossy(&stream)
+                    );
+                }
+            }
+        }
+        // The generator reaches both outcomes.
+        assert!(
+            refusals > 0 && refusals < 2_000,
+            "{refusals} of 2,000 refused"
+        );
     }
 }

@@ -295,4 +295,48 @@ mod tests {
         let (d, _) = detect(&mut server, None).await.unwrap();
         assert_eq!(d, Detected::Closed);
     }
+
+    /// Once the first bytes decide, more bytes never change the decision, whatever they are.
+    #[test]
+    fn a_decision_never_changes_with_more_bytes() {
+        use rand::{Rng, SeedableRng};
+        // A request line's parts, each chosen from good and bad variants.
+        const PARTS: [&[&[u8]]; 6] = [
+            &[b"", b"\r\n", b"\n\n", b"\x16\x03"],
+            &[b"GET", b"PRI", b"M-SEARCH", b"", b"G\x00T"],
+            &[b" ", b"  ", b"\t"],
+            &[b"/x", b"*", b"http://a/b?c", b""],
+            &[
+                b" HTTP/1.1",
+                b" HTTP/2.0",
+                b" HTTP/1.x",
+                b" FTP/1.0",
+                b"HTTP/1.0",
+            ],
+            &[b"\r\n", b"\n", b"\r", b" \r\n", b"\r\n\r\nSM\r\n\r\n", b""],
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut decided = [0usize; 2];
+        for _ in 0..5_000 {
+            let bytes: Vec<u8> = PARTS
+                .iter()
+                .flat_map(|variants| {
+                    variants[rng.random_range(0..variants.len())]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            let all = every_prefix(&bytes);
+            if let Some(first) = all.iter().position(Option::is_some) {
+                assert!(
+                    all[first..].iter().all(|d| *d == all[first]),
+                    "{:?}: {all:?}",
+                    String::from_utf8_lossy(&bytes)
+                );
+                decided[usize::from(all[first] == Some(Detected::Http))] += 1;
+            }
+        }
+        // The generator reaches both decisions.
+        assert!(decided.iter().all(|n| *n > 0), "{decided:?}");
+    }
 }
