@@ -1,0 +1,307 @@
+//! Heap allocations per request in the waypoint (issue 21), counted exactly: the real server
+//! (`waypoint::server::serve`) runs in-process on a runtime of its own, and a counting global
+//! allocator counts only the allocations made on that runtime's threads. A client tunnels to
+//! it over HBONE (mTLS, HTTP/2 CONNECT) and sends HTTP/1.1 keep-alive requests that take the
+//! benchmark's route (a header and a path prefix, 90/10 between two subsets); two endpoints
+//! answer 1 KiB over HBONE. The count is printed and checked against a budget, so that a
+//! change that adds work per request is seen; it measures no time.
+//!
+//! `cargo test -p waypoint --test alloc_per_request -- --nocapture`
+
+// The one unsafe item is the global allocator below, which must implement an unsafe trait.
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use waypoint::config::{LoadOptions, load_str};
+use waypoint::route::{CompileOptions, compile};
+use waypoint::server::{Ctx, serve};
+use waypoint::snapshot::Snapshot;
+use waypoint::upstream::{Dialer, HttpPool};
+use ztunnel::hbone::{self, ClientTls, ConnectHeaders, Pool, PoolConfig, PoolKey, ServerConfig};
+use ztunnel::identity::{CertManager, Identity, LocalCa, ManagerConfig, SystemClock};
+
+thread_local! {
+    /// Set on the waypoint runtime's threads: only their allocations count.
+    static COUNTED: Cell<bool> = const { Cell::new(false) };
+}
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static REALLOCS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+
+struct Counting;
+
+fn counted() -> bool {
+    // `try_with`: a thread being torn down has no thread-locals left; it is not counted.
+    COUNTED.try_with(Cell::get).unwrap_or(false)
+}
+
+// SAFETY: every call is passed to the system allocator unchanged; the counting around it
+// uses atomics and a const thread-local, neither of which allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if counted() {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+            BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's contract for `alloc` is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if counted() {
+            ALLOCS.fetch_add(1, Ordering::Relaxed);
+            BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        }
+        // SAFETY: as for `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, which is the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if counted() {
+            REALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: as for `dealloc`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const TD: &str = "cluster.local";
+const WAYPOINT: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
+const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
+const SERVER: &str = "spiffe://cluster.local/ns/default/sa/bench";
+/// Loopback addresses of this test's own (nothing else uses 127.21.0.0/24): the service VIP
+/// and the two endpoints, each with an HBONE listener on 15008 as a ztunnel would have.
+const VIP: &str = "127.21.0.10";
+const V1: &str = "127.21.0.2";
+const V2: &str = "127.21.0.3";
+
+/// Requests measured, after the warm-up (which opens every connection).
+const MEASURED: u64 = 2000;
+const WARM_UP: u64 = 200;
+/// What a request may cost at most. Above it, something added work per request.
+const ALLOCS_BUDGET: f64 = 55.0;
+
+fn mesh_yaml() -> String {
+    let workload = |name: &str, ip: &str, version: &str| {
+        format!(
+            "  - uid: cluster1//v1/Pod/default/{name}\n    name: {name}\n    namespace: default\n    serviceAccount: bench\n    workloadIps: [\"{ip}\"]\n    protocol: HBONE\n    node: node1\n    canonicalName: bench\n    canonicalRevision: {version}\n    services:\n      \"default/bench.default.svc.cluster.local\":\n        80: 8080\n"
+        )
+    };
+    format!(
+        "workloads:\n{}{}services:\n  - name: bench\n    namespace: default\n    hostname: bench.default.svc.cluster.local\n    vips: [\"/{VIP}\"]\n    ports:\n      80: 8080\npolicies: []\n",
+        workload("bench-v1", V1, "v1"),
+        workload("bench-v2", V2, "v2"),
+    )
+}
+
+/// The benchmark's routes (`tests/src/bin/bench/l7_config.rs`): a dark-launch rule the load
+/// never takes, then a header and prefix match split 90/10 between two subsets.
+const ROUTES: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: bench, namespace: default}
+spec:
+  hosts: [bench]
+  http:
+  - name: dark-launch
+    match: [{headers: {x-dark-launch: {exact: v2}}}]
+    route: [{destination: {host: bench, subset: v2}}]
+  - name: canary
+    match: [{uri: {prefix: /1k}, headers: {x-bench: {exact: l7}}}]
+    route:
+    - {destination: {host: bench, subset: v1}, weight: 90}
+    - {destination: {host: bench, subset: v2}, weight: 10}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: bench, namespace: default}
+spec:
+  host: bench
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+";
+
+fn snapshot() -> Snapshot {
+    let state = ztunnel::source::local::parse("mesh.yaml", &mesh_yaml()).expect("mesh config");
+    let loaded = load_str("routes.yaml", ROUTES, &LoadOptions::default());
+    assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+    let compiled = compile(&loaded.resources, &CompileOptions::default());
+    assert!(compiled.rejected.is_empty(), "{:?}", compiled.diagnostics);
+    Snapshot::new(Arc::new(state), Arc::new(compiled.table))
+}
+
+/// An endpoint's ztunnel and app in one: HBONE on `ip:15008`, HTTP/1.1 inside each tunnel,
+/// 1 KiB per request.
+async fn endpoint(ca: &LocalCa, ip: &str) {
+    let id: Identity = SERVER.parse().expect("identity");
+    let cert = ca.sign(&id, Duration::from_secs(3600)).expect("cert");
+    let acceptor = TlsAcceptor::from(
+        ztunnel::tls::server_config(&cert, &ca.roots()).expect("server TLS configuration"),
+    );
+    let listener = TcpListener::bind((ip, hbone::HBONE_PORT))
+        .await
+        .expect("bind the endpoint's HBONE port");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(peer) = ztunnel::tls::peer_identity(tls.get_ref().1) else {
+                    return;
+                };
+                let config = ServerConfig::default();
+                let _ = hbone::serve(tls, peer, &config, |accepted| async move {
+                    let Ok(stream) = accepted.responder.accept() else {
+                        return;
+                    };
+                    let app = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(&[b'x'; 1024]),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), app)
+                        .await;
+                })
+                .await;
+            });
+        }
+    });
+}
+
+/// The waypoint, on a runtime whose threads count their allocations. Returns its address.
+fn start_waypoint(ca_dir: &std::path::Path, runtime: &tokio::runtime::Runtime) -> SocketAddr {
+    let id: Identity = WAYPOINT.parse().expect("identity");
+    let ca = LocalCa::load_or_create(ca_dir, TD).expect("local CA");
+    let roots = ca.roots();
+    let source: Arc<dyn ztunnel::identity::CertificateSource> = Arc::new(ca);
+    let certs = CertManager::new(source, Arc::new(SystemClock), ManagerConfig::default());
+    let (_tx, snapshot_rx) = watch::channel(Arc::new(snapshot()));
+    let dialer = Dialer::new(
+        id.clone(),
+        certs.clone(),
+        roots.clone(),
+        Pool::new(PoolConfig::default()),
+    );
+    let ctx = Arc::new(Ctx::new(
+        id,
+        certs,
+        roots,
+        snapshot_rx,
+        HttpPool::new(dialer),
+    ));
+    let listener = runtime
+        .block_on(TcpListener::bind("127.0.0.1:0"))
+        .expect("bind the waypoint");
+    let addr = listener.local_addr().expect("waypoint address");
+    runtime.spawn(async move {
+        // The snapshot's sender lives as long as the server.
+        let _tx = _tx;
+        serve(listener, ctx).await;
+    });
+    addr
+}
+
+#[test]
+fn allocations_per_http1_request() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = LocalCa::load_or_create(dir.path(), TD).expect("local CA");
+    let waypoint_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .on_thread_start(|| COUNTED.with(|c| c.set(true)))
+        .build()
+        .expect("waypoint runtime");
+    let waypoint = start_waypoint(dir.path(), &waypoint_rt);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    rt.block_on(async {
+        endpoint(&ca, V1).await;
+        endpoint(&ca, V2).await;
+        let client: Identity = CLIENT.parse().expect("identity");
+        let cert = ca.sign(&client, Duration::from_secs(3600)).expect("cert");
+        let waypoint_id: Identity = WAYPOINT.parse().expect("identity");
+        let tls = ClientTls::new(&cert, &ca.roots(), waypoint_id.clone()).expect("client TLS");
+        let pool = Pool::new(PoolConfig::default());
+        let key = PoolKey {
+            src: client,
+            src_addr: None,
+            dst: waypoint,
+            dst_identity: waypoint_id,
+        };
+        let authority: SocketAddr = format!("{VIP}:80").parse().expect("authority");
+        let tunnel = pool
+            .connect(
+                key,
+                authority,
+                &ConnectHeaders::default(),
+                move || TcpStream::connect(waypoint),
+                tls,
+            )
+            .await
+            .expect("tunnel to the waypoint");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
+            .await
+            .expect("HTTP/1.1 in the tunnel");
+        tokio::spawn(conn);
+        let mut one = async || {
+            let req = Request::get("/1k")
+                .header(http::header::HOST, "bench")
+                .header("x-bench", "l7")
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            let response = sender.send_request(req).await.expect("response");
+            assert_eq!(response.status(), 200);
+            let body = response.into_body().collect().await.expect("body");
+            assert_eq!(body.to_bytes().len(), 1024);
+        };
+        for _ in 0..WARM_UP {
+            one().await;
+        }
+        let before = (
+            ALLOCS.load(Ordering::Relaxed),
+            REALLOCS.load(Ordering::Relaxed),
+            BYTES.load(Ordering::Relaxed),
+        );
+        for _ in 0..MEASURED {
+            one().await;
+        }
+        let allocs = (ALLOCS.load(Ordering::Relaxed) - before.0) as f64 / MEASURED as f64;
+        let reallocs = (REALLOCS.load(Ordering::Relaxed) - before.1) as f64 / MEASURED as f64;
+        let bytes = (BYTES.load(Ordering::Relaxed) - before.2) as f64 / MEASURED as f64;
+        println!(
+            "waypoint, HTTP/1.1 keep-alive, 1 KiB: {allocs:.2} allocations, {reallocs:.2} reallocations, {bytes:.0} bytes allocated per request ({MEASURED} requests)"
+        );
+        assert!(
+            allocs + reallocs <= ALLOCS_BUDGET,
+            "{allocs:.2} allocations and {reallocs:.2} reallocations per request: more than the budget of {ALLOCS_BUDGET}"
+        );
+    });
+}
