@@ -9,6 +9,7 @@ use std::sync::Arc;
 use ztunnel::state::workload::HealthStatus;
 use ztunnel::state::{Service, State, Workload};
 
+use crate::metrics::Names;
 use crate::route::RouteTable;
 use crate::route::table::SubsetSelector;
 
@@ -18,6 +19,9 @@ pub struct Snapshot {
     pub state: Arc<State>,
     pub table: Arc<RouteTable>,
     by_host: HashMap<String, Arc<Service>>,
+    /// Metric label values of each workload (by uid) and service (by hostname), made once.
+    workload_names: HashMap<String, Arc<Names>>,
+    service_names: HashMap<String, Arc<Names>>,
 }
 
 /// Where the traffic of one tunnel was addressed.
@@ -36,11 +40,37 @@ impl Snapshot {
             .services()
             .map(|s| (s.hostname.clone(), s.clone()))
             .collect();
+        let workload_names = state
+            .workloads()
+            .map(|w| (w.uid.clone(), Names::workload(w)))
+            .collect();
+        let service_names = state
+            .services()
+            .map(|s| (s.hostname.clone(), Names::service(s)))
+            .collect();
         Snapshot {
             state,
             table,
             by_host,
+            workload_names,
+            service_names,
         }
+    }
+
+    /// The metric label values of a workload (made now if it is not of this snapshot).
+    pub fn workload_names(&self, w: &Workload) -> Arc<Names> {
+        self.workload_names
+            .get(&w.uid)
+            .cloned()
+            .unwrap_or_else(|| Names::workload(w))
+    }
+
+    /// The metric label values of a service (made now if it is not of this snapshot).
+    pub fn service_names(&self, s: &Service) -> Arc<Names> {
+        self.service_names
+            .get(&s.hostname)
+            .cloned()
+            .unwrap_or_else(|| Names::service(s))
     }
 
     /// The service with this fully qualified hostname.

@@ -14,7 +14,7 @@ use hyper::body::Body as _;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::metrics::RequestLabels;
+use crate::metrics::{Names, RequestLabels};
 use crate::policy::cors::CorsDecision;
 use crate::policy::fault::AbortCode;
 use crate::policy::redirect::RedirectInput;
@@ -66,11 +66,12 @@ pub(super) async fn handle(
         flags: "-",
         grpc: is_grpc(req.headers()),
     };
-    let mut response = route(&ctx, &down, req, &mut rec).await;
+    let snap = ctx.snapshot();
+    let mut response = route(&ctx, &snap, &down, req, &mut rec).await;
     if rec.grpc {
         response = reply::for_grpc(response);
     }
-    let labels = labels(&down, &rec, response.status().as_u16());
+    let labels = labels(&snap, &down, &rec, response.status().as_u16());
     ctx.metrics.requests.get_or_create(&labels).inc();
     ctx.metrics
         .duration
@@ -88,39 +89,20 @@ struct Record {
     grpc: bool,
 }
 
-fn labels(down: &Downstream, rec: &Record, status: u16) -> RequestLabels {
-    let unknown = || "unknown".to_owned();
-    let (service, name, namespace) = match &down.destination {
-        Destination::Service(s) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
-        Destination::Workload(_) => (unknown(), unknown(), unknown()),
-    };
+fn labels(snap: &Snapshot, down: &Downstream, rec: &Record, status: u16) -> RequestLabels {
     RequestLabels {
-        reporter: "waypoint",
-        source_workload: down
-            .source
-            .as_ref()
-            .map_or_else(unknown, |w| w.name.clone()),
-        source_workload_namespace: down.peer.namespace().to_owned(),
-        source_principal: down.peer.to_string(),
-        destination_workload: rec
+        source: down.names.clone(),
+        destination: rec
             .endpoint
             .as_ref()
-            .map_or_else(unknown, |w| w.name.clone()),
-        destination_workload_namespace: rec
-            .endpoint
-            .as_ref()
-            .map_or_else(unknown, |w| w.namespace().to_owned()),
-        destination_principal: rec
-            .endpoint
-            .as_ref()
-            .map_or_else(unknown, |w| w.identity_ref().to_string()),
-        destination_service: service,
-        destination_service_name: name,
-        destination_service_namespace: namespace,
+            .map_or_else(Names::unknown, |w| snap.workload_names(w)),
+        service: match &down.destination {
+            Destination::Service(s) => snap.service_names(s),
+            Destination::Workload(_) => Names::unknown(),
+        },
         request_protocol: if rec.grpc { "grpc" } else { "http" },
         response_code: status,
         response_flags: rec.flags,
-        connection_security_policy: "mutual_tls",
     }
 }
 
@@ -183,11 +165,11 @@ struct UpgradeRequest {
 
 async fn route(
     ctx: &Ctx,
+    snap: &Snapshot,
     down: &Downstream,
     mut req: Request<Incoming>,
     rec: &mut Record,
 ) -> Response<Body> {
-    let snap = ctx.snapshot();
     let protocol = if req.version() == Version::HTTP_2 {
         Protocol::Http2
     } else {
@@ -284,7 +266,7 @@ async fn route(
             return reply::text(404, "no route matched");
         }
         Decision::NoRoutes => {
-            let response = forward(ctx, &snap, down, out, None, &DEFAULT_POLICY, rec).await;
+            let response = forward(ctx, snap, down, out, None, &DEFAULT_POLICY, rec).await;
             return switch(response, upgrade);
         }
         Decision::Matched {
@@ -365,13 +347,13 @@ async fn route(
         }
     }
     policy.request_headers.apply(&mut out.headers);
-    mirror(ctx, &snap, &mut out, policy, port, protocol);
+    mirror(ctx, snap, &mut out, policy, port, protocol);
     let backend = backends.pick(rand::random());
     if let Some(why) = backend.invalid {
         return reply::text(500, why);
     }
     backend.request_headers.apply(&mut out.headers);
-    let response = forward(ctx, &snap, down, out, Some(backend), policy, rec).await;
+    let response = forward(ctx, snap, down, out, Some(backend), policy, rec).await;
     let mut response = switch(response, upgrade);
     policy.response_headers.apply(response.headers_mut());
     backend.response_headers.apply(response.headers_mut());

@@ -16,6 +16,7 @@ use ztunnel::identity::Identity;
 use ztunnel::state::service::AppProtocol;
 use ztunnel::state::{Service, Workload};
 
+use crate::metrics::Names;
 use crate::upstream::Endpoint;
 
 use super::Ctx;
@@ -31,6 +32,8 @@ pub(super) struct Downstream {
     pub(super) peer: Identity,
     /// The client workload, when it is known (its labels are `sourceLabels`).
     pub(super) source: Option<Arc<Workload>>,
+    /// The client's metric label values, made once per tunnel.
+    pub(super) names: Arc<Names>,
 }
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
@@ -117,8 +120,14 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
         return;
     }
     let client = forwarded_for(&accepted.headers);
+    let source = source(&snap, &accepted.peer_identity, client);
+    let names = match &source {
+        Some(w) => snap.workload_names(w),
+        None => Names::peer(None, &accepted.peer_identity),
+    };
     let down = Arc::new(Downstream {
-        source: source(&snap, &accepted.peer_identity, client),
+        source,
+        names,
         destination,
         authority,
         peer: accepted.peer_identity,
