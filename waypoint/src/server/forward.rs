@@ -531,10 +531,7 @@ async fn forward(
             retry.host_selection_attempts,
         );
         tried.push(*addr);
-        let ep = &Endpoint {
-            addr: *addr,
-            identity: workload.identity(),
-        };
+        let ep = &Endpoint::new(workload.clone(), *addr);
         rec.endpoint = Some(workload.clone());
         let bound = [retry.per_try_timeout.map(|t| Instant::now() + t), deadline]
             .into_iter()

@@ -126,10 +126,7 @@ pub(super) fn send(
         return;
     }
     let (w, addr) = &eps[rand::random_range(0..eps.len())];
-    let ep = Endpoint {
-        addr: *addr,
-        identity: w.identity(),
-    };
+    let ep = Endpoint::new(w.clone(), *addr);
     let authority = if suffix {
         shadow(copy.authority)
     } else {

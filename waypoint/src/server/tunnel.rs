@@ -76,10 +76,7 @@ async fn relay_tcp(
         return;
     }
     let (w, addr) = &eps[rand::random_range(0..eps.len())];
-    let ep = Endpoint {
-        addr: *addr,
-        identity: w.identity(),
-    };
+    let ep = Endpoint::new(w.clone(), *addr);
     let mut upstream = match ctx.upstream.dialer().tunnel(&ep).await {
         Ok(up) => up,
         Err(error) => {
