@@ -102,7 +102,7 @@ const V2: &str = "127.21.0.3";
 const MEASURED: u64 = 2000;
 const WARM_UP: u64 = 200;
 /// What a request may cost at most. Above it, something added work per request.
-const ALLOCS_BUDGET: f64 = 32.0;
+const ALLOCS_BUDGET: f64 = 28.0;
 
 fn mesh_yaml() -> String {
     let workload = |name: &str, ip: &str, version: &str| {

@@ -21,7 +21,7 @@ use crate::policy::redirect::RedirectInput;
 use crate::policy::retry::{Outcome, RetryPolicy};
 use crate::route::table::{Action, Backend, Decision, Policy};
 use crate::route::{Request as RouteRequest, Source};
-use crate::snapshot::{Destination, Snapshot};
+use crate::snapshot::{Destination, EndpointAddr, Endpoints, Snapshot};
 use crate::upstream::{Body, Endpoint, Protocol};
 use ztunnel::state::Workload;
 
@@ -462,40 +462,41 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// The endpoints a request may go to: the backend's service (and subset) on its port, the
 /// addressed service's own endpoints, or the workload addressed directly.
-fn endpoints(
-    snap: &Snapshot,
+fn endpoints<'s>(
+    snap: &'s Snapshot,
     down: &Downstream,
-    backend: Option<&Backend>,
-) -> Result<Vec<(Arc<Workload>, SocketAddr)>, &'static str> {
+    backend: Option<&'s Backend>,
+) -> Option<Endpoints<'s>> {
     let port = down.authority.port();
     let found = match (backend, &down.destination) {
         (Some(b), _) => {
-            let service = snap.service(&b.host).ok_or("no healthy upstream")?;
+            let service = snap.service(&b.host)?;
             snap.endpoints(service, b.port.unwrap_or(port), b.subset.as_deref())
         }
         (None, Destination::Service(service)) => snap.endpoints(service, port, None),
-        (None, Destination::Workload(w)) => vec![(w.clone(), down.authority)],
+        (None, Destination::Workload(w)) => Endpoints::only((w.clone(), down.authority)),
     };
-    Ok(found)
+    Some(found)
 }
 
 /// Picks an endpoint at random, preferring one not tried yet when `avoid` is set.
 fn pick<'e>(
-    eps: &'e [(Arc<Workload>, SocketAddr)],
+    eps: &'e Endpoints<'_>,
     tried: &[SocketAddr],
     avoid: bool,
     tries: u32,
-) -> &'e (Arc<Workload>, SocketAddr) {
-    let mut ep = &eps[rand::random_range(0..eps.len())];
-    if avoid {
+) -> Option<&'e EndpointAddr> {
+    let n = eps.len();
+    let mut ep = eps.get(rand::random_range(0..n))?;
+    if avoid && !tried.is_empty() {
         for _ in 1..tries.max(1) {
             if !tried.contains(&ep.1) {
                 break;
             }
-            ep = &eps[rand::random_range(0..eps.len())];
+            ep = eps.get(rand::random_range(0..n))?;
         }
     }
-    ep
+    Some(ep)
 }
 
 /// Sends the request to an endpoint, with the route's timeout and retries.
@@ -509,8 +510,8 @@ async fn forward(
     rec: &mut Record,
 ) -> Response<Body> {
     let eps = match endpoints(snap, down, backend) {
-        Ok(eps) if !eps.is_empty() => eps,
-        Ok(_) | Err(_) => {
+        Some(eps) if !eps.is_empty() => eps,
+        Some(_) | None => {
             rec.flags = "UH";
             return reply::text(503, "no healthy upstream");
         }
@@ -524,13 +525,15 @@ async fn forward(
         let Some(req) = returned.take().or_else(|| out.attempt()) else {
             return reply::text(502, "upstream request failed");
         };
-        let (workload, addr) = pick(
+        let Some((workload, addr)) = pick(
             &eps,
             &tried,
             retry.avoid_previous_hosts,
             retry.host_selection_attempts,
-        );
-        tried.push(*addr);
+        ) else {
+            rec.flags = "UH";
+            return reply::text(503, "no healthy upstream");
+        };
         let ep = &Endpoint::new(workload.clone(), *addr);
         rec.endpoint = Some(workload.clone());
         let bound = [retry.per_try_timeout.map(|t| Instant::now() + t), deadline]
@@ -569,6 +572,8 @@ async fn forward(
             && can_send_again
             && retry.retry_on.should_retry(outcome)
         {
+            // Only a request tried again needs the hosts it was sent to.
+            tried.push(*addr);
             retries_done += 1;
             let backoff = retry.backoff(retries_done, rand::random());
             let wake = Instant::now() + backoff;

@@ -70,12 +70,11 @@ async fn relay_tcp(
 ) {
     let port = accepted.authority.port();
     let eps = snap.endpoints(service, port, None);
-    if eps.is_empty() {
+    let Some((w, addr)) = eps.random() else {
         tracing::info!(service = %service.hostname, port, "TCP tunnel refused: no healthy endpoint");
         accepted.responder.reject(StatusCode::SERVICE_UNAVAILABLE);
         return;
-    }
-    let (w, addr) = &eps[rand::random_range(0..eps.len())];
+    };
     let ep = Endpoint::new(w.clone(), *addr);
     let mut upstream = match ctx.upstream.dialer().tunnel(&ep).await {
         Ok(up) => up,
