@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
@@ -110,9 +111,9 @@ fn labels(snap: &Snapshot, down: &Downstream, rec: &Record, status: u16) -> Requ
 struct Outgoing {
     method: Method,
     version: Version,
-    /// `:authority` / `Host` as it will be sent.
-    authority: String,
-    path_and_query: String,
+    /// `:authority` / `Host` as it will be sent; always visible ASCII (see `authority`).
+    authority: HeaderValue,
+    path_and_query: PathAndQuery,
     headers: HeaderMap,
     /// The body, until an attempt takes it (`None` and `replayable`: it was empty or is
     /// in `buffered`).
@@ -125,34 +126,64 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    /// The request for one attempt, or `None` if the body was already sent once.
-    fn attempt(&mut self) -> Option<Request<Body>> {
-        let protocol = self.protocol;
+    fn authority(&self) -> &str {
+        self.authority.to_str().unwrap_or_default()
+    }
+
+    /// The URI every attempt is sent with, made once: the path for HTTP/1.1 (the authority
+    /// goes in `Host`, set here too), the absolute form for HTTP/2.
+    fn target(&mut self) -> Option<Uri> {
+        match self.protocol {
+            Protocol::Http1 => {
+                self.headers.insert(header::HOST, self.authority.clone());
+                let mut parts = http::uri::Parts::default();
+                parts.path_and_query = Some(self.path_and_query.clone());
+                Uri::from_parts(parts).ok()
+            }
+            Protocol::Http2 => Uri::builder()
+                .scheme(http::uri::Scheme::HTTP)
+                .authority(self.authority.as_bytes())
+                .path_and_query(self.path_and_query.clone())
+                .build()
+                .ok(),
+        }
+    }
+
+    /// The request for one attempt, or `None` if the body was already sent once. The headers
+    /// are copied only if `again`: another attempt may need them.
+    fn attempt(&mut self, uri: &Uri, again: bool) -> Option<Request<Body>> {
         let body = match (self.body.take(), &self.buffered) {
             (Some(body), _) => body,
             (None, Some(bytes)) => reply::full(bytes.clone()),
             (None, None) if self.replayable => reply::empty(),
             (None, None) => return None,
         };
-        let uri = match protocol {
-            // HTTP/1.1 sends the path; the authority goes in `Host`.
-            Protocol::Http1 => Uri::try_from(self.path_and_query.as_str()),
-            Protocol::Http2 => {
-                Uri::try_from(format!("http://{}{}", self.authority, self.path_and_query))
-            }
-        }
-        .ok()?;
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
-        *req.uri_mut() = uri;
+        *req.uri_mut() = uri.clone();
         *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        if protocol == Protocol::Http1
-            && let Ok(host) = HeaderValue::from_str(&self.authority)
-        {
-            req.headers_mut().insert(header::HOST, host);
-        }
+        *req.headers_mut() = if again {
+            self.headers.clone()
+        } else {
+            std::mem::take(&mut self.headers)
+        };
         Some(req)
+    }
+}
+
+/// The authority a request names: its URI's (HTTP/2, or an absolute URI), else its `Host`,
+/// else the tunnel's. Always visible ASCII.
+fn request_authority(uri: &Uri, headers: &HeaderMap, tunnel: SocketAddr) -> HeaderValue {
+    if let Some(v) = uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        return v;
+    }
+    match headers.get(header::HOST) {
+        Some(host) if host.to_str().is_ok() => host.clone(),
+        _ => HeaderValue::try_from(tunnel.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("")),
     }
 }
 
@@ -183,29 +214,19 @@ async fn route(
         _ => None,
     };
     let (mut parts, body) = req.into_parts();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| down.authority.to_string());
-    let path = parts.uri.path().to_owned();
-    let query = parts.uri.query().unwrap_or("").to_owned();
+    let uri = std::mem::take(&mut parts.uri);
+    let authority = request_authority(&uri, &parts.headers, down.authority);
+    let path = uri.path();
+    let query = uri.query().unwrap_or("");
     let port = down.authority.port();
     let decision = match &down.destination {
         Destination::Service(service) => {
             let view = RouteRequest {
                 method: parts.method.as_str(),
                 scheme: "http",
-                authority: &authority,
-                path: &path,
-                query: &query,
+                authority: authority.to_str().unwrap_or_default(),
+                path,
+                query,
                 headers: &parts.headers,
                 port,
                 source: Source {
@@ -226,10 +247,10 @@ async fn route(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let path_and_query = parts
-        .uri
+    let path_and_query = uri
         .path_and_query()
-        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     // A body of known, small length is read first, so that retries can replay it; a larger
     // or unknown one streams through and is sent once.
     let small = body
@@ -300,10 +321,10 @@ async fn route(
         Action::Redirect(redirect) => {
             let location = redirect.location(&RedirectInput {
                 scheme: "http",
-                authority: &out.authority,
+                authority: out.authority(),
                 port,
-                path: &path,
-                query: &query,
+                path,
+                query,
                 matched_prefix,
             });
             let mut r = reply::text(redirect.code, "");
@@ -335,15 +356,22 @@ async fn route(
     }
     if let Some(rewrite) = &policy.rewrite {
         if let Some(p) = &rewrite.path {
-            let rewritten = p.apply(&path, matched_prefix);
-            out.path_and_query = if query.is_empty() {
+            let rewritten = p.apply(path, matched_prefix);
+            let rewritten = if query.is_empty() {
                 rewritten.into_owned()
             } else {
                 format!("{rewritten}?{query}")
             };
+            match PathAndQuery::try_from(rewritten) {
+                Ok(pq) => out.path_and_query = pq,
+                Err(_) => return reply::text(502, "upstream request failed"),
+            }
         }
         if let Some(a) = &rewrite.authority {
-            out.authority.clone_from(a);
+            match HeaderValue::from_str(a) {
+                Ok(a) => out.authority = a,
+                Err(_) => return reply::text(502, "upstream request failed"),
+            }
         }
     }
     policy.request_headers.apply(&mut out.headers);
@@ -434,8 +462,8 @@ fn mirror(
     let copy = super::mirror::Copy {
         method: &out.method,
         version: out.version,
-        authority: &out.authority,
-        path_and_query: &out.path_and_query,
+        authority: out.authority(),
+        path_and_query: out.path_and_query.as_str(),
         headers: &out.headers,
     };
     for (m, body) in chosen.into_iter().zip(bodies) {
@@ -521,8 +549,13 @@ async fn forward(
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut retries_done = 0u32;
     let mut returned: Option<Request<Body>> = None;
+    let Some(uri) = out.target() else {
+        return reply::text(502, "upstream request failed");
+    };
     loop {
-        let Some(req) = returned.take().or_else(|| out.attempt()) else {
+        // Another attempt may send the request again only if it can be replayed.
+        let again = retries_done < retry.attempts && out.replayable;
+        let Some(req) = returned.take().or_else(|| out.attempt(&uri, again)) else {
             return reply::text(502, "upstream request failed");
         };
         let Some((workload, addr)) = pick(
