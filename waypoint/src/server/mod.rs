@@ -1,13 +1,17 @@
 //! The waypoint's listener: mTLS on 15008 under the waypoint's identity, HBONE tunnels on
-//! each connection (`ztunnel::hbone::serve_until`), HTTP inside each tunnel (`tunnel`), and
-//! each request decided and forwarded (`forward`).
+//! each connection (`ztunnel::hbone::serve_until`), HTTP inside each tunnel (`tunnel`),
+//! each request decided (`forward`) and sent to an endpoint with its timeout and retries
+//! (`attempt`); mirrors (`mirror`), protocol switches (`upgrade`) and the waypoint's own
+//! replies (`reply`).
 //!
 //! Who the client is comes from the TLS handshake only: headers never change it.
 
+mod attempt;
 mod forward;
 mod mirror;
 mod reply;
 mod tunnel;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
