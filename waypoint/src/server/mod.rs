@@ -9,6 +9,7 @@
 mod attempt;
 mod forward;
 mod mirror;
+mod read_buffer;
 mod reply;
 mod tunnel;
 mod upgrade;
@@ -119,7 +120,7 @@ async fn connection(
     peer: SocketAddr,
 ) -> Result<(), String> {
     let (cert, config) = ctx.server_tls().await?;
-    let handshake = TlsAcceptor::from(config).accept(hbone::tls_io(tcp));
+    let handshake = TlsAcceptor::from(config).accept(read_buffer::ReadBuffered::new(tcp));
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?

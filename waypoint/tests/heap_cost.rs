@@ -1,12 +1,14 @@
-//! Heap allocations per request in the waypoint (issue 21), counted exactly: the real server
+//! Heap allocations per request, and heap per idle connection, in the waypoint (issue 21),
+//! counted exactly: the real server
 //! (`waypoint::server::serve`) runs in-process on a runtime of its own, and a counting global
 //! allocator counts only the allocations made on that runtime's threads. A client tunnels to
 //! it over HBONE (mTLS, HTTP/2 CONNECT) and sends HTTP/1.1 keep-alive requests that take the
 //! benchmark's route (a header and a path prefix, 90/10 between two subsets); two endpoints
 //! answer 1 KiB over HBONE. The count is printed and checked against a budget, so that a
-//! change that adds work per request is seen; it measures no time.
+//! change that adds work per request is seen; it measures no time. The same counter, less
+//! what the waypoint's threads free, gives the heap an idle client connection holds.
 //!
-//! `cargo test -p waypoint --test alloc_per_request -- --nocapture`
+//! `cargo test -p waypoint --test heap_cost -- --nocapture`
 
 // The one unsafe item is the global allocator below, which must implement an unsafe trait.
 #![allow(unsafe_code)]
@@ -15,13 +17,14 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -42,6 +45,9 @@ thread_local! {
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
 static REALLOCS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
+/// Bytes allocated and not yet freed on the waypoint's threads (nothing the waypoint
+/// allocates is freed by the client's or the endpoints' threads: they share only sockets).
+static LIVE: AtomicI64 = AtomicI64::new(0);
 
 struct Counting;
 
@@ -57,6 +63,7 @@ unsafe impl GlobalAlloc for Counting {
         if counted() {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
             BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+            LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
         }
         // SAFETY: the caller's contract for `alloc` is the system allocator's.
         unsafe { System.alloc(layout) }
@@ -66,12 +73,16 @@ unsafe impl GlobalAlloc for Counting {
         if counted() {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
             BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+            LIVE.fetch_add(layout.size() as i64, Ordering::Relaxed);
         }
         // SAFETY: as for `alloc`.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if counted() {
+            LIVE.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        }
         // SAFETY: `ptr` came from this allocator, which is the system allocator.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -79,6 +90,7 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if counted() {
             REALLOCS.fetch_add(1, Ordering::Relaxed);
+            LIVE.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
         }
         // SAFETY: as for `dealloc`.
         unsafe { System.realloc(ptr, layout, new_size) }
@@ -231,36 +243,67 @@ fn start_waypoint(ca_dir: &std::path::Path, runtime: &tokio::runtime::Runtime) -
     addr
 }
 
-#[test]
-fn allocations_per_http1_request() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ca = LocalCa::load_or_create(dir.path(), TD).expect("local CA");
-    let waypoint_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .on_thread_start(|| COUNTED.with(|c| c.set(true)))
-        .build()
-        .expect("waypoint runtime");
-    let waypoint = start_waypoint(dir.path(), &waypoint_rt);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("client runtime");
-    rt.block_on(async {
-        endpoint(&ca, V1).await;
-        endpoint(&ca, V2).await;
+/// The waypoint, its two endpoints and a client, each connection of which is a new HBONE
+/// connection to the waypoint with one HTTP/1.1 connection in one tunnel.
+struct Setup {
+    _dir: tempfile::TempDir,
+    ca: LocalCa,
+    waypoint: SocketAddr,
+    _waypoint_rt: tokio::runtime::Runtime,
+    rt: tokio::runtime::Runtime,
+}
+
+/// One measurement at a time: the counters are the process's, and the endpoints' addresses
+/// can be bound once.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+impl Setup {
+    fn start() -> Setup {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = LocalCa::load_or_create(dir.path(), TD).expect("local CA");
+        let waypoint_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .on_thread_start(|| COUNTED.with(|c| c.set(true)))
+            .build()
+            .expect("waypoint runtime");
+        let waypoint = start_waypoint(dir.path(), &waypoint_rt);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("client runtime");
+        rt.block_on(async {
+            endpoint(&ca, V1).await;
+            endpoint(&ca, V2).await;
+        });
+        Setup {
+            _dir: dir,
+            ca,
+            waypoint,
+            _waypoint_rt: waypoint_rt,
+            rt,
+        }
+    }
+
+    /// A new client connection: its own HBONE connection (its own pool), one tunnel to the
+    /// service, HTTP/1.1 inside.
+    async fn connect(&self) -> (Pool, http1::SendRequest<Empty<Bytes>>) {
         let client: Identity = CLIENT.parse().expect("identity");
-        let cert = ca.sign(&client, Duration::from_secs(3600)).expect("cert");
+        let cert = self
+            .ca
+            .sign(&client, Duration::from_secs(3600))
+            .expect("cert");
         let waypoint_id: Identity = WAYPOINT.parse().expect("identity");
-        let tls = ClientTls::new(&cert, &ca.roots(), waypoint_id.clone()).expect("client TLS");
+        let tls = ClientTls::new(&cert, &self.ca.roots(), waypoint_id.clone()).expect("client TLS");
         let pool = Pool::new(PoolConfig::default());
         let key = PoolKey {
             src: client,
             src_addr: None,
-            dst: waypoint,
+            dst: self.waypoint,
             dst_identity: waypoint_id,
         };
         let authority: SocketAddr = format!("{VIP}:80").parse().expect("authority");
+        let waypoint = self.waypoint;
         let tunnel = pool
             .connect(
                 key,
@@ -271,25 +314,37 @@ fn allocations_per_http1_request() {
             )
             .await
             .expect("tunnel to the waypoint");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
+        let (sender, conn) = http1::handshake(TokioIo::new(tunnel))
             .await
             .expect("HTTP/1.1 in the tunnel");
         tokio::spawn(conn);
-        let mut one = async |path: &str| {
-            let req = Request::get(path)
-                .header(http::header::HOST, "bench")
-                .header("x-bench", "l7")
-                .body(Empty::<Bytes>::new())
-                .expect("request");
-            let response = sender.send_request(req).await.expect("response");
-            assert_eq!(response.status(), 200);
-            let body = response.into_body().collect().await.expect("body");
-            assert_eq!(body.to_bytes().len(), 1024);
-        };
+        (pool, sender)
+    }
+}
+
+/// One request on `sender`; its answer must be the endpoint's 1 KiB.
+async fn one(sender: &mut http1::SendRequest<Empty<Bytes>>, path: &str) {
+    let req = Request::get(path)
+        .header(http::header::HOST, "bench")
+        .header("x-bench", "l7")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(req).await.expect("response");
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.expect("body");
+    assert_eq!(body.to_bytes().len(), 1024);
+}
+
+#[test]
+fn allocations_per_http1_request() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let setup = Setup::start();
+    setup.rt.block_on(async {
+        let (_pool, mut sender) = setup.connect().await;
         // The benchmark's route (Istio's default retries), then one without retries.
         for (path, what) in [("/1k", "default retries"), ("/once", "no retries")] {
             for _ in 0..WARM_UP {
-                one(path).await;
+                one(&mut sender, path).await;
             }
             let before = (
                 ALLOCS.load(Ordering::Relaxed),
@@ -297,7 +352,7 @@ fn allocations_per_http1_request() {
                 BYTES.load(Ordering::Relaxed),
             );
             for _ in 0..MEASURED {
-                one(path).await;
+                one(&mut sender, path).await;
             }
             let per = |counter: &AtomicU64, from: u64| {
                 (counter.load(Ordering::Relaxed) - from) as f64 / MEASURED as f64
@@ -315,5 +370,40 @@ fn allocations_per_http1_request() {
                 "{what}: {allocs:.2} allocations and {reallocs:.2} reallocations per request: more than the budget of {ALLOCS_BUDGET}"
             );
         }
+    });
+}
+
+/// Idle client connections held open at once.
+const IDLE_CONNECTIONS: usize = 200;
+/// What an idle client connection (its HBONE connection, tunnel and HTTP/1.1 connection,
+/// after one request) may hold in the waypoint's heap at most.
+const IDLE_BYTES_BUDGET: f64 = 96.0 * 1024.0;
+
+#[test]
+fn heap_per_idle_connection() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let setup = Setup::start();
+    setup.rt.block_on(async {
+        // The upstream connections are made by the first requests; they are not per client.
+        let (_pool, mut sender) = setup.connect().await;
+        for _ in 0..WARM_UP {
+            one(&mut sender, "/1k").await;
+        }
+        let before = LIVE.load(Ordering::Relaxed);
+        let mut idle = Vec::with_capacity(IDLE_CONNECTIONS);
+        for _ in 0..IDLE_CONNECTIONS {
+            let (pool, mut sender) = setup.connect().await;
+            one(&mut sender, "/1k").await;
+            idle.push((pool, sender));
+        }
+        let per = (LIVE.load(Ordering::Relaxed) - before) as f64 / IDLE_CONNECTIONS as f64;
+        println!(
+            "waypoint heap per idle client connection (HBONE + tunnel + HTTP/1.1, after one request): {per:.0} bytes ({IDLE_CONNECTIONS} connections)"
+        );
+        assert!(
+            per <= IDLE_BYTES_BUDGET,
+            "{per:.0} bytes per idle connection: more than the budget of {IDLE_BYTES_BUDGET}"
+        );
+        drop(idle);
     });
 }
