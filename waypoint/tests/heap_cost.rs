@@ -378,10 +378,10 @@ fn allocations_per_http1_request() {
 const IDLE_CONNECTIONS: usize = 200;
 /// What an idle client connection (its HBONE connection, tunnel and HTTP/1.1 connection,
 /// after one request) may hold in the waypoint's heap at most.
-const IDLE_BYTES_BUDGET: f64 = 96.0 * 1024.0;
+const IDLE_BYTES_BUDGET: f64 = 90.0 * 1024.0;
 /// What an idle tunnel on a shared HBONE connection (and its HTTP/1.1 connection, after
 /// one request) may hold at most: what a node's client connection costs the waypoint.
-const IDLE_TUNNEL_BYTES_BUDGET: f64 = 48.0 * 1024.0;
+const IDLE_TUNNEL_BYTES_BUDGET: f64 = 40.0 * 1024.0;
 
 /// The waypoint's heap per idle client connection after one request: each its own HBONE
 /// connection, or (`shared`) each a tunnel on pooled ones.

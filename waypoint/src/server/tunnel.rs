@@ -112,7 +112,8 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
         && service.app_protocols.get(&authority.port()) == Some(&AppProtocol::Tcp)
     {
         let service = service.clone();
-        relay_tcp(&ctx, &snap, &service, peer_addr, accepted).await;
+        // Boxed: the relay's future would otherwise make every HTTP tunnel's task larger.
+        Box::pin(relay_tcp(&ctx, &snap, &service, peer_addr, accepted)).await;
         return;
     }
     let client = forwarded_for(&accepted.headers);
