@@ -21,6 +21,8 @@ const CAPACITY: usize = 16 * 1024 + 256;
 pub(super) struct ReadBuffered<IO> {
     io: IO,
     buf: BytesMut,
+    /// Reading through `buf` (a bulk transfer), until the socket runs dry.
+    buffering: bool,
 }
 
 impl<IO> ReadBuffered<IO> {
@@ -28,6 +30,7 @@ impl<IO> ReadBuffered<IO> {
         ReadBuffered {
             io,
             buf: BytesMut::new(),
+            buffering: false,
         }
     }
 }
@@ -41,7 +44,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadBuffered<IO> {
         let this = self.get_mut();
         if this.buf.is_empty() {
             // No buffer (small reads, or idle before) or a read as large as one: read directly.
-            if this.buf.capacity() == 0 || out.remaining() >= CAPACITY {
+            if !this.buffering || out.remaining() >= CAPACITY {
                 let wanted = out.remaining();
                 let polled = Pin::new(&mut this.io).poll_read(cx, out);
                 if let Poll::Ready(Ok(())) = polled
@@ -50,14 +53,17 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadBuffered<IO> {
                 {
                     // The read took all it could: more is likely waiting (a bulk transfer).
                     // Read through the buffer from now on, until the socket runs dry.
-                    this.buf.reserve(CAPACITY);
+                    this.buffering = true;
                 }
                 return polled;
             }
+            // Empty: the allocation is reused whole, or made (uninitialised) when there is none.
+            this.buf.reserve(CAPACITY);
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
                 Poll::Pending => {
                     // Nothing to read until the peer sends again: hold no buffer meanwhile.
                     this.buf = BytesMut::new();
+                    this.buffering = false;
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -117,8 +123,14 @@ mod tests {
         // Small reads, as rustls makes them: the first fills up, the rest go through the
         // buffer.
         r.read_exact(&mut got[..4096]).await.expect("read");
-        assert!(r.buf.capacity() >= CAPACITY, "buffered after a full read");
-        for chunk in got[4096..].chunks_mut(4096) {
+        assert!(r.buffering, "buffered after a full read");
+        r.read_exact(&mut got[4096..8192]).await.expect("read");
+        assert_eq!(
+            r.buf.len(),
+            CAPACITY - 4096,
+            "one read filled the whole buffer"
+        );
+        for chunk in got[8192..].chunks_mut(4096) {
             r.read_exact(chunk).await.expect("read");
         }
         assert_eq!(got, sent);
@@ -127,11 +139,13 @@ mod tests {
         let waiting = tokio::time::timeout(std::time::Duration::ZERO, r.read(&mut one)).await;
         assert!(waiting.is_err(), "nothing was sent");
         assert_eq!(r.buf.capacity(), 0);
+        assert!(!r.buffering);
         peer.write_all(b"xy").await.expect("write");
         let mut two = [0u8; 4096];
         assert_eq!(r.read(&mut two).await.expect("read"), 2);
         assert_eq!(&two[..2], b"xy");
         assert_eq!(r.buf.capacity(), 0, "a small read needs no buffer");
+        assert!(!r.buffering);
         r.write_all(b"back").await.expect("write");
         let mut back = [0u8; 4];
         peer.read_exact(&mut back).await.expect("read");
