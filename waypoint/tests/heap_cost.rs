@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -195,10 +195,15 @@ async fn endpoint(ca: &LocalCa, ip: &str) {
                     let Ok(stream) = accepted.responder.accept() else {
                         return;
                     };
-                    let app = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                            Bytes::from_static(&[b'x'; 1024]),
-                        )))
+                    // 1 KiB; for a POST, the length of the body it read.
+                    let app = hyper::service::service_fn(|req: Request<Incoming>| async {
+                        let answer = if req.method() == http::Method::POST {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            Bytes::from(body.len().to_string())
+                        } else {
+                            Bytes::from_static(&[b'x'; 1024])
+                        };
+                        Ok::<_, hyper::Error>(Response::new(Full::new(answer)))
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), app)
@@ -288,7 +293,7 @@ impl Setup {
     /// A new client connection: a tunnel to the service through `pool` (a new pool: its own
     /// HBONE connection; a shared one: a stream on a pooled connection, as ztunnel carries a
     /// node's connections), HTTP/1.1 inside.
-    async fn connect(&self, pool: &Pool) -> http1::SendRequest<Empty<Bytes>> {
+    async fn connect(&self, pool: &Pool) -> http1::SendRequest<Full<Bytes>> {
         let client: Identity = CLIENT.parse().expect("identity");
         let cert = self
             .ca
@@ -323,11 +328,11 @@ impl Setup {
 }
 
 /// One request on `sender`; its answer must be the endpoint's 1 KiB.
-async fn one(sender: &mut http1::SendRequest<Empty<Bytes>>, path: &str) {
+async fn one(sender: &mut http1::SendRequest<Full<Bytes>>, path: &str) {
     let req = Request::get(path)
         .header(http::header::HOST, "bench")
         .header("x-bench", "l7")
-        .body(Empty::<Bytes>::new())
+        .body(Full::new(Bytes::new()))
         .expect("request");
     let response = sender.send_request(req).await.expect("response");
     assert_eq!(response.status(), 200);
@@ -431,4 +436,31 @@ fn heap_per_idle_tunnel() {
         per <= IDLE_TUNNEL_BYTES_BUDGET,
         "{per:.0} bytes per tunnel, more than the budget of {IDLE_TUNNEL_BYTES_BUDGET}"
     );
+}
+
+#[test]
+fn uploads_stream_through_whole() {
+    const UPLOAD: usize = 1 << 20;
+    const UPLOADS: u64 = 20;
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let setup = Setup::start();
+    setup.rt.block_on(async {
+        let pool = Pool::new(PoolConfig::default());
+        let mut sender = setup.connect(&pool).await;
+        let body = Bytes::from(vec![b'u'; UPLOAD]);
+        let before = ALLOCS.load(Ordering::Relaxed);
+        for _ in 0..UPLOADS {
+            let req = Request::post("/1k/upload")
+                .header(http::header::HOST, "bench")
+                .header("x-bench", "l7")
+                .body(Full::new(body.clone()))
+                .expect("request");
+            let response = sender.send_request(req).await.expect("response");
+            assert_eq!(response.status(), 200);
+            let answer = response.into_body().collect().await.expect("body");
+            assert_eq!(answer.to_bytes(), UPLOAD.to_string().as_bytes());
+        }
+        let per = (ALLOCS.load(Ordering::Relaxed) - before) as f64 / UPLOADS as f64;
+        println!("waypoint, 1 MiB upload over HTTP/1.1: {per:.0} allocations per upload");
+    });
 }
