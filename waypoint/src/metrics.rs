@@ -2,28 +2,91 @@
 //! `reporter="waypoint"` with Istio's label names (so Kiali and the Istio dashboards read
 //! them), and the waypoint's own: mirrored requests, configuration updates.
 //!
-//! Label values are built once per request from strings the snapshot already holds; the
-//! benchmark issue tracks interning them per route and endpoint.
+//! No label value is built per request: the values of each side of a request (the client,
+//! the endpoint that answered, the service) are made once per snapshot or tunnel as [`Names`]
+//! and shared; a request's [`RequestLabels`] only holds references to them, and hashes as
+//! three precomputed numbers.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, LazyLock};
+
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use ztunnel::identity::Identity;
+use ztunnel::state::{Service, Workload};
 
-/// Istio's request metric labels (a subset of its standard set).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// The three label values of one side of a request: a workload's name, namespace and
+/// principal, or a service's hostname, name and namespace. Made once, shared by every
+/// request that has them.
+#[derive(Debug)]
+pub struct Names {
+    values: [Box<str>; 3],
+    /// The hash of `values`, computed once.
+    hash: u64,
+}
+
+impl Names {
+    pub fn new(a: &str, b: &str, c: &str) -> Arc<Names> {
+        let values = [a.into(), b.into(), c.into()];
+        // A fixed seed: equal values hash equal in every snapshot and tunnel.
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(&values);
+        Arc::new(Names { values, hash })
+    }
+
+    /// A workload as the source or the destination of a request.
+    pub fn workload(w: &Workload) -> Arc<Names> {
+        Names::new(&w.name, w.namespace(), &w.identity_ref().to_string())
+    }
+
+    /// A client known only by its proven identity.
+    pub fn peer(workload: Option<&Workload>, peer: &Identity) -> Arc<Names> {
+        Names::new(
+            workload.map_or("unknown", |w| &w.name),
+            peer.namespace(),
+            &peer.to_string(),
+        )
+    }
+
+    /// The service a request was addressed to.
+    pub fn service(s: &Service) -> Arc<Names> {
+        Names::new(&s.hostname, &s.name, &s.namespace)
+    }
+
+    /// No workload or service (`unknown` three times, as Istio reports it).
+    pub fn unknown() -> Arc<Names> {
+        static UNKNOWN: LazyLock<Arc<Names>> =
+            LazyLock::new(|| Names::new("unknown", "unknown", "unknown"));
+        UNKNOWN.clone()
+    }
+}
+
+impl Hash for Names {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialEq for Names {
+    fn eq(&self, other: &Names) -> bool {
+        std::ptr::eq(self, other) || (self.hash == other.hash && self.values == other.values)
+    }
+}
+
+impl Eq for Names {}
+
+/// Istio's request metric labels (a subset of its standard set), encoded in Istio's order
+/// with `reporter="waypoint"` and `connection_security_policy="mutual_tls"`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct RequestLabels {
-    pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
+    /// `source_workload`, `source_workload_namespace`, `source_principal`.
+    pub source: Arc<Names>,
+    /// `destination_workload`, `destination_workload_namespace`, `destination_principal`.
+    pub destination: Arc<Names>,
+    /// `destination_service`, `destination_service_name`, `destination_service_namespace`.
+    pub service: Arc<Names>,
     /// `http` or `grpc`.
     pub request_protocol: &'static str,
     pub response_code: u16,
@@ -31,7 +94,47 @@ pub struct RequestLabels {
     /// (upstream connection failure), `UC` (upstream connection ended), `UT` (upstream
     /// timeout), `FI` (fault abort), `DI` (fault delay).
     pub response_flags: &'static str,
-    pub connection_security_policy: &'static str,
+}
+
+impl EncodeLabelSet for RequestLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let sides = [
+            (
+                &self.source,
+                [
+                    "source_workload",
+                    "source_workload_namespace",
+                    "source_principal",
+                ],
+            ),
+            (
+                &self.destination,
+                [
+                    "destination_workload",
+                    "destination_workload_namespace",
+                    "destination_principal",
+                ],
+            ),
+            (
+                &self.service,
+                [
+                    "destination_service",
+                    "destination_service_name",
+                    "destination_service_namespace",
+                ],
+            ),
+        ];
+        ("reporter", "waypoint").encode(encoder.encode_label())?;
+        for (names, keys) in sides {
+            for (key, value) in keys.iter().zip(&names.values) {
+                (*key, &**value).encode(encoder.encode_label())?;
+            }
+        }
+        ("request_protocol", self.request_protocol).encode(encoder.encode_label())?;
+        ("response_code", self.response_code).encode(encoder.encode_label())?;
+        ("response_flags", self.response_flags).encode(encoder.encode_label())?;
+        ("connection_security_policy", "mutual_tls").encode(encoder.encode_label())
+    }
 }
 
 /// A mirrored request's phase: `started` when it is sent, `finished` once answered or failed.
@@ -127,5 +230,52 @@ impl Metrics {
         self.config
             .get_or_create(&ConfigLabels { source, result })
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(source: Arc<Names>) -> RequestLabels {
+        RequestLabels {
+            source,
+            destination: Names::new("reviews-v1", "bookinfo", "spiffe://td/ns/bookinfo/sa/r"),
+            service: Names::new("reviews.bookinfo.svc.cluster.local", "reviews", "bookinfo"),
+            request_protocol: "http",
+            response_code: 200,
+            response_flags: "-",
+        }
+    }
+
+    #[test]
+    fn labels_encode_with_istio_names_in_order() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&labels(Names::new("a", "b", "c")))
+            .inc();
+        let text = m.encode();
+        assert!(
+            text.contains(r#"istio_requests_total{reporter="waypoint",source_workload="a",source_workload_namespace="b",source_principal="c",destination_workload="reviews-v1",destination_workload_namespace="bookinfo",destination_principal="spiffe://td/ns/bookinfo/sa/r",destination_service="reviews.bookinfo.svc.cluster.local",destination_service_name="reviews",destination_service_namespace="bookinfo",request_protocol="http",response_code="200",response_flags="-",connection_security_policy="mutual_tls"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn equal_values_made_apart_count_in_one_series() {
+        let m = Metrics::new();
+        m.requests
+            .get_or_create(&labels(Names::new("a", "b", "c")))
+            .inc();
+        m.requests
+            .get_or_create(&labels(Names::new("a", "b", "c")))
+            .inc();
+        m.requests
+            .get_or_create(&labels(Names::new("a", "b", "d")))
+            .inc();
+        let text = m.encode();
+        assert!(text.contains(r#"source_principal="c","#), "{text}");
+        assert_eq!(text.matches("istio_requests_total{").count(), 2, "{text}");
+        assert!(text.contains("} 2\n"), "{text}");
     }
 }

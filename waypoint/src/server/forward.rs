@@ -1,33 +1,35 @@
 //! One request: route it (`route::RouteTable::decide`), act on the route (direct answer,
-//! redirect, fault, forward), and forward it to an endpoint of the chosen backend with the
-//! route's rewrites, header edits, timeout and retries. Decisions are the pure functions of
-//! `route` and `policy`; this module only applies them.
+//! redirect, fault, CORS, mirrors), apply its rewrites and header edits, and hand it to
+//! `attempt` for the chosen backend; then record its metrics. Decisions are the pure
+//! functions of `route` and `policy`; this module only applies them.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, Uri, Version};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use hyper::body::Incoming;
-use tokio::time::Instant;
 
-use crate::metrics::RequestLabels;
+use crate::metrics::{Names, RequestLabels};
 use crate::policy::cors::CorsDecision;
 use crate::policy::fault::AbortCode;
 use crate::policy::redirect::RedirectInput;
-use crate::policy::retry::{Outcome, RetryPolicy};
-use crate::route::table::{Action, Backend, Decision, Policy};
+use crate::policy::retry::RetryPolicy;
+use crate::route::table::{Action, Decision, Policy};
 use crate::route::{Request as RouteRequest, Source};
 use crate::snapshot::{Destination, Snapshot};
-use crate::upstream::{Body, Endpoint, Protocol};
+use crate::upstream::{Body, Protocol};
 use ztunnel::state::Workload;
 
 use super::Ctx;
+use super::attempt::{self, Outgoing};
 use super::reply;
 use super::tunnel::Downstream;
+use super::upgrade;
 
 /// The policy of a service without route config: Istio's default retries, nothing else.
 static DEFAULT_POLICY: std::sync::LazyLock<Policy> = std::sync::LazyLock::new(|| Policy {
@@ -35,25 +37,9 @@ static DEFAULT_POLICY: std::sync::LazyLock<Policy> = std::sync::LazyLock::new(||
     ..Policy::default()
 });
 
-/// For a route whose compiled policy has no retries (`retry: None`): one attempt. Built once,
-/// not per request.
-static NO_RETRY: std::sync::LazyLock<RetryPolicy> = std::sync::LazyLock::new(|| RetryPolicy {
-    attempts: 0,
-    ..RetryPolicy::istio_default()
-});
-
 /// Request bodies up to this size are read whole before they are sent, so that a retry can
 /// send them again (Envoy buffers request bodies for retries likewise, up to a limit).
 const REPLAY_LIMIT: u64 = 64 * 1024;
-
-/// Headers of one hop only (RFC 9110 §7.6.1), never forwarded; HTTP/2 forbids them.
-const HOP_BY_HOP: [HeaderName; 5] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
 
 pub(super) async fn handle(
     ctx: Arc<Ctx>,
@@ -66,11 +52,12 @@ pub(super) async fn handle(
         flags: "-",
         grpc: is_grpc(req.headers()),
     };
-    let mut response = route(&ctx, &down, req, &mut rec).await;
+    let snap = ctx.snapshot();
+    let mut response = route(&ctx, &snap, &down, req, &mut rec).await;
     if rec.grpc {
         response = reply::for_grpc(response);
     }
-    let labels = labels(&down, &rec, response.status().as_u16());
+    let labels = labels(&snap, &down, &rec, response.status().as_u16());
     ctx.metrics.requests.get_or_create(&labels).inc();
     ctx.metrics
         .duration
@@ -80,150 +67,80 @@ pub(super) async fn handle(
 }
 
 /// What one request's metrics record, filled in as it is handled.
-struct Record {
+pub(super) struct Record {
     /// The endpoint that answered (last attempt).
-    endpoint: Option<Arc<Workload>>,
+    pub(super) endpoint: Option<Arc<Workload>>,
     /// Envoy's response flag for how it ended.
-    flags: &'static str,
-    grpc: bool,
+    pub(super) flags: &'static str,
+    pub(super) grpc: bool,
 }
 
-fn labels(down: &Downstream, rec: &Record, status: u16) -> RequestLabels {
-    let unknown = || "unknown".to_owned();
-    let (service, name, namespace) = match &down.destination {
-        Destination::Service(s) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
-        Destination::Workload(_) => (unknown(), unknown(), unknown()),
-    };
+fn labels(snap: &Snapshot, down: &Downstream, rec: &Record, status: u16) -> RequestLabels {
     RequestLabels {
-        reporter: "waypoint",
-        source_workload: down
-            .source
-            .as_ref()
-            .map_or_else(unknown, |w| w.name.clone()),
-        source_workload_namespace: down.peer.namespace().to_owned(),
-        source_principal: down.peer.to_string(),
-        destination_workload: rec
+        source: down.names.clone(),
+        destination: rec
             .endpoint
             .as_ref()
-            .map_or_else(unknown, |w| w.name.clone()),
-        destination_workload_namespace: rec
-            .endpoint
-            .as_ref()
-            .map_or_else(unknown, |w| w.namespace().to_owned()),
-        destination_principal: rec
-            .endpoint
-            .as_ref()
-            .map_or_else(unknown, |w| w.identity_ref().to_string()),
-        destination_service: service,
-        destination_service_name: name,
-        destination_service_namespace: namespace,
+            .map_or_else(Names::unknown, |w| snap.workload_names(w)),
+        service: match &down.destination {
+            Destination::Service(s) => snap.service_names(s),
+            Destination::Workload(_) => Names::unknown(),
+        },
         request_protocol: if rec.grpc { "grpc" } else { "http" },
         response_code: status,
         response_flags: rec.flags,
-        connection_security_policy: "mutual_tls",
     }
 }
 
-/// The parts of a request kept to send it (again).
-struct Outgoing {
-    method: Method,
-    version: Version,
-    /// `:authority` / `Host` as it will be sent.
-    authority: String,
-    path_and_query: String,
-    headers: HeaderMap,
-    /// The body, until an attempt takes it (`None` and `replayable`: it was empty or is
-    /// in `buffered`).
-    body: Option<Body>,
-    /// A small body read whole before the first attempt, so that a retry can send it again.
-    buffered: Option<bytes::Bytes>,
-    replayable: bool,
-    /// The HTTP version spoken to the endpoint.
-    protocol: Protocol,
-}
-
-impl Outgoing {
-    /// The request for one attempt, or `None` if the body was already sent once.
-    fn attempt(&mut self) -> Option<Request<Body>> {
-        let protocol = self.protocol;
-        let body = match (self.body.take(), &self.buffered) {
-            (Some(body), _) => body,
-            (None, Some(bytes)) => reply::full(bytes.clone()),
-            (None, None) if self.replayable => reply::empty(),
-            (None, None) => return None,
-        };
-        let uri = match protocol {
-            // HTTP/1.1 sends the path; the authority goes in `Host`.
-            Protocol::Http1 => Uri::try_from(self.path_and_query.as_str()),
-            Protocol::Http2 => {
-                Uri::try_from(format!("http://{}{}", self.authority, self.path_and_query))
-            }
-        }
-        .ok()?;
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = uri;
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        if protocol == Protocol::Http1
-            && let Ok(host) = HeaderValue::from_str(&self.authority)
-        {
-            req.headers_mut().insert(header::HOST, host);
-        }
-        Some(req)
+/// The authority a request names: its URI's (HTTP/2, or an absolute URI), else its `Host`,
+/// else the tunnel's. Always visible ASCII.
+fn request_authority(uri: &Uri, headers: &HeaderMap, tunnel: SocketAddr) -> HeaderValue {
+    if let Some(v) = uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        return v;
     }
-}
-
-/// An HTTP/1.1 request to switch protocols (WebSocket): what it asks for, and the future
-/// of the client's side of the connection once the switch is answered.
-struct UpgradeRequest {
-    upgrade: HeaderValue,
-    client: hyper::upgrade::OnUpgrade,
+    match headers.get(header::HOST) {
+        Some(host) if host.to_str().is_ok() => host.clone(),
+        _ => HeaderValue::try_from(tunnel.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("")),
+    }
 }
 
 async fn route(
     ctx: &Ctx,
+    snap: &Snapshot,
     down: &Downstream,
     mut req: Request<Incoming>,
     rec: &mut Record,
 ) -> Response<Body> {
-    let snap = ctx.snapshot();
     let protocol = if req.version() == Version::HTTP_2 {
         Protocol::Http2
     } else {
         Protocol::Http1
     };
     let upgrade = match req.headers().get(header::UPGRADE) {
-        Some(upgrade) if protocol == Protocol::Http1 => Some(UpgradeRequest {
+        Some(upgrade) if protocol == Protocol::Http1 => Some(upgrade::UpgradeRequest {
             upgrade: upgrade.clone(),
             client: hyper::upgrade::on(&mut req),
         }),
         _ => None,
     };
     let (mut parts, body) = req.into_parts();
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| down.authority.to_string());
-    let path = parts.uri.path().to_owned();
-    let query = parts.uri.query().unwrap_or("").to_owned();
+    let uri = std::mem::take(&mut parts.uri);
+    let authority = request_authority(&uri, &parts.headers, down.authority);
+    let path = uri.path();
+    let query = uri.query().unwrap_or("");
     let port = down.authority.port();
     let decision = match &down.destination {
         Destination::Service(service) => {
             let view = RouteRequest {
                 method: parts.method.as_str(),
                 scheme: "http",
-                authority: &authority,
-                path: &path,
-                query: &query,
+                authority: authority.to_str().unwrap_or_default(),
+                path,
+                query,
                 headers: &parts.headers,
                 port,
                 source: Source {
@@ -235,7 +152,7 @@ async fn route(
         }
         Destination::Workload(_) => Decision::NoRoutes,
     };
-    for h in &HOP_BY_HOP {
+    for h in &attempt::HOP_BY_HOP {
         parts.headers.remove(h);
     }
     if let Some(u) = &upgrade {
@@ -244,10 +161,10 @@ async fn route(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let path_and_query = parts
-        .uri
+    let path_and_query = uri
         .path_and_query()
-        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     // A body of known, small length is read first, so that retries can replay it; a larger
     // or unknown one streams through and is sent once.
     let small = body
@@ -267,7 +184,7 @@ async fn route(
     } else {
         (Some(body.boxed_unsync()), None)
     };
-    let mut out = Outgoing {
+    let mut out = attempt::Outgoing {
         method: parts.method,
         version: parts.version,
         authority,
@@ -284,8 +201,8 @@ async fn route(
             return reply::text(404, "no route matched");
         }
         Decision::NoRoutes => {
-            let response = forward(ctx, &snap, down, out, None, &DEFAULT_POLICY, rec).await;
-            return switch(response, upgrade);
+            let response = attempt::forward(ctx, snap, down, out, None, &DEFAULT_POLICY, rec).await;
+            return upgrade::switch(response, upgrade);
         }
         Decision::Matched {
             target,
@@ -318,10 +235,10 @@ async fn route(
         Action::Redirect(redirect) => {
             let location = redirect.location(&RedirectInput {
                 scheme: "http",
-                authority: &out.authority,
+                authority: out.authority(),
                 port,
-                path: &path,
-                query: &query,
+                path,
+                query,
                 matched_prefix,
             });
             let mut r = reply::text(redirect.code, "");
@@ -353,70 +270,38 @@ async fn route(
     }
     if let Some(rewrite) = &policy.rewrite {
         if let Some(p) = &rewrite.path {
-            let rewritten = p.apply(&path, matched_prefix);
-            out.path_and_query = if query.is_empty() {
+            let rewritten = p.apply(path, matched_prefix);
+            let rewritten = if query.is_empty() {
                 rewritten.into_owned()
             } else {
                 format!("{rewritten}?{query}")
             };
+            match PathAndQuery::try_from(rewritten) {
+                Ok(pq) => out.path_and_query = pq,
+                Err(_) => return reply::text(502, "upstream request failed"),
+            }
         }
         if let Some(a) = &rewrite.authority {
-            out.authority.clone_from(a);
+            match HeaderValue::from_str(a) {
+                Ok(a) => out.authority = a,
+                Err(_) => return reply::text(502, "upstream request failed"),
+            }
         }
     }
     policy.request_headers.apply(&mut out.headers);
-    mirror(ctx, &snap, &mut out, policy, port, protocol);
+    mirror(ctx, snap, &mut out, policy, port, protocol);
     let backend = backends.pick(rand::random());
     if let Some(why) = backend.invalid {
         return reply::text(500, why);
     }
     backend.request_headers.apply(&mut out.headers);
-    let response = forward(ctx, &snap, down, out, Some(backend), policy, rec).await;
-    let mut response = switch(response, upgrade);
+    let response = attempt::forward(ctx, snap, down, out, Some(backend), policy, rec).await;
+    let mut response = upgrade::switch(response, upgrade);
     policy.response_headers.apply(response.headers_mut());
     backend.response_headers.apply(response.headers_mut());
     if let Some(cors) = cors {
         response.headers_mut().extend(cors);
     }
-    response
-}
-
-/// When the endpoint agreed to switch protocols (101), joins the two upgraded connections
-/// (client and endpoint) and copies bytes both ways until either side closes. The 101 keeps
-/// its `Upgrade` and `Connection` headers.
-fn switch(mut response: Response<Body>, upgrade: Option<UpgradeRequest>) -> Response<Body> {
-    let Some(upgrade) = upgrade else {
-        return response;
-    };
-    if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-        return response;
-    }
-    let endpoint = hyper::upgrade::on(&mut response);
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    tokio::spawn(async move {
-        let (client, endpoint) = match tokio::join!(upgrade.client, endpoint) {
-            (Ok(client), Ok(endpoint)) => (client, endpoint),
-            (client, endpoint) => {
-                let side = |r: &Result<_, hyper::Error>| match r {
-                    Ok(_) => "switched".to_owned(),
-                    Err(e) => e.to_string(),
-                };
-                tracing::debug!(
-                    client = side(&client),
-                    endpoint = side(&endpoint),
-                    "protocol switch abandoned"
-                );
-                return;
-            }
-        };
-        let mut client = hyper_util::rt::TokioIo::new(client);
-        let mut endpoint = hyper_util::rt::TokioIo::new(endpoint);
-        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut endpoint).await {
-            tracing::debug!(%error, "upgraded connection ended");
-        }
-    });
     response
 }
 
@@ -452,8 +337,8 @@ fn mirror(
     let copy = super::mirror::Copy {
         method: &out.method,
         version: out.version,
-        authority: &out.authority,
-        path_and_query: &out.path_and_query,
+        authority: out.authority(),
+        path_and_query: out.path_and_query.as_str(),
         headers: &out.headers,
     };
     for (m, body) in chosen.into_iter().zip(bodies) {
@@ -476,165 +361,4 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
-/// The endpoints a request may go to: the backend's service (and subset) on its port, the
-/// addressed service's own endpoints, or the workload addressed directly.
-fn endpoints(
-    snap: &Snapshot,
-    down: &Downstream,
-    backend: Option<&Backend>,
-) -> Result<Vec<(Arc<Workload>, SocketAddr)>, &'static str> {
-    let port = down.authority.port();
-    let found = match (backend, &down.destination) {
-        (Some(b), _) => {
-            let service = snap.service(&b.host).ok_or("no healthy upstream")?;
-            snap.endpoints(service, b.port.unwrap_or(port), b.subset.as_deref())
-        }
-        (None, Destination::Service(service)) => snap.endpoints(service, port, None),
-        (None, Destination::Workload(w)) => vec![(w.clone(), down.authority)],
-    };
-    Ok(found)
-}
-
-/// Picks an endpoint at random, preferring one not tried yet when `avoid` is set.
-fn pick<'e>(
-    eps: &'e [(Arc<Workload>, SocketAddr)],
-    tried: &[SocketAddr],
-    avoid: bool,
-    tries: u32,
-) -> &'e (Arc<Workload>, SocketAddr) {
-    let mut ep = &eps[rand::random_range(0..eps.len())];
-    if avoid {
-        for _ in 1..tries.max(1) {
-            if !tried.contains(&ep.1) {
-                break;
-            }
-            ep = &eps[rand::random_range(0..eps.len())];
-        }
-    }
-    ep
-}
-
-/// Sends the request to an endpoint, with the route's timeout and retries.
-async fn forward(
-    ctx: &Ctx,
-    snap: &Snapshot,
-    down: &Downstream,
-    mut out: Outgoing,
-    backend: Option<&Backend>,
-    policy: &Policy,
-    rec: &mut Record,
-) -> Response<Body> {
-    let eps = match endpoints(snap, down, backend) {
-        Ok(eps) if !eps.is_empty() => eps,
-        Ok(_) | Err(_) => {
-            rec.flags = "UH";
-            return reply::text(503, "no healthy upstream");
-        }
-    };
-    let deadline = policy.timeout.map(|t| Instant::now() + t);
-    let retry = policy.retry.as_ref().unwrap_or(&NO_RETRY);
-    let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut retries_done = 0u32;
-    let mut returned: Option<Request<Body>> = None;
-    loop {
-        let Some(req) = returned.take().or_else(|| out.attempt()) else {
-            return reply::text(502, "upstream request failed");
-        };
-        let (workload, addr) = pick(
-            &eps,
-            &tried,
-            retry.avoid_previous_hosts,
-            retry.host_selection_attempts,
-        );
-        tried.push(*addr);
-        let ep = &Endpoint {
-            addr: *addr,
-            identity: workload.identity(),
-        };
-        rec.endpoint = Some(workload.clone());
-        let bound = [retry.per_try_timeout.map(|t| Instant::now() + t), deadline]
-            .into_iter()
-            .flatten()
-            .min();
-        let sent = ctx.upstream.send(ep, out.protocol, req);
-        let result = match bound {
-            Some(at) => tokio::time::timeout_at(at, sent).await.ok(),
-            None => Some(sent.await),
-        };
-        let (outcome, response) = match result {
-            None => (Outcome::PerTryTimeout, None),
-            Some(Ok(response)) => (
-                Outcome::Response {
-                    status: response.status().as_u16(),
-                    grpc_status: grpc_status(response.headers()),
-                },
-                Some(response),
-            ),
-            Some(Err((error, unsent))) => {
-                tracing::debug!(endpoint = %ep.addr, %error, "upstream attempt failed");
-                returned = unsent;
-                let outcome = if error.is_connect_failure() {
-                    Outcome::ConnectFailure
-                } else {
-                    Outcome::Reset
-                };
-                (outcome, None)
-            }
-        };
-        let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
-        let can_send_again = returned.is_some() || out.replayable;
-        if retries_done < retry.attempts
-            && !timed_out
-            && can_send_again
-            && retry.retry_on.should_retry(outcome)
-        {
-            retries_done += 1;
-            let backoff = retry.backoff(retries_done, rand::random());
-            let wake = Instant::now() + backoff;
-            if deadline.is_some_and(|d| wake >= d) {
-                rec.flags = "UT";
-                return reply::text(504, "upstream request timeout");
-            }
-            tokio::time::sleep_until(wake).await;
-            continue;
-        }
-        return match (outcome, response) {
-            (_, Some(mut response)) => {
-                if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                    for h in &HOP_BY_HOP {
-                        response.headers_mut().remove(h);
-                    }
-                }
-                response
-            }
-            (Outcome::PerTryTimeout, None) => {
-                rec.flags = "UT";
-                reply::text(504, "upstream request timeout")
-            }
-            (Outcome::ConnectFailure, None) => {
-                rec.flags = "UF";
-                reply::text(
-                    503,
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                )
-            }
-            (_, None) => {
-                rec.flags = "UC";
-                reply::text(
-                    503,
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
-                )
-            }
-        };
-    }
-}
-
-/// `grpc-status` of a trailers-only response.
-fn grpc_status(headers: &HeaderMap) -> Option<u8> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
 }

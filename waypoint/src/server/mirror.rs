@@ -121,15 +121,11 @@ pub(super) fn send(
         mirror.port.unwrap_or(port),
         mirror.subset.as_deref(),
     );
-    if eps.is_empty() {
+    let Some((w, addr)) = eps.random() else {
         tracing::debug!(host = %mirror.host, "mirror: no healthy endpoint");
         return;
-    }
-    let (w, addr) = &eps[rand::random_range(0..eps.len())];
-    let ep = Endpoint {
-        addr: *addr,
-        identity: w.identity(),
     };
+    let ep = Endpoint::new(w.clone(), *addr);
     let authority = if suffix {
         shadow(copy.authority)
     } else {

@@ -1,15 +1,20 @@
 //! The waypoint's listener: mTLS on 15008 under the waypoint's identity, HBONE tunnels on
-//! each connection (`ztunnel::hbone::serve_until`), HTTP inside each tunnel (`tunnel`), and
-//! each request decided and forwarded (`forward`).
+//! each connection (`ztunnel::hbone::serve_until`), HTTP inside each tunnel (`tunnel`),
+//! each request decided (`forward`) and sent to an endpoint with its timeout and retries
+//! (`attempt`); mirrors (`mirror`), protocol switches (`upgrade`) and the waypoint's own
+//! replies (`reply`).
 //!
 //! Who the client is comes from the TLS handshake only: headers never change it.
 
+mod attempt;
 mod forward;
 mod h1guard;
 mod mirror;
+mod read_buffer;
 mod reply;
 mod sniff;
 mod tunnel;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -122,7 +127,7 @@ async fn connection(
     peer: SocketAddr,
 ) -> Result<(), String> {
     let (cert, config) = ctx.server_tls().await?;
-    let handshake = TlsAcceptor::from(config).accept(hbone::tls_io(tcp));
+    let handshake = TlsAcceptor::from(config).accept(read_buffer::ReadBuffered::new(tcp));
     let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?

@@ -20,6 +20,7 @@ use ztunnel::identity::Identity;
 use ztunnel::state::Workload;
 use ztunnel::state::service::AppProtocol;
 
+use crate::metrics::Names;
 use crate::upstream::Endpoint;
 
 use super::Ctx;
@@ -37,6 +38,8 @@ pub(super) struct Downstream {
     pub(super) peer: Identity,
     /// The client workload, when it is known (its labels are `sourceLabels`).
     pub(super) source: Option<Arc<Workload>>,
+    /// The client's metric label values, made once per tunnel.
+    pub(super) names: Arc<Names>,
 }
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
@@ -68,20 +71,14 @@ fn relay_endpoint(
     destination: &Destination,
     authority: SocketAddr,
 ) -> Option<Endpoint> {
-    let (w, addr) = match destination {
+    match destination {
         Destination::Service(service) => {
             let eps = snap.endpoints(service, authority.port(), None);
-            if eps.is_empty() {
-                return None;
-            }
-            eps[rand::random_range(0..eps.len())].clone()
+            let (w, addr) = eps.random()?;
+            Some(Endpoint::new(w.clone(), *addr))
         }
-        Destination::Workload(w) => (w.clone(), authority),
-    };
-    Some(Endpoint {
-        addr,
-        identity: w.identity(),
-    })
+        Destination::Workload(w) => Some(Endpoint::new(w.clone(), authority)),
+    }
 }
 
 /// A port declared as not HTTP: the tunnel's bytes go to an endpoint as they are (no
@@ -178,12 +175,19 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
     };
     if declared == Some(AppProtocol::Tcp) {
         drop(snap);
-        relay_declared(&ctx, &destination, peer_addr, accepted).await;
+        // Boxed: the relay's future would otherwise make every HTTP tunnel's task larger.
+        Box::pin(relay_declared(&ctx, &destination, peer_addr, accepted)).await;
         return;
     }
     let client = forwarded_for(&accepted.headers);
+    let source = source(&snap, &accepted.peer_identity, client);
+    let names = match &source {
+        Some(w) => snap.workload_names(w),
+        None => Names::peer(None, &accepted.peer_identity),
+    };
     let down = Arc::new(Downstream {
-        source: source(&snap, &accepted.peer_identity, client),
+        source,
+        names,
         destination,
         authority,
         peer: accepted.peer_identity,
@@ -211,7 +215,13 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
         }
         Ok((detected @ (Detected::Opaque | Detected::Silent), head)) => {
             tracing::debug!(peer = %peer_addr, %authority, ?detected, "not HTTP: relayed as TCP");
-            relay_detected(&ctx, &down, peer_addr, Replay::new(head, stream)).await;
+            Box::pin(relay_detected(
+                &ctx,
+                &down,
+                peer_addr,
+                Replay::new(head, stream),
+            ))
+            .await;
         }
         Ok((Detected::Closed, _)) => {}
         Err(error) => {

@@ -64,13 +64,13 @@ impl Dialer {
 
     /// A tunnel to `ep` (its HBONE port on its address).
     pub async fn tunnel(&self, ep: &Endpoint) -> Result<H2Stream, DialError> {
-        let tls = self.client_tls(&ep.identity).await?;
+        let tls = self.client_tls(ep.identity()).await?;
         let peer = SocketAddr::new(ep.addr.ip(), ztunnel::hbone::HBONE_PORT);
         let key = PoolKey {
             src: self.inner.identity.clone(),
             src_addr: None,
             dst: peer,
-            dst_identity: ep.identity.clone(),
+            dst_identity: ep.identity().clone(),
         };
         let connect = move || async move {
             let tcp = tokio::net::TcpStream::connect(peer).await?;

@@ -116,7 +116,9 @@ impl HttpPool {
         loop {
             let (mut sender, pooled) = match self.idle_h1(ep) {
                 Some(sender) => (sender, true),
-                None => match self.dial_h1(ep).await {
+                // Boxed: dialling is rare, and its future (TLS handshake and all) would
+                // otherwise be part of every request's, held per client connection.
+                None => match Box::pin(self.dial_h1(ep)).await {
                     Ok(sender) => (sender, false),
                     Err(error) => return Err((error, Some(req))),
                 },
@@ -208,7 +210,7 @@ impl HttpPool {
             let mut sender = match shared {
                 Some(sender) => sender,
                 None => {
-                    let sender = match self.dial_h2(ep).await {
+                    let sender = match Box::pin(self.dial_h2(ep)).await {
                         Ok(sender) => sender,
                         Err(error) => return Err((error, Some(req))),
                     };

@@ -8,7 +8,10 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use crate::procfs::Machine;
-use crate::report::{Figures, Metric, Verdict, fmt_value, median, render};
+use crate::report::{
+    Figures, Metric, Verdict, fmt_value, median_cell, median_header, median_rows, memory_table,
+    render,
+};
 
 /// The paths compared, in display order.
 pub(crate) const PATHS: [&str; 4] = ["direct", "mesh", "waypoint", "nginx"];
@@ -95,62 +98,10 @@ pub(crate) fn cpu_key(workload: &str, process: &str) -> String {
 
 /// The main table: one row per metric, "median (worst)" per path.
 pub(crate) fn table(f: &Figures, markdown: bool) -> String {
-    let mut rows = vec![header("figure")];
-    for metric in METRICS {
-        let mut row = vec![metric.what.to_owned(), metric.unit.to_owned()];
-        row.extend(PATHS.iter().map(|p| cell(f, p, metric)));
-        rows.push(row);
-    }
-    let mut out = render(&rows, markdown);
+    let mut out = render(&median_rows(f, &PATHS, METRICS), markdown);
     out.push('\n');
     out.push_str(&cpu_table(f, markdown));
     out.push('\n');
-    out.push_str(&memory_table(f, markdown));
-    out
-}
-
-fn header(first: &str) -> Vec<String> {
-    let mut h = vec![first.to_owned(), "unit".to_owned()];
-    h.extend(PATHS.iter().map(|p| format!("{p} median (worst)")));
-    h
-}
-
-fn cell(f: &Figures, path: &str, metric: &Metric) -> String {
-    match f.median(path, metric.key) {
-        None => "-".to_owned(),
-        med => format!("{} ({})", fmt_value(med), fmt_value(f.worst(path, metric))),
-    }
-}
-
-/// CPU µs per request of each proxy process, per workload; a row only for the processes a
-/// path has.
-fn cpu_table(f: &Figures, markdown: bool) -> String {
-    let mut rows = vec![header("CPU per request, by process")];
-    for (workload, what) in CPU_WORKLOADS {
-        for process in PROCESSES {
-            let key = cpu_key(workload, process);
-            if PATHS.iter().all(|p| f.samples(p, &key).is_empty()) {
-                continue;
-            }
-            let mut row = vec![format!("{what}: {process}"), "us".to_owned()];
-            for path in PATHS {
-                let s = f.samples(path, &key);
-                row.push(match median(s) {
-                    None => "-".to_owned(),
-                    med => {
-                        let worst = s.iter().copied().reduce(f64::max);
-                        format!("{} ({})", fmt_value(med), fmt_value(worst))
-                    }
-                });
-            }
-            rows.push(row);
-        }
-    }
-    render(&rows, markdown)
-}
-
-/// Memory figures by process, in MiB.
-fn memory_table(f: &Figures, markdown: bool) -> String {
     let columns = [
         ("idle_rss_mib", "idle RSS"),
         ("peak_rss_mib", "peak RSS (after the load)"),
@@ -161,18 +112,30 @@ fn memory_table(f: &Figures, markdown: bool) -> String {
         ("held_10k_rss_mib", "10,000 open conns"),
         ("per_1k_held_mib", "per 1,000 open"),
     ];
-    let mut rows = vec![{
-        let mut h = vec!["memory (MiB)".to_owned()];
-        h.extend(columns.iter().map(|(_, t)| (*t).to_owned()));
-        h
-    }];
-    for process in PROCESSES {
-        let Some(m) = f.memory.get(process) else {
-            continue;
-        };
-        let mut row = vec![process.to_owned()];
-        row.extend(columns.iter().map(|(k, _)| fmt_value(m.get(*k).copied())));
-        rows.push(row);
+    out.push_str(&memory_table(
+        f,
+        "memory (MiB)",
+        &columns,
+        PROCESSES,
+        markdown,
+    ));
+    out
+}
+
+/// CPU µs per request of each proxy process, per workload; a row only for the processes a
+/// path has.
+fn cpu_table(f: &Figures, markdown: bool) -> String {
+    let mut rows = vec![median_header("CPU per request, by process", &PATHS)];
+    for (workload, what) in CPU_WORKLOADS {
+        for process in PROCESSES {
+            let key = cpu_key(workload, process);
+            if PATHS.iter().all(|p| f.samples(p, &key).is_empty()) {
+                continue;
+            }
+            let mut row = vec![format!("{what}: {process}"), "us".to_owned()];
+            row.extend(PATHS.iter().map(|p| median_cell(f.samples(p, &key), false)));
+            rows.push(row);
+        }
     }
     render(&rows, markdown)
 }

@@ -105,21 +105,16 @@ impl Figures {
         median(self.samples(path, metric))
     }
 
-    /// The worst sample: the lowest of a higher-is-better figure, else the highest. Printed
-    /// as "min" for throughputs, where it is the minimum the issue asks for.
-    pub(crate) fn worst(&self, path: &str, metric: &Metric) -> Option<f64> {
-        let s = self.samples(path, metric.key);
-        let fold = if metric.higher_is_better {
-            f64::min
-        } else {
-            f64::max
-        };
-        s.iter().copied().reduce(fold)
-    }
-
     pub(crate) fn min(&self, path: &str, metric: &str) -> Option<f64> {
         self.samples(path, metric).iter().copied().reduce(f64::min)
     }
+}
+
+/// The worst sample: the lowest of a higher-is-better figure, else the highest. Printed as
+/// "min" for throughputs, where it is the minimum the issue asks for.
+pub(crate) fn worst(samples: &[f64], higher_is_better: bool) -> Option<f64> {
+    let fold = if higher_is_better { f64::min } else { f64::max };
+    samples.iter().copied().reduce(fold)
 }
 
 pub(crate) fn median(samples: &[f64]) -> Option<f64> {
@@ -273,53 +268,86 @@ pub(crate) fn fmt_value(v: Option<f64>) -> String {
     }
 }
 
+/// The header of a "median (worst)" table: `first`, the unit, then a column per path.
+pub(crate) fn median_header(first: &str, paths: &[&str]) -> Vec<String> {
+    let mut h = vec![first.to_owned(), "unit".to_owned()];
+    h.extend(paths.iter().map(|p| format!("{p} median (worst)")));
+    h
+}
+
+/// "median (worst)" of `samples`; `-` when there are none.
+pub(crate) fn median_cell(samples: &[f64], higher_is_better: bool) -> String {
+    match median(samples) {
+        None => "-".to_owned(),
+        med => format!(
+            "{} ({})",
+            fmt_value(med),
+            fmt_value(worst(samples, higher_is_better))
+        ),
+    }
+}
+
+/// One row per metric: what it is, its unit, "median (worst)" per path.
+pub(crate) fn median_rows(f: &Figures, paths: &[&str], metrics: &[Metric]) -> Vec<Vec<String>> {
+    let mut rows = vec![median_header("figure", paths)];
+    for metric in metrics {
+        let mut row = vec![metric.what.to_owned(), metric.unit.to_owned()];
+        row.extend(
+            paths
+                .iter()
+                .map(|p| median_cell(f.samples(p, metric.key), metric.higher_is_better)),
+        );
+        rows.push(row);
+    }
+    rows
+}
+
+/// Memory figures by process (in `order`, those that have any): a column per
+/// (figure key, title).
+pub(crate) fn memory_table<'a>(
+    f: &Figures,
+    first: &str,
+    columns: &[(&str, &str)],
+    order: impl IntoIterator<Item = &'a str>,
+    markdown: bool,
+) -> String {
+    let mut head = vec![first.to_owned()];
+    head.extend(columns.iter().map(|(_, t)| (*t).to_owned()));
+    let mut rows = vec![head];
+    for process in order {
+        let Some(m) = f.memory.get(process) else {
+            continue;
+        };
+        let mut row = vec![process.to_owned()];
+        row.extend(columns.iter().map(|(k, _)| fmt_value(m.get(*k).copied())));
+        rows.push(row);
+    }
+    render(&rows, markdown)
+}
+
 /// The figures as a table: one row per metric, "median (worst)" per path. `markdown`
 /// writes pipes for the README.
 pub(crate) fn table(f: &Figures, markdown: bool) -> String {
-    let mut rows: Vec<Vec<String>> = vec![{
-        let mut h = vec!["figure".to_owned(), "unit".to_owned()];
-        h.extend(PATHS.iter().map(|p| format!("{p} median (worst)")));
-        h
-    }];
-    for metric in METRICS {
-        let mut row = vec![metric.what.to_owned(), metric.unit.to_owned()];
-        for path in PATHS {
-            let cell = match f.median(path, metric.key) {
-                None => "-".to_owned(),
-                med => format!("{} ({})", fmt_value(med), fmt_value(f.worst(path, metric))),
-            };
-            row.push(cell);
-        }
-        rows.push(row);
-    }
-    let mut out = render(&rows, markdown);
+    let mut out = render(&median_rows(f, &PATHS, METRICS), markdown);
     out.push('\n');
-    let mut mem_rows = vec![vec![
-        "ztunnel memory (MiB)".to_owned(),
-        "idle RSS".to_owned(),
-        "idle private".to_owned(),
-        "idle file pages".to_owned(),
-        "peak RSS (under load)".to_owned(),
-        "RSS, 1,000 held".to_owned(),
-        "RSS, 10,000 held".to_owned(),
-        "before holding".to_owned(),
-        "per 1,000 held".to_owned(),
-    ]];
-    for (node, m) in &f.memory {
-        let g = |k: &str| fmt_value(m.get(k).copied());
-        mem_rows.push(vec![
-            node.clone(),
-            g("idle_rss_mib"),
-            g("idle_anon_mib"),
-            g("idle_file_mib"),
-            g("peak_rss_mib"),
-            g("held_1k_rss_mib"),
-            g("held_10k_rss_mib"),
-            g("before_held_rss_mib"),
-            g("per_1k_held_mib"),
-        ]);
-    }
-    out.push_str(&render(&mem_rows, markdown));
+    let columns = [
+        ("idle_rss_mib", "idle RSS"),
+        ("idle_anon_mib", "idle private"),
+        ("idle_file_mib", "idle file pages"),
+        ("peak_rss_mib", "peak RSS (under load)"),
+        ("held_1k_rss_mib", "RSS, 1,000 held"),
+        ("held_10k_rss_mib", "RSS, 10,000 held"),
+        ("before_held_rss_mib", "before holding"),
+        ("per_1k_held_mib", "per 1,000 held"),
+    ];
+    let nodes = f.memory.keys().map(String::as_str);
+    out.push_str(&memory_table(
+        f,
+        "ztunnel memory (MiB)",
+        &columns,
+        nodes,
+        markdown,
+    ));
     out
 }
 
@@ -474,7 +502,13 @@ mod tests {
             f.record("mesh", "tput_1", v);
             f.record("mesh", "rtt_p50", v);
         }
-        assert_eq!(f.worst("mesh", &METRICS[0]), Some(1.0));
-        assert_eq!(f.worst("mesh", &METRICS[2]), Some(3.0));
+        let worst_of = |m: &Metric| worst(f.samples("mesh", m.key), m.higher_is_better);
+        assert_eq!(worst_of(&METRICS[0]), Some(1.0));
+        assert_eq!(worst_of(&METRICS[2]), Some(3.0));
+        assert_eq!(
+            median_cell(f.samples("mesh", "tput_1"), true),
+            "2.00 (1.00)"
+        );
+        assert_eq!(median_cell(&[], true), "-");
     }
 }
