@@ -226,3 +226,20 @@ pub fn curl_i(mesh: &Mesh, pod: &str, args: &[&str]) -> (i32, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
 }
+
+/// The value of the metric series named `name` whose labels include every one of `labels`,
+/// summed over the series that match, from the waypoint's `/metrics`.
+pub fn metric(mesh: &Mesh, name: &str, labels: &[&str]) -> f64 {
+    let (status, text) = crate::mesh::http_get(
+        &mesh.netns("wp"),
+        "127.0.0.1:15020".parse().expect("addr"),
+        "/metrics",
+    )
+    .expect("scrape");
+    assert_eq!(status, 200);
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

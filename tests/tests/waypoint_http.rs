@@ -193,6 +193,14 @@ fn malformed_requests_get_400_and_smuggling_reaches_no_backend() {
     assert!(statuses[1].starts_with("HTTP/1.1 400"), "{got:?}");
     assert!(!got.contains("/smuggled"), "{got:?}");
     assert_eq!(served(), 1, "only the good request reached a backend");
+    let refused = |reason: &str| {
+        mesh_tests::waypoint::metric(
+            &mesh,
+            "waypoint_refused_requests_total",
+            &[&format!("reason=\"{reason}\"")],
+        )
+    };
+    assert_eq!(refused("content_length_and_transfer_encoding"), 1.0);
     let served_before = served();
     let served = || served() - served_before;
 
@@ -220,6 +228,10 @@ fn malformed_requests_get_400_and_smuggling_reaches_no_backend() {
         assert!(got.starts_with("HTTP/1.1 400"), "{what}: {got:?}");
         assert_eq!(served(), 0, "{what}: a backend saw a request");
     }
+    // The invalid chunk size arrived with its head, so the guard refused it (counted); the
+    // other cases were refused by the HTTP parser itself.
+    assert_eq!(refused("bad_chunk_size"), 1.0);
+    assert_eq!(refused("content_length_and_transfer_encoding"), 1.0);
     // Oversized headers (past hyper's limit of ~400 KiB).
     let huge: &'static [u8] = Box::leak(
         format!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mesh_tests::http_app::{HttpApp, Version};
 use mesh_tests::waypoint::{
-    RATINGS_VIP, apps, mesh, routes_path, start_waypoint, through_waypoint, write_atomic,
+    RATINGS_VIP, apps, mesh, metric, routes_path, start_waypoint, through_waypoint, write_atomic,
 };
 
 const ROUTES: &str = r#"
@@ -233,23 +233,6 @@ async fn retries_timeouts_and_faults_follow_the_route() {
         f64::from(slow) >= delayed,
         "{slow} answers took 0.5 s or more, {delayed} were delayed"
     );
-}
-
-/// The value of the metric series named `name` whose labels include every one of `labels`,
-/// summed over the series that match, from the waypoint's `/metrics`.
-fn metric(mesh: &mesh_tests::mesh::Mesh, name: &str, labels: &[&str]) -> f64 {
-    let (status, text) = mesh_tests::mesh::http_get(
-        &mesh.netns("wp"),
-        "127.0.0.1:15020".parse().expect("addr"),
-        "/metrics",
-    )
-    .expect("scrape");
-    assert_eq!(status, 200);
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -150,6 +150,12 @@ pub struct ConfigLabels {
     pub result: &'static str,
 }
 
+/// HTTP/1 requests refused before they were read (`server::h1guard`), by reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub reason: &'static str,
+}
+
 /// Istio's buckets for `istio_request_duration_milliseconds`.
 const DURATION_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -162,6 +168,7 @@ pub struct Metrics {
     pub duration: Family<RequestLabels, Histogram>,
     pub mirrors: Family<PhaseLabels, Counter>,
     pub config: Family<ConfigLabels, Counter>,
+    pub refused: Family<RefusedLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -185,6 +192,7 @@ impl Metrics {
         );
         let mirrors = Family::<PhaseLabels, Counter>::default();
         let config = Family::<ConfigLabels, Counter>::default();
+        let refused = Family::<RefusedLabels, Counter>::default();
         registry.register(
             "istio_requests",
             "Requests through the waypoint, by source, destination and response",
@@ -205,12 +213,18 @@ impl Metrics {
             "Configuration changes applied or rejected (a rejected one keeps the last good)",
             config.clone(),
         );
+        registry.register(
+            "waypoint_refused_requests",
+            "HTTP/1 requests answered 400 before they were read, because their framing could smuggle another request (both Content-Length and Transfer-Encoding, a bad first chunk size)",
+            refused.clone(),
+        );
         Metrics {
             registry,
             requests,
             duration,
             mirrors,
             config,
+            refused,
         }
     }
 

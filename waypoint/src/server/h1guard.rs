@@ -9,10 +9,13 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::{Metrics, RefusedLabels};
 
 /// Heads longer than this are passed on for the HTTP server to refuse (hyper's limit is
 /// about 400 KiB).
@@ -44,11 +47,21 @@ enum State {
     Refused,
 }
 
-/// Why a head is refused; for the log.
+/// Why a head is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Refusal {
     ContentLengthAndTransferEncoding,
     BadChunkSize,
+}
+
+impl Refusal {
+    /// The `reason` label of `waypoint_refused_requests_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::ContentLengthAndTransferEncoding => "content_length_and_transfer_encoding",
+            Refusal::BadChunkSize => "bad_chunk_size",
+        }
+    }
 }
 
 pub(super) struct H1Guard<S> {
@@ -62,6 +75,7 @@ pub(super) struct H1Guard<S> {
     ready: usize,
     eof: bool,
     refused: Option<Refusal>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// What a head says once it is whole.
@@ -74,7 +88,8 @@ enum HeadScan {
 }
 
 impl<S> H1Guard<S> {
-    pub(super) fn new(inner: S) -> H1Guard<S> {
+    /// A guard counting its refusals in `metrics` (none in unit tests).
+    pub(super) fn new(inner: S, metrics: Option<Arc<Metrics>>) -> H1Guard<S> {
         H1Guard {
             inner,
             state: State::Head { scanned: 0 },
@@ -82,6 +97,7 @@ impl<S> H1Guard<S> {
             ready: 0,
             eof: false,
             refused: None,
+            metrics,
         }
     }
 
@@ -188,7 +204,17 @@ impl<S> H1Guard<S> {
         self.ready = self.pending.len();
         self.state = State::Refused;
         self.refused = Some(why);
-        tracing::info!(reason = ?why, "HTTP/1 request refused with 400 before it was read");
+        if let Some(m) = &self.metrics {
+            m.refused
+                .get_or_create(&RefusedLabels {
+                    reason: why.label(),
+                })
+                .inc();
+        }
+        tracing::info!(
+            reason = why.label(),
+            "HTTP/1 request refused with 400 before it was read"
+        );
     }
 }
 
@@ -403,7 +429,7 @@ mod tests {
             client.write_all(c).await.unwrap();
         }
         drop(client);
-        let mut guard = H1Guard::new(server);
+        let mut guard = H1Guard::new(server, None);
         let mut got = Vec::new();
         let mut buf = vec![0u8; read_size];
         loop {

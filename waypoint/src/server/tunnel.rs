@@ -253,7 +253,10 @@ async fn serve_http(
         http1::Builder::new()
             // A client may shut its side after the request and wait for the answer.
             .half_close(true)
-            .serve_connection(TokioIo::new(H1Guard::new(stream)), service)
+            .serve_connection(
+                TokioIo::new(H1Guard::new(stream, Some(ctx.metrics.clone()))),
+                service,
+            )
             .with_upgrades()
             .await
     };
