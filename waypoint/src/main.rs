@@ -4,7 +4,7 @@
 //! workload API instead of the file) serves HBONE on 15008 as
 //! `spiffe://<trust domain>/ns/<namespace>/sa/<service account>` and routes the HTTP inside
 //! each tunnel by the VirtualServices, DestinationRules, HTTPRoutes and GRPCRoutes of the
-//! route files (watched).
+//! route files (watched), or of the Kubernetes API with `--kube` (listed and watched).
 //!
 //! `waypoint --check FILE|DIR...` reads each file (or every `.yaml`/`.yml`/`.json` file of a
 //! directory), compiles the route table, prints every error and warning with file, line,
@@ -53,8 +53,25 @@ struct Args {
     instance_ip: String,
     /// Route config files or directories to serve (watched; a change with errors is not
     /// applied and the last good routes stay).
-    #[arg(long, value_name = "PATH", num_args = 1..)]
+    #[arg(long, value_name = "PATH", num_args = 1.., conflicts_with = "kube")]
     routes: Vec<PathBuf>,
+    /// Read the routes (VirtualService, DestinationRule, HTTPRoute, GRPCRoute, all
+    /// namespaces) from the Kubernetes API instead of files: listed and watched; an object
+    /// with errors is left out and the others serve; while the API server is away the last
+    /// good routes keep serving. Readiness waits for the first complete list.
+    #[arg(long)]
+    kube: bool,
+    /// The kubeconfig of `--kube` (its current context); without it, the in-cluster config
+    /// (the pod's service account).
+    #[arg(long, value_name = "FILE", requires = "kube")]
+    kubeconfig: Option<PathBuf>,
+    /// The Gateway API `controllerName` of the route status `--kube` writes.
+    #[arg(long, default_value = waypoint::kube::DEFAULT_CONTROLLER_NAME, requires = "kube")]
+    controller_name: String,
+    /// With `--kube`, do not write route status (`Accepted`, `ResolvedRefs` on HTTPRoutes and
+    /// GRPCRoutes attached to the Services the waypoint serves).
+    #[arg(long, requires = "kube")]
+    no_route_status: bool,
     /// The waypoint's namespace; also that of resources that do not name one.
     #[arg(long, default_value = "default")]
     namespace: String,
@@ -183,6 +200,11 @@ fn main() -> ExitCode {
         },
         poll: Duration::from_millis(args.poll_ms.max(10)),
         mirror_shadow_suffix: args.mirror_shadow_suffix,
+        kube: args.kube.then(|| waypoint::kube::KubeOptions {
+            kubeconfig: args.kubeconfig.clone(),
+            controller_name: args.controller_name.clone(),
+            write_status: !args.no_route_status,
+        }),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.max(1))

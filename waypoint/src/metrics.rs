@@ -8,6 +8,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -47,6 +48,12 @@ pub struct ConfigLabels {
     pub result: &'static str,
 }
 
+/// A config source (`kube`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
 /// Istio's buckets for `istio_request_duration_milliseconds`.
 const DURATION_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -59,6 +66,7 @@ pub struct Metrics {
     pub duration: Family<RequestLabels, Histogram>,
     pub mirrors: Family<PhaseLabels, Counter>,
     pub config: Family<ConfigLabels, Counter>,
+    pub sources: Family<SourceLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -102,8 +110,15 @@ impl Metrics {
             "Configuration changes applied or rejected (a rejected one keeps the last good)",
             config.clone(),
         );
+        let sources = Family::<SourceLabels, Gauge>::default();
+        registry.register(
+            "waypoint_config_source_connected",
+            "1 while a watched config source (the Kubernetes API) answers, 0 while it is away",
+            sources.clone(),
+        );
         Metrics {
             registry,
+            sources,
             requests,
             duration,
             mirrors,
@@ -121,6 +136,11 @@ impl Metrics {
 
     pub fn mirror(&self, phase: &'static str) {
         self.mirrors.get_or_create(&PhaseLabels { phase }).inc();
+    }
+
+    /// The connected gauge of a watched source.
+    pub fn source_connected(&self, source: &'static str) -> Gauge {
+        self.sources.get_or_create(&SourceLabels { source }).clone()
     }
 
     pub fn config(&self, source: &'static str, result: &'static str) -> Counter {
