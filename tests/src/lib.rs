@@ -5,6 +5,7 @@
 pub mod ca;
 pub mod h2raw;
 pub mod http_app;
+pub mod kube_api;
 pub mod mesh;
 pub mod mesh_xds;
 pub mod netns;

@@ -118,6 +118,16 @@ impl Source {
         let name = WATCHED[kind].kind;
         let event = match event {
             Ok(e) => e,
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                // The resume point was compacted away: not an outage, a new list follows.
+                tracing::info!(
+                    "{name}: resourceVersion expired (410 Gone: {}); listing again, the routes \
+                     in force stay until the list is complete",
+                    status.message
+                );
+                self.metrics.config("kube", "relist").inc();
+                return false;
+            }
             Err(e) => {
                 if self.connected.get() != 0 {
                     tracing::warn!(
