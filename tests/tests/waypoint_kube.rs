@@ -123,6 +123,14 @@ spec:
       port: 9080
 "#;
 
+/// What the waypoint watches, by plural.
+const PLURALS: [&str; 4] = [
+    "virtualservices",
+    "destinationrules",
+    "httproutes",
+    "grpcroutes",
+];
+
 const API_ADDR: &str = "127.0.0.1:16443";
 
 async fn start_api(mesh: &Mesh, yaml: &str) -> ApiServer {
@@ -252,12 +260,17 @@ async fn routes_follow_the_api_server_through_changes_410_and_an_outage() {
 
     // Bookmarks move the resume point; then etcd compacts: every watch ends with 410 and
     // the waypoint lists again, keeping the routes it had.
-    let (lists_before, watches_before) = watches(&api, "virtualservices");
+    let before: Vec<(usize, usize)> = PLURALS.iter().map(|p| watches(&api, p)).collect();
     api.compact();
     assert!(
         until(Duration::from_secs(15), || async {
-            let (lists, watches) = watches(&api, "virtualservices");
-            lists > lists_before && watches > watches_before
+            PLURALS
+                .iter()
+                .zip(&before)
+                .all(|(p, (lists_before, watches_before))| {
+                    let (lists, watches) = watches(&api, p);
+                    lists > *lists_before && watches > *watches_before
+                })
         })
         .await,
         "no re-list and new watch after 410:\n{}",
@@ -272,6 +285,16 @@ async fn routes_follow_the_api_server_through_changes_410_and_an_outage() {
     // A change of another kind moves the resourceVersion on; the DestinationRule watch
     // learns of it only from a bookmark, and resumes from there after the outage below.
     api.apply_yaml(UNRELATED_ROUTE).expect("another kind");
+    // (Its status patch moves the resourceVersion on too: wait for it.)
+    assert!(
+        until(Duration::from_secs(10), || async {
+            api.object("HTTPRoute", "default", "details")
+                .is_some_and(|o| o.pointer("/status/parents/0").is_some())
+        })
+        .await,
+        "no status on the details HTTPRoute:\n{}",
+        wp.log()
+    );
     let moved_to = api.revision();
     assert!(
         until(Duration::from_secs(10), || async {
@@ -322,13 +345,16 @@ async fn routes_follow_the_api_server_through_changes_410_and_an_outage() {
         wp.log()
     );
     // The DestinationRule watch resumed from the bookmark's resourceVersion, without a list.
-    let resumed = format!("resourceVersion={moved_to}");
     assert!(
         until(Duration::from_secs(15), || async {
             api.seen().iter().any(|s| {
                 s.uri.contains("/destinationrules?")
                     && s.uri.contains("watch=true")
-                    && s.uri.contains(&resumed)
+                    && s.uri
+                        .split("resourceVersion=")
+                        .nth(1)
+                        .and_then(|v| v.split('&').next()?.parse::<u64>().ok())
+                        .is_some_and(|v| v >= moved_to)
             })
         })
         .await,
@@ -354,6 +380,17 @@ async fn routes_follow_the_api_server_through_changes_410_and_an_outage() {
         .unwrap_or(0.0)
             >= 1.0,
         "{m}"
+    );
+
+    // DELETED: without its VirtualService, reviews is balanced over both versions again.
+    assert!(api.delete("VirtualService", "default", "reviews"));
+    assert!(
+        until(Duration::from_secs(10), || async {
+            reviews_server(&conn, false).await == "reviews-v2"
+        })
+        .await,
+        "the deleted VirtualService still routes:\n{}",
+        wp.log()
     );
 }
 
@@ -497,5 +534,35 @@ async fn a_rejected_object_names_its_field_and_the_http_route_gets_its_status() 
     assert_eq!(
         patches, 2,
         "a patch per change of the status, none for our own echo"
+    );
+
+    // The broken VirtualService fixed: accepted, and the errors are gone.
+    api.apply_yaml(&RATINGS_AND_BROKEN.replace("attempts: lots", "attempts: 3"))
+        .expect("fix");
+    let fixed = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), || {
+            http_get(
+                &mesh.netns("wp"),
+                "127.0.0.1:15000".parse().unwrap(),
+                "/config_dump",
+            )
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .is_some_and(|d| d["routes"]["errors"].as_array().is_some_and(Vec::is_empty))
+        })
+    });
+    assert!(
+        fixed.is_ok(),
+        "the fixed object was not accepted:\n{}",
+        wp.log()
+    );
+    let m = metrics(&mesh);
+    assert_eq!(
+        sample(
+            &m,
+            "waypoint_config_updates_total{source=\"kube\",result=\"rejected\"}"
+        ),
+        Some(1.0),
+        "{m}"
     );
 }

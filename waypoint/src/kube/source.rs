@@ -99,7 +99,7 @@ async fn run(mut inputs: Inputs, synced_tx: watch::Sender<bool>) {
             synced_tx.send_replace(true);
         }
         if inputs.opts.write_status && (changed || state_changed || status_retry) {
-            status_retry = !write_status(&inputs, &source.store, &compile_findings).await;
+            status_retry = !write_status(&inputs, &mut source.store, &compile_findings).await;
         }
     }
 }
@@ -302,37 +302,49 @@ fn first_error(entry: &Entry, compile: &[Diagnostic]) -> Option<String> {
 }
 
 /// Patches the status of every Gateway API route whose status we own and that changed;
-/// false when a patch failed (the loop tries again on its next event).
-async fn write_status(inputs: &Inputs, store: &Store, compile: &[Diagnostic]) -> bool {
-    let mut all_written = true;
+/// false when a patch failed (the loop tries again on its next event). The object the API
+/// server answers replaces the stored one, so a look before our own write comes back as a
+/// watch event sees the status already written and does not write it twice.
+async fn write_status(inputs: &Inputs, store: &mut Store, compile: &[Diagnostic]) -> bool {
     let mesh = MeshView(inputs.state.borrow().clone());
     let now = k8s_openapi::jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
     let controller = &inputs.opts.controller_name;
+    let mut wanted = Vec::new();
     for (kind, entry) in store.entries() {
         if kind != HTTP_ROUTE && kind != GRPC_ROUTE {
             continue;
         }
         let error = first_error(entry, compile);
         let ours = status::parents(&entry.raw, error.as_deref(), &mesh);
-        let Some(patch) = status::patch(&entry.raw, &ours, controller, &now) else {
-            continue;
-        };
-        let name = ResourceName {
-            kind: kind.kind.to_owned(),
-            namespace: json_str(&entry.raw, "/metadata/namespace"),
-            name: json_str(&entry.raw, "/metadata/name"),
-        };
+        if let Some(patch) = status::patch(&entry.raw, &ours, controller, &now) {
+            let name = ResourceName {
+                kind: kind.kind.to_owned(),
+                namespace: json_str(&entry.raw, "/metadata/namespace"),
+                name: json_str(&entry.raw, "/metadata/name"),
+            };
+            wanted.push((kind, name, patch, ours.len()));
+        }
+    }
+    let mut all_written = true;
+    for (kind, name, patch, parents) in wanted {
         let api: Api<DynamicObject> =
             Api::namespaced_with(inputs.client.clone(), &name.namespace, &kind.api_resource());
         let params = PatchParams::default();
         let patch = Patch::Merge(&patch);
         let call = api.patch_status(&name.name, &params, &patch);
         match tokio::time::timeout(PATCH_TIMEOUT, call).await {
-            Ok(Ok(_)) => {
-                tracing::info!("{name}: status written ({} parent(s))", ours.len());
+            Ok(Ok(updated)) => {
+                tracing::info!("{name}: status written ({parents} parent(s))");
                 inputs.metrics.config("kube_status", "applied").inc();
+                if let (Some(i), Ok(json)) = (
+                    WATCHED.iter().position(|k| *k == kind),
+                    serde_json::to_value(&updated),
+                ) {
+                    let entry = store.decode(i, json);
+                    store.apply(i, entry);
+                }
             }
             Ok(Err(e)) => {
                 tracing::warn!("{name}: status not written (tried again later): {e}");
