@@ -30,7 +30,7 @@ struct Args {
     #[arg(long, value_name = "PATH", num_args = 1.., conflicts_with_all = ["mesh_config", "xds_address"])]
     check: Vec<PathBuf>,
     /// The mesh's workloads and services, in ztunnel's local config format (watched).
-    #[arg(long, value_name = "FILE", required_unless_present_any = ["check", "xds_address"])]
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["check", "xds_address", "gateway_controller"])]
     mesh_config: Option<PathBuf>,
     /// Or from istiod's workload API (delta ADS) at this address, e.g.
     /// `https://istiod.istio-system.svc:15012` (`http://` for a plaintext test server).
@@ -61,12 +61,28 @@ struct Args {
     /// good routes keep serving. Readiness waits for the first complete list.
     #[arg(long)]
     kube: bool,
-    /// The kubeconfig of `--kube` (its current context); without it, the in-cluster config
-    /// (the pod's service account).
-    #[arg(long, value_name = "FILE", requires = "kube")]
+    /// The kubeconfig of `--kube` and `--gateway-controller` (its current context); without
+    /// it, the in-cluster config (the pod's service account).
+    #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
-    /// The Gateway API `controllerName` of the route status `--kube` writes.
-    #[arg(long, default_value = waypoint::kube::DEFAULT_CONTROLLER_NAME, requires = "kube")]
+    /// Run the Gateway controller instead of a proxy: for each Gateway of `--gateway-class`,
+    /// apply the waypoint's ServiceAccount, Service and Deployment (owned by the Gateway)
+    /// and set its status.addresses and conditions.
+    #[arg(long, conflicts_with_all = ["check", "kube", "routes"], requires = "waypoint_image")]
+    gateway_controller: bool,
+    /// The GatewayClass whose Gateways `--gateway-controller` serves.
+    #[arg(long, default_value = "ambient-waypoint")]
+    gateway_class: String,
+    /// The waypoint image of the Deployments `--gateway-controller` makes.
+    #[arg(long, value_name = "IMAGE")]
+    waypoint_image: Option<String>,
+    /// An argument added to those of every waypoint `--gateway-controller` makes (repeat it),
+    /// e.g. `--waypoint-arg=--xds-address=https://istiod.istio-system.svc:15012`.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    waypoint_arg: Vec<String>,
+    /// The Gateway API `controllerName` of the route status `--kube` writes (and the field
+    /// manager of what `--gateway-controller` applies).
+    #[arg(long, default_value = waypoint::kube::DEFAULT_CONTROLLER_NAME)]
     controller_name: String,
     /// With `--kube`, do not write route status (`Accepted`, `ResolvedRefs` on HTTPRoutes and
     /// GRPCRoutes attached to the Services the waypoint serves).
@@ -135,6 +151,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    if args.gateway_controller {
+        return gateway_controller(&args);
+    }
     let mesh = match (&args.mesh_config, &args.xds_address) {
         (Some(path), _) => waypoint::run::MeshSource::File(path.clone()),
         (None, Some(address)) => {
@@ -219,6 +238,40 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(waypoint::run::run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn gateway_controller(args: &Args) -> ExitCode {
+    use waypoint::kube::gateway::{GatewayOptions, render::Template};
+    let opts = GatewayOptions {
+        kube: waypoint::kube::KubeOptions {
+            kubeconfig: args.kubeconfig.clone(),
+            controller_name: args.controller_name.clone(),
+            write_status: true,
+        },
+        class: args.gateway_class.clone(),
+        template: Template {
+            image: args.waypoint_image.clone().unwrap_or_default(),
+            extra_args: args.waypoint_arg.clone(),
+            domain: args.domain.clone(),
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(waypoint::kube::gateway::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

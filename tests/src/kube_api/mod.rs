@@ -232,7 +232,7 @@ impl Drop for ApiServer {
 }
 
 /// The server's clock: a fixed day, one second per revision (tests need order, not time).
-fn clock(revision: u64) -> String {
+pub(crate) fn clock(revision: u64) -> String {
     format!(
         "2026-12-01T10:{:02}:{:02}Z",
         (revision / 60) % 60,

@@ -18,12 +18,17 @@ pub struct Kind {
 
 impl Kind {
     pub fn api_version(&self) -> String {
-        format!("{}/{}", self.group, self.version)
+        if self.group.is_empty() {
+            self.version.to_owned()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
     }
 }
 
-/// The kinds the waypoint watches, in the versions it asks for.
-pub const KINDS: [Kind; 4] = [
+/// The kinds the waypoint watches, in the versions it asks for, then those the Gateway
+/// controller reads and writes.
+pub const KINDS: [Kind; 8] = [
     Kind {
         group: "networking.istio.io",
         version: "v1",
@@ -47,6 +52,30 @@ pub const KINDS: [Kind; 4] = [
         version: "v1",
         kind: "GRPCRoute",
         plural: "grpcroutes",
+    },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        kind: "Gateway",
+        plural: "gateways",
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "Service",
+        plural: "services",
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        kind: "ServiceAccount",
+        plural: "serviceaccounts",
+    },
+    Kind {
+        group: "apps",
+        version: "v1",
+        kind: "Deployment",
+        plural: "deployments",
     },
 ];
 
@@ -154,6 +183,37 @@ impl Objects {
         }]);
         self.by_key.insert(key.clone(), object);
         Ok((key, written))
+    }
+
+    /// Server-side apply, as far as the tests need it: the applied fields are merged into
+    /// the stored object (created if absent); `status` is not the applier's to set. A new
+    /// Service gets a cluster IP, as the API server allocates one.
+    pub fn server_side_apply(
+        &mut self,
+        key: &Key,
+        mut body: Json,
+        now: &str,
+    ) -> Result<(Json, Written), String> {
+        if let Json::Object(map) = &mut body {
+            map.remove("status");
+        }
+        let merged = match self.by_key.get(key) {
+            Some(old) => {
+                let mut m = old.clone();
+                merge(&mut m, &body);
+                m
+            }
+            None => {
+                if key.0 == "services" && body.pointer("/spec/clusterIP").is_none() {
+                    self.uids += 1;
+                    body["spec"]["clusterIP"] =
+                        json!(format!("198.18.200.{}", self.uids % 250 + 1));
+                }
+                body
+            }
+        };
+        let (key, written) = self.apply(merged, now)?;
+        Ok((self.by_key[&key].clone(), written))
     }
 
     /// Applies a merge patch to the status of an object (the status subresource: only

@@ -110,6 +110,7 @@ pub(super) async fn handle(
     });
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let (group, rest) = match segments.as_slice() {
+        ["api", "v1", rest @ ..] => ("", rest),
         ["apis", group, "v1", rest @ ..] => (*group, rest),
         _ => {
             return Ok(status(
@@ -145,6 +146,30 @@ pub(super) async fn handle(
             watch_stream(shared, kind, namespace, &query, shutdown)
         }
         (Method::GET, None, None) => list(&shared, kind, namespace),
+        (Method::PATCH, Some(name), None)
+            if content_type.as_deref() == Some("application/apply-patch+yaml") =>
+        {
+            let Some(body) = body_json else {
+                return Ok(status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "the body is not JSON",
+                ));
+            };
+            if !query.contains_key("fieldManager") {
+                return Ok(status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "fieldManager is required for apply requests",
+                ));
+            }
+            let key: Key = (
+                kind.plural,
+                namespace.unwrap_or("default").to_owned(),
+                name.to_owned(),
+            );
+            apply(&shared, kind, &key, body)
+        }
         (Method::PATCH, Some(name), Some("status")) => {
             if content_type.as_deref() != Some("application/merge-patch+json") {
                 return Ok(status(
@@ -193,6 +218,37 @@ fn list(shared: &Shared, kind: Kind, namespace: Option<&str>) -> Response<Body> 
             "items": items,
         }),
     )
+}
+
+fn apply(shared: &Shared, kind: Kind, key: &Key, body: Json) -> Response<Body> {
+    let mut db = shared.db();
+    let now = super::clock(db.objects.revision);
+    let (object, written) = match db.objects.server_side_apply(key, body, &now) {
+        Ok(r) => r,
+        Err(e) => return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &e),
+    };
+    let event = match written {
+        super::Written::Added => Some("ADDED"),
+        super::Written::Modified => Some("MODIFIED"),
+        super::Written::Unchanged => None,
+    };
+    if let Some(event) = event {
+        let revision = db.objects.revision;
+        db.changes.push(Change {
+            revision,
+            plural: kind.plural,
+            kind: event,
+            object: object.clone(),
+        });
+        let compactions = shared.news.borrow().1;
+        shared.news.send_replace((revision, compactions));
+    }
+    let code = if written == super::Written::Added {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    json_response(code, &object)
 }
 
 fn patch_status(shared: &Shared, kind: Kind, key: &Key, patch: &Json) -> Response<Body> {

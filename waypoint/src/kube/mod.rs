@@ -7,8 +7,9 @@
 //!
 //! `kinds` names what is watched, `json` turns objects into the decoder's input, `store`
 //! holds the objects (pure), `status` computes route status (pure); `source` is the only
-//! part that talks to the API server.
+//! part that talks to the API server. `gateway` is the Gateway controller, a mode of its own.
 
+pub mod gateway;
 pub mod json;
 pub mod kinds;
 pub mod source;
