@@ -399,7 +399,15 @@ async fn a_rejected_object_names_its_field_and_the_http_route_gets_its_status() 
     let mesh = mesh();
     let _apps = apps(&mesh);
     let api = start_api(&mesh, &format!("{ALL_TO_V1}\n---\n{RATINGS_AND_BROKEN}")).await;
+    // A cluster without the GRPCRoute CRD: the waypoint still gets ready.
+    api.unserve("GRPCRoute");
     let wp = start_waypoint_kube(&mesh, &kubeconfig_path(&mesh), &[]);
+    assert!(
+        wp.log()
+            .contains("GRPCRoute is not served by the API server"),
+        "{}",
+        wp.log()
+    );
 
     // The broken VirtualService is rejected by name and field; the others serve.
     let log = wp.log();

@@ -183,6 +183,13 @@ impl ApiServer {
         self.shared.db().objects.by_key.get(&key).cloned()
     }
 
+    /// Answers 404 for `kind` from now on, as a server without its CRD does.
+    pub fn unserve(&self, kind: &str) {
+        if let Some(k) = kind_by_name(kind) {
+            self.shared.db().unserved.push(k.plural);
+        }
+    }
+
     /// The last resourceVersion handed out.
     pub fn revision(&self) -> u64 {
         self.shared.db().objects.revision

@@ -50,6 +50,8 @@ pub(super) struct Db {
     /// A watch from a resourceVersion below this is answered 410.
     pub(super) compacted: u64,
     pub(super) seen: Vec<Seen>,
+    /// Kinds answered 404, as when their CRD is not installed.
+    pub(super) unserved: Vec<&'static str>,
     /// Bookmarks sent: (plural, resourceVersion).
     pub(super) bookmarks: Vec<(&'static str, u64)>,
 }
@@ -133,7 +135,9 @@ pub(super) async fn handle(
             ));
         }
     };
-    let Some(kind) = kind_by_plural(group, plural) else {
+    let served =
+        kind_by_plural(group, plural).filter(|k| !shared.db().unserved.contains(&k.plural));
+    let Some(kind) = served else {
         return Ok(status(
             StatusCode::NOT_FOUND,
             "NotFound",

@@ -118,6 +118,21 @@ impl Source {
         let name = WATCHED[kind].kind;
         let event = match event {
             Ok(e) => e,
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if status.is_not_found() =>
+            {
+                // The kind's CRD is not installed: nothing of it to read, which must not
+                // keep the waypoint unready. The watcher keeps looking, with backoff.
+                self.up();
+                let changed = self.store.absent(kind);
+                if changed {
+                    tracing::warn!(
+                        "{name} is not served by the API server (is its CRD installed?): none \
+                         read; looked for again with backoff"
+                    );
+                }
+                return changed;
+            }
             Err(watcher::Error::WatchError(status)) if status.code == 410 => {
                 // The resume point was compacted away: not an outage, a new list follows.
                 tracing::info!(

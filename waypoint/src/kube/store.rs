@@ -108,6 +108,17 @@ impl Store {
         }
     }
 
+    /// The kind is not served (its CRD is not installed): it has no objects, and counts as
+    /// listed. True when that changed something.
+    pub fn absent(&mut self, kind: usize) -> bool {
+        let store = &mut self.kinds[kind];
+        store.relist = None;
+        let changed = !store.synced || !store.objects.is_empty();
+        store.objects.clear();
+        store.synced = true;
+        changed
+    }
+
     /// An object added or changed.
     pub fn apply(&mut self, kind: usize, entry: Entry) -> Change {
         let Some(key) = key_of(&entry.raw) else {

@@ -120,3 +120,15 @@ fn apply_of_a_known_version_changes_nothing_and_delete_removes() {
     );
     assert!(s.is_empty());
 }
+
+#[test]
+fn a_kind_the_server_does_not_serve_counts_as_listed_and_empty() {
+    let mut s = store();
+    for kind in 0..3 {
+        list(&mut s, kind, Vec::new());
+    }
+    assert!(!s.synced());
+    assert!(s.absent(3), "the first time changes the store");
+    assert!(s.synced());
+    assert!(!s.absent(3), "again: nothing new");
+}
