@@ -10,7 +10,7 @@ use std::time::Duration;
 use mesh_tests::http_app::{HttpConn, Version};
 use mesh_tests::kube_api::{ApiServer, TOKEN, kubeconfig_path, start_waypoint_kube};
 use mesh_tests::mesh::{Mesh, http_get};
-use mesh_tests::waypoint::{RATINGS_VIP, REVIEWS_VIP, apps, mesh, through_waypoint};
+use mesh_tests::waypoint::{RATINGS_VIP, REVIEWS_VIP, apps, mesh_with, through_waypoint};
 use mesh_tests::{Proc, wait_until};
 
 /// Everything to v1 (the tutorial's `catalog-virtualservice-all-v1`, for reviews, as
@@ -106,6 +106,23 @@ spec:
       attempts: lots
 "#;
 
+/// An HTTPRoute on reviews, which does not use the waypoint in these tests.
+const REVIEWS_ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: reviews
+spec:
+  parentRefs:
+  - group: ""
+    kind: Service
+    name: reviews
+  rules:
+  - backendRefs:
+    - name: reviews
+      port: 9080
+"#;
+
 /// An HTTPRoute for a Service the first test does not call.
 const UNRELATED_ROUTE: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
@@ -130,6 +147,20 @@ const PLURALS: [&str; 4] = [
     "httproutes",
     "grpcroutes",
 ];
+
+/// The test mesh with ratings and details using the waypoint (`istio.io/use-waypoint`), so
+/// their routes' status is the waypoint's to write; reviews does not.
+fn waypoint_mesh() -> Mesh {
+    mesh_with(|m| {
+        for svc in ["ratings", "details"] {
+            m.service_labels.push((
+                svc.to_owned(),
+                "istio.io/use-waypoint".to_owned(),
+                "waypoint".to_owned(),
+            ));
+        }
+    })
+}
 
 const API_ADDR: &str = "127.0.0.1:16443";
 
@@ -208,7 +239,7 @@ fn watches(api: &ApiServer, plural: &str) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_follow_the_api_server_through_changes_410_and_an_outage() {
-    let mesh = mesh();
+    let mesh = waypoint_mesh();
     let _apps = apps(&mesh);
     let mut api = start_api(&mesh, ALL_TO_V1).await;
     let wp: Proc = start_waypoint_kube(&mesh, &kubeconfig_path(&mesh), &[]);
@@ -396,7 +427,7 @@ async fn routes_follow_the_api_server_through_changes_410_and_an_outage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_object_names_its_field_and_the_http_route_gets_its_status() {
-    let mesh = mesh();
+    let mesh = waypoint_mesh();
     let _apps = apps(&mesh);
     let api = start_api(&mesh, &format!("{ALL_TO_V1}\n---\n{RATINGS_AND_BROKEN}")).await;
     // A cluster without the GRPCRoute CRD: the waypoint still gets ready.
@@ -507,6 +538,7 @@ async fn a_rejected_object_names_its_field_and_the_http_route_gets_its_status() 
     assert_eq!(condition("Accepted")["observedGeneration"], 1, "{route}");
 
     // A backend that is not in the mesh: ResolvedRefs False, naming the field. Written once.
+    api.apply_yaml(REVIEWS_ROUTE).expect("reviews route");
     api.apply_yaml(&RATINGS_AND_BROKEN.replace(
         "- name: ratings\n      port: 9080",
         "- name: nowhere\n      port: 9080",
@@ -538,6 +570,12 @@ async fn a_rejected_object_names_its_field_and_the_http_route_gets_its_status() 
             .unwrap_or_default(),
         wp.log()
     );
+    // A route on a Service that does not use this waypoint is not its to report on (it came
+    // before the ratings change on the same watch, so it has been handled by now).
+    let reviews_route = api
+        .object("HTTPRoute", "default", "reviews")
+        .expect("route");
+    assert!(reviews_route.get("status").is_none(), "{reviews_route}");
     let patches = api.seen().iter().filter(|s| s.method == "PATCH").count();
     assert_eq!(
         patches, 2,

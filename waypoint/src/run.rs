@@ -284,6 +284,7 @@ async fn kube_routes(
         state: state.clone(),
         metrics: metrics.clone(),
         status: status.clone(),
+        identity: opts.identity.clone(),
     });
     Ok((status, routes_rx, handle))
 }

@@ -23,7 +23,9 @@ use crate::config::{Diagnostic, LoadOptions, ResourceName, Severity};
 use crate::metrics::Metrics;
 use crate::route::{self, CompileOptions, RouteTable};
 use crate::run::SharedStatus;
+use ztunnel::identity::Identity;
 use ztunnel::state::State;
+use ztunnel::state::workload::GatewayDestination;
 
 /// What the rest of the process sees of the source.
 #[derive(Clone, Debug)]
@@ -42,6 +44,8 @@ pub(crate) struct Inputs {
     pub(crate) state: watch::Receiver<Arc<State>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) status: SharedStatus,
+    /// Whose routes: the Services whose waypoint has this identity.
+    pub(crate) identity: Identity,
 }
 
 /// How long one status patch may take before the loop goes on without it.
@@ -276,17 +280,42 @@ fn describe(kind: usize, entry: &Entry) -> String {
     )
 }
 
-/// The mesh as route status sees it: the Services the mesh state knows.
-struct MeshView(Arc<State>);
+/// The mesh as route status sees it: the mesh state and who this waypoint is.
+struct MeshView<'a> {
+    state: Arc<State>,
+    identity: &'a Identity,
+}
 
-impl status::Mesh for MeshView {
+impl MeshView<'_> {
+    fn find(&self, namespace: &str, name: &str) -> Option<&Arc<ztunnel::state::Service>> {
+        self.state
+            .services()
+            .find(|s| s.namespace == namespace && s.name == name)
+    }
+}
+
+impl status::Mesh for MeshView<'_> {
+    /// The Service's waypoint (`istio.io/use-waypoint`, the workload API's
+    /// `Service.waypoint`) is this one: a service whose endpoints, or the workload at that
+    /// address, have this waypoint's identity.
     fn serves(&self, namespace: &str, name: &str) -> bool {
-        self.has_service(namespace, name)
+        let Some(waypoint) = self.find(namespace, name).and_then(|s| s.waypoint.as_ref()) else {
+            return false;
+        };
+        let ours = |w: &Arc<ztunnel::state::Workload>| w.identity() == *self.identity;
+        match &waypoint.destination {
+            GatewayDestination::Hostname(host) => self
+                .state
+                .service(host)
+                .is_some_and(|s| self.state.members(&s.key()).iter().any(ours)),
+            GatewayDestination::Address(ip) => match self.state.service_by_vip(*ip) {
+                Some(s) => self.state.members(&s.key()).iter().any(ours),
+                None => self.state.workload_by_ip(*ip).as_ref().is_some_and(ours),
+            },
+        }
     }
     fn has_service(&self, namespace: &str, name: &str) -> bool {
-        self.0
-            .services()
-            .any(|s| s.namespace == namespace && s.name == name)
+        self.find(namespace, name).is_some()
     }
 }
 
@@ -321,7 +350,10 @@ fn first_error(entry: &Entry, compile: &[Diagnostic]) -> Option<String> {
 /// server answers replaces the stored one, so a look before our own write comes back as a
 /// watch event sees the status already written and does not write it twice.
 async fn write_status(inputs: &Inputs, store: &mut Store, compile: &[Diagnostic]) -> bool {
-    let mesh = MeshView(inputs.state.borrow().clone());
+    let mesh = MeshView {
+        state: inputs.state.borrow().clone(),
+        identity: &inputs.identity,
+    };
     let now = k8s_openapi::jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string();

@@ -1,5 +1,5 @@
 //! The status the waypoint writes on the Gateway API routes that attach to a Service it
-//! serves (GAMMA: `parentRefs` of kind `Service`): one `status.parents[]` entry per such
+//! serves (GAMMA: `parentRefs` of kind `Service` whose `istio.io/use-waypoint` is this one): one `status.parents[]` entry per such
 //! parent, with our `controllerName` and the conditions `Accepted` and `ResolvedRefs`.
 //! Pure: it computes the entries and the merge patch, and says when nothing changed (then
 //! nothing is written, so our own patch coming back as a watch event ends the loop).
