@@ -75,6 +75,7 @@ async fn run(mut inputs: Inputs, synced_tx: watch::Sender<bool>) {
         metrics: inputs.metrics.clone(),
         connected,
         logged: BTreeSet::new(),
+        routes_touched: false,
     };
     let mut status_retry = false;
     loop {
@@ -102,7 +103,9 @@ async fn run(mut inputs: Inputs, synced_tx: watch::Sender<bool>) {
             compile_findings = source.publish(&inputs);
             synced_tx.send_replace(true);
         }
-        if inputs.opts.write_status && (changed || state_changed || status_retry) {
+        let routes_touched = std::mem::take(&mut source.routes_touched);
+        if inputs.opts.write_status && (changed || state_changed || status_retry || routes_touched)
+        {
             status_retry = !write_status(&inputs, &mut source.store, &compile_findings).await;
         }
     }
@@ -114,6 +117,8 @@ struct Source {
     connected: Gauge,
     /// Compile findings already logged, so a recompile does not repeat them.
     logged: BTreeSet<String>,
+    /// A route object changed since the last look at route status.
+    routes_touched: bool,
 }
 
 impl Source {
@@ -180,6 +185,9 @@ impl Source {
             }
             watcher::Event::Apply(obj) => {
                 self.up();
+                // A new version of a route may carry a status that is no longer ours to
+                // keep (written over by someone): look at it even if its routes are the same.
+                self.routes_touched |= WATCHED[kind] == HTTP_ROUTE || WATCHED[kind] == GRPC_ROUTE;
                 let entry = self.entry(kind, &obj);
                 self.store.apply(kind, entry) != Change::None
             }

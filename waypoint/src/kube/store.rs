@@ -131,8 +131,18 @@ impl Store {
             return Change::None;
         }
         let rejected = entry.rejected();
+        // A new version that reads the same (a status written, a managed field moved) is
+        // kept, for the status it carries, but changes no route.
+        let same = store.objects.get(&key).is_some_and(|old| {
+            old.loaded.resources == entry.loaded.resources
+                && old.loaded.diagnostics == entry.loaded.diagnostics
+        });
         store.objects.insert(key, entry);
-        Change::Updated { rejected }
+        if same {
+            Change::None
+        } else {
+            Change::Updated { rejected }
+        }
     }
 
     /// The entry in force for this very version of `object` (same resourceVersion), so it

@@ -132,3 +132,17 @@ fn a_kind_the_server_does_not_serve_counts_as_listed_and_empty() {
     assert!(s.synced());
     assert!(!s.absent(3), "again: nothing new");
 }
+
+#[test]
+fn a_new_version_that_reads_the_same_is_kept_but_changes_no_route() {
+    let mut s = store();
+    list(&mut s, 0, vec![vs("reviews", "5", "v1")]);
+    let mut with_status = vs("reviews", "6", "v1");
+    with_status["status"] = json!({"observedGeneration": 1});
+    let e = s.decode(0, with_status);
+    assert_eq!(s.apply(0, e), Change::None);
+    assert!(
+        s.known(0, &vs("reviews", "6", "v1")).is_some(),
+        "the new version is stored"
+    );
+}
