@@ -6,6 +6,7 @@
 //! waypoint's pod: the waypoint reaches it as `http://127.0.0.1:<port>`), on the runtime of
 //! the test that starts it.
 
+pub mod harness;
 pub mod objects;
 mod server;
 
