@@ -77,6 +77,8 @@ async fn a_rejected_object_names_its_field_and_the_http_route_gets_its_status() 
     let api = start_api(&mesh, &format!("{ALL_TO_V1}\n---\n{RATINGS_AND_BROKEN}")).await;
     // A cluster without the GRPCRoute CRD: the waypoint still gets ready.
     api.unserve("GRPCRoute");
+    // And one whose status patches fail at first (etcd timing out).
+    api.refuse_status_patches(true);
     let wp = start_waypoint_kube(&mesh, &kubeconfig_path(&mesh), &[]);
     assert!(
         wp.log()
@@ -145,8 +147,17 @@ async fn a_rejected_object_names_its_field_and_the_http_route_gets_its_status() 
 
     // The HTTPRoute's status: a merge patch on /status with our parent entry, Accepted and
     // ResolvedRefs True, stored by the API server.
+    // A refused status patch is logged and tried again (on the next event, or after 5 s).
+    let refused = tokio::task::block_in_place(|| {
+        wp.wait_for_log(
+            "status not written (tried again later)",
+            Duration::from_secs(10),
+        )
+    });
+    assert!(refused.is_ok(), "{refused:?}");
+    api.refuse_status_patches(false);
     let patched = tokio::task::block_in_place(|| {
-        wait_until(Duration::from_secs(10), || {
+        wait_until(Duration::from_secs(20), || {
             api.object("HTTPRoute", "default", "ratings")
                 .is_some_and(|o| o.pointer("/status/parents/0").is_some())
         })
@@ -221,9 +232,9 @@ async fn a_rejected_object_names_its_field_and_the_http_route_gets_its_status() 
         .object("HTTPRoute", "default", "reviews")
         .expect("route");
     assert!(reviews_route.get("status").is_none(), "{reviews_route}");
-    let patches = api.seen().iter().filter(|s| s.method == "PATCH").count();
     assert_eq!(
-        patches, 2,
+        api.status_patches(),
+        2,
         "a patch per change of the status, none for our own echo"
     );
 

@@ -184,6 +184,16 @@ impl ApiServer {
         self.shared.db().objects.by_key.get(&key).cloned()
     }
 
+    /// How many status patches were applied (not those refused).
+    pub fn status_patches(&self) -> usize {
+        self.shared.db().status_patches
+    }
+
+    /// Answers every status patch 500 while `refuse` holds.
+    pub fn refuse_status_patches(&self, refuse: bool) {
+        self.shared.db().refuse_status = refuse;
+    }
+
     /// Answers 404 for `kind` from now on, as a server without its CRD does.
     pub fn unserve(&self, kind: &str) {
         if let Some(k) = kind_by_name(kind) {

@@ -50,6 +50,10 @@ pub(super) struct Db {
     /// A watch from a resourceVersion below this is answered 410.
     pub(super) compacted: u64,
     pub(super) seen: Vec<Seen>,
+    /// Status patches applied.
+    pub(super) status_patches: usize,
+    /// Status patches answered 500 while set (etcd timing out).
+    pub(super) refuse_status: bool,
     /// Kinds answered 404, as when their CRD is not installed.
     pub(super) unserved: Vec<&'static str>,
     /// Bookmarks sent: (plural, resourceVersion).
@@ -174,6 +178,12 @@ pub(super) async fn handle(
             );
             apply(&shared, kind, &key, body)
         }
+        // (Not 503 or 429: kube's client retries those itself.)
+        (Method::PATCH, Some(_), Some("status")) if shared.db().refuse_status => status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "etcdserver: request timed out",
+        ),
         (Method::PATCH, Some(name), Some("status")) => {
             if content_type.as_deref() != Some("application/merge-patch+json") {
                 return Ok(status(
@@ -265,6 +275,7 @@ fn patch_status(shared: &Shared, kind: Kind, key: &Key, patch: &Json) -> Respons
         );
     };
     let revision = db.objects.revision;
+    db.status_patches += 1;
     db.changes.push(Change {
         revision,
         plural: kind.plural,

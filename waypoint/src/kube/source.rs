@@ -48,6 +48,9 @@ pub(crate) struct Inputs {
     pub(crate) identity: Identity,
 }
 
+/// How long after a failed status patch it is tried again, when nothing else happens.
+const STATUS_RETRY: Duration = Duration::from_secs(5);
+
 /// How long one status patch may take before the loop goes on without it.
 const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -76,8 +79,10 @@ async fn run(mut inputs: Inputs, synced_tx: watch::Sender<bool>) {
         connected,
         logged: BTreeSet::new(),
         routes_touched: false,
+        compile_findings: Vec::new(),
     };
     let mut status_retry = false;
+    let mut retry_at = tokio::time::Instant::now();
     loop {
         let mut changed = false;
         let mut state_changed = false;
@@ -94,19 +99,23 @@ async fn run(mut inputs: Inputs, synced_tx: watch::Sender<bool>) {
                 if result.is_err() { return }
                 state_changed = true;
             }
+            () = tokio::time::sleep_until(retry_at), if status_retry => {}
         }
         if !source.store.synced() {
             continue;
         }
-        let mut compile_findings = Vec::new();
         if changed || !*synced_tx.borrow() {
-            compile_findings = source.publish(&inputs);
+            source.compile_findings = source.publish(&inputs);
             synced_tx.send_replace(true);
         }
         let routes_touched = std::mem::take(&mut source.routes_touched);
         if inputs.opts.write_status && (changed || state_changed || status_retry || routes_touched)
         {
-            status_retry = !write_status(&inputs, &mut source.store, &compile_findings).await;
+            status_retry =
+                !write_status(&inputs, &mut source.store, &source.compile_findings).await;
+            if status_retry {
+                retry_at = tokio::time::Instant::now() + STATUS_RETRY;
+            }
         }
     }
 }
@@ -119,6 +128,8 @@ struct Source {
     logged: BTreeSet<String>,
     /// A route object changed since the last look at route status.
     routes_touched: bool,
+    /// What the last compile said, for the status of the routes it rejected.
+    compile_findings: Vec<Diagnostic>,
 }
 
 impl Source {
