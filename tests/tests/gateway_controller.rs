@@ -1,7 +1,8 @@
 //! The Gateway controller (`waypoint --gateway-controller`) against the stand-in API server:
 //! a Gateway of our class gets its waypoint's ServiceAccount, Service and Deployment (owned
 //! by the Gateway) and a status with the Service's address and conditions; a Gateway without
-//! the HBONE listener is refused in its status, naming the field; another class is left alone.
+//! the HBONE listener is refused in its status, naming the field; another class is left alone;
+//! a deleted waypoint Deployment is made again.
 
 use std::process::Command;
 use std::time::Duration;
@@ -208,5 +209,18 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
     assert_eq!(
         status_patches, 1,
         "one status patch for the waypoint Gateway"
+    );
+
+    // Someone deletes the waypoint's Deployment: the controller applies it again.
+    assert!(api.delete("Deployment", "default", "waypoint"));
+    let again = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), || {
+            api.object("Deployment", "default", "waypoint").is_some()
+        })
+    });
+    assert!(
+        again.is_ok(),
+        "the Deployment was not made again:\n{}",
+        ctl.log()
     );
 }

@@ -52,6 +52,19 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
     let mut events = watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
+    // The waypoint Deployments we made: one deleted or changed by someone else is applied
+    // again from its Gateway.
+    let deployments: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &resource("apps", "v1", "Deployment", "deployments"),
+    );
+    let mut owned = watcher(
+        deployments,
+        watcher::Config::default().labels(render::GATEWAY_NAME_LABEL),
+    )
+    .default_backoff()
+    .boxed();
+    let mut gateways: BTreeMap<(String, String), Json> = BTreeMap::new();
     let mut failed: BTreeMap<(String, String), Json> = BTreeMap::new();
     let mut retry = tokio::time::interval(RETRY);
     tracing::info!(class = %opts.class, "Gateway controller started");
@@ -60,11 +73,14 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
             event = events.next() => match event {
                 None => return Ok(()),
                 Some(Ok(watcher::Event::Apply(g) | watcher::Event::InitApply(g))) => {
-                    vec![serde_json::to_value(&g).context("Gateway as JSON")?]
+                    let g = serde_json::to_value(&g).context("Gateway as JSON")?;
+                    gateways.insert(key_of(&g), g.clone());
+                    vec![g]
                 }
                 Some(Ok(watcher::Event::Delete(g))) => {
                     let key = key_of(&serde_json::to_value(&g).unwrap_or_default());
                     failed.remove(&key);
+                    gateways.remove(&key);
                     tracing::info!(
                         "Gateway {}/{} deleted: Kubernetes removes what it owned",
                         key.0, key.1
@@ -77,13 +93,42 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
                     Vec::new()
                 }
             },
+            event = owned.next() => match event {
+                None => return Ok(()),
+                Some(Ok(
+                    watcher::Event::Apply(d)
+                    | watcher::Event::InitApply(d)
+                    | watcher::Event::Delete(d),
+                )) => {
+                    // Its Gateway, if it is still there: applying again is a no-op when
+                    // nothing differs.
+                    let d = serde_json::to_value(&d).unwrap_or_default();
+                    let gateway = d
+                        .pointer(&format!("/metadata/labels/{}", render::GATEWAY_NAME_LABEL.replace('/', "~1")))
+                        .and_then(Json::as_str)
+                        .map(|name| (key_of(&d).0, name.to_owned()));
+                    gateway.and_then(|k| gateways.get(&k).cloned()).into_iter().collect()
+                }
+                Some(Ok(_)) => Vec::new(),
+                Some(Err(e)) => {
+                    tracing::warn!("waypoint Deployment watch: {e}; retrying with backoff");
+                    Vec::new()
+                }
+            },
             _ = retry.tick(), if !failed.is_empty() => failed.values().cloned().collect(),
         };
         for g in todo {
             let key = key_of(&g);
             match reconcile(&client, &opts, &gateway, &g).await {
-                Ok(()) => {
+                Ok(updated) => {
                     failed.remove(&key);
+                    // The Gateway as our status patch left it, so a look from the cache
+                    // before the patch comes back as an event does not write it again.
+                    if let Some(updated) = updated
+                        && gateways.contains_key(&key)
+                    {
+                        gateways.insert(key, updated);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(
@@ -108,15 +153,16 @@ fn key_of(g: &Json) -> (String, String) {
     (s("/metadata/namespace"), s("/metadata/name"))
 }
 
-/// Brings one Gateway's waypoint objects and status to what they should be.
+/// Brings one Gateway's waypoint objects and status to what they should be; the Gateway as
+/// the API server answered a status patch, when one was written.
 async fn reconcile(
     client: &kube::Client,
     opts: &GatewayOptions,
     gateway_resource: &ApiResource,
     g: &Json,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Json>> {
     if g.pointer("/spec/gatewayClassName").and_then(Json::as_str) != Some(opts.class.as_str()) {
-        return Ok(());
+        return Ok(None);
     }
     let (namespace, name) = key_of(g);
     for field in ["addresses", "infrastructure"] {
@@ -138,13 +184,14 @@ async fn reconcile(
                 problem.field,
                 problem.message
             );
-            if let Some(p) = render::status_patch(g, None, Some(&problem), &now) {
-                gateways
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&p))
-                    .await
-                    .context("status")?;
-            }
-            return Ok(());
+            let Some(p) = render::status_patch(g, None, Some(&problem), &now) else {
+                return Ok(None);
+            };
+            let updated = gateways
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&p))
+                .await
+                .context("status")?;
+            return Ok(serde_json::to_value(&updated).ok());
         }
         Ok(()) => {
             let apply = PatchParams::apply(&opts.kube.controller_name).force();
@@ -171,12 +218,13 @@ async fn reconcile(
             render::addresses(g, service.as_ref(), &opts.template.domain)
         }
     };
-    if let Some(p) = render::status_patch(g, Some(addresses), None, &now) {
-        gateways
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&p))
-            .await
-            .context("status")?;
-        tracing::info!("Gateway {namespace}/{name}: waypoint applied, status written");
-    }
-    Ok(())
+    let Some(p) = render::status_patch(g, Some(addresses), None, &now) else {
+        return Ok(None);
+    };
+    let updated = gateways
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&p))
+        .await
+        .context("status")?;
+    tracing::info!("Gateway {namespace}/{name}: waypoint applied, status written");
+    Ok(serde_json::to_value(&updated).ok())
 }
