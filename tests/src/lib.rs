@@ -6,6 +6,7 @@ pub mod ca;
 pub mod chart;
 pub mod h2raw;
 pub mod http_app;
+pub mod kube_api;
 pub mod mesh;
 pub mod mesh_xds;
 pub mod netns;

@@ -295,9 +295,26 @@ fn non_default_values_reach_ztunnel_and_the_waypoints() {
         container["image"],
         "registry.example.com/mesh/waypoint:1.2.3"
     );
+    let args = container["args"].as_array().expect("args");
+    // The class and controllerName the controller serves are the GatewayClass's.
+    assert!(
+        args.contains(&json!("--gateway-class=custom-waypoint")),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&json!("--controller-name=mesh.example.com/waypoints")),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&json!(
+            "--waypoint-image=registry.example.com/mesh/waypoint:1.2.3"
+        )),
+        "{args:?}"
+    );
     assert_eq!(
-        container["args"],
-        json!(["--gateway-controller", "--log=debug"])
+        args.last(),
+        Some(&json!("--log=debug")),
+        "extra arguments come last"
     );
 
     let settings = waypoint_settings(&objects);
@@ -342,9 +359,23 @@ fn waypoint_class_controller_and_settings_by_default() {
     let controller = object(&objects, "Deployment", "dataplane-waypoint-controller");
     let pod = &controller["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "dataplane-waypoint-controller");
-    assert_eq!(
-        pod["containers"][0]["args"],
-        json!(["--gateway-controller"])
+    let args = pod["containers"][0]["args"].as_array().expect("args");
+    assert_eq!(args[0], "--gateway-controller");
+    assert!(
+        args.contains(&json!("--gateway-class=ambient-waypoint")),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&json!(
+            "--controller-name=ambient-dataplane.io/waypoint-controller"
+        )),
+        "{args:?}"
+    );
+    assert!(
+        args.contains(&json!(
+            "--waypoint-arg=--xds-address=https://istiod.istio-system.svc:15012"
+        )),
+        "{args:?}"
     );
     assert_eq!(
         pod["containers"][0]["volumeMounts"][0]["mountPath"],

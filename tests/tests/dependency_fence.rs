@@ -65,3 +65,24 @@ fn ztunnel_itself_still_links_aya() {
         "ztunnel's own graph should show aya:\n{tree}"
     );
 }
+
+#[test]
+fn only_the_waypoint_links_kube_and_its_tls_uses_ring() {
+    let node = normal_dependencies("ztunnel");
+    let node_names = crate_names(&node);
+    let kube: Vec<&&str> = node_names
+        .iter()
+        .filter(|n| n.starts_with("kube") || n.starts_with("k8s-openapi"))
+        .collect();
+    assert!(kube.is_empty(), "ztunnel pulls in {kube:?}:\n{node}");
+    let waypoint = normal_dependencies("waypoint");
+    let names = crate_names(&waypoint);
+    assert!(
+        names.contains(&"kube-runtime") && names.contains(&"k8s-openapi"),
+        "the waypoint's Kubernetes source should show kube:\n{waypoint}"
+    );
+    assert!(
+        !names.iter().any(|n| n.starts_with("aws-lc")),
+        "kube's rustls should use ring, not aws-lc:\n{waypoint}"
+    );
+}

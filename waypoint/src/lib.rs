@@ -6,11 +6,12 @@
 //! reading files in `config::load_path`). Around it: `snapshot` (the mesh and the routes as
 //! one value a request is decided against), `server` (HBONE in, HTTP inside) and `upstream`
 //! (HBONE out to endpoints, HTTP connections kept for reuse); `run` wires them to the
-//! config sources.
+//! config sources, `kube` is the Kubernetes API as one.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod kube;
 pub mod metrics;
 pub mod policy;
 pub mod route;

@@ -4,7 +4,7 @@
 //! workload API instead of the file) serves HBONE on 15008 as
 //! `spiffe://<trust domain>/ns/<namespace>/sa/<service account>` and routes the HTTP inside
 //! each tunnel by the VirtualServices, DestinationRules, HTTPRoutes and GRPCRoutes of the
-//! route files (watched).
+//! route files (watched), or of the Kubernetes API with `--kube` (listed and watched).
 //!
 //! `waypoint --check FILE|DIR...` reads each file (or every `.yaml`/`.yml`/`.json` file of a
 //! directory), compiles the route table, prints every error and warning with file, line,
@@ -30,7 +30,7 @@ struct Args {
     #[arg(long, value_name = "PATH", num_args = 1.., conflicts_with_all = ["mesh_config", "xds_address"])]
     check: Vec<PathBuf>,
     /// The mesh's workloads and services, in ztunnel's local config format (watched).
-    #[arg(long, value_name = "FILE", required_unless_present_any = ["check", "xds_address"])]
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["check", "xds_address", "gateway_controller"])]
     mesh_config: Option<PathBuf>,
     /// Or from istiod's workload API (delta ADS) at this address, e.g.
     /// `https://istiod.istio-system.svc:15012` (`http://` for a plaintext test server).
@@ -53,8 +53,41 @@ struct Args {
     instance_ip: String,
     /// Route config files or directories to serve (watched; a change with errors is not
     /// applied and the last good routes stay).
-    #[arg(long, value_name = "PATH", num_args = 1..)]
+    #[arg(long, value_name = "PATH", num_args = 1.., conflicts_with = "kube")]
     routes: Vec<PathBuf>,
+    /// Read the routes (VirtualService, DestinationRule, HTTPRoute, GRPCRoute, all
+    /// namespaces) from the Kubernetes API instead of files: listed and watched; an object
+    /// with errors is left out and the others serve; while the API server is away the last
+    /// good routes keep serving. Readiness waits for the first complete list.
+    #[arg(long)]
+    kube: bool,
+    /// The kubeconfig of `--kube` and `--gateway-controller` (its current context); without
+    /// it, the in-cluster config (the pod's service account).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// Run the Gateway controller instead of a proxy: for each Gateway of `--gateway-class`,
+    /// apply the waypoint's ServiceAccount, Service and Deployment (owned by the Gateway)
+    /// and set its status.addresses and conditions.
+    #[arg(long, conflicts_with_all = ["check", "kube", "routes"], requires = "waypoint_image")]
+    gateway_controller: bool,
+    /// The GatewayClass whose Gateways `--gateway-controller` serves.
+    #[arg(long, default_value = "ambient-waypoint")]
+    gateway_class: String,
+    /// The waypoint image of the Deployments `--gateway-controller` makes.
+    #[arg(long, value_name = "IMAGE")]
+    waypoint_image: Option<String>,
+    /// An argument added to those of every waypoint `--gateway-controller` makes (repeat it),
+    /// e.g. `--waypoint-arg=--xds-address=https://istiod.istio-system.svc:15012`.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    waypoint_arg: Vec<String>,
+    /// The Gateway API `controllerName` of the route status `--kube` writes (and the field
+    /// manager of what `--gateway-controller` applies).
+    #[arg(long, default_value = waypoint::kube::DEFAULT_CONTROLLER_NAME)]
+    controller_name: String,
+    /// With `--kube`, do not write route status (`Accepted`, `ResolvedRefs` on HTTPRoutes and
+    /// GRPCRoutes attached to the Services the waypoint serves).
+    #[arg(long, requires = "kube")]
+    no_route_status: bool,
     /// The waypoint's namespace; also that of resources that do not name one.
     #[arg(long, default_value = "default")]
     namespace: String,
@@ -124,6 +157,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    if args.gateway_controller {
+        return gateway_controller(&args);
+    }
     let mesh = match (&args.mesh_config, &args.xds_address) {
         (Some(path), _) => waypoint::run::MeshSource::File(path.clone()),
         (None, Some(address)) => {
@@ -193,6 +229,11 @@ fn main() -> ExitCode {
         mirror_shadow_suffix: args.mirror_shadow_suffix,
         protocol_detection_timeout: (args.protocol_detection_timeout_ms > 0)
             .then(|| Duration::from_millis(args.protocol_detection_timeout_ms)),
+        kube: args.kube.then(|| waypoint::kube::KubeOptions {
+            kubeconfig: args.kubeconfig.clone(),
+            controller_name: args.controller_name.clone(),
+            write_status: !args.no_route_status,
+        }),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.worker_threads.max(1))
@@ -207,6 +248,40 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(waypoint::run::run(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn gateway_controller(args: &Args) -> ExitCode {
+    use waypoint::kube::gateway::{GatewayOptions, render::Template};
+    let opts = GatewayOptions {
+        kube: waypoint::kube::KubeOptions {
+            kubeconfig: args.kubeconfig.clone(),
+            controller_name: args.controller_name.clone(),
+            write_status: true,
+        },
+        class: args.gateway_class.clone(),
+        template: Template {
+            image: args.waypoint_image.clone().unwrap_or_default(),
+            extra_args: args.waypoint_arg.clone(),
+            domain: args.domain.clone(),
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(waypoint::kube::gateway::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

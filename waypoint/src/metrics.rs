@@ -13,6 +13,7 @@ use std::sync::{Arc, LazyLock};
 use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use ztunnel::identity::Identity;
@@ -150,6 +151,12 @@ pub struct ConfigLabels {
     pub result: &'static str,
 }
 
+/// A config source (`kube`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
 /// HTTP/1 requests refused before they were read (`server::h1guard`), by reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedLabels {
@@ -169,6 +176,7 @@ pub struct Metrics {
     pub mirrors: Family<PhaseLabels, Counter>,
     pub config: Family<ConfigLabels, Counter>,
     pub refused: Family<RefusedLabels, Counter>,
+    pub sources: Family<SourceLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -218,8 +226,15 @@ impl Metrics {
             "HTTP/1 requests answered 400 before they were read, because their framing could smuggle another request (both Content-Length and Transfer-Encoding, a bad first chunk size)",
             refused.clone(),
         );
+        let sources = Family::<SourceLabels, Gauge>::default();
+        registry.register(
+            "waypoint_config_source_connected",
+            "1 while a watched config source (the Kubernetes API) answers, 0 while it is away",
+            sources.clone(),
+        );
         Metrics {
             registry,
+            sources,
             requests,
             duration,
             mirrors,
@@ -238,6 +253,11 @@ impl Metrics {
 
     pub fn mirror(&self, phase: &'static str) {
         self.mirrors.get_or_create(&PhaseLabels { phase }).inc();
+    }
+
+    /// The connected gauge of a watched source.
+    pub fn source_connected(&self, source: &'static str) -> Gauge {
+        self.sources.get_or_create(&SourceLabels { source }).clone()
     }
 
     pub fn config(&self, source: &'static str, result: &'static str) -> Counter {

@@ -71,6 +71,8 @@ pub struct Options {
     pub mirror_shadow_suffix: bool,
     /// See `server::Ctx::protocol_detection_timeout`.
     pub protocol_detection_timeout: Option<Duration>,
+    /// Read the routes from the Kubernetes API instead of `routes`.
+    pub kube: Option<crate::kube::KubeOptions>,
 }
 
 /// Loads and compiles the route files: the table, and whether anything was rejected.
@@ -133,14 +135,15 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
 /// table in force stays, and the errors are logged with file, document and field.
 /// The route config's history, for `/config_dump`: how the last change ended and its errors.
 #[derive(Debug, Default)]
-struct RouteStatus {
-    /// `initial`, `applied` or `rejected`.
-    last_change: &'static str,
-    /// The errors of the last change (of the initial load when it was the last), as logged.
-    errors: Vec<String>,
+pub(crate) struct RouteStatus {
+    /// `initial`, `applied` or `rejected` (`waiting` for the Kubernetes API's first lists).
+    pub(crate) last_change: &'static str,
+    /// The errors of the last change (of the initial load when it was the last), as logged;
+    /// from the Kubernetes API, those of every object in force.
+    pub(crate) errors: Vec<String>,
 }
 
-type SharedStatus = Arc<std::sync::Mutex<RouteStatus>>;
+pub(crate) type SharedStatus = Arc<std::sync::Mutex<RouteStatus>>;
 
 fn watch_routes(
     opts: Options,
@@ -233,6 +236,61 @@ fn config_dump(
     })
 }
 
+/// The route files: loaded now (the resources with errors left out) and watched.
+fn file_routes(
+    opts: &Options,
+    metrics: &Arc<Metrics>,
+) -> (SharedStatus, watch::Receiver<Arc<RouteTable>>) {
+    let (table, errors) = load_routes(opts);
+    if !errors.is_empty() {
+        tracing::warn!(
+            errors = errors.len(),
+            "route config: the resources with errors are left out"
+        );
+    }
+    tracing::info!(hosts = table.hosts().len(), "route config applied");
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(table));
+    metrics.config("routes", "applied").inc();
+    let status: SharedStatus = Arc::new(std::sync::Mutex::new(RouteStatus {
+        last_change: "initial",
+        errors,
+    }));
+    watch_routes(opts.clone(), routes_tx, metrics.clone(), status.clone());
+    (status, routes_rx)
+}
+
+/// The routes from the Kubernetes API: none until every kind is listed (readiness waits).
+async fn kube_routes(
+    opts: &Options,
+    kube: &crate::kube::KubeOptions,
+    metrics: &Arc<Metrics>,
+    state: &watch::Receiver<Arc<State>>,
+) -> anyhow::Result<(
+    SharedStatus,
+    watch::Receiver<Arc<RouteTable>>,
+    crate::kube::Handle,
+)> {
+    let client = crate::kube::client(kube).await?;
+    let empty = route::compile(&[], &opts.compile).table;
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(empty));
+    let status: SharedStatus = Arc::new(std::sync::Mutex::new(RouteStatus {
+        last_change: "waiting",
+        errors: Vec::new(),
+    }));
+    let handle = crate::kube::spawn(crate::kube::source::Inputs {
+        client,
+        opts: kube.clone(),
+        load: opts.load.clone(),
+        compile: opts.compile.clone(),
+        routes: routes_tx,
+        state: state.clone(),
+        metrics: metrics.clone(),
+        status: status.clone(),
+        identity: opts.identity.clone(),
+    });
+    Ok((status, routes_rx, handle))
+}
+
 /// Keeps the mesh source running (dropping it stops it).
 enum MeshHandle {
     File(ztunnel::source::FileWatch),
@@ -266,21 +324,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
     };
 
-    let (table, errors) = load_routes(&opts);
-    if !errors.is_empty() {
-        tracing::warn!(
-            errors = errors.len(),
-            "route config: the resources with errors are left out"
-        );
-    }
-    tracing::info!(hosts = table.hosts().len(), "route config applied");
-    let (routes_tx, routes_rx) = watch::channel(Arc::new(table));
-    metrics.config("routes", "applied").inc();
-    let status: SharedStatus = Arc::new(std::sync::Mutex::new(RouteStatus {
-        last_change: "initial",
-        errors,
-    }));
-    watch_routes(opts.clone(), routes_tx, metrics.clone(), status.clone());
+    let (status, routes_rx, kube_synced) = match &opts.kube {
+        None => {
+            let (status, rx) = file_routes(&opts, &metrics);
+            (status, rx, None)
+        }
+        Some(kube) => {
+            let (status, rx, handle) = kube_routes(&opts, kube, &metrics, &state_rx).await?;
+            (status, rx, Some(handle.synced))
+        }
+    };
     let first = Snapshot::new(state_rx.borrow().clone(), routes_rx.borrow().clone());
     let (snap_tx, snap_rx) = watch::channel(Arc::new(first));
     combine(state_rx, routes_rx, snap_tx);
@@ -329,7 +382,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", opts.listen))?;
     let ready_state = ctx.snapshot.clone();
     let _ready = ztunnel::endpoint::serve(opts.ready_addr, move |req| {
-        let incomplete = ready_state.borrow().state.incomplete().map(str::to_owned);
+        let routes_waiting = kube_synced.as_ref().is_some_and(|s| !*s.borrow());
+        let incomplete = ready_state
+            .borrow()
+            .state
+            .incomplete()
+            .map(str::to_owned)
+            .or_else(|| {
+                routes_waiting
+                    .then(|| "waiting for the first lists of the Kubernetes API".to_owned())
+            });
         async move {
             match (req.path.as_str(), incomplete) {
                 ("/healthz/ready", None) => {
@@ -376,9 +438,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         MeshSource::File(p) => format!("file {}", p.display()),
         MeshSource::Xds(x) => format!("xds {}", x.target.address),
     };
+    let routes_source = if opts.kube.is_some() { "kube" } else { "files" };
     let _admin = ztunnel::endpoint::serve(opts.admin_addr, move |req| {
-        let body = (req.path == "/config_dump")
-            .then(|| config_dump(&identity, &source, &dump_state.borrow(), &status));
+        let body = (req.path == "/config_dump").then(|| {
+            let mut dump = config_dump(&identity, &source, &dump_state.borrow(), &status);
+            dump["routes"]["source"] = routes_source.into();
+            dump
+        });
         async move {
             match body {
                 Some(json) => ztunnel::endpoint::json(&json),

@@ -204,6 +204,14 @@ pub fn load_str(file: &str, text: &str, opts: &LoadOptions) -> Loaded {
     out
 }
 
+/// Decodes one parsed document (a single resource, not a `List`) the way the files are read:
+/// the entry the Kubernetes API source uses for each object it is sent.
+pub fn load_document(src: &Source, node: &Node, opts: &LoadOptions) -> Loaded {
+    let mut out = Loaded::default();
+    resource(src, node, &Path::Root, opts, &mut out);
+    out
+}
+
 fn load_file_text(file: &str, text: &str, opts: &LoadOptions) -> Loaded {
     let mut out = Loaded::default();
     let docs = match yaml::parse_documents(text) {

@@ -1,0 +1,225 @@
+//! The Gateway controller (`waypoint --gateway-controller`) against the stand-in API server:
+//! a Gateway of our class gets its waypoint's ServiceAccount, Service and Deployment (owned
+//! by the Gateway) and a status with the Service's address and conditions; a Gateway without
+//! the HBONE listener is refused in its status, naming the field; another class is left alone;
+//! a deleted waypoint Deployment is made again.
+
+use std::process::Command;
+use std::time::Duration;
+
+use mesh_tests::kube_api::{ApiServer, kubeconfig_path};
+use mesh_tests::process::binary;
+use mesh_tests::waypoint::mesh;
+use mesh_tests::{Proc, wait_until};
+use serde_json::Value as Json;
+
+/// A waypoint Gateway as `istioctl waypoint apply` writes it, with our class; a broken one
+/// (an HTTP listener only) and one of another class.
+const GATEWAYS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: waypoint
+  namespace: default
+  labels:
+    istio.io/waypoint-for: service
+spec:
+  gatewayClassName: ambient-waypoint
+  listeners:
+  - name: mesh
+    port: 15008
+    protocol: HBONE
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: broken
+  namespace: default
+spec:
+  gatewayClassName: ambient-waypoint
+  listeners:
+  - name: http
+    port: 80
+    protocol: HTTP
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: ingress
+  namespace: default
+spec:
+  gatewayClassName: istio
+  listeners:
+  - name: http
+    port: 80
+    protocol: HTTP
+"#;
+
+fn condition(object: &Json, kind: &str) -> Json {
+    object
+        .pointer("/status/conditions")
+        .and_then(Json::as_array)
+        .and_then(|cs| cs.iter().find(|c| c["type"] == kind).cloned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
+    let mesh = mesh();
+    let mut api = ApiServer::new(
+        &mesh.netns("wp"),
+        "127.0.0.1:16443".parse().unwrap(),
+        Duration::from_millis(500),
+    )
+    .expect("API server");
+    api.apply_yaml(GATEWAYS).expect("objects");
+    api.start().expect("listen");
+    let kubeconfig = kubeconfig_path(&mesh);
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+
+    let mut cmd = Command::new(binary("waypoint"));
+    cmd.arg("--gateway-controller")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--waypoint-image")
+        .arg("example.test/waypoint:dev")
+        .arg("--waypoint-arg=--xds-address=https://istiod.istio-system.svc:15012")
+        .env("RUST_LOG", "info");
+    let ctl = Proc::spawn(
+        "gateway-controller",
+        &mesh.netns("wp"),
+        cmd,
+        mesh.dir.path(),
+    )
+    .expect("controller");
+
+    let done = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(20), || {
+            api.object("Gateway", "default", "waypoint")
+                .is_some_and(|g| g.pointer("/status/addresses/0").is_some())
+                && api
+                    .object("Gateway", "default", "broken")
+                    .is_some_and(|g| g.pointer("/status/conditions/0").is_some())
+        })
+    });
+    assert!(done.is_ok(), "no status written:\n{}", ctl.log());
+
+    let gateway = api
+        .object("Gateway", "default", "waypoint")
+        .expect("gateway");
+    let uid = gateway["metadata"]["uid"].clone();
+    for kind in ["ServiceAccount", "Service", "Deployment"] {
+        let o = api
+            .object(kind, "default", "waypoint")
+            .unwrap_or_else(|| panic!("no {kind}:\n{}", ctl.log()));
+        let owner = &o["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "Gateway", "{kind}: {o}");
+        assert_eq!(owner["uid"], uid, "{kind}: {o}");
+        assert_eq!(owner["controller"], true, "{kind}: {o}");
+        assert_eq!(o["metadata"]["labels"]["istio.io/waypoint-for"], "service");
+    }
+    let service = api
+        .object("Service", "default", "waypoint")
+        .expect("service");
+    assert_eq!(service["spec"]["ports"][0]["port"], 15008);
+    let ip = service["spec"]["clusterIP"].clone();
+    assert_eq!(
+        gateway["status"]["addresses"][0],
+        serde_json::json!({"type": "IPAddress", "value": ip}),
+        "{gateway}"
+    );
+    assert_eq!(
+        condition(&gateway, "Accepted")["status"],
+        "True",
+        "{gateway}"
+    );
+    assert_eq!(
+        condition(&gateway, "Programmed")["status"],
+        "True",
+        "{gateway}"
+    );
+    let deployment = api
+        .object("Deployment", "default", "waypoint")
+        .expect("deployment");
+    let pod = &deployment["spec"]["template"];
+    assert_eq!(pod["spec"]["serviceAccountName"], "waypoint");
+    assert_eq!(pod["metadata"]["labels"]["istio.io/dataplane-mode"], "none");
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(container["image"], "example.test/waypoint:dev");
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Json::as_str)
+        .collect();
+    assert!(
+        args.contains(&"--kube")
+            && args.contains(&"--xds-address=https://istiod.istio-system.svc:15012"),
+        "{args:?}"
+    );
+    // Server-side apply, with our field manager.
+    let applies: Vec<_> = api
+        .seen()
+        .into_iter()
+        .filter(|s| s.content_type.as_deref() == Some("application/apply-patch+yaml"))
+        .collect();
+    assert!(
+        applies.iter().all(|s| s
+            .uri
+            .contains("fieldManager=ambient-dataplane.io%2Fwaypoint-controller")),
+        "{applies:?}"
+    );
+
+    // The broken Gateway: refused in its status, naming the field; nothing made for it.
+    let broken = api.object("Gateway", "default", "broken").expect("broken");
+    let accepted = condition(&broken, "Accepted");
+    assert_eq!(accepted["status"], "False", "{broken}");
+    assert_eq!(accepted["reason"], "Invalid", "{broken}");
+    assert!(
+        accepted["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("spec.listeners")),
+        "{broken}"
+    );
+    assert!(api.object("Deployment", "default", "broken").is_none());
+    // Another class's Gateway is not ours.
+    let ingress = api
+        .object("Gateway", "default", "ingress")
+        .expect("ingress");
+    assert!(ingress.get("status").is_none(), "{ingress}");
+    assert!(api.object("Deployment", "default", "ingress").is_none());
+
+    // Written once: neither our own status echo nor a label change makes another status
+    // patch; the label change reaches the objects (applied again).
+    api.apply_yaml(&GATEWAYS.replace("waypoint-for: service", "waypoint-for: all"))
+        .expect("a label changed");
+    let relabelled = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), || {
+            api.object("Service", "default", "waypoint")
+                .is_some_and(|s| s["metadata"]["labels"]["istio.io/waypoint-for"] == "all")
+        })
+    });
+    assert!(relabelled.is_ok(), "not applied again:\n{}", ctl.log());
+    let status_patches = api
+        .seen()
+        .iter()
+        .filter(|s| s.method == "PATCH" && s.uri.contains("/gateways/waypoint/status"))
+        .count();
+    assert_eq!(
+        status_patches, 1,
+        "one status patch for the waypoint Gateway"
+    );
+
+    // Someone deletes the waypoint's Deployment: the controller applies it again.
+    assert!(api.delete("Deployment", "default", "waypoint"));
+    let again = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), || {
+            api.object("Deployment", "default", "waypoint").is_some()
+        })
+    });
+    assert!(
+        again.is_ok(),
+        "the Deployment was not made again:\n{}",
+        ctl.log()
+    );
+}

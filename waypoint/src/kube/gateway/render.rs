@@ -1,0 +1,268 @@
+//! What a Gateway of our class becomes (pure): its waypoint's ServiceAccount, Service and
+//! Deployment, each owned by the Gateway (so Kubernetes deletes them with it), and the
+//! Gateway's status once they exist. Istio's conventions: the objects are named after the
+//! Gateway, the Service carries the HBONE port 15008 named `mesh`, the pods are never
+//! captured themselves (`istio.io/dataplane-mode: none`).
+
+use serde_json::{Value as Json, json};
+
+/// How the waypoint Deployments are made.
+#[derive(Clone, Debug)]
+pub struct Template {
+    /// The waypoint's container image.
+    pub image: String,
+    /// Arguments after the ones every waypoint gets (`--kube`, its namespace and account),
+    /// e.g. istiod's address.
+    pub extra_args: Vec<String>,
+    /// The cluster's DNS domain, for the Service's host name.
+    pub domain: String,
+}
+
+/// The label that ties the objects to their Gateway (the Gateway API's own).
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// Why a Gateway cannot get a waypoint: the field at fault and what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+/// Checks the Gateway has what a waypoint serves: a listener of protocol HBONE on 15008.
+pub fn validate(gateway: &Json) -> Result<(), Invalid> {
+    let listeners = gateway
+        .pointer("/spec/listeners")
+        .and_then(Json::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let hbone = listeners.iter().any(|l| {
+        l.get("protocol").and_then(Json::as_str) == Some("HBONE")
+            && l.get("port").and_then(Json::as_u64) == Some(15008)
+    });
+    if hbone {
+        Ok(())
+    } else {
+        Err(Invalid {
+            field: "spec.listeners".into(),
+            message: "a waypoint needs a listener of protocol HBONE on port 15008 (Istio names \
+                      it mesh)"
+                .into(),
+        })
+    }
+}
+
+fn owner(gateway: &Json) -> Json {
+    json!([{
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "name": gateway.pointer("/metadata/name").cloned().unwrap_or(Json::Null),
+        "uid": gateway.pointer("/metadata/uid").cloned().unwrap_or(Json::Null),
+        "controller": true,
+        "blockOwnerDeletion": true,
+    }])
+}
+
+fn meta(gateway: &Json, labels: Json) -> Json {
+    json!({
+        "name": gateway.pointer("/metadata/name").cloned().unwrap_or(Json::Null),
+        "namespace": gateway.pointer("/metadata/namespace").cloned().unwrap_or(Json::Null),
+        "labels": labels,
+        "ownerReferences": owner(gateway),
+    })
+}
+
+fn str_at<'a>(v: &'a Json, pointer: &str) -> &'a str {
+    v.pointer(pointer)
+        .and_then(Json::as_str)
+        .unwrap_or_default()
+}
+
+/// The labels of every object: the Gateway's name and class, and `istio.io/waypoint-for`
+/// when the Gateway says what it is the waypoint for.
+fn labels(gateway: &Json) -> Json {
+    let mut labels = json!({
+        GATEWAY_NAME_LABEL: str_at(gateway, "/metadata/name"),
+        "gateway.networking.k8s.io/gateway-class-name": str_at(gateway, "/spec/gatewayClassName"),
+    });
+    if let Some(for_) = gateway.pointer("/metadata/labels/istio.io~1waypoint-for") {
+        labels["istio.io/waypoint-for"] = for_.clone();
+    }
+    labels
+}
+
+/// The ServiceAccount the waypoint's identity is made of.
+pub fn service_account(gateway: &Json) -> Json {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": meta(gateway, labels(gateway)),
+    })
+}
+
+/// The Service istiod publishes as the waypoint: HBONE on 15008.
+pub fn service(gateway: &Json) -> Json {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(gateway, labels(gateway)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": { GATEWAY_NAME_LABEL: str_at(gateway, "/metadata/name") },
+            "ports": [
+                {"name": "mesh", "port": 15008, "targetPort": 15008, "protocol": "TCP", "appProtocol": "hbone"},
+                {"name": "status-port", "port": 15021, "targetPort": 15021, "protocol": "TCP"},
+            ],
+        },
+    })
+}
+
+/// The waypoint's Deployment.
+pub fn deployment(gateway: &Json, template: &Template) -> Json {
+    let name = str_at(gateway, "/metadata/name");
+    let namespace = str_at(gateway, "/metadata/namespace");
+    let mut pod_labels = labels(gateway);
+    pod_labels["istio.io/dataplane-mode"] = json!("none");
+    let mut args = vec![
+        "--kube".to_owned(),
+        "--namespace".to_owned(),
+        namespace.to_owned(),
+        "--service-account".to_owned(),
+        name.to_owned(),
+    ];
+    args.extend(template.extra_args.iter().cloned());
+    let field_env = |env: &str, path: &str| json!({"name": env, "valueFrom": {"fieldRef": {"fieldPath": path}}});
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(gateway, labels(gateway)),
+        "spec": {
+            "selector": {"matchLabels": { GATEWAY_NAME_LABEL: name }},
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": "15020",
+                        "prometheus.io/path": "/stats/prometheus",
+                    },
+                },
+                "spec": {
+                    "serviceAccountName": name,
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": [{
+                        "name": "waypoint",
+                        "image": template.image,
+                        "args": args,
+                        "env": [
+                            field_env("POD_NAME", "metadata.name"),
+                            field_env("NODE_NAME", "spec.nodeName"),
+                            field_env("INSTANCE_IP", "status.podIP"),
+                        ],
+                        "ports": [
+                            {"name": "mesh", "containerPort": 15008, "protocol": "TCP"},
+                            {"name": "metrics", "containerPort": 15020, "protocol": "TCP"},
+                            {"name": "status-port", "containerPort": 15021, "protocol": "TCP"},
+                        ],
+                        "readinessProbe": {
+                            "httpGet": {"path": "/healthz/ready", "port": 15021},
+                            "periodSeconds": 5,
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "runAsNonRoot": true,
+                            "runAsUser": 1337,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                    }],
+                },
+            },
+        },
+    })
+}
+
+/// The Gateway's `status.addresses`: the Service's cluster IP once it has one, else its
+/// host name (istiod publishes the waypoint from these).
+pub fn addresses(gateway: &Json, service: Option<&Json>, domain: &str) -> Json {
+    let ip = service
+        .and_then(|s| s.pointer("/spec/clusterIP"))
+        .and_then(Json::as_str)
+        .filter(|ip| !ip.is_empty() && *ip != "None");
+    match ip {
+        Some(ip) => json!([{"type": "IPAddress", "value": ip}]),
+        None => json!([{
+            "type": "Hostname",
+            "value": format!(
+                "{}.{}.svc.{domain}",
+                str_at(gateway, "/metadata/name"),
+                str_at(gateway, "/metadata/namespace")
+            ),
+        }]),
+    }
+}
+
+/// The merge patch that gives the Gateway `addresses` and the conditions `Accepted` and
+/// `Programmed` (both True, or both False with the problem), or `None` when its status
+/// already says so. A condition keeps its `lastTransitionTime` while its status stays.
+pub fn status_patch(
+    gateway: &Json,
+    addresses: Option<Json>,
+    problem: Option<&Invalid>,
+    now: &str,
+) -> Option<Json> {
+    let generation = gateway
+        .pointer("/metadata/generation")
+        .and_then(Json::as_i64);
+    let (ok, reason_accepted, reason_programmed, message) = match problem {
+        None => (
+            true,
+            "Accepted",
+            "Programmed",
+            "the waypoint's Deployment and Service are applied".to_owned(),
+        ),
+        Some(p) => (
+            false,
+            "Invalid",
+            "Invalid",
+            format!("{}: {}", p.field, p.message),
+        ),
+    };
+    let status = if ok { "True" } else { "False" };
+    let old = gateway
+        .pointer("/status/conditions")
+        .and_then(Json::as_array);
+    let condition = |kind: &str, reason: &str| {
+        let since = old
+            .and_then(|cs| {
+                cs.iter().find(|c| {
+                    c.get("type").and_then(Json::as_str) == Some(kind)
+                        && c.get("status").and_then(Json::as_str) == Some(status)
+                })
+            })
+            .and_then(|c| c.get("lastTransitionTime").cloned())
+            .unwrap_or_else(|| json!(now));
+        let mut c = json!({
+            "type": kind, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": since,
+        });
+        if let Some(g) = generation {
+            c["observedGeneration"] = json!(g);
+        }
+        c
+    };
+    let mut wanted = json!({
+        "conditions": [condition("Accepted", reason_accepted), condition("Programmed", reason_programmed)],
+    });
+    if let Some(a) = addresses {
+        wanted["addresses"] = a;
+    }
+    let current = gateway.get("status");
+    let same = current.is_some_and(|c| {
+        c.get("conditions") == wanted.get("conditions")
+            && (wanted.get("addresses").is_none() || c.get("addresses") == wanted.get("addresses"))
+    });
+    (!same).then(|| json!({"status": wanted}))
+}
+
+#[cfg(test)]
+mod tests;

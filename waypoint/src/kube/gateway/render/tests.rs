@@ -1,0 +1,99 @@
+use serde_json::json;
+
+use super::*;
+
+fn gateway(port: u64) -> Json {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": "waypoint", "namespace": "bookinfo", "uid": "u-1", "generation": 3,
+                     "labels": {"istio.io/waypoint-for": "service"}},
+        "spec": {"gatewayClassName": "ambient-waypoint",
+                 "listeners": [{"name": "mesh", "port": port, "protocol": "HBONE"}]}
+    })
+}
+
+fn template() -> Template {
+    Template {
+        image: "example/waypoint:1".into(),
+        extra_args: vec![
+            "--xds-address".into(),
+            "https://istiod.istio-system.svc:15012".into(),
+        ],
+        domain: "cluster.local".into(),
+    }
+}
+
+#[test]
+fn a_waypoint_gateway_needs_the_hbone_listener() {
+    assert_eq!(validate(&gateway(15008)), Ok(()));
+    let err = validate(&gateway(80)).unwrap_err();
+    assert_eq!(err.field, "spec.listeners");
+}
+
+#[test]
+fn every_object_is_owned_by_the_gateway_and_labelled_with_it() {
+    let g = gateway(15008);
+    for o in [
+        service_account(&g),
+        service(&g),
+        deployment(&g, &template()),
+    ] {
+        let owner = &o["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "Gateway");
+        assert_eq!(owner["uid"], "u-1");
+        assert_eq!(owner["controller"], true);
+        assert_eq!(o["metadata"]["namespace"], "bookinfo");
+        assert_eq!(o["metadata"]["labels"][GATEWAY_NAME_LABEL], "waypoint");
+        assert_eq!(o["metadata"]["labels"]["istio.io/waypoint-for"], "service");
+    }
+    let d = deployment(&g, &template());
+    let pod = &d["spec"]["template"];
+    assert_eq!(pod["metadata"]["labels"]["istio.io/dataplane-mode"], "none");
+    assert_eq!(pod["spec"]["serviceAccountName"], "waypoint");
+    let args: Vec<&str> = pod["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Json::as_str)
+        .collect();
+    assert_eq!(
+        &args[..5],
+        [
+            "--kube",
+            "--namespace",
+            "bookinfo",
+            "--service-account",
+            "waypoint"
+        ]
+    );
+    assert!(args.contains(&"--xds-address"));
+    assert_eq!(service(&g)["spec"]["ports"][0]["port"], 15008);
+}
+
+#[test]
+fn status_has_the_cluster_ip_and_is_written_once() {
+    let mut g = gateway(15008);
+    let svc = json!({"spec": {"clusterIP": "198.18.200.7"}});
+    let addrs = addresses(&g, Some(&svc), "cluster.local");
+    assert_eq!(
+        addrs,
+        json!([{"type": "IPAddress", "value": "198.18.200.7"}])
+    );
+    let hostname = addresses(&g, None, "cluster.local");
+    assert_eq!(hostname[0]["value"], "waypoint.bookinfo.svc.cluster.local");
+    let p = status_patch(&g, Some(addrs.clone()), None, "t1").expect("a patch");
+    assert_eq!(p["status"]["conditions"][0]["status"], "True");
+    assert_eq!(p["status"]["conditions"][1]["type"], "Programmed");
+    assert_eq!(p["status"]["conditions"][0]["observedGeneration"], 3);
+    g["status"] = p["status"].clone();
+    assert_eq!(status_patch(&g, Some(addrs), None, "t2"), None);
+    let bad = Invalid {
+        field: "spec.listeners".into(),
+        message: "x".into(),
+    };
+    let p = status_patch(&g, None, Some(&bad), "t3").expect("a patch");
+    assert_eq!(p["status"]["conditions"][0]["reason"], "Invalid");
+    assert_eq!(p["status"]["conditions"][0]["message"], "spec.listeners: x");
+    assert_eq!(p["status"]["conditions"][0]["lastTransitionTime"], "t3");
+}
