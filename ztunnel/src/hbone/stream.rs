@@ -258,7 +258,11 @@ impl AsyncRead for H2Stream {
             let n = chunk.len().min(buf.remaining());
             buf.put_slice(&chunk[..n]);
             chunk.advance(n);
-            this.pending = chunk;
+            // A chunk read to its end is dropped, not kept empty: it shares h2's read buffer
+            // (up to a whole frame), which an idle tunnel would otherwise keep alive.
+            if !chunk.is_empty() {
+                this.pending = chunk;
+            }
         }
         Poll::Ready(Ok(()))
     }
