@@ -377,6 +377,16 @@ fn waypoint_class_controller_and_settings_by_default() {
         )),
         "{args:?}"
     );
+    // The files the waypoint pods get them from are where the controller mounts them
+    // (waypoint/src/kube/gateway/render.rs: TOKEN_FILE, ROOT_CERT_FILE, checked against the
+    // Deployment it renders by its unit test).
+    for arg in [
+        "--waypoint-arg=--token-file=/var/run/secrets/tokens/istio-token",
+        "--waypoint-arg=--ca-root-cert=/var/run/secrets/istio/root-cert.pem",
+        "--waypoint-arg=--ca-address=https://istiod.istio-system.svc:15012",
+    ] {
+        assert!(args.contains(&json!(arg)), "{arg} in {args:?}");
+    }
     assert_eq!(
         pod["containers"][0]["volumeMounts"][0]["mountPath"],
         "/etc/waypoint-controller"

@@ -18,6 +18,13 @@ pub struct Template {
     pub domain: String,
 }
 
+/// Where a waypoint pod finds the projected token it shows istiod's CA (audience
+/// `istio-ca`, as Istio's proxies) and the mesh's root certificate (the `istio-ca-root-cert`
+/// ConfigMap istiod writes in every namespace): pass them on with `--waypoint-arg`s
+/// (`--token-file`, `--ca-root-cert`; the chart does).
+pub const TOKEN_FILE: &str = "/var/run/secrets/tokens/istio-token";
+pub const ROOT_CERT_FILE: &str = "/var/run/secrets/istio/root-cert.pem";
+
 /// The label that ties the objects to their Gateway (the Gateway API's own).
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
@@ -149,6 +156,12 @@ pub fn deployment(gateway: &Json, template: &Template) -> Json {
                 "spec": {
                     "serviceAccountName": name,
                     "terminationGracePeriodSeconds": 2,
+                    "volumes": [
+                        {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
+                            "audience": "istio-ca", "expirationSeconds": 43200, "path": "istio-token",
+                        }}]}},
+                        {"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}},
+                    ],
                     "containers": [{
                         "name": "waypoint",
                         "image": template.image,
@@ -162,6 +175,10 @@ pub fn deployment(gateway: &Json, template: &Template) -> Json {
                             {"name": "mesh", "containerPort": 15008, "protocol": "TCP"},
                             {"name": "metrics", "containerPort": 15020, "protocol": "TCP"},
                             {"name": "status-port", "containerPort": 15021, "protocol": "TCP"},
+                        ],
+                        "volumeMounts": [
+                            {"name": "istio-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true},
+                            {"name": "istiod-ca-cert", "mountPath": "/var/run/secrets/istio", "readOnly": true},
                         ],
                         "readinessProbe": {
                             "httpGet": {"path": "/healthz/ready", "port": 15021},

@@ -97,3 +97,31 @@ fn status_has_the_cluster_ip_and_is_written_once() {
     assert_eq!(p["status"]["conditions"][0]["message"], "spec.listeners: x");
     assert_eq!(p["status"]["conditions"][0]["lastTransitionTime"], "t3");
 }
+
+#[test]
+fn the_waypoint_pod_has_istios_token_and_root_certificate_where_the_constants_say() {
+    let d = deployment(&gateway(15008), &template());
+    let pod = &d["spec"]["template"]["spec"];
+    let mounts = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .expect("mounts");
+    let file_of = |volume: &str, file: &str| {
+        let m = mounts.iter().find(|m| m["name"] == volume).expect(volume);
+        format!("{}/{file}", m["mountPath"].as_str().expect("path"))
+    };
+    assert_eq!(file_of("istio-token", "istio-token"), TOKEN_FILE);
+    assert_eq!(file_of("istiod-ca-cert", "root-cert.pem"), ROOT_CERT_FILE);
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    let token = volumes
+        .iter()
+        .find(|v| v["name"] == "istio-token")
+        .expect("token");
+    let source = &token["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(source["audience"], "istio-ca");
+    assert_eq!(source["path"], "istio-token");
+    let root = volumes
+        .iter()
+        .find(|v| v["name"] == "istiod-ca-cert")
+        .expect("root");
+    assert_eq!(root["configMap"]["name"], "istio-ca-root-cert");
+}
