@@ -102,7 +102,11 @@ pub(crate) struct RoundTrips {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
+    /// Observations in the percentiles (after sockperf's warm-up)...
     pub count: f64,
+    /// ...and all round trips of the run (`[Total Run] ReceivedMessages`, warm-up
+    /// included), what the ztunnels' counts are divided by.
+    pub round_trips: f64,
 }
 
 /// 1 KiB request/response ping-pong over one TCP connection (`sockperf ping-pong`).
@@ -145,11 +149,24 @@ fn parse_sockperf(out: &str) -> Option<RoundTrips> {
                 .ok()
         })
         .unwrap_or(0.0);
+    let round_trips = out
+        .lines()
+        .filter(|l| l.contains("[Total Run]"))
+        .find_map(|l| {
+            l.split("ReceivedMessages=")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(count);
     Some(RoundTrips {
         p50_us: percentile("50.000")?,
         p99_us: percentile("99.000")?,
         p999_us: percentile("99.900")?,
         count,
+        round_trips,
     })
 }
 
@@ -296,7 +313,8 @@ mod tests {
 
     #[test]
     fn sockperf_percentiles() {
-        let out = "sockperf: Summary: Round trip is 19.045 usec\n\
+        let out = "sockperf: [Total Run] RunTime=5.000 sec; Warm up time=400 msec; SentMessages=90001; ReceivedMessages=90000\n\
+            sockperf: Summary: Round trip is 19.045 usec\n\
             sockperf: \u{1b}[2;35mTotal 81267 observations\u{1b}[0m; each percentile contains 812.67 observations\n\
             sockperf: ---> <MAX> observation = 4093.346\n\
             sockperf: ---> percentile 99.999 = 4045.657\n\
@@ -310,7 +328,8 @@ mod tests {
                 p50_us: 17.152,
                 p99_us: 41.497,
                 p999_us: 64.961,
-                count: 81267.0
+                count: 81267.0,
+                round_trips: 90000.0
             }
         );
         assert!(parse_sockperf("no figures").is_none());
