@@ -114,6 +114,22 @@ impl<'a> Around<'a> {
                 per,
                 counted
                     .iter()
+                    .map(|(n, e)| (n.clone(), e.voluntary))
+                    .collect(),
+            );
+            record(
+                &cs_key.replacen("cs_", "inv_", 1),
+                per,
+                counted
+                    .iter()
+                    .map(|(n, e)| (n.clone(), e.involuntary))
+                    .collect(),
+            );
+            record(
+                &cs_key.replacen("cs_", "perfcs_", 1),
+                per,
+                counted
+                    .iter()
                     .map(|(n, e)| (n.clone(), e.context_switches))
                     .collect(),
             );

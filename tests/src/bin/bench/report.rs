@@ -103,7 +103,13 @@ pub(crate) const EVENTS: &[Metric] = &[
     m(
         "cs_per_rt",
         "1",
-        "ztunnels' context switches per round trip, ping-pong",
+        "ztunnels' wake-ups (voluntary switches) per round trip, ping-pong",
+        false,
+    ),
+    m(
+        "inv_per_rt",
+        "1",
+        "ztunnels' preemptions (involuntary switches) per round trip, ping-pong",
         false,
     ),
     m(
@@ -115,7 +121,13 @@ pub(crate) const EVENTS: &[Metric] = &[
     m(
         "cs_per_rt_rate",
         "1",
-        "ztunnels' context switches per round trip, fixed rate",
+        "ztunnels' wake-ups per round trip, fixed rate",
+        false,
+    ),
+    m(
+        "inv_per_rt_rate",
+        "1",
+        "ztunnels' preemptions per round trip, fixed rate",
         false,
     ),
     m(
@@ -127,7 +139,13 @@ pub(crate) const EVENTS: &[Metric] = &[
     m(
         "cs_per_mb_1",
         "1",
-        "ztunnels' context switches per MB, 1 stream",
+        "ztunnels' wake-ups per MB, 1 stream",
+        false,
+    ),
+    m(
+        "inv_per_mb_1",
+        "1",
+        "ztunnels' preemptions per MB, 1 stream",
         false,
     ),
     m(
@@ -139,7 +157,42 @@ pub(crate) const EVENTS: &[Metric] = &[
     m(
         "cs_per_mb_8",
         "1",
-        "ztunnels' context switches per MB, 8 streams",
+        "ztunnels' wake-ups per MB, 8 streams",
+        false,
+    ),
+    m(
+        "inv_per_mb_8",
+        "1",
+        "ztunnels' preemptions per MB, 8 streams",
+        false,
+    ),
+];
+
+/// perf's own context-switch counts (wake-ups and preemptions together), in the JSON only:
+/// a check of the `/proc` figures.
+pub(crate) const PERF_SWITCHES: &[Metric] = &[
+    m(
+        "perfcs_per_rt",
+        "1",
+        "perf context-switches per round trip, ping-pong",
+        false,
+    ),
+    m(
+        "perfcs_per_rt_rate",
+        "1",
+        "perf context-switches per round trip, fixed rate",
+        false,
+    ),
+    m(
+        "perfcs_per_mb_1",
+        "1",
+        "perf context-switches per MB, 1 stream",
+        false,
+    ),
+    m(
+        "perfcs_per_mb_8",
+        "1",
+        "perf context-switches per MB, 8 streams",
         false,
     ),
 ];
@@ -417,16 +470,21 @@ pub(crate) fn table(f: &Figures, markdown: bool) -> String {
 /// Each ztunnel's system calls and context switches (medians), a row per meshed path and
 /// node: where a round trip's or a megabyte's wake-ups happen.
 pub(crate) fn events_table(f: &Figures, markdown: bool) -> String {
+    // Preemptions depend on the machine's other load: the main table and the JSON have them.
+    let shown: Vec<&Metric> = EVENTS
+        .iter()
+        .filter(|m| !m.key.starts_with("inv_"))
+        .collect();
     let header = [
         "ztunnel events (median)",
         "syscalls/RT ping-pong",
-        "switches/RT ping-pong",
+        "wake-ups/RT ping-pong",
         "syscalls/RT at rate",
-        "switches/RT at rate",
+        "wake-ups/RT at rate",
         "syscalls/MB 1 stream",
-        "switches/MB 1 stream",
+        "wake-ups/MB 1 stream",
         "syscalls/MB 8 streams",
-        "switches/MB 8 streams",
+        "wake-ups/MB 8 streams",
     ];
     let mut rows = vec![header.map(str::to_owned).to_vec()];
     let nodes: std::collections::BTreeSet<&str> =
@@ -434,7 +492,7 @@ pub(crate) fn events_table(f: &Figures, markdown: bool) -> String {
     for path in PATHS.iter().filter(|p| **p != "direct") {
         for node in &nodes {
             let mut row = vec![format!("{path}, {node}")];
-            for m in EVENTS {
+            for m in &shown {
                 let key = ((*path).to_owned(), m.key.to_owned(), (*node).to_owned());
                 row.push(fmt_value(f.by_node.get(&key).and_then(|s| median(s))));
             }
@@ -507,7 +565,7 @@ pub(crate) fn json(f: &Figures, machine: &Machine, settings: Value, verdicts: &[
     let mut paths = serde_json::Map::new();
     for path in PATHS {
         let mut metrics = serde_json::Map::new();
-        for metric in all_metrics() {
+        for metric in all_metrics().chain(PERF_SWITCHES) {
             let samples = f.samples(path, metric.key);
             if samples.is_empty() {
                 continue;
