@@ -165,8 +165,8 @@ pub(crate) fn measure(
         )?;
         around.finish(
             f,
-            Some((cpu_key, t.bytes / 1e9)),
-            Some((events, t.bytes / 1e6)),
+            Some((cpu_key, t.bytes_moved / 1e9)),
+            Some((events, t.bytes_moved / 1e6)),
         )?;
         f.record(path.name, tput, t.gbit_per_s);
         if let Some(endpoints) = t.endpoints_cpu_per_gb {
