@@ -23,10 +23,19 @@ pub fn effective_uid() -> u32 {
 
 /// Sends SIGTERM to process `pid`.
 pub fn terminate(pid: u32) -> io::Result<()> {
+    signal(pid, libc::SIGTERM)
+}
+
+/// Sends SIGINT to process `pid`: what makes `perf stat` print its counts and exit.
+pub fn interrupt(pid: u32) -> io::Result<()> {
+    signal(pid, libc::SIGINT)
+}
+
+fn signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
     let pid = libc::pid_t::try_from(pid)
         .map_err(|_| io::Error::other(format!("pid {pid} is out of range for kill(2)")))?;
     // SAFETY: kill(2) takes plain integers; a stale pid is an error, not undefined behaviour.
-    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+    if unsafe { libc::kill(pid, signal) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

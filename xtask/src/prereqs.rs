@@ -29,6 +29,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("wrk", "HTTP/1.1 load, in the benchmark"),
     (
+        "linux-perf",
+        "perf stat: system calls and context switches of each ztunnel, in the benchmark",
+    ),
+    (
         "nginx",
         "HTTP server in the benchmark's server pods, and the L7 benchmark's reverse proxy",
     ),

@@ -128,10 +128,14 @@ async fn connection(
 ) -> Result<(), String> {
     let (cert, config) = ctx.server_tls().await?;
     let handshake = TlsAcceptor::from(config).accept(read_buffer::ReadBuffered::new(tcp));
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
         .await
         .map_err(|_| format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"))?
         .map_err(|e| format!("TLS handshake: {}", ztunnel::tls::handshake_error(&e)))?;
+    // One write per relayed chunk, as ztunnel's own HBONE sockets (see TLS_SEND_BUFFER).
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(hbone::TLS_SEND_BUFFER));
     let session = Session::from_tls(tls.get_ref().1, cert.not_after)
         .map_err(|e| format!("client certificate: {e}"))?;
     tracing::debug!(%peer, identity = %session.peer, "HBONE connection");

@@ -417,13 +417,17 @@ impl Pool {
             .map_err(|source| HboneError::Connect { addr, source })?;
         // The name is neither sent (no SNI) nor checked: the verifier checks the identity.
         let name = ServerName::IpAddress(addr.ip().into());
-        let tls_stream = TlsConnector::from(tls.config)
+        let mut tls_stream = TlsConnector::from(tls.config)
             .connect(name, tls_io(tcp))
             .await
             .map_err(|e| HboneError::Tls {
                 addr,
                 source: crate::tls::handshake_error(&e),
             })?;
+        tls_stream
+            .get_mut()
+            .1
+            .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
         let peer_not_after = crate::tls::peer_not_after(tls_stream.get_ref().1)
             .map_err(|source| HboneError::Tls { addr, source })?;
         let expires = tls.not_after.min(peer_not_after);

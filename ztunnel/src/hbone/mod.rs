@@ -45,6 +45,13 @@ pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
 /// buffer turns four or more of those reads into one system call.
 pub(crate) const TLS_READ_BUFFER: usize = 64 * 1024;
 
+/// Encrypted bytes a TLS session may hold before the socket takes them (rustls' buffer
+/// limit; its default is 64 KiB). A relayed chunk is up to 64 KiB (one socket read) and h2
+/// hands it over with its 9-byte frame header in one vectored write: under a 64 KiB limit
+/// rustls takes all but the last few bytes, and those become a record and a system call of
+/// their own — two writes per chunk instead of one.
+pub const TLS_SEND_BUFFER: usize = 128 * 1024;
+
 /// The TCP connection under an HBONE TLS session, read through [`TLS_READ_BUFFER`].
 pub type TlsIo = tokio::io::BufReader<tokio::net::TcpStream>;
 

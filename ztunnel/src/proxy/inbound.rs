@@ -82,13 +82,17 @@ async fn serve_hbone(
         proxy.handshake_timeout,
         acceptor.accept(hbone::tls_io(conn)),
     );
-    let stream = handshake
+    let mut stream = handshake
         .await
         .map_err(|_| ("tls_handshake", "TLS handshake timed out".to_owned()))?
         .map_err(|e| {
             let reason = format!("TLS handshake: {}", crate::tls::handshake_error(&e));
             ("tls_handshake", reason)
         })?;
+    stream
+        .get_mut()
+        .1
+        .set_buffer_limit(Some(hbone::TLS_SEND_BUFFER));
     let session = hbone::Session::from_tls(stream.get_ref().1, cert.not_after)
         .map_err(|e| ("peer_identity", e.to_string()))?;
     let peer_id = session.peer.clone();

@@ -33,8 +33,12 @@ pub(crate) fn run_in(netns: &str, program: &str, args: &[String]) -> io::Result<
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Throughput {
     pub gbit_per_s: f64,
-    /// Bytes the receiver got.
+    /// Bytes the receiver got in the timed seconds.
     pub bytes: f64,
+    /// Bytes sent over the whole run, the omitted first second (`-O 1`, slow start) included:
+    /// what the proxies carried while their CPU and system calls were counted around the
+    /// run. Dividing those by `bytes` instead would overstate them by (t + 1) / t.
+    pub bytes_moved: f64,
     /// CPU seconds iperf3's client and server used per GB (iperf3's own accounting), the
     /// kernel's work of sending, forwarding and receiving included: what moving the bytes
     /// costs without any proxy.
@@ -78,6 +82,18 @@ fn parse_iperf3(json: &str) -> Result<Throughput, String> {
         .as_f64()
         .ok_or("no end.sum_received.bits_per_second")?;
     let bytes = sum["bytes"].as_f64().ok_or("no end.sum_received.bytes")?;
+    let intervals = v["intervals"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let bytes_moved = if intervals.is_empty() {
+        bytes
+    } else {
+        intervals
+            .iter()
+            .filter_map(|i| i["sum"]["bytes"].as_f64())
+            .sum()
+    };
     let cpu = &v["end"]["cpu_utilization_percent"];
     let endpoints_cpu_per_gb = match (
         cpu["host_total"].as_f64(),
@@ -92,6 +108,7 @@ fn parse_iperf3(json: &str) -> Result<Throughput, String> {
     Ok(Throughput {
         gbit_per_s: bps / 1e9,
         bytes,
+        bytes_moved,
         endpoints_cpu_per_gb,
     })
 }
@@ -102,7 +119,11 @@ pub(crate) struct RoundTrips {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
+    /// Observations in the percentiles (after sockperf's warm-up)...
     pub count: f64,
+    /// ...and all round trips of the run (`[Total Run] ReceivedMessages`, warm-up
+    /// included), what the ztunnels' counts are divided by.
+    pub round_trips: f64,
 }
 
 /// 1 KiB request/response ping-pong over one TCP connection (`sockperf ping-pong`).
@@ -145,11 +166,24 @@ fn parse_sockperf(out: &str) -> Option<RoundTrips> {
                 .ok()
         })
         .unwrap_or(0.0);
+    let round_trips = out
+        .lines()
+        .filter(|l| l.contains("[Total Run]"))
+        .find_map(|l| {
+            l.split("ReceivedMessages=")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(count);
     Some(RoundTrips {
         p50_us: percentile("50.000")?,
         p99_us: percentile("99.000")?,
         p999_us: percentile("99.900")?,
         count,
+        round_trips,
     })
 }
 
@@ -279,12 +313,15 @@ mod tests {
 
     #[test]
     fn iperf3_json() {
-        let json = r#"{"start":{},"intervals":[],"end":{"sum_sent":{"bytes":2,"bits_per_second":3},
+        let json = r#"{"start":{},"intervals":[{"sum":{"bytes":1000000000,"omitted":true}},
+            {"sum":{"bytes":5000000000,"omitted":false}}],"end":{"sum_sent":{"bytes":2,"bits_per_second":3},
             "sum_received":{"bytes":5000000000,"seconds":5.0,"bits_per_second":8000000000.0},
             "cpu_utilization_percent":{"host_total":60.0,"remote_total":40.0}}}"#;
         let t = parse_iperf3(json).unwrap();
         assert_eq!(t.gbit_per_s, 8.0);
         assert_eq!(t.bytes, 5e9);
+        // The omitted first second was carried too.
+        assert_eq!(t.bytes_moved, 6e9);
         // 1.0 CPU for 5 s moving 5 GB.
         assert_eq!(t.endpoints_cpu_per_gb, Some(1.0));
         let err = r#"{"start":{},"end":{},"error":"unable to connect to server"}"#;
@@ -296,7 +333,8 @@ mod tests {
 
     #[test]
     fn sockperf_percentiles() {
-        let out = "sockperf: Summary: Round trip is 19.045 usec\n\
+        let out = "sockperf: [Total Run] RunTime=5.000 sec; Warm up time=400 msec; SentMessages=90001; ReceivedMessages=90000\n\
+            sockperf: Summary: Round trip is 19.045 usec\n\
             sockperf: \u{1b}[2;35mTotal 81267 observations\u{1b}[0m; each percentile contains 812.67 observations\n\
             sockperf: ---> <MAX> observation = 4093.346\n\
             sockperf: ---> percentile 99.999 = 4045.657\n\
@@ -310,7 +348,8 @@ mod tests {
                 p50_us: 17.152,
                 p99_us: 41.497,
                 p999_us: 64.961,
-                count: 81267.0
+                count: 81267.0,
+                round_trips: 90000.0
             }
         );
         assert!(parse_sockperf("no figures").is_none());

@@ -15,12 +15,14 @@
 //! `--l7` runs the L7 benchmark instead (issue 21, module `l7`): direct, L4 mesh, waypoint and
 //! nginx, HTTP workloads, the CPU and memory of every proxy process.
 
+mod counts;
 mod h2load;
 mod l7;
 mod l7_config;
 mod l7_measure;
 mod l7_report;
 mod load;
+mod measure;
 mod procfs;
 mod rate;
 mod report;
@@ -41,7 +43,7 @@ use mesh_tests::process::target_dir;
 use mesh_tests::wait_until;
 
 use report::Figures;
-use servers::{HTTP_PATH, HTTP_PORT, HoldServer, IPERF_PORT, PodServers, SOCKPERF_PORT};
+use servers::{HTTP_PATH, HTTP_PORT, HoldServer, PodServers};
 
 /// L4 benchmark: direct vs mesh vs same-node mesh, with ztunnel CPU and memory; with
 /// `--l7`, the L7 benchmark: direct vs L4 mesh vs waypoint vs nginx.
@@ -74,11 +76,16 @@ struct Args {
     /// `direct`, `mesh`, `same-node`; L7: `direct`, `mesh`, `waypoint`, `nginx`.
     #[arg(long, value_delimiter = ',')]
     paths: Vec<String>,
-    /// Only these workloads (default: all). L4: `tput` (iperf3), `rtt` (sockperf), `conn`
-    /// (wrk, Connection: close), `ka` (wrk keep-alive). L7: `ka`, `rate` (1,000 and 10,000
+    /// Only these workloads (default: all). L4: `tput` (iperf3), `rtt` (sockperf
+    /// ping-pong), `rate` (round trips at `--rt-rate`), `conn` (wrk, Connection: close),
+    /// `ka` (wrk keep-alive). L7: `ka`, `rate` (1,000 and 10,000
     /// req/s), `h2c`, `conn`, `upload`.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
+    /// Round trips per second of the fixed-rate workload (`rate`, L4): HTTP/1.1 1 KiB
+    /// requests on one keep-alive connection, each timed from when it was due.
+    #[arg(long, default_value_t = 2000.0)]
+    rt_rate: f64,
     /// Extra ztunnel arguments, e.g. `--ztunnel-arg=--worker-threads=1` (repeatable).
     #[arg(long, allow_hyphen_values = true)]
     ztunnel_arg: Vec<String>,
@@ -306,7 +313,7 @@ fn bench(args: &Args, prep: &Prepared) -> Result<(), Box<dyn std::error::Error>>
             .iter()
             .filter(|p| args.paths.is_empty() || args.paths.iter().any(|n| n == p.name))
         {
-            measure(path, &ztunnels, time, args, &mut figures)?;
+            measure::measure(path, &ztunnels, time, args, &mut figures)?;
         }
     }
     for (node, pid) in &ztunnels {
@@ -327,7 +334,12 @@ fn bench(args: &Args, prep: &Prepared) -> Result<(), Box<dyn std::error::Error>>
     let table = report::table(&figures, false);
     say("results (median (worst run) of each figure)");
     print!("{table}");
-    say("targets (issue 13; ratios are mesh median / direct median from this run)");
+    let events = report::events_table(&figures, false);
+    if !events.is_empty() {
+        say("system calls and context switches of each ztunnel (perf stat)");
+        print!("{events}");
+    }
+    say("targets (issues 23 and 13; ratios are mesh median / direct median from this run)");
     print!("{}", report::verdict_lines(&verdicts));
     for w in &figures.warnings {
         println!("   warning: {w}");
@@ -337,6 +349,8 @@ fn bench(args: &Args, prep: &Prepared) -> Result<(), Box<dyn std::error::Error>>
         "seconds_per_measurement": args.seconds,
         "wrk_connections": args.connections,
         "wrk_threads": 2,
+        "fixed_rate_round_trips_per_s": args.rt_rate,
+        "event_counts": "perf stat -e raw_syscalls:sys_enter,context-switches -p <ztunnel pid>",
         "held_connections": args.held,
         "rlimit_nofile": nofile,
         "ztunnel_log": mesh.log_filter,
@@ -348,7 +362,10 @@ fn bench(args: &Args, prep: &Prepared) -> Result<(), Box<dyn std::error::Error>>
         serde_json::to_string_pretty(&json)?,
     )?;
     std::fs::write(out_dir.join("bench.svg"), svg::chart(&figures, machine))?;
-    std::fs::write(out_dir.join("results.md"), report::table(&figures, true))?;
+    let mut markdown = report::table(&figures, true);
+    markdown.push('\n');
+    markdown.push_str(&report::events_table(&figures, true));
+    std::fs::write(out_dir.join("results.md"), markdown)?;
     say(&format!(
         "wrote {0}/results.json, {0}/results.md (the README table), {0}/bench.svg",
         out_dir.display()
@@ -387,122 +404,6 @@ fn peer_seen(
     hold.last_peer()
         .map(|p| p.ip())
         .ok_or_else(|| format!("path {name}: peer address unknown").into())
-}
-
-fn cpu_now(ztunnels: &[(String, u32)]) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
-    Ok(ztunnels
-        .iter()
-        .map(|(_, pid)| procfs::cpu_seconds(*pid))
-        .collect::<Result<_, _>>()?)
-}
-
-/// Every workload once on `path`, with ztunnel CPU around each.
-fn measure(
-    path: &Path,
-    ztunnels: &[(String, u32)],
-    time: Duration,
-    args: &Args,
-    f: &mut Figures,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let connections = args.connections;
-    let runs =
-        |workload: &str| args.workloads.is_empty() || args.workloads.iter().any(|w| w == workload);
-    let meshed = path.name != "direct";
-    let netns = &path.client_netns;
-    // Records the CPU the ztunnels used since `before`, divided by `per`, for a mesh path.
-    let cpu = |f: &mut Figures,
-               metric: &str,
-               before: &[f64],
-               per: f64|
-     -> Result<(), Box<dyn std::error::Error>> {
-        let after = cpu_now(ztunnels)?;
-        if !meshed || per <= 0.0 {
-            return Ok(());
-        }
-        let mut total = 0.0;
-        for (i, (node, _)) in ztunnels.iter().enumerate() {
-            let used = after[i] - before[i];
-            total += used;
-            f.cpu_by_node
-                .entry((path.name.to_owned(), metric.to_owned(), node.clone()))
-                .or_default()
-                .push(used / per);
-        }
-        f.record(path.name, metric, total / per);
-        Ok(())
-    };
-
-    let bulk = [(1, "tput_1", "cpu_per_gb_1"), (8, "tput_8", "cpu_per_gb_8")];
-    for (streams, tput, cpu_key) in bulk.into_iter().filter(|_| runs("tput")) {
-        let before = cpu_now(ztunnels)?;
-        let t = load::iperf3(
-            netns,
-            SocketAddr::new(path.server.into(), IPERF_PORT),
-            streams,
-            time,
-        )?;
-        cpu(f, cpu_key, &before, t.bytes / 1e9)?;
-        f.record(path.name, tput, t.gbit_per_s);
-        if let Some(endpoints) = t.endpoints_cpu_per_gb {
-            f.record(path.name, &format!("endpoints_{cpu_key}"), endpoints);
-        }
-        println!(
-            "   {:<9} iperf3 {streams} stream(s): {:.2} Gbit/s",
-            path.name, t.gbit_per_s
-        );
-    }
-
-    if runs("rtt") {
-        let rt = load::sockperf(
-            netns,
-            SocketAddr::new(path.server.into(), SOCKPERF_PORT),
-            time,
-        )?;
-        f.record(path.name, "rtt_p50", rt.p50_us);
-        f.record(path.name, "rtt_p99", rt.p99_us);
-        f.record(path.name, "rtt_p999", rt.p999_us);
-        println!(
-            "   {:<9} 1 KiB round trips: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us",
-            path.name, rt.p50_us, rt.p99_us, rt.p999_us
-        );
-    }
-
-    if runs("conn") {
-        let before = cpu_now(ztunnels)?;
-        let close = load::wrk(netns, &url(path), connections / 2, true, time)?;
-        cpu(f, "cpu_per_1k_conn", &before, close.requests / 1000.0)?;
-        f.record(path.name, "conn_rate", close.requests_per_s);
-        if close.errors > 0.0 {
-            f.warnings.push(format!(
-                "{}: wrk Connection: close had {} errors",
-                path.name, close.errors
-            ));
-        }
-        println!(
-            "   {:<9} new connections: {:.0}/s",
-            path.name, close.requests_per_s
-        );
-    }
-
-    if runs("ka") {
-        let before = cpu_now(ztunnels)?;
-        let ka = load::wrk(netns, &url(path), connections, false, time)?;
-        cpu(f, "cpu_per_1k_req", &before, ka.requests / 1000.0)?;
-        f.record(path.name, "ka_rps", ka.requests_per_s);
-        f.record(path.name, "ka_p50", ka.p50_ms);
-        f.record(path.name, "ka_p99", ka.p99_ms);
-        if ka.errors > 0.0 {
-            f.warnings.push(format!(
-                "{}: wrk keep-alive had {} errors",
-                path.name, ka.errors
-            ));
-        }
-        println!(
-            "   {:<9} keep-alive: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
-            path.name, ka.requests_per_s, ka.p50_ms, ka.p99_ms
-        );
-    }
-    Ok(())
 }
 
 /// RSS of each ztunnel with 1,000 and `max` idle connections held through the mesh.

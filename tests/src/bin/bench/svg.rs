@@ -24,11 +24,13 @@ pub(crate) fn chart(f: &Figures, machine: &Machine) -> String {
             groups: &[("1 stream", "tput_1", 1.0), ("8 streams", "tput_8", 1.0)],
         },
         Panel {
-            title: "1 KiB round trip, µs (lower is better)",
+            title: "1 KiB round trip (ping-pong, HTTP at a fixed rate), µs (lower is better)",
             groups: &[
                 ("p50", "rtt_p50", 1.0),
                 ("p99", "rtt_p99", 1.0),
                 ("p99.9", "rtt_p999", 1.0),
+                ("p50 at rate", "rate_p50", 1.0),
+                ("p99 at rate", "rate_p99", 1.0),
             ],
         },
         Panel {
