@@ -50,6 +50,20 @@ spec:
     - method: {service: demo.Echo, method: Chat}
     backendRefs:
     - {name: details, port: 9080}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: ratings
+spec:
+  hosts: [ratings]
+  http:
+  - match: [{uri: {prefix: /demo.Echo/}}]
+    fault:
+      abort:
+        grpcStatus: UNAVAILABLE
+        percentage: {value: 100}
+    route: [{destination: {host: ratings}}]
 "#;
 
 /// A connector that hands tonic one HBONE tunnel (the waypoint's) as its connection.
@@ -287,4 +301,46 @@ fn a_tonic_stream_carries_server_pushes_through_the_waypoint() {
     });
     drop(rt);
     xds.stop().expect("the server stops");
+}
+
+/// A VirtualService's gRPC abort fault: the waypoint answers the call itself, HTTP 200 with
+/// `grpc-status: 14` (UNAVAILABLE) and no body, the backend never sees it, and the request
+/// metric carries Envoy's `FI` flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_abort_fault_answers_with_its_grpc_status() {
+    let mesh = mesh();
+    let apps = apps(&mesh);
+    let routes = routes_path(&mesh);
+    write_atomic(&routes, ROUTES);
+    let wp = start_waypoint(&mesh, &routes);
+    let stream = tunnel_to_waypoint(&mesh, mesh_tests::waypoint::RATINGS_VIP).await;
+    let (client, connection) = h2::client::handshake(stream)
+        .await
+        .expect("h2 in the tunnel");
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://ratings:9080/demo.Echo/Chat")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let mut client = client.ready().await.expect("ready");
+    let (response, mut send) = client.send_request(request, false).expect("send");
+    send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 1, b'x']), true)
+        .expect("message");
+    let response = response.await.expect("response");
+    assert_eq!(response.status(), 200, "{}", wp.log());
+    assert_eq!(
+        response.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"14"[..])
+    );
+    let served: u64 = apps.iter().map(|a| a.requests()).sum();
+    assert_eq!(served, 0, "an aborted call reaches no backend");
+    let aborted = mesh_tests::waypoint::metric(
+        &mesh,
+        "istio_requests_total",
+        &["response_flags=\"FI\"", "request_protocol=\"grpc\""],
+    );
+    assert_eq!(aborted, 1.0, "the abort is counted once, with FI");
 }
