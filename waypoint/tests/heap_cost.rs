@@ -259,8 +259,28 @@ struct Setup {
 }
 
 /// One measurement at a time: the counters are the process's, and the endpoints' addresses
-/// can be bound once.
+/// can be bound once, by one thread of this process (the mutex) and by one process of the
+/// test run (nextest runs each test in a process of its own: a file lock).
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Held for a whole measurement; see `ONE_AT_A_TIME`.
+struct OneAtATime {
+    _file: std::fs::File,
+    _guard: std::sync::MutexGuard<'static, ()>,
+}
+
+fn one_at_a_time() -> OneAtATime {
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let path = std::env::temp_dir().join("waypoint-heap-cost.lock");
+    let file = std::fs::File::create(&path)
+        .unwrap_or_else(|e| panic!("lock file {}: {e}", path.display()));
+    file.lock()
+        .unwrap_or_else(|e| panic!("lock {}: {e}", path.display()));
+    OneAtATime {
+        _file: file,
+        _guard: guard,
+    }
+}
 
 impl Setup {
     fn start() -> Setup {
@@ -342,7 +362,7 @@ async fn one(sender: &mut http1::SendRequest<Full<Bytes>>, path: &str) {
 
 #[test]
 fn allocations_per_http1_request() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = one_at_a_time();
     let setup = Setup::start();
     setup.rt.block_on(async {
         let pool = Pool::new(PoolConfig::default());
@@ -391,7 +411,7 @@ const IDLE_TUNNEL_BYTES_BUDGET: f64 = 40.0 * 1024.0;
 /// The waypoint's heap per idle client connection after one request: each its own HBONE
 /// connection, or (`shared`) each a tunnel on pooled ones.
 fn idle_heap(shared: bool) -> f64 {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = one_at_a_time();
     let setup = Setup::start();
     setup.rt.block_on(async {
         // The upstream connections are made by the first requests; they are not per client.
@@ -442,7 +462,7 @@ fn heap_per_idle_tunnel() {
 fn uploads_stream_through_whole() {
     const UPLOAD: usize = 1 << 20;
     const UPLOADS: u64 = 20;
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = one_at_a_time();
     let setup = Setup::start();
     setup.rt.block_on(async {
         let pool = Pool::new(PoolConfig::default());
