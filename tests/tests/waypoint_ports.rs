@@ -159,3 +159,53 @@ async fn a_detection_timeout_lets_servers_speak_first() {
     stream.read_exact(&mut echoed).await.expect("echo");
     assert_eq!(&echoed, b"QUIT\r\n");
 }
+
+/// A tunnel addressed to the waypoint's own pod: it is never dialled (it would dial itself
+/// again and again), whether the bytes are HTTP (answered 503) or not (the tunnel is reset),
+/// and the waypoint goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waypoint_never_sends_traffic_to_itself() {
+    let mesh = mesh();
+    let _details = AppServer::start(
+        &mesh.netns("details"),
+        "details",
+        SocketAddr::from((mesh.ip("details"), 8080)),
+    )
+    .expect("app server");
+    let routes = routes_path(&mesh);
+    write_atomic(&routes, DETAILS_ROUTE);
+    let wp = start_waypoint(&mesh, &routes);
+    let itself = mesh.ip("wp");
+
+    let mut http = tunnel_to_waypoint(&mesh, itself).await;
+    let answer = exchange(
+        &mut http,
+        b"GET / HTTP/1.1\r\nHost: waypoint\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}\n{}", wp.log());
+
+    let mut opaque = tunnel_to_waypoint(&mesh, itself).await;
+    opaque
+        .write_all(b"\x16\x03\x01 not http")
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let ended = opaque.read_to_end(&mut rest).await;
+    assert!(ended.is_err() && rest.is_empty(), "{ended:?} {rest:?}");
+    assert!(
+        wp.log().contains("a waypoint is never a destination"),
+        "{}",
+        wp.log()
+    );
+
+    // Still serving.
+    let mut ok = tunnel_to_waypoint(&mesh, DETAILS_VIP).await;
+    let answer = exchange(
+        &mut ok,
+        b"GET /details/0 HTTP/1.1\r\nHost: details\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+}

@@ -22,6 +22,10 @@ pub enum DialError {
         peer: Identity,
         source: ztunnel::tls::TlsError,
     },
+    #[error(
+        "endpoint {0} runs as the waypoint's own identity: a waypoint is never a destination (it would dial itself again and again)"
+    )]
+    Itself(SocketAddr),
     #[error(transparent)]
     Hbone(#[from] HboneError),
 }
@@ -64,6 +68,9 @@ impl Dialer {
 
     /// A tunnel to `ep` (its HBONE port on its address).
     pub async fn tunnel(&self, ep: &Endpoint) -> Result<H2Stream, DialError> {
+        if ep.identity() == &self.inner.identity {
+            return Err(DialError::Itself(ep.addr));
+        }
         let tls = self.client_tls(ep.identity()).await?;
         let peer = SocketAddr::new(ep.addr.ip(), ztunnel::hbone::HBONE_PORT);
         let key = PoolKey {
