@@ -6,6 +6,61 @@
 //!
 //! Who the client is comes from the TLS handshake only: headers never change it.
 
+/// `AsyncWrite` for a reading wrapper `$ty<S>` whose writes go to its `$field` as they are.
+macro_rules! write_through {
+    ($ty:ident, $field:ident) => {
+        impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $ty<S> {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                tokio::io::AsyncWrite::poll_write(
+                    std::pin::Pin::new(&mut self.get_mut().$field),
+                    cx,
+                    buf,
+                )
+            }
+
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                tokio::io::AsyncWrite::poll_write_vectored(
+                    std::pin::Pin::new(&mut self.get_mut().$field),
+                    cx,
+                    bufs,
+                )
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                tokio::io::AsyncWrite::is_write_vectored(&self.$field)
+            }
+
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                tokio::io::AsyncWrite::poll_flush(
+                    std::pin::Pin::new(&mut self.get_mut().$field),
+                    cx,
+                )
+            }
+
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                tokio::io::AsyncWrite::poll_shutdown(
+                    std::pin::Pin::new(&mut self.get_mut().$field),
+                    cx,
+                )
+            }
+        }
+    };
+}
+
 mod attempt;
 mod forward;
 mod h1guard;
