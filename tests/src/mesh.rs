@@ -510,12 +510,15 @@ pub async fn tunnel(
         dst_identity: server,
     };
     let netns = mesh.topo.pod(from).netns.clone();
-    let connect = || async move {
-        let std = in_netns(&netns, move || {
-            TcpStream::connect_timeout(&peer, Duration::from_secs(5))
-        })??;
-        std.set_nonblocking(true)?;
-        tokio::net::TcpStream::from_std(std)
+    let connect = || {
+        let netns = netns.clone();
+        async move {
+            let std = in_netns(&netns, move || {
+                TcpStream::connect_timeout(&peer, Duration::from_secs(5))
+            })??;
+            std.set_nonblocking(true)?;
+            tokio::net::TcpStream::from_std(std)
+        }
     };
     pool.connect(key, authority, &ConnectHeaders::default(), connect, tls)
         .await

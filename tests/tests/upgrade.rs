@@ -338,7 +338,9 @@ fn upgrading_in_xds_mode_waits_for_the_first_sync_and_never_lets_traffic_out() {
 /// at its outbound capture step, after it got the predecessor's sockets: the test-only
 /// `--test-fail-first-capture`) leaves those sockets open and the capture as the predecessor
 /// set it up: the connections that wait in the accept queues meanwhile are served by the
-/// retry. No connection is refused or reset.
+/// retry. No connection is refused or reset, and none leaves the mesh meanwhile: the
+/// destinations admit only sleep's identity (a connection around the mesh arrives without
+/// one and is denied), and no plaintext of the app port crosses node1's wire.
 #[test]
 fn an_enrolment_failing_half_way_through_an_upgrade_loses_no_connection() {
     let pods = vec![
@@ -347,12 +349,15 @@ fn an_enrolment_failing_half_way_through_an_upgrade_loses_no_connection() {
         PodSpec::new("echo", "node2", "echo"),
     ];
     let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    mesh.policies = "  - name: only-sleep\n    namespace: default\n    scope: Namespace\n    action: Allow\n    rules:\n      - - - principals:\n              - Exact: cluster.local/ns/default/sa/sleep\n".into();
     let remote = SocketAddr::new(mesh.ip("echo").into(), APP_PORT);
     let local = SocketAddr::new(mesh.ip("local").into(), APP_PORT);
     let _echo = AppServer::start(&mesh.netns("echo"), "echo", remote).unwrap();
     let _local = AppServer::start(&mesh.netns("local"), "local", local).unwrap();
     mesh.start().unwrap();
     let sleep = mesh.netns("sleep");
+    let node1 = mesh.topo.node("node1").netns.clone();
+    let mut wire = PacketCapture::start(&node1, "any", mesh.dir.path(), "node1").unwrap();
     let (load, clients) = Load::start(&sleep, &[remote, local]);
     load.served(50);
 
@@ -390,6 +395,18 @@ fn an_enrolment_failing_half_way_through_an_upgrade_loses_no_connection() {
     }
     load.served(50);
     let (ok, failed) = load.finish(clients);
+    wire.stop().unwrap();
     eprintln!("upgrade with failed enrolments: {ok} connections served, {failed} refused or reset");
     assert_eq!(failed, 0, "connections refused or reset during the upgrade");
+    assert!(
+        !wire.packets("tcp port 15008").unwrap().is_empty(),
+        "no HBONE captured: is the capture working?"
+    );
+    let plaintext = wire.packets(&format!("tcp port {APP_PORT}")).unwrap();
+    assert!(
+        plaintext.is_empty(),
+        "{} plaintext packets of the app port on node1, the first:\n{}",
+        plaintext.len(),
+        plaintext[..plaintext.len().min(5)].join("\n")
+    );
 }

@@ -185,8 +185,9 @@ impl Pool {
     /// Opens a tunnel to `authority` (the original destination) through the peer in `key`,
     /// reusing a pooled connection when one has a free stream slot.
     ///
-    /// `tcp_connect` is called only when a new connection is needed; `tls` must verify the
-    /// peer as `key.dst_identity` and present `key.src`'s certificate.
+    /// `tcp_connect` is called only when a new connection is needed (twice at most, when
+    /// the first one's peer turns the stream away); `tls` must verify the peer as
+    /// `key.dst_identity` and present `key.src`'s certificate.
     pub async fn connect<F, Fut>(
         &self,
         key: PoolKey,
@@ -196,26 +197,19 @@ impl Pool {
         tls: ClientTls,
     ) -> Result<H2Stream, HboneError>
     where
-        F: FnOnce() -> Fut,
+        F: Fn() -> Fut,
         Fut: Future<Output = io::Result<TcpStream>>,
     {
         // A pooled connection that fails before answering (the peer sent GOAWAY because it
         // is being replaced, or the connection died unnoticed) reached nothing yet: it is
-        // dropped, and the connect tries once more, on another connection or a new one.
+        // dropped, and the connect tries once more, on another connection or a new one. So
+        // is a new connection whose peer turned the stream away unprocessed (GOAWAY or
+        // REFUSED_STREAM): a ztunnel handing over to its successor drains the connections
+        // it accepted last, before their first stream.
         let mut retried = false;
-        let (send, slot) = loop {
-            match self.take_slot(&key) {
-                Slot::Pooled { id, send, slot } => {
-                    match self.open_stream(&key, send, slot, authority, headers).await {
-                        Err(Attempt::Unanswered(error)) if !retried => {
-                            tracing::debug!(peer = %key.dst, %error,
-                                "pooled HBONE connection unusable; trying anew");
-                            self.inner.remove(&key, id);
-                            retried = true;
-                        }
-                        result => return result.map_err(Attempt::into_error),
-                    }
-                }
+        loop {
+            let (id, send, slot, fresh) = match self.take_slot(&key) {
+                Slot::Pooled { id, send, slot } => (id, send, slot, false),
                 Slot::Waiting {
                     id,
                     mut outcome,
@@ -223,26 +217,36 @@ impl Pool {
                 } => {
                     let outcome = outcome.wait_for(Option::is_some).await.map(|o| o.clone());
                     match outcome {
-                        Ok(Some(Ok(send))) => break (send, slot),
+                        Ok(Some(Ok(send))) => (id, send, slot, true),
                         Ok(Some(Err(error))) => return Err(HboneError::Shared(error)),
                         // The dialer went away before the end (its task was cancelled):
                         // its dial is forgotten, and this connect decides again.
                         Ok(None) | Err(_) => {
                             drop(slot);
                             self.inner.abandon_dial(&key, id);
+                            continue;
                         }
                     }
                 }
                 Slot::Dialing { id, done, slot } => {
-                    break self
-                        .dial_for_all(&key, id, done, slot, tcp_connect, tls)
+                    let (send, slot) = self
+                        .dial_for_all(&key, id, done, slot, &tcp_connect, tls.clone())
                         .await?;
+                    (id, send, slot, true)
                 }
+            };
+            match self.open_stream(&key, send, slot, authority, headers).await {
+                Err(Attempt::Unanswered(error))
+                    if !retried && (!fresh || error.is_unprocessed()) =>
+                {
+                    tracing::debug!(peer = %key.dst, %error,
+                        "HBONE connection unusable before answering; trying anew");
+                    self.inner.remove(&key, id);
+                    retried = true;
+                }
+                result => return result.map_err(Attempt::into_error),
             }
-        };
-        self.open_stream(&key, send, slot, authority, headers)
-            .await
-            .map_err(Attempt::into_error)
+        }
     }
 
     /// Dials for `key` as dial `id`, within the connect timeout, and tells the dial's

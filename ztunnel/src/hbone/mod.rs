@@ -110,6 +110,20 @@ impl HboneError {
             None => HboneError::H2 { addr, source },
         }
     }
+
+    /// Whether the peer said it turned the stream away without processing it: a GOAWAY
+    /// that leaves the stream out, or a `REFUSED_STREAM` reset. Such a request can be sent
+    /// again on another connection (RFC 9113, section 8.7).
+    pub fn is_unprocessed(&self) -> bool {
+        match self {
+            HboneError::H2 { source, .. } | HboneError::Protocol(source) => {
+                source.is_remote()
+                    && (source.is_go_away() || source.reason() == Some(h2::Reason::REFUSED_STREAM))
+            }
+            HboneError::Shared(inner) => inner.is_unprocessed(),
+            _ => false,
+        }
+    }
 }
 
 #[cfg(test)]

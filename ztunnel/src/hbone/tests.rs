@@ -21,6 +21,7 @@ const CLIENT: &str = "spiffe://td/ns/a/sa/client";
 const SERVER: &str = "spiffe://td/ns/b/sa/server";
 
 mod connection_lifetime;
+mod draining_peer;
 mod shared_dial;
 
 fn id(s: &str) -> Identity {

@@ -248,8 +248,14 @@ impl Proxy {
             let failed = pods::reconcile(&self, &state).await;
             if !*self.synced.borrow() {
                 // Enrolments a crashed predecessor left in the pinned map, for pods that are
-                // gone or no longer ours.
-                let pruned = self.capture.prune_enrolled(&self.pods.cookies());
+                // gone or no longer ours. Those of the pods still wanted stay, enrolled or
+                // not yet: a predecessor's capture of a pod whose enrolment failed here
+                // steers to the sockets it handed over (the retry serves them), and
+                // removing it would let the pod's traffic out of the mesh, and leave the
+                // replies to its deliveries without their route, until then.
+                let mut keep = self.pods.cookies();
+                keep.extend(failed.iter().filter_map(|f| f.netns));
+                let pruned = self.capture.prune_enrolled(&keep);
                 if pruned > 0 {
                     tracing::info!(pruned, "removed stale capture entries");
                 }

@@ -22,7 +22,7 @@ use super::retry::{Backoff, CERT_RETRY_FIRST, CERT_RETRY_MAX};
 use super::{
     HBONE_PORT, INBOUND_PLAINTEXT_PORT, InboundSource, OUTBOUND_PORT, Proxy, inbound, outbound,
 };
-use crate::capture::{Capture, Netns, PodRouting};
+use crate::capture::{Capture, Netns, NetnsCookie, PodRouting};
 use crate::handoff::{ListenerKind as Kind, PodSockets};
 use crate::identity::Identity;
 use crate::state::State;
@@ -229,6 +229,9 @@ pub fn wanted(state: &State, node: &str, w: &Workload) -> bool {
 #[derive(Debug)]
 pub(super) struct NotEnrolled {
     pub(super) workload: Arc<Workload>,
+    /// Its namespace, when it could be opened: the capture a predecessor set up there is
+    /// still wanted (the next attempt serves it), not stale.
+    pub(super) netns: Option<NetnsCookie>,
     pub(super) reason: String,
 }
 
@@ -299,8 +302,9 @@ pub(super) async fn reconcile(proxy: &Arc<Proxy>, state: &State) -> Vec<NotEnrol
                     info!(workload = %w.name, namespace = %w.namespace(), identity = %w.identity(), "pod enrolled");
                     fetch_certificate(proxy, &w);
                 }
-                Err(reason) => failed.push(NotEnrolled {
+                Err((reason, netns)) => failed.push(NotEnrolled {
                     workload: w.clone(),
+                    netns,
                     reason,
                 }),
             },
@@ -364,13 +368,28 @@ impl Drop for LeaveInPlace {
 }
 
 /// Opens (or inherits) a pod's listeners and turns capture on; the accept loops start once
-/// the caller has registered the pod.
+/// the caller has registered the pod. A failure says why, and which namespace it was in
+/// once that is known.
 async fn enroll(
     proxy: &Arc<Proxy>,
     w: Arc<Workload>,
+) -> Result<(Pod, Vec<(Kind, TcpListener)>), (String, Option<NetnsCookie>)> {
+    let path = w
+        .netns
+        .clone()
+        .ok_or(("no network namespace".to_owned(), None))?;
+    let netns = Arc::new(Netns::open(&path).map_err(|e| (e.to_string(), None))?);
+    let cookie = netns.cookie();
+    enroll_in(proxy, w, netns)
+        .await
+        .map_err(|reason| (reason, Some(cookie)))
+}
+
+async fn enroll_in(
+    proxy: &Arc<Proxy>,
+    w: Arc<Workload>,
+    netns: Arc<Netns>,
 ) -> Result<(Pod, Vec<(Kind, TcpListener)>), String> {
-    let path = w.netns.clone().ok_or("no network namespace")?;
-    let netns = Arc::new(Netns::open(&path).map_err(|e| e.to_string())?);
     // No certificate needed here: capture must not wait for the CA (the pod's traffic would
     // bypass the mesh meanwhile). Its connections fail closed until the certificate comes.
 

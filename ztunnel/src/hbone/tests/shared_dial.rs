@@ -12,7 +12,7 @@ use super::*;
 /// Opens a tunnel as `Client::open` does, through `dial` instead of a plain TCP connect.
 async fn open_via<F, Fut>(client: &Client, dial: F) -> Result<H2Stream, HboneError>
 where
-    F: FnOnce() -> Fut,
+    F: Fn() -> Fut,
     Fut: Future<Output = io::Result<TcpStream>>,
 {
     let authority = SocketAddr::from(([10, 0, 0, 1], PORT_ECHO));
@@ -130,10 +130,13 @@ async fn a_burst_shares_dials_and_no_connection_takes_more_than_the_cap() {
         .map(|_| {
             let (client, dials) = (client.clone(), dials.clone());
             tokio::spawn(async move {
-                open_via(&client, || async move {
-                    dials.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    TcpStream::connect(dst).await
+                open_via(&client, || {
+                    let dials = dials.clone();
+                    async move {
+                        dials.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        TcpStream::connect(dst).await
+                    }
                 })
                 .await
             })
