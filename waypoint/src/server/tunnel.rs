@@ -239,17 +239,22 @@ async fn serve_http(
     stream: Replay<H2Stream>,
 ) {
     let authority = down.authority;
-    let service = {
-        let ctx = ctx.clone();
-        service_fn(move |req| super::forward::handle(ctx.clone(), down.clone(), req))
-    };
     let ended = if sniff::is_h2(stream.head()) {
+        let ctx = ctx.clone();
+        let service = service_fn(move |req| super::forward::handle(ctx.clone(), down.clone(), req));
         http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(ztunnel::hbone::STREAM_WINDOW)
             .initial_connection_window_size(ztunnel::hbone::CONNECTION_WINDOW)
             .serve_connection(TokioIo::new(stream), service)
             .await
     } else {
+        // hyper's HTTP/1 connection keeps room for one request's future for as long as it
+        // lives, idle or not: boxed, that room is a pointer instead of the whole request
+        // handling (4 KiB), for one allocation per request.
+        let service = {
+            let ctx = ctx.clone();
+            service_fn(move |req| Box::pin(super::forward::handle(ctx.clone(), down.clone(), req)))
+        };
         http1::Builder::new()
             // A client may shut its side after the request and wait for the answer.
             .half_close(true)
