@@ -19,3 +19,13 @@ pub mod run;
 pub mod server;
 pub mod snapshot;
 pub mod upstream;
+
+/// Most the read buffer of an HTTP/1.1 connection grows to, downstream and upstream
+/// (hyper's default is about 400 KB). Bodies stream through in pieces of at most this
+/// size, and an idle connection keeps no more than this after a large body. A message head
+/// must fit in it: a longer response head is a 502.
+pub const H1_MAX_BUF: usize = 64 * 1024;
+
+/// Longest request head (request line and headers) the waypoint reads; a longer one is
+/// answered 431. Envoy's default, so a request Envoy's waypoint takes is taken here.
+pub const MAX_REQUEST_HEAD: usize = 60 * 1024;

@@ -258,6 +258,8 @@ async fn serve_http(
         http1::Builder::new()
             // A client may shut its side after the request and wait for the answer.
             .half_close(true)
+            .max_buf_size(crate::H1_MAX_BUF)
+            .max_header_size(crate::MAX_REQUEST_HEAD)
             .serve_connection(
                 TokioIo::new(H1Guard::new(stream, Some(ctx.metrics.clone()))),
                 service,

@@ -184,7 +184,9 @@ impl HttpPool {
             .tunnel(ep)
             .await
             .map_err(|source| UpstreamError::Connect { addr, source })?;
-        let (sender, connection) = http1::handshake(TokioIo::new(tunnel))
+        let (sender, connection) = http1::Builder::new()
+            .max_buf_size(crate::H1_MAX_BUF)
+            .handshake(TokioIo::new(tunnel))
             .await
             .map_err(|source| UpstreamError::Handshake { addr, source })?;
         tokio::spawn(async move {

@@ -37,10 +37,13 @@ pub const HBONE_PORT: u16 = 15008;
 /// Flow-control windows (ztunnel's sizes): per stream and per connection.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-/// Largest HTTP/2 frame either side accepts (Istio's ztunnel advertises the same). With the
-/// default 16 KiB, every DATA frame is its own TLS record and its own socket write; larger
-/// frames let one write carry several records.
-pub const MAX_FRAME_SIZE: u32 = 1024 * 1024;
+/// Largest HTTP/2 frame either side accepts. With the default 16 KiB, every DATA frame is
+/// its own TLS record and its own socket write; larger frames let one write carry several
+/// records. 64 KiB is the most the relay reads from a socket at once, so each read still
+/// goes out as one frame; a larger limit (Istio's ztunnel advertises 1 MiB) gains nothing
+/// for that and leaves every connection that once received a large frame holding a read
+/// buffer of its size (1.4 MB per connection after a 1 MiB upload through the waypoint).
+pub const MAX_FRAME_SIZE: u32 = 64 * 1024;
 /// Bytes read from the socket at once under TLS. rustls asks for 4 KiB at a time; this
 /// buffer turns four or more of those reads into one system call.
 pub(crate) const TLS_READ_BUFFER: usize = 64 * 1024;
