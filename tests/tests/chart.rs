@@ -311,6 +311,10 @@ fn non_default_values_reach_ztunnel_and_the_waypoints() {
         )),
         "{args:?}"
     );
+    assert!(
+        args.contains(&json!("--root-namespace=mesh-root")),
+        "{args:?}"
+    );
     assert_eq!(
         args.last(),
         Some(&json!("--log=debug")),
@@ -377,6 +381,13 @@ fn waypoint_class_controller_and_settings_by_default() {
         )),
         "{args:?}"
     );
+    // Its waypoints are bound to (and read) their namespace and the root namespace.
+    for arg in [
+        "--root-namespace=istio-system",
+        "--waypoint-cluster-role=dataplane-waypoint",
+    ] {
+        assert!(args.contains(&json!(arg)), "{arg} in {args:?}");
+    }
     // The files the waypoint pods get them from are where the controller mounts them
     // (waypoint/src/kube/gateway/render.rs: TOKEN_FILE, ROOT_CERT_FILE, checked against the
     // Deployment it renders by its unit test).
@@ -440,17 +451,15 @@ fn rbac_grants_each_component_the_least_it_needs() {
         for rule in rules.as_array().unwrap() {
             for verb in rule["verbs"].as_array().unwrap() {
                 assert!(
-                    ![
-                        "*",
-                        "delete",
-                        "deletecollection",
-                        "update",
-                        "escalate",
-                        "impersonate"
-                    ]
-                    .contains(&verb.as_str().unwrap()),
+                    !["*", "deletecollection", "update", "escalate", "impersonate"]
+                        .contains(&verb.as_str().unwrap()),
                     "rule {rule} grants {verb}"
                 );
+                // The one delete: the controller's root-namespace RoleBindings of deleted
+                // Gateways, which no owner reference removes.
+                if verb == "delete" {
+                    assert_eq!(rule["resources"], json!(["rolebindings"]), "{rule}");
+                }
             }
             assert!(
                 !rule.to_string().contains("secrets"),
@@ -477,6 +486,18 @@ fn rbac_grants_each_component_the_least_it_needs() {
             "{resource}"
         );
     }
+    assert!(rules_grant(
+        controller,
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        "delete"
+    ));
+    assert!(!rules_grant(
+        waypoint,
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        "delete"
+    ));
     // It binds waypoints to their ClusterRole, and to no other.
     let bind: Vec<&Value> = controller
         .as_array()

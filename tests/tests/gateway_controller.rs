@@ -2,7 +2,10 @@
 //! a Gateway of our class gets its waypoint's ServiceAccount, Service and Deployment (owned
 //! by the Gateway) and a status with the Service's address and conditions; a Gateway without
 //! the HBONE listener is refused in its status, naming the field; another class is left alone;
-//! a deleted waypoint Deployment is made again.
+//! a deleted waypoint Deployment is made again. Each waypoint's ServiceAccount is bound to the
+//! waypoint ClusterRole in its namespace (owned by the Gateway) and in the root namespace
+//! (labelled with the Gateway, deleted by the controller when the Gateway goes), and the
+//! waypoint reads those two namespaces only.
 
 use std::process::Command;
 use std::time::Duration;
@@ -84,6 +87,8 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         .arg("--waypoint-image")
         .arg("example.test/waypoint:dev")
         .arg("--waypoint-arg=--xds-address=https://istiod.istio-system.svc:15012")
+        .arg("--waypoint-cluster-role=test-waypoint")
+        .arg("--root-namespace=istio-system")
         .env("RUST_LOG", "info");
     let ctl = Proc::spawn(
         "gateway-controller",
@@ -108,7 +113,7 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         .object("Gateway", "default", "waypoint")
         .expect("gateway");
     let uid = gateway["metadata"]["uid"].clone();
-    for kind in ["ServiceAccount", "Service", "Deployment"] {
+    for kind in ["ServiceAccount", "Service", "Deployment", "RoleBinding"] {
         let o = api
             .object(kind, "default", "waypoint")
             .unwrap_or_else(|| panic!("no {kind}:\n{}", ctl.log()));
@@ -157,6 +162,44 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
             && args.contains(&"--xds-address=https://istiod.istio-system.svc:15012"),
         "{args:?}"
     );
+    assert!(
+        args.contains(&"--kube-namespace=default")
+            && args.contains(&"--kube-namespace=istio-system")
+            && args.contains(&"--root-namespace=istio-system"),
+        "it reads where it is bound: {args:?}"
+    );
+    // Bound to the waypoint ClusterRole where it reads: its namespace (owned, checked above)
+    // and the root namespace (no owner across namespaces: labels name the Gateway).
+    let account =
+        serde_json::json!([{"kind": "ServiceAccount", "name": "waypoint", "namespace": "default"}]);
+    let role = serde_json::json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "test-waypoint"});
+    let local = api
+        .object("RoleBinding", "default", "waypoint")
+        .expect("binding");
+    assert_eq!(
+        (&local["roleRef"], &local["subjects"]),
+        (&role, &account),
+        "{local}"
+    );
+    let root = api
+        .object("RoleBinding", "istio-system", "default.waypoint")
+        .unwrap_or_else(|| panic!("no root namespace RoleBinding:\n{}", ctl.log()));
+    assert_eq!(
+        (&root["roleRef"], &root["subjects"]),
+        (&role, &account),
+        "{root}"
+    );
+    assert!(root["metadata"].get("ownerReferences").is_none(), "{root}");
+    let labels = &root["metadata"]["labels"];
+    assert_eq!(
+        labels["gateway.networking.k8s.io/gateway-name"], "waypoint",
+        "{root}"
+    );
+    assert_eq!(
+        labels["ambient-dataplane.io/gateway-namespace"], "default",
+        "{root}"
+    );
+    assert!(api.object("RoleBinding", "default", "broken").is_none());
     // Server-side apply, with our field manager.
     let applies: Vec<_> = api
         .seen()
@@ -200,14 +243,16 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         })
     });
     assert!(relabelled.is_ok(), "not applied again:\n{}", ctl.log());
-    let status_patches = api
+    let status_patches: Vec<_> = api
         .seen()
-        .iter()
+        .into_iter()
         .filter(|s| s.method == "PATCH" && s.uri.contains("/gateways/waypoint/status"))
-        .count();
+        .map(|s| s.body)
+        .collect();
     assert_eq!(
-        status_patches, 1,
-        "one status patch for the waypoint Gateway"
+        status_patches.len(),
+        1,
+        "one status patch for the waypoint Gateway: {status_patches:?}"
     );
 
     // Someone deletes the waypoint's Deployment: the controller applies it again.
@@ -221,5 +266,29 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         again.is_ok(),
         "the Deployment was not made again:\n{}",
         ctl.log()
+    );
+
+    // The Gateway goes: the garbage collector takes what it owns; the controller deletes the
+    // root namespace RoleBinding, which nothing owns.
+    assert!(api.delete("Gateway", "default", "waypoint"));
+    let unbound = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), || {
+            api.object("RoleBinding", "istio-system", "default.waypoint")
+                .is_none()
+        })
+    });
+    assert!(unbound.is_ok(), "root RoleBinding left:\n{}", ctl.log());
+    let deletes: Vec<String> = api
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "DELETE")
+        .map(|s| s.uri.trim_end_matches('?').to_owned())
+        .collect();
+    assert_eq!(
+        deletes,
+        [
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/istio-system/rolebindings/default.waypoint"
+        ],
+        "the one delete"
     );
 }

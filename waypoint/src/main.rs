@@ -61,6 +61,12 @@ struct Args {
     /// good routes keep serving. Readiness waits for the first complete list.
     #[arg(long)]
     kube: bool,
+    /// With `--kube`, read only this namespace (repeat it): one list and watch per kind and
+    /// namespace, for a waypoint whose RoleBindings let it read there only (the Gateway
+    /// controller gives its waypoints their own namespace and the root namespace). Without
+    /// it, all namespaces.
+    #[arg(long, value_name = "NAMESPACE", requires = "kube")]
+    kube_namespace: Vec<String>,
     /// The kubeconfig of `--kube` and `--gateway-controller` (its current context); without
     /// it, the in-cluster config (the pod's service account).
     #[arg(long, value_name = "FILE")]
@@ -80,6 +86,11 @@ struct Args {
     /// e.g. `--waypoint-arg=--xds-address=https://istiod.istio-system.svc:15012`.
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
     waypoint_arg: Vec<String>,
+    /// The ClusterRole `--gateway-controller` binds each waypoint's ServiceAccount to, with a
+    /// RoleBinding in the Gateway's namespace and one in `--root-namespace` (the chart's
+    /// `<release>-waypoint`).
+    #[arg(long, default_value = "dataplane-waypoint")]
+    waypoint_cluster_role: String,
     /// The Gateway API `controllerName` of the route status `--kube` writes (and the field
     /// manager of what `--gateway-controller` applies).
     #[arg(long, default_value = waypoint::kube::DEFAULT_CONTROLLER_NAME)]
@@ -128,7 +139,8 @@ struct Args {
     /// The cluster's DNS domain, for short host names.
     #[arg(long, default_value = "cluster.local")]
     domain: String,
-    /// Istio's root namespace, whose DestinationRules apply mesh-wide.
+    /// Istio's root namespace, whose DestinationRules apply mesh-wide (with
+    /// `--gateway-controller`: the waypoints it makes read it besides their own namespace).
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
     /// Append `-shadow` to the host of mirrored requests, as Envoy and Istio up to 1.27 do
@@ -233,6 +245,7 @@ fn main() -> ExitCode {
             kubeconfig: args.kubeconfig.clone(),
             controller_name: args.controller_name.clone(),
             write_status: !args.no_route_status,
+            namespaces: args.kube_namespace.clone(),
         }),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -263,12 +276,15 @@ fn gateway_controller(args: &Args) -> ExitCode {
             kubeconfig: args.kubeconfig.clone(),
             controller_name: args.controller_name.clone(),
             write_status: true,
+            namespaces: Vec::new(),
         },
         class: args.gateway_class.clone(),
         template: Template {
             image: args.waypoint_image.clone().unwrap_or_default(),
             extra_args: args.waypoint_arg.clone(),
             domain: args.domain.clone(),
+            root_namespace: args.root_namespace.clone(),
+            cluster_role: args.waypoint_cluster_role.clone(),
         },
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()

@@ -1,9 +1,12 @@
 //! The Gateway controller (`--gateway-controller`): for each Gateway of our GatewayClass it
-//! applies the waypoint's ServiceAccount, Service and Deployment (server-side apply, owned by
-//! the Gateway, so they go when it goes) and sets the Gateway's `status.addresses` and
-//! conditions, which is what makes istiod publish it as the waypoint of the services that
-//! name it. `render` decides what to write (pure); this module only reads and writes.
+//! applies the waypoint's ServiceAccount, RoleBindings, Service and Deployment (server-side
+//! apply, owned by the Gateway, so they go when it goes) and sets the Gateway's
+//! `status.addresses` and conditions, which is what makes istiod publish it as the waypoint
+//! of the services that name it. `render` and `rbac` decide what to write (pure),
+//! `reconcile` writes one Gateway's objects; this module watches and dispatches.
 
+pub mod rbac;
+mod reconcile;
 pub mod render;
 
 use std::collections::BTreeMap;
@@ -11,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject};
 use kube::discovery::ApiResource;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::Value as Json;
@@ -44,6 +47,33 @@ fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource
     }
 }
 
+fn role_binding_resource() -> ApiResource {
+    resource(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "RoleBinding",
+        "rolebindings",
+    )
+}
+
+type Key = (String, String);
+
+/// What the controller knows of the cluster.
+#[derive(Default)]
+struct Known {
+    gateways: BTreeMap<Key, Json>,
+    /// A re-list of Gateways under way: those seen since it started.
+    relist: Option<BTreeMap<Key, Json>>,
+    /// Every Gateway has been listed once: a Gateway not in `gateways` is gone.
+    listed: bool,
+    /// Our RoleBindings in the root namespace, by name, with the Gateway each is for.
+    root_bindings: BTreeMap<String, Key>,
+    /// Gateways whose objects could not be written, tried again every [`RETRY`].
+    failed: BTreeMap<Key, Json>,
+    /// A root RoleBinding could not be deleted: the sweep is tried again.
+    sweep_failed: bool,
+}
+
 /// Runs until the watch ends (never, in practice: errors back off and retry).
 pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
     let client = super::client(&opts.kube).await?;
@@ -64,30 +94,26 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
     )
     .default_backoff()
     .boxed();
-    let mut gateways: BTreeMap<(String, String), Json> = BTreeMap::new();
-    let mut failed: BTreeMap<(String, String), Json> = BTreeMap::new();
+    // Our RoleBindings in the root namespace, which no owner reference removes.
+    let root_bindings: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &opts.template.root_namespace,
+        &role_binding_resource(),
+    );
+    let mut bindings = watcher(
+        root_bindings.clone(),
+        watcher::Config::default().labels(rbac::GATEWAY_NAMESPACE_LABEL),
+    )
+    .default_backoff()
+    .boxed();
+    let mut known = Known::default();
     let mut retry = tokio::time::interval(RETRY);
     tracing::info!(class = %opts.class, "Gateway controller started");
     loop {
         let todo: Vec<Json> = tokio::select! {
             event = events.next() => match event {
                 None => return Ok(()),
-                Some(Ok(watcher::Event::Apply(g) | watcher::Event::InitApply(g))) => {
-                    let g = serde_json::to_value(&g).context("Gateway as JSON")?;
-                    gateways.insert(key_of(&g), g.clone());
-                    vec![g]
-                }
-                Some(Ok(watcher::Event::Delete(g))) => {
-                    let key = key_of(&serde_json::to_value(&g).unwrap_or_default());
-                    failed.remove(&key);
-                    gateways.remove(&key);
-                    tracing::info!(
-                        "Gateway {}/{} deleted: Kubernetes removes what it owned",
-                        key.0, key.1
-                    );
-                    Vec::new()
-                }
-                Some(Ok(_)) => Vec::new(),
+                Some(Ok(event)) => known.gateway_event(event)?,
                 Some(Err(e)) => {
                     tracing::warn!("Gateway watch: {e}; retrying with backoff");
                     Vec::new()
@@ -107,7 +133,7 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
                         .pointer(&format!("/metadata/labels/{}", render::GATEWAY_NAME_LABEL.replace('/', "~1")))
                         .and_then(Json::as_str)
                         .map(|name| (key_of(&d).0, name.to_owned()));
-                    gateway.and_then(|k| gateways.get(&k).cloned()).into_iter().collect()
+                    gateway.and_then(|k| known.gateways.get(&k).cloned()).into_iter().collect()
                 }
                 Some(Ok(_)) => Vec::new(),
                 Some(Err(e)) => {
@@ -115,19 +141,35 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
                     Vec::new()
                 }
             },
-            _ = retry.tick(), if !failed.is_empty() => failed.values().cloned().collect(),
+            event = bindings.next() => {
+                match event {
+                    None => return Ok(()),
+                    Some(Ok(event)) => known.binding_event(event),
+                    Some(Err(e)) => {
+                        tracing::warn!("root namespace RoleBinding watch: {e}; retrying with backoff");
+                    }
+                }
+                Vec::new()
+            },
+            _ = retry.tick(), if !known.failed.is_empty() || known.sweep_failed => {
+                known.failed.values().cloned().collect()
+            }
         };
         for g in todo {
             let key = key_of(&g);
-            match reconcile(&client, &opts, &gateway, &g).await {
+            tracing::debug!(
+                "reconciling {}/{} at resourceVersion {:?}",
+                key.0,
+                key.1,
+                g.pointer("/metadata/resourceVersion")
+            );
+            match reconcile::reconcile(&client, &opts, &gateway, &g).await {
                 Ok(updated) => {
-                    failed.remove(&key);
+                    known.failed.remove(&key);
                     // The Gateway as our status patch left it, so a look from the cache
                     // before the patch comes back as an event does not write it again.
-                    if let Some(updated) = updated
-                        && gateways.contains_key(&key)
-                    {
-                        gateways.insert(key, updated);
+                    if let Some(updated) = updated {
+                        known.updated(key, updated);
                     }
                 }
                 Err(e) => {
@@ -136,14 +178,122 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
                         key.0,
                         key.1
                     );
-                    failed.insert(key, g);
+                    known.failed.insert(key, g);
+                }
+            }
+        }
+        known.sweep(&root_bindings, &opts).await;
+    }
+}
+
+impl Known {
+    /// Takes a Gateway event in; the Gateways to reconcile.
+    fn gateway_event(&mut self, event: watcher::Event<DynamicObject>) -> anyhow::Result<Vec<Json>> {
+        Ok(match event {
+            watcher::Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                Vec::new()
+            }
+            watcher::Event::Apply(g) | watcher::Event::InitApply(g) => {
+                let g = serde_json::to_value(&g).context("Gateway as JSON")?;
+                if let Some(relist) = &mut self.relist {
+                    relist.insert(key_of(&g), g.clone());
+                }
+                self.gateways.insert(key_of(&g), g.clone());
+                vec![g]
+            }
+            watcher::Event::InitDone => {
+                // Those not listed again were deleted while the watch was away.
+                if let Some(listed) = self.relist.take() {
+                    self.failed.retain(|k, _| listed.contains_key(k));
+                    self.gateways = listed;
+                }
+                self.listed = true;
+                Vec::new()
+            }
+            watcher::Event::Delete(g) => {
+                let key = key_of(&serde_json::to_value(&g).unwrap_or_default());
+                self.failed.remove(&key);
+                self.gateways.remove(&key);
+                if let Some(relist) = &mut self.relist {
+                    relist.remove(&key);
+                }
+                tracing::info!(
+                    "Gateway {}/{} deleted: Kubernetes removes what it owned",
+                    key.0,
+                    key.1
+                );
+                Vec::new()
+            }
+        })
+    }
+
+    /// A Gateway as our own status patch left it, in place of the version known (and of
+    /// the one a list under way holds, which would otherwise bring the old one back).
+    fn updated(&mut self, key: Key, gateway: Json) {
+        if let Some(relist) = &mut self.relist
+            && relist.contains_key(&key)
+        {
+            relist.insert(key.clone(), gateway.clone());
+        }
+        if self.gateways.contains_key(&key) {
+            self.gateways.insert(key, gateway);
+        }
+    }
+
+    /// Takes an event of our RoleBindings in the root namespace in.
+    fn binding_event(&mut self, event: watcher::Event<DynamicObject>) {
+        let mut remember = |b: &DynamicObject| {
+            let json = serde_json::to_value(b).unwrap_or_default();
+            if let (Some(name), Some(gateway)) = (b.metadata.name.clone(), rbac::gateway_of(&json))
+            {
+                self.root_bindings.insert(name, gateway);
+            }
+        };
+        match event {
+            watcher::Event::Init => self.root_bindings.clear(),
+            watcher::Event::Apply(b) | watcher::Event::InitApply(b) => remember(&b),
+            watcher::Event::Delete(b) => {
+                if let Some(name) = &b.metadata.name {
+                    self.root_bindings.remove(name);
+                }
+            }
+            watcher::Event::InitDone => {}
+        }
+    }
+
+    /// Deletes the root-namespace RoleBindings whose Gateway is gone, once every Gateway
+    /// has been listed (before that, a Gateway not yet seen is not a deleted one).
+    async fn sweep(&mut self, api: &Api<DynamicObject>, opts: &GatewayOptions) {
+        if !self.listed {
+            return;
+        }
+        self.sweep_failed = false;
+        for name in rbac::orphans(&self.root_bindings, &self.gateways, &opts.class) {
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {
+                    tracing::info!(
+                        "RoleBinding {}/{name} deleted: its Gateway is gone",
+                        opts.template.root_namespace
+                    );
+                    self.root_bindings.remove(&name);
+                }
+                Err(kube::Error::Api(status)) if status.is_not_found() => {
+                    self.root_bindings.remove(&name);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "RoleBinding {}/{name} of a deleted Gateway not deleted: {e}; tried again in {RETRY:?}",
+                        opts.template.root_namespace
+                    );
+                    self.sweep_failed = true;
                 }
             }
         }
     }
 }
 
-fn key_of(g: &Json) -> (String, String) {
+fn key_of(g: &Json) -> Key {
     let s = |p: &str| {
         g.pointer(p)
             .and_then(Json::as_str)
@@ -151,80 +301,4 @@ fn key_of(g: &Json) -> (String, String) {
             .to_owned()
     };
     (s("/metadata/namespace"), s("/metadata/name"))
-}
-
-/// Brings one Gateway's waypoint objects and status to what they should be; the Gateway as
-/// the API server answered a status patch, when one was written.
-async fn reconcile(
-    client: &kube::Client,
-    opts: &GatewayOptions,
-    gateway_resource: &ApiResource,
-    g: &Json,
-) -> anyhow::Result<Option<Json>> {
-    if g.pointer("/spec/gatewayClassName").and_then(Json::as_str) != Some(opts.class.as_str()) {
-        return Ok(None);
-    }
-    let (namespace, name) = key_of(g);
-    for field in ["addresses", "infrastructure"] {
-        if g.get("spec").and_then(|s| s.get(field)).is_some() {
-            tracing::warn!(
-                "Gateway {namespace}/{name}: spec.{field}: accepted, not implemented (ignored)"
-            );
-        }
-    }
-    let gateways: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &namespace, gateway_resource);
-    let now = k8s_openapi::jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string();
-    let addresses = match render::validate(g) {
-        Err(problem) => {
-            tracing::warn!(
-                "Gateway {namespace}/{name}: {}: {}; no waypoint made",
-                problem.field,
-                problem.message
-            );
-            let Some(p) = render::status_patch(g, None, Some(&problem), &now) else {
-                return Ok(None);
-            };
-            let updated = gateways
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&p))
-                .await
-                .context("status")?;
-            return Ok(serde_json::to_value(&updated).ok());
-        }
-        Ok(()) => {
-            let apply = PatchParams::apply(&opts.kube.controller_name).force();
-            let ns = |r: ApiResource| -> Api<DynamicObject> {
-                Api::namespaced_with(client.clone(), &namespace, &r)
-            };
-            ns(resource("", "v1", "ServiceAccount", "serviceaccounts"))
-                .patch(&name, &apply, &Patch::Apply(render::service_account(g)))
-                .await
-                .context("ServiceAccount")?;
-            let service = ns(resource("", "v1", "Service", "services"))
-                .patch(&name, &apply, &Patch::Apply(render::service(g)))
-                .await
-                .context("Service")?;
-            ns(resource("apps", "v1", "Deployment", "deployments"))
-                .patch(
-                    &name,
-                    &apply,
-                    &Patch::Apply(render::deployment(g, &opts.template)),
-                )
-                .await
-                .context("Deployment")?;
-            let service = serde_json::to_value(&service).ok();
-            render::addresses(g, service.as_ref(), &opts.template.domain)
-        }
-    };
-    let Some(p) = render::status_patch(g, Some(addresses), None, &now) else {
-        return Ok(None);
-    };
-    let updated = gateways
-        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&p))
-        .await
-        .context("status")?;
-    tracing::info!("Gateway {namespace}/{name}: waypoint applied, status written");
-    Ok(serde_json::to_value(&updated).ok())
 }

@@ -16,6 +16,12 @@ pub struct Template {
     pub extra_args: Vec<String>,
     /// The cluster's DNS domain, for the Service's host name.
     pub domain: String,
+    /// Istio's root namespace: the waypoint reads it besides its own (`--kube-namespace`)
+    /// and applies its DestinationRules mesh-wide (`--root-namespace`).
+    pub root_namespace: String,
+    /// The ClusterRole each waypoint's ServiceAccount is bound to (the chart's
+    /// `<release>-waypoint`).
+    pub cluster_role: String,
 }
 
 /// Where a waypoint pod finds the projected token it shows istiod's CA (audience
@@ -69,7 +75,7 @@ fn owner(gateway: &Json) -> Json {
     }])
 }
 
-fn meta(gateway: &Json, labels: Json) -> Json {
+pub(super) fn meta(gateway: &Json, labels: Json) -> Json {
     json!({
         "name": gateway.pointer("/metadata/name").cloned().unwrap_or(Json::Null),
         "namespace": gateway.pointer("/metadata/namespace").cloned().unwrap_or(Json::Null),
@@ -78,7 +84,7 @@ fn meta(gateway: &Json, labels: Json) -> Json {
     })
 }
 
-fn str_at<'a>(v: &'a Json, pointer: &str) -> &'a str {
+pub(super) fn str_at<'a>(v: &'a Json, pointer: &str) -> &'a str {
     v.pointer(pointer)
         .and_then(Json::as_str)
         .unwrap_or_default()
@@ -86,7 +92,7 @@ fn str_at<'a>(v: &'a Json, pointer: &str) -> &'a str {
 
 /// The labels of every object: the Gateway's name and class, and `istio.io/waypoint-for`
 /// when the Gateway says what it is the waypoint for.
-fn labels(gateway: &Json) -> Json {
+pub(super) fn labels(gateway: &Json) -> Json {
     let mut labels = json!({
         GATEWAY_NAME_LABEL: str_at(gateway, "/metadata/name"),
         "gateway.networking.k8s.io/gateway-class-name": str_at(gateway, "/spec/gatewayClassName"),
@@ -135,7 +141,13 @@ pub fn deployment(gateway: &Json, template: &Template) -> Json {
         namespace.to_owned(),
         "--service-account".to_owned(),
         name.to_owned(),
+        format!("--root-namespace={}", template.root_namespace),
+        // Where its RoleBindings let it read (see `rbac`).
+        format!("--kube-namespace={namespace}"),
     ];
+    if namespace != template.root_namespace {
+        args.push(format!("--kube-namespace={}", template.root_namespace));
+    }
     args.extend(template.extra_args.iter().cloned());
     let field_env = |env: &str, path: &str| json!({"name": env, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     json!({

@@ -21,6 +21,8 @@ fn template() -> Template {
             "https://istiod.istio-system.svc:15012".into(),
         ],
         domain: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
+        cluster_role: "dataplane-waypoint".into(),
     }
 }
 
@@ -68,6 +70,10 @@ fn every_object_is_owned_by_the_gateway_and_labelled_with_it() {
         ]
     );
     assert!(args.contains(&"--xds-address"));
+    // It reads where its RoleBindings are: its namespace and the root namespace.
+    assert!(args.contains(&"--kube-namespace=bookinfo"), "{args:?}");
+    assert!(args.contains(&"--kube-namespace=istio-system"), "{args:?}");
+    assert!(args.contains(&"--root-namespace=istio-system"), "{args:?}");
     assert_eq!(service(&g)["spec"]["ports"][0]["port"], 15008);
 }
 
