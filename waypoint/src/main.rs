@@ -74,8 +74,21 @@ struct Args {
     /// Run the Gateway controller instead of a proxy: for each Gateway of `--gateway-class`,
     /// apply the waypoint's ServiceAccount, Service and Deployment (owned by the Gateway)
     /// and set its status.addresses and conditions.
-    #[arg(long, conflicts_with_all = ["check", "kube", "routes"], requires = "waypoint_image")]
+    #[arg(long, conflicts_with_all = ["check", "kube", "routes"])]
     gateway_controller: bool,
+    /// The controller's settings file (the chart's /etc/waypoint-controller/config.yaml):
+    /// its GatewayClass, controllerName, the waypoint ClusterRole, and what each waypoint
+    /// gets (image, replicas, resources, istiod's address, root namespace,
+    /// PodDisruptionBudget, HorizontalPodAutoscaler). Read once at start-up: an invalid file
+    /// stops the controller with its line and column. It replaces the flags of the same
+    /// settings, which may not be given with it.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "gateway_controller",
+        conflicts_with_all = ["gateway_class", "controller_name", "waypoint_image", "waypoint_cluster_role", "root_namespace"]
+    )]
+    controller_config: Option<PathBuf>,
     /// The GatewayClass whose Gateways `--gateway-controller` serves.
     #[arg(long, default_value = "ambient-waypoint")]
     gateway_class: String,
@@ -270,22 +283,46 @@ fn main() -> ExitCode {
 }
 
 fn gateway_controller(args: &Args) -> ExitCode {
-    use waypoint::kube::gateway::{GatewayOptions, render::Template};
+    use waypoint::kube::gateway::{GatewayOptions, config, render::Template};
+    let (class, controller_name, template) = match &args.controller_config {
+        Some(path) => match config::load(path) {
+            Ok(c) => {
+                let template = c.template(args.waypoint_arg.clone(), &args.domain);
+                (c.gateway_class_name, c.controller_name, template)
+            }
+            Err(e) => {
+                eprintln!("controller settings: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => {
+            let Some(image) = args.waypoint_image.clone() else {
+                eprintln!("--gateway-controller needs --waypoint-image or --controller-config");
+                return ExitCode::FAILURE;
+            };
+            let template = Template::new(
+                image,
+                args.waypoint_arg.clone(),
+                args.domain.clone(),
+                args.root_namespace.clone(),
+                args.waypoint_cluster_role.clone(),
+            );
+            (
+                args.gateway_class.clone(),
+                args.controller_name.clone(),
+                template,
+            )
+        }
+    };
     let opts = GatewayOptions {
         kube: waypoint::kube::KubeOptions {
             kubeconfig: args.kubeconfig.clone(),
-            controller_name: args.controller_name.clone(),
+            controller_name,
             write_status: true,
             namespaces: Vec::new(),
         },
-        class: args.gateway_class.clone(),
-        template: Template {
-            image: args.waypoint_image.clone().unwrap_or_default(),
-            extra_args: args.waypoint_arg.clone(),
-            domain: args.domain.clone(),
-            root_namespace: args.root_namespace.clone(),
-            cluster_role: args.waypoint_cluster_role.clone(),
-        },
+        class,
+        template,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -2,12 +2,15 @@
 //! applies the waypoint's ServiceAccount, RoleBindings, Service and Deployment (server-side
 //! apply, owned by the Gateway, so they go when it goes) and sets the Gateway's
 //! `status.addresses` and conditions, which is what makes istiod publish it as the waypoint
-//! of the services that name it. `render` and `rbac` decide what to write (pure),
-//! `reconcile` writes one Gateway's objects; this module watches and dispatches.
+//! of the services that name it. `config` reads its settings file; `render`, `rbac` and
+//! `scaling` decide what to write (pure), `reconcile` writes one Gateway's objects; this
+//! module watches and dispatches.
 
+pub mod config;
 pub mod rbac;
 mod reconcile;
 pub mod render;
+pub mod scaling;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

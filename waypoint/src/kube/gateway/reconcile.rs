@@ -7,7 +7,7 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::discovery::ApiResource;
 use serde_json::Value as Json;
 
-use super::{GatewayOptions, key_of, rbac, render, resource, role_binding_resource};
+use super::{GatewayOptions, key_of, rbac, render, resource, role_binding_resource, scaling};
 
 /// Brings one Gateway's waypoint objects and status to what they should be; the Gateway as
 /// the API server answered a status patch, when one was written.
@@ -83,6 +83,36 @@ pub(super) async fn reconcile(
                 )
                 .await
                 .context("Deployment")?;
+            if let Some(settings) = &t.pod_disruption_budget {
+                ns(resource(
+                    "policy",
+                    "v1",
+                    "PodDisruptionBudget",
+                    "poddisruptionbudgets",
+                ))
+                .patch(
+                    &name,
+                    &apply,
+                    &Patch::Apply(scaling::pod_disruption_budget(g, settings)),
+                )
+                .await
+                .context("PodDisruptionBudget")?;
+            }
+            if let Some(settings) = &t.autoscaling {
+                ns(resource(
+                    "autoscaling",
+                    "v2",
+                    "HorizontalPodAutoscaler",
+                    "horizontalpodautoscalers",
+                ))
+                .patch(
+                    &name,
+                    &apply,
+                    &Patch::Apply(scaling::horizontal_pod_autoscaler(g, settings)),
+                )
+                .await
+                .context("HorizontalPodAutoscaler")?;
+            }
             let service = serde_json::to_value(&service).ok();
             render::addresses(g, service.as_ref(), &opts.template.domain)
         }

@@ -4,13 +4,32 @@
 //! Gateway, the Service carries the HBONE port 15008 named `mesh`, the pods are never
 //! captured themselves (`istio.io/dataplane-mode: none`).
 
+use std::collections::BTreeMap;
+
 use serde_json::{Value as Json, json};
 
-/// How the waypoint Deployments are made.
+use super::config::{Autoscaling, PodDisruptionBudget, PullPolicy, Resources};
+
+/// How the waypoint Deployments are made: from the flags alone ([`Template::new`]) or from
+/// the controller's settings file (`config::ControllerConfig::template`).
 #[derive(Clone, Debug)]
 pub struct Template {
     /// The waypoint's container image.
     pub image: String,
+    pub image_pull_policy: Option<PullPolicy>,
+    /// Secrets with registry credentials, by name.
+    pub image_pull_secrets: Vec<String>,
+    /// The Deployment's replicas (none with an autoscaler, which owns the count).
+    pub replicas: u32,
+    /// The waypoint container's requests and limits.
+    pub resources: Option<Resources>,
+    /// The pod's annotations; `None`: Istio's Prometheus scrape annotations.
+    pub pod_annotations: Option<BTreeMap<String, String>>,
+    /// The ConfigMap with the mesh's root certificate (istiod writes it in every namespace).
+    pub root_cert_config_map: String,
+    /// The audience and lifetime of the projected token shown to istiod.
+    pub token_audience: String,
+    pub token_expiration_seconds: u32,
     /// Arguments after the ones every waypoint gets (`--kube`, its namespace and account),
     /// e.g. istiod's address.
     pub extra_args: Vec<String>,
@@ -22,6 +41,40 @@ pub struct Template {
     /// The ClusterRole each waypoint's ServiceAccount is bound to (the chart's
     /// `<release>-waypoint`).
     pub cluster_role: String,
+    /// A PodDisruptionBudget per waypoint, when set.
+    pub pod_disruption_budget: Option<PodDisruptionBudget>,
+    /// A HorizontalPodAutoscaler per waypoint, when set.
+    pub autoscaling: Option<Autoscaling>,
+}
+
+impl Template {
+    /// The settings when only flags are given: one replica, Istio's defaults for the token
+    /// and root certificate, no resources, budget or autoscaler.
+    pub fn new(
+        image: String,
+        extra_args: Vec<String>,
+        domain: String,
+        root_namespace: String,
+        cluster_role: String,
+    ) -> Template {
+        Template {
+            image,
+            image_pull_policy: None,
+            image_pull_secrets: Vec::new(),
+            replicas: 1,
+            resources: None,
+            pod_annotations: None,
+            root_cert_config_map: "istio-ca-root-cert".into(),
+            token_audience: "istio-ca".into(),
+            token_expiration_seconds: 43_200,
+            extra_args,
+            domain,
+            root_namespace,
+            cluster_role,
+            pod_disruption_budget: None,
+            autoscaling: None,
+        }
+    }
 }
 
 /// Where a waypoint pod finds the projected token it shows istiod's CA (audience
@@ -150,7 +203,15 @@ pub fn deployment(gateway: &Json, template: &Template) -> Json {
     }
     args.extend(template.extra_args.iter().cloned());
     let field_env = |env: &str, path: &str| json!({"name": env, "valueFrom": {"fieldRef": {"fieldPath": path}}});
-    json!({
+    let annotations = match &template.pod_annotations {
+        Some(a) => json!(a),
+        None => json!({
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": "15020",
+            "prometheus.io/path": "/stats/prometheus",
+        }),
+    };
+    let mut d = json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": meta(gateway, labels(gateway)),
@@ -159,20 +220,18 @@ pub fn deployment(gateway: &Json, template: &Template) -> Json {
             "template": {
                 "metadata": {
                     "labels": pod_labels,
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": "15020",
-                        "prometheus.io/path": "/stats/prometheus",
-                    },
+                    "annotations": annotations,
                 },
                 "spec": {
                     "serviceAccountName": name,
                     "terminationGracePeriodSeconds": 2,
                     "volumes": [
                         {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
-                            "audience": "istio-ca", "expirationSeconds": 43200, "path": "istio-token",
+                            "audience": template.token_audience,
+                            "expirationSeconds": template.token_expiration_seconds,
+                            "path": "istio-token",
                         }}]}},
-                        {"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}},
+                        {"name": "istiod-ca-cert", "configMap": {"name": template.root_cert_config_map}},
                     ],
                     "containers": [{
                         "name": "waypoint",
@@ -207,7 +266,27 @@ pub fn deployment(gateway: &Json, template: &Template) -> Json {
                 },
             },
         },
-    })
+    });
+    let container = &mut d["spec"]["template"]["spec"]["containers"][0];
+    if let Some(policy) = template.image_pull_policy {
+        container["imagePullPolicy"] = json!(policy.as_str());
+    }
+    if let Some(resources) = &template.resources {
+        container["resources"] = resources.to_json();
+    }
+    if !template.image_pull_secrets.is_empty() {
+        let secrets: Vec<Json> = template
+            .image_pull_secrets
+            .iter()
+            .map(|name| json!({ "name": name }))
+            .collect();
+        d["spec"]["template"]["spec"]["imagePullSecrets"] = json!(secrets);
+    }
+    // With an autoscaler the count is its to set: a replicas field here would fight it.
+    if template.autoscaling.is_none() {
+        d["spec"]["replicas"] = json!(template.replicas);
+    }
+    d
 }
 
 /// The Gateway's `status.addresses`: the Service's cluster IP once it has one, else its

@@ -14,16 +14,16 @@ fn gateway(port: u64) -> Json {
 }
 
 fn template() -> Template {
-    Template {
-        image: "example/waypoint:1".into(),
-        extra_args: vec![
+    Template::new(
+        "example/waypoint:1".into(),
+        vec![
             "--xds-address".into(),
             "https://istiod.istio-system.svc:15012".into(),
         ],
-        domain: "cluster.local".into(),
-        root_namespace: "istio-system".into(),
-        cluster_role: "dataplane-waypoint".into(),
-    }
+        "cluster.local".into(),
+        "istio-system".into(),
+        "dataplane-waypoint".into(),
+    )
 }
 
 #[test]
@@ -130,4 +130,59 @@ fn the_waypoint_pod_has_istios_token_and_root_certificate_where_the_constants_sa
         .find(|v| v["name"] == "istiod-ca-cert")
         .expect("root");
     assert_eq!(root["configMap"]["name"], "istio-ca-root-cert");
+}
+
+#[test]
+fn the_settings_reach_the_deployment() {
+    let mut t = template();
+    let d = deployment(&gateway(15008), &t);
+    assert_eq!(d["spec"]["replicas"], 1);
+    assert!(
+        d["spec"]["template"]["spec"]["containers"][0]
+            .get("resources")
+            .is_none()
+    );
+    assert_eq!(
+        d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"],
+        "15020"
+    );
+    let config = crate::kube::gateway::config::parse(
+        "gatewayClassName: c\ncontrollerName: x/y\nwaypointClusterRole: r\nwaypoint:\n  image: i\n  \
+         imagePullPolicy: Always\n  imagePullSecrets: [regcred]\n  replicas: 3\n  \
+         resources: {requests: {cpu: 100m}, limits: {memory: 1Gi}}\n  podAnnotations: {team: mesh}\n  \
+         rootCertConfigMap: roots\n  tokenAudience: aud\n  tokenExpirationSeconds: 3600\n",
+        "f",
+    )
+    .expect("parses");
+    t = config.template(Vec::new(), "cluster.local");
+    let d = deployment(&gateway(15008), &t);
+    let pod = &d["spec"]["template"];
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(d["spec"]["replicas"], 3);
+    assert_eq!(container["imagePullPolicy"], "Always");
+    assert_eq!(
+        container["resources"],
+        json!({"requests": {"cpu": "100m"}, "limits": {"memory": "1Gi"}})
+    );
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        json!([{"name": "regcred"}])
+    );
+    assert_eq!(pod["metadata"]["annotations"], json!({"team": "mesh"}));
+    let volumes = &pod["spec"]["volumes"];
+    let token = &volumes[0]["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(
+        (
+            token["audience"].as_str(),
+            token["expirationSeconds"].as_u64()
+        ),
+        (Some("aud"), Some(3600))
+    );
+    assert_eq!(volumes[1]["configMap"]["name"], "roots");
+    t.autoscaling = Some(crate::kube::gateway::config::Autoscaling::default());
+    let d = deployment(&gateway(15008), &t);
+    assert!(
+        d["spec"].get("replicas").is_none(),
+        "the autoscaler owns the count"
+    );
 }
