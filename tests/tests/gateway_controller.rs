@@ -2,7 +2,8 @@
 //! a Gateway of our class gets its waypoint's ServiceAccount, Service and Deployment (owned
 //! by the Gateway) and a status with the Service's address and conditions; a Gateway without
 //! the HBONE listener is refused in its status, naming the field; another class is left alone;
-//! a deleted waypoint Deployment is made again. Each waypoint's ServiceAccount is bound to the
+//! a deleted waypoint Deployment is made again. The Gateways' listeners get their status, and
+//! our GatewayClass `Accepted` and `SupportedVersion`. Each waypoint's ServiceAccount is bound to the
 //! waypoint ClusterRole in its namespace (owned by the Gateway) and in the root namespace
 //! (labelled with the Gateway, deleted by the controller when the Gateway goes), and the
 //! waypoint reads those two namespaces only.
@@ -19,6 +20,20 @@ use serde_json::Value as Json;
 /// A waypoint Gateway as `istioctl waypoint apply` writes it, with our class; a broken one
 /// (an HTTP listener only) and one of another class.
 const GATEWAYS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata:
+  name: ambient-waypoint
+spec:
+  controllerName: ambient-dataplane.io/waypoint-controller
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata:
+  name: istio
+spec:
+  controllerName: istio.io/gateway-controller
+---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata:
@@ -58,9 +73,11 @@ spec:
     protocol: HTTP
 "#;
 
+/// The condition `kind` of an object's status, or of a listener's status entry.
 fn condition(object: &Json, kind: &str) -> Json {
     object
         .pointer("/status/conditions")
+        .or_else(|| object.get("conditions"))
         .and_then(Json::as_array)
         .and_then(|cs| cs.iter().find(|c| c["type"] == kind).cloned())
         .unwrap_or_default()
@@ -105,9 +122,28 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
                 && api
                     .object("Gateway", "default", "broken")
                     .is_some_and(|g| g.pointer("/status/conditions/0").is_some())
+                && api
+                    .object("GatewayClass", "", "ambient-waypoint")
+                    .is_some_and(|c| c.pointer("/status/conditions/0").is_some())
         })
     });
     assert!(done.is_ok(), "no status written:\n{}", ctl.log());
+
+    // Our GatewayClass is accepted, at a supported version; another controller's is not ours.
+    let class = api
+        .object("GatewayClass", "", "ambient-waypoint")
+        .expect("class");
+    for kind in ["Accepted", "SupportedVersion"] {
+        let c = condition(&class, kind);
+        assert_eq!(
+            (&c["status"], &c["reason"]),
+            (&"True".into(), &kind.into()),
+            "{class}"
+        );
+        assert_eq!(c["observedGeneration"], 1, "{class}");
+    }
+    let istio = api.object("GatewayClass", "", "istio").expect("istio");
+    assert!(istio.get("status").is_none(), "{istio}");
 
     let gateway = api
         .object("Gateway", "default", "waypoint")
@@ -143,6 +179,21 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         "True",
         "{gateway}"
     );
+    // Its one listener: served, no route attaches to it (routes attach to Services).
+    let listeners = gateway["status"]["listeners"]
+        .as_array()
+        .expect("listeners");
+    assert_eq!(listeners.len(), 1, "{gateway}");
+    assert_eq!(listeners[0]["name"], "mesh");
+    assert_eq!(listeners[0]["attachedRoutes"], 0);
+    assert_eq!(listeners[0]["supportedKinds"], serde_json::json!([]));
+    for kind in ["Accepted", "Programmed", "ResolvedRefs"] {
+        assert_eq!(
+            condition(&listeners[0], kind)["status"],
+            "True",
+            "{kind}: {gateway}"
+        );
+    }
     let deployment = api
         .object("Deployment", "default", "waypoint")
         .expect("deployment");
@@ -225,6 +276,19 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         "{broken}"
     );
     assert!(api.object("Deployment", "default", "broken").is_none());
+    let listener = &broken["status"]["listeners"][0];
+    assert_eq!(listener["name"], "http", "{broken}");
+    let accepted = condition(listener, "Accepted");
+    assert_eq!(
+        (&accepted["status"], &accepted["reason"]),
+        (&"False".into(), &"UnsupportedProtocol".into()),
+        "{broken}"
+    );
+    assert_eq!(
+        condition(listener, "Programmed")["status"],
+        "False",
+        "{broken}"
+    );
     // Another class's Gateway is not ours.
     let ingress = api
         .object("Gateway", "default", "ingress")
@@ -253,6 +317,15 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         status_patches.len(),
         1,
         "one status patch for the waypoint Gateway: {status_patches:?}"
+    );
+    let class_patches = api
+        .seen()
+        .iter()
+        .filter(|s| s.method == "PATCH" && s.uri.contains("/gatewayclasses/"))
+        .count();
+    assert_eq!(
+        class_patches, 1,
+        "one status patch, for our GatewayClass only"
     );
 
     // Someone deletes the waypoint's Deployment: the controller applies it again.

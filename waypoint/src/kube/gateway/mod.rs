@@ -2,7 +2,8 @@
 //! applies the waypoint's ServiceAccount, RoleBindings, Service and Deployment (server-side
 //! apply, owned by the Gateway, so they go when it goes) and sets the Gateway's
 //! `status.addresses` and conditions, which is what makes istiod publish it as the waypoint
-//! of the services that name it. `config` reads its settings file; `render`, `rbac` and
+//! of the services that name it, and its listeners' status; it also writes the status of the
+//! GatewayClasses that name its controllerName. `config` reads its settings file; `render`, `rbac` and
 //! `scaling` decide what to write (pure), `reconcile` writes one Gateway's objects; this
 //! module watches and dispatches.
 
@@ -11,13 +12,14 @@ pub mod rbac;
 mod reconcile;
 pub mod render;
 pub mod scaling;
+pub mod status;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use kube::api::{Api, DeleteParams, DynamicObject};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::discovery::ApiResource;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::Value as Json;
@@ -75,6 +77,8 @@ struct Known {
     failed: BTreeMap<Key, Json>,
     /// A root RoleBinding could not be deleted: the sweep is tried again.
     sweep_failed: bool,
+    /// GatewayClasses whose status could not be written, tried again every [`RETRY`].
+    failed_classes: BTreeMap<String, Json>,
 }
 
 /// Runs until the watch ends (never, in practice: errors back off and retry).
@@ -109,6 +113,19 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
     )
     .default_backoff()
     .boxed();
+    // The GatewayClasses, for the status of those naming our controllerName.
+    let classes: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &resource(
+            "gateway.networking.k8s.io",
+            "v1",
+            "GatewayClass",
+            "gatewayclasses",
+        ),
+    );
+    let mut class_events = watcher(classes.clone(), watcher::Config::default())
+        .default_backoff()
+        .boxed();
     let mut known = Known::default();
     let mut retry = tokio::time::interval(RETRY);
     tracing::info!(class = %opts.class, "Gateway controller started");
@@ -154,7 +171,26 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
                 }
                 Vec::new()
             },
-            _ = retry.tick(), if !known.failed.is_empty() || known.sweep_failed => {
+            event = class_events.next() => {
+                match event {
+                    None => return Ok(()),
+                    Some(Ok(watcher::Event::Apply(c) | watcher::Event::InitApply(c))) => {
+                        let c = serde_json::to_value(&c).unwrap_or_default();
+                        class_status(&classes, &opts, c, &mut known.failed_classes).await;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::warn!("GatewayClass watch: {e}; retrying with backoff");
+                    }
+                }
+                Vec::new()
+            },
+            _ = retry.tick(), if !known.failed.is_empty()
+                || known.sweep_failed
+                || !known.failed_classes.is_empty() => {
+                for c in std::mem::take(&mut known.failed_classes).into_values() {
+                    class_status(&classes, &opts, c, &mut known.failed_classes).await;
+                }
                 known.failed.values().cloned().collect()
             }
         };
@@ -292,6 +328,41 @@ impl Known {
                     self.sweep_failed = true;
                 }
             }
+        }
+    }
+}
+
+/// Writes the status of a GatewayClass naming our controllerName when it differs; one that
+/// could not be written goes to `failed`.
+async fn class_status(
+    api: &Api<DynamicObject>,
+    opts: &GatewayOptions,
+    class: Json,
+    failed: &mut BTreeMap<String, Json>,
+) {
+    let now = k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let name = class
+        .pointer("/metadata/name")
+        .and_then(Json::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    failed.remove(&name);
+    let Some(patch) = status::class_patch(&class, &opts.class, &opts.kube.controller_name, &now)
+    else {
+        return;
+    };
+    match api
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => tracing::info!("GatewayClass {name}: status written"),
+        Err(e) => {
+            tracing::warn!(
+                "GatewayClass {name}: status not written: {e}; tried again in {RETRY:?}"
+            );
+            failed.insert(name, class);
         }
     }
 }

@@ -7,7 +7,9 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::discovery::ApiResource;
 use serde_json::Value as Json;
 
-use super::{GatewayOptions, key_of, rbac, render, resource, role_binding_resource, scaling};
+use super::{
+    GatewayOptions, key_of, rbac, render, resource, role_binding_resource, scaling, status,
+};
 
 /// Brings one Gateway's waypoint objects and status to what they should be; the Gateway as
 /// the API server answered a status patch, when one was written.
@@ -40,7 +42,7 @@ pub(super) async fn reconcile(
                 problem.field,
                 problem.message
             );
-            let Some(p) = render::status_patch(g, None, Some(&problem), &now) else {
+            let Some(p) = status::gateway_patch(g, None, Some(&problem), &now) else {
                 return Ok(None);
             };
             let updated = gateways
@@ -117,7 +119,7 @@ pub(super) async fn reconcile(
             render::addresses(g, service.as_ref(), &opts.template.domain)
         }
     };
-    let Some(p) = render::status_patch(g, Some(addresses), None, &now) else {
+    let Some(p) = status::gateway_patch(g, Some(addresses), None, &now) else {
         return Ok(None);
     };
     let updated = gateways

@@ -1,6 +1,6 @@
 //! What a Gateway of our class becomes (pure): its waypoint's ServiceAccount, Service and
 //! Deployment, each owned by the Gateway (so Kubernetes deletes them with it), and the
-//! Gateway's status once they exist. Istio's conventions: the objects are named after the
+//! Gateway's addresses once they exist. Istio's conventions: the objects are named after the
 //! Gateway, the Service carries the HBONE port 15008 named `mesh`, the pods are never
 //! captured themselves (`istio.io/dataplane-mode: none`).
 
@@ -84,6 +84,9 @@ impl Template {
 pub const TOKEN_FILE: &str = "/var/run/secrets/tokens/istio-token";
 pub const ROOT_CERT_FILE: &str = "/var/run/secrets/istio/root-cert.pem";
 
+/// The port of the waypoint's HBONE listener (Istio's).
+pub const HBONE_PORT: u16 = 15008;
+
 /// The label that ties the objects to their Gateway (the Gateway API's own).
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
@@ -103,7 +106,7 @@ pub fn validate(gateway: &Json) -> Result<(), Invalid> {
         .unwrap_or_default();
     let hbone = listeners.iter().any(|l| {
         l.get("protocol").and_then(Json::as_str) == Some("HBONE")
-            && l.get("port").and_then(Json::as_u64) == Some(15008)
+            && l.get("port").and_then(Json::as_u64) == Some(u64::from(HBONE_PORT))
     });
     if hbone {
         Ok(())
@@ -307,69 +310,6 @@ pub fn addresses(gateway: &Json, service: Option<&Json>, domain: &str) -> Json {
             ),
         }]),
     }
-}
-
-/// The merge patch that gives the Gateway `addresses` and the conditions `Accepted` and
-/// `Programmed` (both True, or both False with the problem), or `None` when its status
-/// already says so. A condition keeps its `lastTransitionTime` while its status stays.
-pub fn status_patch(
-    gateway: &Json,
-    addresses: Option<Json>,
-    problem: Option<&Invalid>,
-    now: &str,
-) -> Option<Json> {
-    let generation = gateway
-        .pointer("/metadata/generation")
-        .and_then(Json::as_i64);
-    let (ok, reason_accepted, reason_programmed, message) = match problem {
-        None => (
-            true,
-            "Accepted",
-            "Programmed",
-            "the waypoint's Deployment and Service are applied".to_owned(),
-        ),
-        Some(p) => (
-            false,
-            "Invalid",
-            "Invalid",
-            format!("{}: {}", p.field, p.message),
-        ),
-    };
-    let status = if ok { "True" } else { "False" };
-    let old = gateway
-        .pointer("/status/conditions")
-        .and_then(Json::as_array);
-    let condition = |kind: &str, reason: &str| {
-        let since = old
-            .and_then(|cs| {
-                cs.iter().find(|c| {
-                    c.get("type").and_then(Json::as_str) == Some(kind)
-                        && c.get("status").and_then(Json::as_str) == Some(status)
-                })
-            })
-            .and_then(|c| c.get("lastTransitionTime").cloned())
-            .unwrap_or_else(|| json!(now));
-        let mut c = json!({
-            "type": kind, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": since,
-        });
-        if let Some(g) = generation {
-            c["observedGeneration"] = json!(g);
-        }
-        c
-    };
-    let mut wanted = json!({
-        "conditions": [condition("Accepted", reason_accepted), condition("Programmed", reason_programmed)],
-    });
-    if let Some(a) = addresses {
-        wanted["addresses"] = a;
-    }
-    let current = gateway.get("status");
-    let same = current.is_some_and(|c| {
-        c.get("conditions") == wanted.get("conditions")
-            && (wanted.get("addresses").is_none() || c.get("addresses") == wanted.get("addresses"))
-    });
-    (!same).then(|| json!({"status": wanted}))
 }
 
 #[cfg(test)]

@@ -78,33 +78,6 @@ fn every_object_is_owned_by_the_gateway_and_labelled_with_it() {
 }
 
 #[test]
-fn status_has_the_cluster_ip_and_is_written_once() {
-    let mut g = gateway(15008);
-    let svc = json!({"spec": {"clusterIP": "198.18.200.7"}});
-    let addrs = addresses(&g, Some(&svc), "cluster.local");
-    assert_eq!(
-        addrs,
-        json!([{"type": "IPAddress", "value": "198.18.200.7"}])
-    );
-    let hostname = addresses(&g, None, "cluster.local");
-    assert_eq!(hostname[0]["value"], "waypoint.bookinfo.svc.cluster.local");
-    let p = status_patch(&g, Some(addrs.clone()), None, "t1").expect("a patch");
-    assert_eq!(p["status"]["conditions"][0]["status"], "True");
-    assert_eq!(p["status"]["conditions"][1]["type"], "Programmed");
-    assert_eq!(p["status"]["conditions"][0]["observedGeneration"], 3);
-    g["status"] = p["status"].clone();
-    assert_eq!(status_patch(&g, Some(addrs), None, "t2"), None);
-    let bad = Invalid {
-        field: "spec.listeners".into(),
-        message: "x".into(),
-    };
-    let p = status_patch(&g, None, Some(&bad), "t3").expect("a patch");
-    assert_eq!(p["status"]["conditions"][0]["reason"], "Invalid");
-    assert_eq!(p["status"]["conditions"][0]["message"], "spec.listeners: x");
-    assert_eq!(p["status"]["conditions"][0]["lastTransitionTime"], "t3");
-}
-
-#[test]
 fn the_waypoint_pod_has_istios_token_and_root_certificate_where_the_constants_say() {
     let d = deployment(&gateway(15008), &template());
     let pod = &d["spec"]["template"]["spec"];
