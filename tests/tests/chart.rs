@@ -425,6 +425,12 @@ fn waypoint_class_controller_and_settings_by_default() {
             template.extra_args
         );
     }
+    // Ready once it has listed the Gateways (the controller's /healthz/ready on 15021, the
+    // default of its --ready-addr).
+    assert_eq!(
+        pod["containers"][0]["readinessProbe"]["httpGet"],
+        json!({"path": "/healthz/ready", "port": 15021})
+    );
     assert_eq!(
         pod["containers"][0]["volumeMounts"][0]["mountPath"],
         "/etc/waypoint-controller"

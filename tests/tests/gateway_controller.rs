@@ -3,7 +3,8 @@
 //! by the Gateway) and a status with the Service's address and conditions; a Gateway without
 //! the HBONE listener is refused in its status, naming the field; another class is left alone;
 //! a deleted waypoint Deployment is made again. The Gateways' listeners get their status, and
-//! our GatewayClass `Accepted` and `SupportedVersion`. Each waypoint's ServiceAccount is bound to the
+//! our GatewayClass `Accepted` and `SupportedVersion`. The controller is ready once it has
+//! listed the Gateways. Each waypoint's ServiceAccount is bound to the
 //! waypoint ClusterRole in its namespace (owned by the Gateway) and in the root namespace
 //! (labelled with the Gateway, deleted by the controller when the Gateway goes), and the
 //! waypoint reads those two namespaces only.
@@ -12,6 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use mesh_tests::kube_api::{ApiServer, kubeconfig_path};
+use mesh_tests::mesh::http_get;
 use mesh_tests::process::binary;
 use mesh_tests::waypoint::mesh;
 use mesh_tests::{Proc, wait_until};
@@ -363,5 +365,53 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
             "/apis/rbac.authorization.k8s.io/v1/namespaces/istio-system/rolebindings/default.waypoint"
         ],
         "the one delete"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_is_ready_once_it_has_listed_the_gateways() {
+    let mesh = mesh();
+    let mut api = ApiServer::new(
+        &mesh.netns("wp"),
+        "127.0.0.1:16443".parse().unwrap(),
+        Duration::from_millis(500),
+    )
+    .expect("API server");
+    api.apply_yaml(GATEWAYS).expect("objects");
+    let kubeconfig = kubeconfig_path(&mesh);
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    // The API server is not listening yet.
+    let mut cmd = Command::new(binary("waypoint"));
+    cmd.arg("--gateway-controller")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--waypoint-image")
+        .arg("example.test/waypoint:dev")
+        .env("RUST_LOG", "info");
+    let netns = mesh.netns("wp");
+    let ctl = Proc::spawn("gateway-controller", &netns, cmd, mesh.dir.path()).expect("controller");
+    let ready = || http_get(&netns, "127.0.0.1:15021".parse().unwrap(), "/healthz/ready");
+    let answered =
+        tokio::task::block_in_place(|| wait_until(Duration::from_secs(10), || ready().is_ok()));
+    assert!(answered.is_ok(), "no readiness endpoint:\n{}", ctl.log());
+    let (status, body) = ready().expect("readiness");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("waiting for the first list of Gateways"),
+        "{body}"
+    );
+
+    api.start().expect("listen");
+    let listed = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(30), || {
+            ready().is_ok_and(|(status, _)| status == 200)
+        })
+    });
+    assert!(listed.is_ok(), "not ready after the list:\n{}", ctl.log());
+    assert!(
+        api.seen().iter().any(|s| s
+            .uri
+            .starts_with("/apis/gateway.networking.k8s.io/v1/gateways?")),
+        "ready without a list"
     );
 }

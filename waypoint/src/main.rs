@@ -137,7 +137,8 @@ struct Args {
     /// HBONE listener.
     #[arg(long, default_value = "0.0.0.0:15008")]
     listen: SocketAddr,
-    /// Readiness (`/healthz/ready`).
+    /// Readiness (`/healthz/ready`; with `--gateway-controller`: 200 once it has listed the
+    /// Gateways).
     #[arg(long, default_value = "0.0.0.0:15021")]
     ready_addr: SocketAddr,
     /// Prometheus metrics (`/metrics`).
@@ -323,6 +324,7 @@ fn gateway_controller(args: &Args) -> ExitCode {
         },
         class,
         template,
+        ready_addr: args.ready_addr,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

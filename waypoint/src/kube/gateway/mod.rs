@@ -15,6 +15,7 @@ pub mod scaling;
 pub mod status;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -33,6 +34,8 @@ pub struct GatewayOptions {
     /// The GatewayClass whose Gateways it serves.
     pub class: String,
     pub template: render::Template,
+    /// Where `/healthz/ready` answers 200 once every Gateway has been listed (503 before).
+    pub ready_addr: SocketAddr,
 }
 
 /// How often Gateways whose objects could not be written are tried again.
@@ -127,6 +130,26 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
         .default_backoff()
         .boxed();
     let mut known = Known::default();
+    // Ready once every Gateway has been listed: before that, a Gateway may be waiting for
+    // its waypoint, and a root RoleBinding may look orphaned.
+    let (listed_tx, listed) = tokio::sync::watch::channel(false);
+    let _ready = ztunnel::endpoint::serve(opts.ready_addr, move |req| {
+        let ready = *listed.borrow();
+        async move {
+            match (req.path.as_str(), ready) {
+                ("/healthz/ready", true) => {
+                    ztunnel::endpoint::text(http::StatusCode::OK, "ready\n")
+                }
+                ("/healthz/ready", false) => ztunnel::endpoint::text(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: waiting for the first list of Gateways\n",
+                ),
+                _ => ztunnel::endpoint::text(http::StatusCode::NOT_FOUND, "not found\n"),
+            }
+        }
+    })
+    .await
+    .with_context(|| format!("readiness on {}", opts.ready_addr))?;
     let mut retry = tokio::time::interval(RETRY);
     tracing::info!(class = %opts.class, "Gateway controller started");
     loop {
@@ -222,6 +245,10 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
             }
         }
         known.sweep(&root_bindings, &opts).await;
+        if known.listed && !*listed_tx.borrow() {
+            tracing::info!("Gateways listed: ready");
+            listed_tx.send_replace(true);
+        }
     }
 }
 
