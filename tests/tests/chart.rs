@@ -338,7 +338,7 @@ fn non_default_values_reach_ztunnel_and_the_waypoints() {
     );
     assert_eq!(
         args.last(),
-        Some(&json!("--log=debug")),
+        Some(&json!("--waypoint-arg=--protocol-detection-timeout-ms=500")),
         "extra arguments come last"
     );
 

@@ -3,7 +3,8 @@
 //! reach the waypoint container, and with the PodDisruptionBudget and the autoscaler enabled
 //! each waypoint gets both, owned by its Gateway (the Deployment then leaves its replica count
 //! to the autoscaler). A file with an unknown key or a wrong value stops the controller at
-//! start-up, naming the file, line and column, before it touches the API server.
+//! start-up, naming the file, line and column, before it touches the API server; so does an
+//! argument every waypoint would get and refuse.
 
 use std::process::Command;
 use std::time::Duration;
@@ -207,6 +208,23 @@ fn an_invalid_settings_file_stops_the_controller_naming_line_and_column() {
         );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+    // An argument every waypoint would get and refuse stops the controller, not each pod.
+    std::fs::write(&settings, SETTINGS).expect("settings");
+    let out = Command::new(binary("waypoint"))
+        .arg("--gateway-controller")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--controller-config")
+        .arg(&settings)
+        .arg("--waypoint-arg=--log=debug")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("a waypoint would refuse its arguments") && stderr.contains("--log"),
+        "{stderr}"
+    );
     // The settings replace the flags: both at once is refused.
     let out = Command::new(binary("waypoint"))
         .args([

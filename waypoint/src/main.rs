@@ -315,6 +315,10 @@ fn gateway_controller(args: &Args) -> ExitCode {
             )
         }
     };
+    if let Err(e) = check_waypoint_args(&template) {
+        eprintln!("controller settings: a waypoint would refuse its arguments: {e}");
+        return ExitCode::FAILURE;
+    }
     let opts = GatewayOptions {
         kube: waypoint::kube::KubeOptions {
             kubeconfig: args.kubeconfig.clone(),
@@ -342,6 +346,28 @@ fn gateway_controller(args: &Args) -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Parses the arguments a waypoint Deployment of `template` gets, as the waypoint would, so
+/// that a setting or `--waypoint-arg` it does not take stops the controller now instead of
+/// every waypoint pod later. Only a missing argument is let through (the mesh source may come
+/// from the environment).
+fn check_waypoint_args(template: &waypoint::kube::gateway::render::Template) -> Result<(), String> {
+    let sample = serde_json::json!({"metadata": {"name": "waypoint", "namespace": "default"}});
+    let deployment = waypoint::kube::gateway::render::deployment(&sample, template);
+    let given = deployment
+        .pointer("/spec/template/spec/containers/0/args")
+        .and_then(serde_json::Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let argv = std::iter::once("waypoint".to_owned())
+        .chain(given.iter().filter_map(|a| a.as_str().map(str::to_owned)));
+    match Args::try_parse_from(argv) {
+        Err(e) if e.kind() != clap::error::ErrorKind::MissingRequiredArgument => {
+            Err(e.render().to_string().trim().to_owned())
+        }
+        _ => Ok(()),
     }
 }
 
