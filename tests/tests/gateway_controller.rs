@@ -2,7 +2,7 @@
 //! a Gateway of our class gets its waypoint's ServiceAccount, Service and Deployment (owned
 //! by the Gateway) and a status with the Service's address and conditions; a Gateway without
 //! the HBONE listener is refused in its status, naming the field; another class is left alone;
-//! a deleted waypoint Deployment is made again. The Gateways' listeners get their status, and
+//! a deleted waypoint Deployment, Service or RoleBinding is made again. The Gateways' listeners get their status, and
 //! our GatewayClass `Accepted` and `SupportedVersion`. The controller is ready once it has
 //! listed the Gateways. Each waypoint's ServiceAccount is bound to the
 //! waypoint ClusterRole in its namespace (owned by the Gateway) and in the root namespace
@@ -342,6 +342,24 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         "the Deployment was not made again:\n{}",
         ctl.log()
     );
+    // So is any other object it made, the root namespace RoleBinding included.
+    for (kind, namespace, name) in [
+        ("Service", "default", "waypoint"),
+        ("RoleBinding", "default", "waypoint"),
+        ("RoleBinding", "istio-system", "default.waypoint"),
+    ] {
+        assert!(api.delete(kind, namespace, name), "{kind}");
+        let again = tokio::task::block_in_place(|| {
+            wait_until(Duration::from_secs(10), || {
+                api.object(kind, namespace, name).is_some()
+            })
+        });
+        assert!(
+            again.is_ok(),
+            "{kind} {namespace}/{name} not made again:\n{}",
+            ctl.log()
+        );
+    }
 
     // The Gateway goes: the garbage collector takes what it owns; the controller deletes the
     // root namespace RoleBinding, which nothing owns.

@@ -160,6 +160,15 @@ async fn the_settings_file_gives_each_waypoint_its_resources_budget_and_autoscal
     for o in [&pdb, &hpa] {
         assert_eq!(o["metadata"]["ownerReferences"][0]["uid"], uid, "{o}");
     }
+    // Someone deletes the budget: it is made again.
+    assert!(api.delete("PodDisruptionBudget", "bookinfo", "waypoint"));
+    let again = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), || {
+            api.object("PodDisruptionBudget", "bookinfo", "waypoint")
+                .is_some()
+        })
+    });
+    assert!(again.is_ok(), "not made again:\n{}", ctl.log());
     // Applied with the file's controllerName as field manager.
     assert!(
         api.seen()

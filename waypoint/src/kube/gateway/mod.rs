@@ -14,12 +14,12 @@ pub mod render;
 pub mod scaling;
 pub mod status;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::discovery::ApiResource;
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -82,6 +82,8 @@ struct Known {
     sweep_failed: bool,
     /// GatewayClasses whose status could not be written, tried again every [`RETRY`].
     failed_classes: BTreeMap<String, Json>,
+    /// Gateways one of whose objects someone changed or deleted.
+    touched: BTreeSet<Key>,
 }
 
 /// Runs until the watch ends (never, in practice: errors back off and retry).
@@ -92,18 +94,20 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
     let mut events = watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
-    // The waypoint Deployments we made: one deleted or changed by someone else is applied
-    // again from its Gateway.
-    let deployments: Api<DynamicObject> = Api::all_with(
-        client.clone(),
-        &resource("apps", "v1", "Deployment", "deployments"),
-    );
-    let mut owned = watcher(
-        deployments,
-        watcher::Config::default().labels(render::GATEWAY_NAME_LABEL),
-    )
-    .default_backoff()
-    .boxed();
+    // What we made for each Gateway: one deleted or changed by someone else is applied again
+    // from its Gateway.
+    let streams: Vec<_> = owned_kinds(&opts.template)
+        .iter()
+        .map(|kind| {
+            watcher(
+                Api::<DynamicObject>::all_with(client.clone(), kind),
+                watcher::Config::default().labels(render::GATEWAY_NAME_LABEL),
+            )
+            .default_backoff()
+            .boxed()
+        })
+        .collect();
+    let mut owned = futures::stream::select_all(streams);
     // Our RoleBindings in the root namespace, which no owner reference removes.
     let root_bindings: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
@@ -162,27 +166,14 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
                     Vec::new()
                 }
             },
-            event = owned.next() => match event {
-                None => return Ok(()),
-                Some(Ok(
-                    watcher::Event::Apply(d)
-                    | watcher::Event::InitApply(d)
-                    | watcher::Event::Delete(d),
-                )) => {
-                    // Its Gateway, if it is still there: applying again is a no-op when
-                    // nothing differs.
-                    let d = serde_json::to_value(&d).unwrap_or_default();
-                    let gateway = d
-                        .pointer(&format!("/metadata/labels/{}", render::GATEWAY_NAME_LABEL.replace('/', "~1")))
-                        .and_then(Json::as_str)
-                        .map(|name| (key_of(&d).0, name.to_owned()));
-                    gateway.and_then(|k| known.gateways.get(&k).cloned()).into_iter().collect()
+            event = owned.next() => {
+                let Some(event) = event else { return Ok(()) };
+                known.owned_event(event);
+                // Everything already delivered first, so a Gateway is applied once for all.
+                while let Some(Some(event)) = owned.next().now_or_never() {
+                    known.owned_event(event);
                 }
-                Some(Ok(_)) => Vec::new(),
-                Some(Err(e)) => {
-                    tracing::warn!("waypoint Deployment watch: {e}; retrying with backoff");
-                    Vec::new()
-                }
+                known.take_touched()
             },
             event = bindings.next() => {
                 match event {
@@ -294,6 +285,33 @@ impl Known {
         })
     }
 
+    /// Takes an event of an object we made in: its Gateway, if it is still there, is applied
+    /// again (a no-op when nothing differs).
+    fn owned_event(&mut self, event: Result<watcher::Event<DynamicObject>, watcher::Error>) {
+        match event {
+            Ok(
+                watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o),
+            ) => {
+                let o = serde_json::to_value(&o).unwrap_or_default();
+                if let Some(key) = gateway_of(&o)
+                    && self.gateways.contains_key(&key)
+                {
+                    self.touched.insert(key);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("watch of the waypoints' objects: {e}; retrying with backoff"),
+        }
+    }
+
+    /// The Gateways whose objects were touched since the last call.
+    fn take_touched(&mut self) -> Vec<Json> {
+        std::mem::take(&mut self.touched)
+            .into_iter()
+            .filter_map(|k| self.gateways.get(&k).cloned())
+            .collect()
+    }
+
     /// A Gateway as our own status patch left it, in place of the version known (and of
     /// the one a list under way holds, which would otherwise bring the old one back).
     fn updated(&mut self, key: Key, gateway: Json) {
@@ -392,6 +410,48 @@ async fn class_status(
             failed.insert(name, class);
         }
     }
+}
+
+/// The kinds of what the controller makes for a Gateway, as the settings ask for them.
+fn owned_kinds(template: &render::Template) -> Vec<ApiResource> {
+    let mut kinds = vec![
+        resource("", "v1", "ServiceAccount", "serviceaccounts"),
+        resource("", "v1", "Service", "services"),
+        resource("apps", "v1", "Deployment", "deployments"),
+        role_binding_resource(),
+    ];
+    if template.pod_disruption_budget.is_some() {
+        kinds.push(resource(
+            "policy",
+            "v1",
+            "PodDisruptionBudget",
+            "poddisruptionbudgets",
+        ));
+    }
+    if template.autoscaling.is_some() {
+        kinds.push(resource(
+            "autoscaling",
+            "v2",
+            "HorizontalPodAutoscaler",
+            "horizontalpodautoscalers",
+        ));
+    }
+    kinds
+}
+
+/// The Gateway an object we made is for, from its labels (the root-namespace RoleBinding
+/// names its Gateway's namespace in a label of its own).
+fn gateway_of(object: &Json) -> Option<Key> {
+    let label = |key: &str| {
+        object
+            .pointer(&format!("/metadata/labels/{}", key.replace('/', "~1")))
+            .and_then(Json::as_str)
+    };
+    let name = label(render::GATEWAY_NAME_LABEL)?;
+    let namespace = label(rbac::GATEWAY_NAMESPACE_LABEL)
+        .map(str::to_owned)
+        .unwrap_or_else(|| key_of(object).0);
+    Some((namespace, name.to_owned()))
 }
 
 fn key_of(g: &Json) -> Key {
