@@ -531,6 +531,22 @@ fn rbac_grants_each_component_the_least_it_needs() {
         "rolebindings",
         "delete"
     ));
+    // It reads the two Gateway API CRDs it uses (their release), and no other.
+    let crds: Vec<&Value> = controller
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["apiGroups"] == json!(["apiextensions.k8s.io"]))
+        .collect();
+    assert_eq!(crds.len(), 1);
+    assert_eq!(crds[0]["verbs"], json!(["get"]));
+    assert_eq!(
+        crds[0]["resourceNames"],
+        json!([
+            "gateways.gateway.networking.k8s.io",
+            "gatewayclasses.gateway.networking.k8s.io"
+        ])
+    );
     // It binds waypoints to their ClusterRole, and to no other.
     let bind: Vec<&Value> = controller
         .as_array()

@@ -3,7 +3,7 @@
 //! by the Gateway) and a status with the Service's address and conditions; a Gateway without
 //! the HBONE listener is refused in its status, naming the field; another class is left alone;
 //! a deleted waypoint Deployment, Service or RoleBinding is made again. The Gateways' listeners get their status, and
-//! our GatewayClass `Accepted` and `SupportedVersion`. The controller is ready once it has
+//! our GatewayClass `Accepted` and `SupportedVersion` (from the CRDs' bundle version). The controller is ready once it has
 //! listed the Gateways. Each waypoint's ServiceAccount is bound to the
 //! waypoint ClusterRole in its namespace (owned by the Gateway) and in the root namespace
 //! (labelled with the Gateway, deleted by the controller when the Gateway goes), and the
@@ -22,6 +22,26 @@ use serde_json::Value as Json;
 /// A waypoint Gateway as `istioctl waypoint apply` writes it, with our class; a broken one
 /// (an HTTP listener only) and one of another class.
 const GATEWAYS: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gateways.gateway.networking.k8s.io
+  annotations:
+    gateway.networking.k8s.io/bundle-version: v1.2.1
+    gateway.networking.k8s.io/channel: standard
+spec:
+  group: gateway.networking.k8s.io
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gatewayclasses.gateway.networking.k8s.io
+  annotations:
+    gateway.networking.k8s.io/bundle-version: v1.2.1
+    gateway.networking.k8s.io/channel: standard
+spec:
+  group: gateway.networking.k8s.io
+---
 apiVersion: gateway.networking.k8s.io/v1
 kind: GatewayClass
 metadata:
@@ -144,6 +164,12 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         );
         assert_eq!(c["observedGeneration"], 1, "{class}");
     }
+    assert!(
+        condition(&class, "SupportedVersion")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("v1.2.1")),
+        "from the CRDs' bundle-version: {class}"
+    );
     let istio = api.object("GatewayClass", "", "istio").expect("istio");
     assert!(istio.get("status").is_none(), "{istio}");
 

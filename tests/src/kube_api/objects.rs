@@ -30,7 +30,7 @@ impl Kind {
 
 /// The kinds the waypoint watches, in the versions it asks for, then those the Gateway
 /// controller reads and writes.
-pub const KINDS: [Kind; 12] = [
+pub const KINDS: [Kind; 13] = [
     Kind {
         group: "networking.istio.io",
         version: "v1",
@@ -113,6 +113,13 @@ pub const KINDS: [Kind; 12] = [
         version: "v1",
         kind: "GatewayClass",
         plural: "gatewayclasses",
+        namespaced: false,
+    },
+    Kind {
+        group: "apiextensions.k8s.io",
+        version: "v1",
+        kind: "CustomResourceDefinition",
+        plural: "customresourcedefinitions",
         namespaced: false,
     },
 ];

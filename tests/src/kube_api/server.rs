@@ -2,8 +2,8 @@
 //! collection's resourceVersion, watch as a chunked stream of JSON events (`ADDED`,
 //! `MODIFIED`, `DELETED`, `BOOKMARK` when `allowWatchBookmarks=true`) resumed from a
 //! resourceVersion, an `ERROR` event carrying a `Status` with code 410 for a resourceVersion
-//! older than the last compaction (as the real server answers), and merge patch on the
-//! `/status` subresource. Every request is recorded for the tests to look at.
+//! older than the last compaction (as the real server answers), get, server-side apply,
+//! delete, and merge patch on the `/status` subresource. Every request is recorded for the tests to look at.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -156,6 +156,17 @@ pub(super) async fn handle(
             watch_stream(shared, kind, namespace, &query, shutdown)
         }
         (Method::GET, None, None) => list(&shared, kind, namespace),
+        (Method::GET, Some(name), None) => {
+            let key = key_for(kind, namespace, name);
+            match shared.db().objects.by_key.get(&key) {
+                Some(object) => json_response(StatusCode::OK, object),
+                None => status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{}.{} \"{name}\" not found", kind.plural, kind.group),
+                ),
+            }
+        }
         (Method::PATCH, Some(name), None)
             if content_type.as_deref() == Some("application/apply-patch+yaml") =>
         {

@@ -190,7 +190,7 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
                     None => return Ok(()),
                     Some(Ok(watcher::Event::Apply(c) | watcher::Event::InitApply(c))) => {
                         let c = serde_json::to_value(&c).unwrap_or_default();
-                        class_status(&classes, &opts, c, &mut known.failed_classes).await;
+                        class_status(&client, &classes, &opts, c, &mut known.failed_classes).await;
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
@@ -203,7 +203,7 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
                 || known.sweep_failed
                 || !known.failed_classes.is_empty() => {
                 for c in std::mem::take(&mut known.failed_classes).into_values() {
-                    class_status(&classes, &opts, c, &mut known.failed_classes).await;
+                    class_status(&client, &classes, &opts, c, &mut known.failed_classes).await;
                 }
                 known.failed.values().cloned().collect()
             }
@@ -380,6 +380,7 @@ impl Known {
 /// Writes the status of a GatewayClass naming our controllerName when it differs; one that
 /// could not be written goes to `failed`.
 async fn class_status(
+    client: &kube::Client,
     api: &Api<DynamicObject>,
     opts: &GatewayOptions,
     class: Json,
@@ -394,8 +395,19 @@ async fn class_status(
         .unwrap_or_default()
         .to_owned();
     failed.remove(&name);
-    let Some(patch) = status::class_patch(&class, &opts.class, &opts.kube.controller_name, &now)
-    else {
+    if class.pointer("/spec/controllerName").and_then(Json::as_str)
+        != Some(opts.kube.controller_name.as_str())
+    {
+        return;
+    }
+    let bundles = bundle_versions(client).await;
+    let Some(patch) = status::class_patch(
+        &class,
+        &opts.class,
+        &opts.kube.controller_name,
+        &bundles,
+        &now,
+    ) else {
         return;
     };
     match api
@@ -410,6 +422,33 @@ async fn class_status(
             failed.insert(name, class);
         }
     }
+}
+
+/// The bundle version of each Gateway API CRD the controller reads (its annotation), or why
+/// it is not known.
+async fn bundle_versions(client: &kube::Client) -> status::Bundles {
+    let crds: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &resource(
+            "apiextensions.k8s.io",
+            "v1",
+            "CustomResourceDefinition",
+            "customresourcedefinitions",
+        ),
+    );
+    let mut bundles = Vec::new();
+    for name in status::CRDS {
+        let version = match crds.get(name).await {
+            Ok(crd) => crd
+                .metadata
+                .annotations
+                .and_then(|a| a.get(status::BUNDLE_VERSION).cloned())
+                .ok_or_else(|| format!("no {} annotation", status::BUNDLE_VERSION)),
+            Err(e) => Err(format!("not read: {e}")),
+        };
+        bundles.push((name, version));
+    }
+    bundles
 }
 
 /// The kinds of what the controller makes for a Gateway, as the settings ask for them.

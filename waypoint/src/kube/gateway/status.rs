@@ -10,7 +10,8 @@
 //!   (parentRefs of kind Service), never through its listener: no route kind is supported
 //!   there, `attachedRoutes` is 0, and a listener asking for route kinds
 //!   (`allowedRoutes.kinds`) gets `ResolvedRefs` False, `InvalidRouteKinds`.
-//! - our GatewayClass: `Accepted` and `SupportedVersion`.
+//! - our GatewayClass: `Accepted`, and `SupportedVersion` from the `bundle-version`
+//!   annotation of the Gateway API CRDs it reads.
 //!
 //! Every condition carries the object's `observedGeneration` and keeps its
 //! `lastTransitionTime` while its status stays; a patch is made only when something differs.
@@ -207,15 +208,45 @@ pub fn gateway_patch(
     (!same).then(|| json!({"status": wanted}))
 }
 
+/// The Gateway API CRDs the controller reads, by name.
+pub const CRDS: [&str; 2] = [
+    "gateways.gateway.networking.k8s.io",
+    "gatewayclasses.gateway.networking.k8s.io",
+];
+
+/// The annotation a Gateway API CRD carries with the release it comes from.
+pub const BUNDLE_VERSION: &str = "gateway.networking.k8s.io/bundle-version";
+
+/// Whether a CRD bundle version is one the controller supports: a v1 release (`v1.x.y`), all
+/// of which serve the v1 Gateway and GatewayClass fields it reads.
+fn supported_bundle(version: &str) -> bool {
+    let Some(rest) = version.strip_prefix("v1.") else {
+        return false;
+    };
+    let mut parts = rest.splitn(2, '.');
+    let minor = parts.next().unwrap_or_default();
+    let patch = parts.next().unwrap_or_default();
+    let patch = patch.split('-').next().unwrap_or_default();
+    !minor.is_empty()
+        && minor.bytes().all(|b| b.is_ascii_digit())
+        && !patch.is_empty()
+        && patch.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// What was read of each of [`CRDS`]: its bundle version, or why there is none.
+pub type Bundles = Vec<(&'static str, Result<String, String>)>;
+
 /// The merge patch of a GatewayClass naming our `controller_name`: `Accepted` True when it
 /// is the class the controller serves (`class`), False (`Unsupported`) for another class of
-/// ours; `SupportedVersion` True (the controller uses the v1 Gateway and GatewayClass, in
-/// every Gateway API release since v1.0). `None` for another controller's class or when the
+/// ours; `SupportedVersion` True when every CRD of [`CRDS`] is of a v1 release by its
+/// [`BUNDLE_VERSION`], else False (`UnsupportedVersion`, naming the CRD; the controller goes on
+/// with best effort, so `Accepted` stays). `None` for another controller's class or when the
 /// status already says so.
 pub fn class_patch(
     gateway_class: &Json,
     class: &str,
     controller_name: &str,
+    bundles: &Bundles,
     now: &str,
 ) -> Option<Json> {
     if gateway_class
@@ -256,15 +287,34 @@ pub fn class_patch(
             "Gateways of this class get a waypoint",
         )
     };
-    let conditions = json!([
-        accepted,
+    let problems: Vec<String> = bundles
+        .iter()
+        .filter_map(|(crd, version)| match version {
+            Ok(v) if supported_bundle(v) => None,
+            Ok(v) => Some(format!("{crd}: bundle version {v} is not a v1 release")),
+            Err(why) => Some(format!("{crd}: {why}")),
+        })
+        .collect();
+    let supported = if problems.is_empty() {
+        let versions: Vec<String> = bundles
+            .iter()
+            .filter_map(|(_, v)| v.as_ref().ok().cloned())
+            .collect();
         c(
             "SupportedVersion",
             true,
             "SupportedVersion",
-            "the controller reads gateway.networking.k8s.io/v1 Gateways (CRD bundle versions are not checked)",
-        ),
-    ]);
+            &format!("Gateway API CRDs of bundle version {}", versions.join(", ")),
+        )
+    } else {
+        c(
+            "SupportedVersion",
+            false,
+            "UnsupportedVersion",
+            &format!("{} (served with best effort)", problems.join("; ")),
+        )
+    };
+    let conditions = json!([accepted, supported]);
     let same = gateway_class.pointer("/status/conditions") == Some(&conditions);
     (!same).then(|| json!({"status": {"conditions": conditions}}))
 }

@@ -104,6 +104,10 @@ fn a_listener_condition_keeps_its_transition_time_while_its_status_stays() {
     );
 }
 
+fn bundles(version: &str) -> Bundles {
+    CRDS.iter().map(|c| (*c, Ok(version.to_owned()))).collect()
+}
+
 #[test]
 fn our_gateway_class_is_accepted_at_a_supported_version_and_others_are_left_alone() {
     let mut class = json!({
@@ -111,7 +115,8 @@ fn our_gateway_class_is_accepted_at_a_supported_version_and_others_are_left_alon
         "spec": {"controllerName": "ambient-dataplane.io/waypoint-controller"},
     });
     let ours = "ambient-dataplane.io/waypoint-controller";
-    let p = class_patch(&class, "ambient-waypoint", ours, "t1").expect("a patch");
+    let v1 = bundles("v1.2.1");
+    let p = class_patch(&class, "ambient-waypoint", ours, &v1, "t1").expect("a patch");
     let cs = &p["status"]["conditions"];
     assert_eq!(of(cs, "Accepted")["status"], "True");
     assert_eq!(of(cs, "Accepted")["reason"], "Accepted");
@@ -119,19 +124,65 @@ fn our_gateway_class_is_accepted_at_a_supported_version_and_others_are_left_alon
     assert_eq!(of(cs, "SupportedVersion")["observedGeneration"], 1);
     class["status"] = p["status"].clone();
     assert_eq!(
-        class_patch(&class, "ambient-waypoint", ours, "t2"),
+        class_patch(&class, "ambient-waypoint", ours, &v1, "t2"),
         None,
         "written once"
     );
-    let p = class_patch(&class, "another", ours, "t3").expect("not the class served");
+    let p = class_patch(&class, "another", ours, &v1, "t3").expect("not the class served");
     assert_eq!(
         of(&p["status"]["conditions"], "Accepted")["reason"],
         "Unsupported"
     );
     class["spec"]["controllerName"] = json!("istio.io/gateway-controller");
     assert_eq!(
-        class_patch(&class, "ambient-waypoint", ours, "t4"),
+        class_patch(&class, "ambient-waypoint", ours, &v1, "t4"),
         None,
         "not ours"
+    );
+}
+
+#[test]
+fn a_crd_of_another_release_or_without_its_bundle_version_is_not_supported() {
+    let class = json!({
+        "metadata": {"name": "c", "generation": 2},
+        "spec": {"controllerName": "x/y"},
+    });
+    for (version, ok) in [
+        ("v1.0.0", true),
+        ("v1.3.0-rc.1", true),
+        ("v2.0.0", false),
+        ("v0.8.1", false),
+        ("v1", false),
+        ("1.2.0", false),
+    ] {
+        let p = class_patch(&class, "c", "x/y", &bundles(version), "t").expect("a patch");
+        let supported = of(&p["status"]["conditions"], "SupportedVersion");
+        assert_eq!(supported["status"] == "True", ok, "{version}: {supported}");
+        if !ok {
+            assert_eq!(supported["reason"], "UnsupportedVersion");
+            assert!(
+                supported["message"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("gateways.gateway.networking.k8s.io: bundle version"),
+                "{supported}"
+            );
+            let accepted = of(&p["status"]["conditions"], "Accepted");
+            assert_eq!(accepted["status"], "True", "best effort");
+        }
+    }
+    let unread: Bundles = vec![
+        (CRDS[0], Ok("v1.2.1".into())),
+        (CRDS[1], Err("no bundle-version annotation".into())),
+    ];
+    let p = class_patch(&class, "c", "x/y", &unread, "t").expect("a patch");
+    let supported = of(&p["status"]["conditions"], "SupportedVersion");
+    assert_eq!(supported["status"], "False");
+    assert!(
+        supported["message"]
+            .as_str()
+            .unwrap()
+            .contains("gatewayclasses.gateway.networking.k8s.io: no bundle-version annotation"),
+        "{supported}"
     );
 }
