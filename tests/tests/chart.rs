@@ -2,8 +2,9 @@
 //! `helm template` with the default and with non-default values, every rendered object
 //! validated against the Kubernetes schemas of 1.30 to 1.37 (unknown fields fail) or its CRD's
 //! schema, the facts an Istio ambient install relies on asserted on the rendered objects, the
-//! ztunnel container's environment parsed by ztunnel's own flag parser, and broken values
-//! refused with the field named. Tools: `cargo xtask prereqs` (see `mesh_tests::chart`).
+//! ztunnel container's environment parsed by ztunnel's own flag parser, the waypoint
+//! controller's settings file by the controller's own parser, and broken values refused with
+//! the field named. Tools: `cargo xtask prereqs` (see `mesh_tests::chart`).
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +29,14 @@ fn render_custom() -> Vec<Value> {
     Tools::find()
         .template(&[&values("values-custom.yaml")], &[])
         .unwrap_or_else(|e| panic!("helm template (values-custom.yaml) failed:\n{e}"))
+}
+
+/// The rendered config.yaml as the controller reads it (its own parser).
+fn controller_config(objects: &[Value]) -> waypoint::kube::gateway::config::ControllerConfig {
+    let map = object(objects, "ConfigMap", "dataplane-waypoint-controller");
+    let text = map["data"]["config.yaml"].as_str().expect("config.yaml");
+    waypoint::kube::gateway::config::parse(text, "config.yaml")
+        .unwrap_or_else(|e| panic!("the controller refuses the rendered file: {e}\n{text}"))
 }
 
 fn kinds(objects: &[Value]) -> Vec<String> {
@@ -296,24 +305,40 @@ fn non_default_values_reach_ztunnel_and_the_waypoints() {
         "registry.example.com/mesh/waypoint:1.2.3"
     );
     let args = container["args"].as_array().expect("args");
-    // The class and controllerName the controller serves are the GatewayClass's.
-    assert!(
-        args.contains(&json!("--gateway-class=custom-waypoint")),
-        "{args:?}"
+    // The class and controllerName the controller serves are the GatewayClass's: its own
+    // parser reads them, and the rest, from the rendered settings file.
+    let config = controller_config(&objects);
+    assert_eq!(config.gateway_class_name, "custom-waypoint");
+    assert_eq!(config.controller_name, "mesh.example.com/waypoints");
+    let template = config.template(Vec::new(), "cluster.local");
+    assert_eq!(template.image, "registry.example.com/mesh/waypoint:1.2.3");
+    assert_eq!(template.root_namespace, "mesh-root");
+    assert_eq!(template.replicas, 2);
+    assert_eq!(template.image_pull_secrets, ["regcred"]);
+    assert!(template.pod_annotations.is_none(), "no scrape annotations");
+    assert_eq!(
+        template.pod_disruption_budget.map(|p| p.min_available),
+        Some(2)
+    );
+    let autoscaling = template.autoscaling.expect("autoscaling");
+    assert_eq!(
+        (
+            autoscaling.min_replicas,
+            autoscaling.max_replicas,
+            autoscaling.target_cpu_utilization_percentage
+        ),
+        (2, 10, 60)
     );
     assert!(
-        args.contains(&json!("--controller-name=mesh.example.com/waypoints")),
-        "{args:?}"
-    );
-    assert!(
-        args.contains(&json!(
-            "--waypoint-image=registry.example.com/mesh/waypoint:1.2.3"
-        )),
-        "{args:?}"
+        template
+            .extra_args
+            .contains(&"--xds-address=https://istiod-canary.istio-system.svc:15012".to_owned()),
+        "{:?}",
+        template.extra_args
     );
     assert_eq!(
         args.last(),
-        Some(&json!("--log=debug")),
+        Some(&json!("--waypoint-arg=--protocol-detection-timeout-ms=500")),
         "extra arguments come last"
     );
 
@@ -360,33 +385,52 @@ fn waypoint_class_controller_and_settings_by_default() {
     let pod = &controller["spec"]["template"]["spec"];
     assert_eq!(pod["serviceAccountName"], "dataplane-waypoint-controller");
     let args = pod["containers"][0]["args"].as_array().expect("args");
-    assert_eq!(args[0], "--gateway-controller");
-    assert!(
-        args.contains(&json!("--gateway-class=ambient-waypoint")),
-        "{args:?}"
+    assert_eq!(
+        args,
+        &[
+            json!("--gateway-controller"),
+            json!("--controller-config=/etc/waypoint-controller/config.yaml")
+        ]
     );
-    assert!(
-        args.contains(&json!(
-            "--controller-name=ambient-dataplane.io/waypoint-controller"
-        )),
-        "{args:?}"
+    // The controller's own parser takes the rendered file: the class and controllerName are
+    // the GatewayClass's, its waypoints are bound to the chart's waypoint ClusterRole and get
+    // istiod's address and the credential files where the controller mounts them
+    // (render.rs: TOKEN_FILE, ROOT_CERT_FILE, checked against the Deployment it renders by
+    // its unit test).
+    let config = controller_config(&objects);
+    assert_eq!(config.gateway_class_name, "ambient-waypoint");
+    assert_eq!(
+        config.controller_name,
+        "ambient-dataplane.io/waypoint-controller"
     );
-    assert!(
-        args.contains(&json!(
-            "--waypoint-arg=--xds-address=https://istiod.istio-system.svc:15012"
-        )),
-        "{args:?}"
+    let template = config.template(Vec::new(), "cluster.local");
+    assert_eq!(template.cluster_role, "dataplane-waypoint");
+    assert_eq!(template.root_namespace, "istio-system");
+    assert_eq!(template.image, "waypoint:0.1.0");
+    assert_eq!(
+        template.resources.map(|r| r.to_json()),
+        Some(json!({"requests": {"cpu": "100m", "memory": "128Mi"}}))
     );
-    // The files the waypoint pods get them from are where the controller mounts them
-    // (waypoint/src/kube/gateway/render.rs: TOKEN_FILE, ROOT_CERT_FILE, checked against the
-    // Deployment it renders by its unit test).
     for arg in [
-        "--waypoint-arg=--token-file=/var/run/secrets/tokens/istio-token",
-        "--waypoint-arg=--ca-root-cert=/var/run/secrets/istio/root-cert.pem",
-        "--waypoint-arg=--ca-address=https://istiod.istio-system.svc:15012",
+        "--xds-address=https://istiod.istio-system.svc:15012",
+        "--ca-address=https://istiod.istio-system.svc:15012",
+        "--token-file=/var/run/secrets/tokens/istio-token",
+        "--ca-root-cert=/var/run/secrets/istio/root-cert.pem",
+        "--cluster-id=Kubernetes",
+        "--trust-domain=cluster.local",
     ] {
-        assert!(args.contains(&json!(arg)), "{arg} in {args:?}");
+        assert!(
+            template.extra_args.contains(&arg.to_owned()),
+            "{arg} in {:?}",
+            template.extra_args
+        );
     }
+    // Ready once it has listed the Gateways (the controller's /healthz/ready on 15021, the
+    // default of its --ready-addr).
+    assert_eq!(
+        pod["containers"][0]["readinessProbe"]["httpGet"],
+        json!({"path": "/healthz/ready", "port": 15021})
+    );
     assert_eq!(
         pod["containers"][0]["volumeMounts"][0]["mountPath"],
         "/etc/waypoint-controller"
@@ -440,17 +484,15 @@ fn rbac_grants_each_component_the_least_it_needs() {
         for rule in rules.as_array().unwrap() {
             for verb in rule["verbs"].as_array().unwrap() {
                 assert!(
-                    ![
-                        "*",
-                        "delete",
-                        "deletecollection",
-                        "update",
-                        "escalate",
-                        "impersonate"
-                    ]
-                    .contains(&verb.as_str().unwrap()),
+                    !["*", "deletecollection", "update", "escalate", "impersonate"]
+                        .contains(&verb.as_str().unwrap()),
                     "rule {rule} grants {verb}"
                 );
+                // The one delete: the controller's root-namespace RoleBindings of deleted
+                // Gateways, which no owner reference removes.
+                if verb == "delete" {
+                    assert_eq!(rule["resources"], json!(["rolebindings"]), "{rule}");
+                }
             }
             assert!(
                 !rule.to_string().contains("secrets"),
@@ -477,6 +519,34 @@ fn rbac_grants_each_component_the_least_it_needs() {
             "{resource}"
         );
     }
+    assert!(rules_grant(
+        controller,
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        "delete"
+    ));
+    assert!(!rules_grant(
+        waypoint,
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        "delete"
+    ));
+    // It reads the two Gateway API CRDs it uses (their release), and no other.
+    let crds: Vec<&Value> = controller
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["apiGroups"] == json!(["apiextensions.k8s.io"]))
+        .collect();
+    assert_eq!(crds.len(), 1);
+    assert_eq!(crds[0]["verbs"], json!(["get"]));
+    assert_eq!(
+        crds[0]["resourceNames"],
+        json!([
+            "gateways.gateway.networking.k8s.io",
+            "gatewayclasses.gateway.networking.k8s.io"
+        ])
+    );
     // It binds waypoints to their ClusterRole, and to no other.
     let bind: Vec<&Value> = controller
         .as_array()

@@ -2,12 +2,18 @@
 //! a Gateway of our class gets its waypoint's ServiceAccount, Service and Deployment (owned
 //! by the Gateway) and a status with the Service's address and conditions; a Gateway without
 //! the HBONE listener is refused in its status, naming the field; another class is left alone;
-//! a deleted waypoint Deployment is made again.
+//! a deleted waypoint Deployment, Service or RoleBinding is made again. The Gateways' listeners get their status, and
+//! our GatewayClass `Accepted` and `SupportedVersion` (from the CRDs' bundle version). The controller is ready once it has
+//! listed the Gateways. Each waypoint's ServiceAccount is bound to the
+//! waypoint ClusterRole in its namespace (owned by the Gateway) and in the root namespace
+//! (labelled with the Gateway, deleted by the controller when the Gateway goes), and the
+//! waypoint reads those two namespaces only.
 
 use std::process::Command;
 use std::time::Duration;
 
 use mesh_tests::kube_api::{ApiServer, kubeconfig_path};
+use mesh_tests::mesh::http_get;
 use mesh_tests::process::binary;
 use mesh_tests::waypoint::mesh;
 use mesh_tests::{Proc, wait_until};
@@ -16,6 +22,40 @@ use serde_json::Value as Json;
 /// A waypoint Gateway as `istioctl waypoint apply` writes it, with our class; a broken one
 /// (an HTTP listener only) and one of another class.
 const GATEWAYS: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gateways.gateway.networking.k8s.io
+  annotations:
+    gateway.networking.k8s.io/bundle-version: v1.2.1
+    gateway.networking.k8s.io/channel: standard
+spec:
+  group: gateway.networking.k8s.io
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gatewayclasses.gateway.networking.k8s.io
+  annotations:
+    gateway.networking.k8s.io/bundle-version: v1.2.1
+    gateway.networking.k8s.io/channel: standard
+spec:
+  group: gateway.networking.k8s.io
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata:
+  name: ambient-waypoint
+spec:
+  controllerName: ambient-dataplane.io/waypoint-controller
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata:
+  name: istio
+spec:
+  controllerName: istio.io/gateway-controller
+---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata:
@@ -55,9 +95,11 @@ spec:
     protocol: HTTP
 "#;
 
+/// The condition `kind` of an object's status, or of a listener's status entry.
 fn condition(object: &Json, kind: &str) -> Json {
     object
         .pointer("/status/conditions")
+        .or_else(|| object.get("conditions"))
         .and_then(Json::as_array)
         .and_then(|cs| cs.iter().find(|c| c["type"] == kind).cloned())
         .unwrap_or_default()
@@ -84,6 +126,8 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         .arg("--waypoint-image")
         .arg("example.test/waypoint:dev")
         .arg("--waypoint-arg=--xds-address=https://istiod.istio-system.svc:15012")
+        .arg("--waypoint-cluster-role=test-waypoint")
+        .arg("--root-namespace=istio-system")
         .env("RUST_LOG", "info");
     let ctl = Proc::spawn(
         "gateway-controller",
@@ -100,15 +144,40 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
                 && api
                     .object("Gateway", "default", "broken")
                     .is_some_and(|g| g.pointer("/status/conditions/0").is_some())
+                && api
+                    .object("GatewayClass", "", "ambient-waypoint")
+                    .is_some_and(|c| c.pointer("/status/conditions/0").is_some())
         })
     });
     assert!(done.is_ok(), "no status written:\n{}", ctl.log());
+
+    // Our GatewayClass is accepted, at a supported version; another controller's is not ours.
+    let class = api
+        .object("GatewayClass", "", "ambient-waypoint")
+        .expect("class");
+    for kind in ["Accepted", "SupportedVersion"] {
+        let c = condition(&class, kind);
+        assert_eq!(
+            (&c["status"], &c["reason"]),
+            (&"True".into(), &kind.into()),
+            "{class}"
+        );
+        assert_eq!(c["observedGeneration"], 1, "{class}");
+    }
+    assert!(
+        condition(&class, "SupportedVersion")["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("v1.2.1")),
+        "from the CRDs' bundle-version: {class}"
+    );
+    let istio = api.object("GatewayClass", "", "istio").expect("istio");
+    assert!(istio.get("status").is_none(), "{istio}");
 
     let gateway = api
         .object("Gateway", "default", "waypoint")
         .expect("gateway");
     let uid = gateway["metadata"]["uid"].clone();
-    for kind in ["ServiceAccount", "Service", "Deployment"] {
+    for kind in ["ServiceAccount", "Service", "Deployment", "RoleBinding"] {
         let o = api
             .object(kind, "default", "waypoint")
             .unwrap_or_else(|| panic!("no {kind}:\n{}", ctl.log()));
@@ -138,6 +207,21 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         "True",
         "{gateway}"
     );
+    // Its one listener: served, no route attaches to it (routes attach to Services).
+    let listeners = gateway["status"]["listeners"]
+        .as_array()
+        .expect("listeners");
+    assert_eq!(listeners.len(), 1, "{gateway}");
+    assert_eq!(listeners[0]["name"], "mesh");
+    assert_eq!(listeners[0]["attachedRoutes"], 0);
+    assert_eq!(listeners[0]["supportedKinds"], serde_json::json!([]));
+    for kind in ["Accepted", "Programmed", "ResolvedRefs"] {
+        assert_eq!(
+            condition(&listeners[0], kind)["status"],
+            "True",
+            "{kind}: {gateway}"
+        );
+    }
     let deployment = api
         .object("Deployment", "default", "waypoint")
         .expect("deployment");
@@ -157,6 +241,44 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
             && args.contains(&"--xds-address=https://istiod.istio-system.svc:15012"),
         "{args:?}"
     );
+    assert!(
+        args.contains(&"--kube-namespace=default")
+            && args.contains(&"--kube-namespace=istio-system")
+            && args.contains(&"--root-namespace=istio-system"),
+        "it reads where it is bound: {args:?}"
+    );
+    // Bound to the waypoint ClusterRole where it reads: its namespace (owned, checked above)
+    // and the root namespace (no owner across namespaces: labels name the Gateway).
+    let account =
+        serde_json::json!([{"kind": "ServiceAccount", "name": "waypoint", "namespace": "default"}]);
+    let role = serde_json::json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "test-waypoint"});
+    let local = api
+        .object("RoleBinding", "default", "waypoint")
+        .expect("binding");
+    assert_eq!(
+        (&local["roleRef"], &local["subjects"]),
+        (&role, &account),
+        "{local}"
+    );
+    let root = api
+        .object("RoleBinding", "istio-system", "default.waypoint")
+        .unwrap_or_else(|| panic!("no root namespace RoleBinding:\n{}", ctl.log()));
+    assert_eq!(
+        (&root["roleRef"], &root["subjects"]),
+        (&role, &account),
+        "{root}"
+    );
+    assert!(root["metadata"].get("ownerReferences").is_none(), "{root}");
+    let labels = &root["metadata"]["labels"];
+    assert_eq!(
+        labels["gateway.networking.k8s.io/gateway-name"], "waypoint",
+        "{root}"
+    );
+    assert_eq!(
+        labels["ambient-dataplane.io/gateway-namespace"], "default",
+        "{root}"
+    );
+    assert!(api.object("RoleBinding", "default", "broken").is_none());
     // Server-side apply, with our field manager.
     let applies: Vec<_> = api
         .seen()
@@ -182,6 +304,19 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         "{broken}"
     );
     assert!(api.object("Deployment", "default", "broken").is_none());
+    let listener = &broken["status"]["listeners"][0];
+    assert_eq!(listener["name"], "http", "{broken}");
+    let accepted = condition(listener, "Accepted");
+    assert_eq!(
+        (&accepted["status"], &accepted["reason"]),
+        (&"False".into(), &"UnsupportedProtocol".into()),
+        "{broken}"
+    );
+    assert_eq!(
+        condition(listener, "Programmed")["status"],
+        "False",
+        "{broken}"
+    );
     // Another class's Gateway is not ours.
     let ingress = api
         .object("Gateway", "default", "ingress")
@@ -200,14 +335,25 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         })
     });
     assert!(relabelled.is_ok(), "not applied again:\n{}", ctl.log());
-    let status_patches = api
+    let status_patches: Vec<_> = api
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "PATCH" && s.uri.contains("/gateways/waypoint/status"))
+        .map(|s| s.body)
+        .collect();
+    assert_eq!(
+        status_patches.len(),
+        1,
+        "one status patch for the waypoint Gateway: {status_patches:?}"
+    );
+    let class_patches = api
         .seen()
         .iter()
-        .filter(|s| s.method == "PATCH" && s.uri.contains("/gateways/waypoint/status"))
+        .filter(|s| s.method == "PATCH" && s.uri.contains("/gatewayclasses/"))
         .count();
     assert_eq!(
-        status_patches, 1,
-        "one status patch for the waypoint Gateway"
+        class_patches, 1,
+        "one status patch, for our GatewayClass only"
     );
 
     // Someone deletes the waypoint's Deployment: the controller applies it again.
@@ -221,5 +367,95 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
         again.is_ok(),
         "the Deployment was not made again:\n{}",
         ctl.log()
+    );
+    // So is any other object it made, the root namespace RoleBinding included.
+    for (kind, namespace, name) in [
+        ("Service", "default", "waypoint"),
+        ("RoleBinding", "default", "waypoint"),
+        ("RoleBinding", "istio-system", "default.waypoint"),
+    ] {
+        assert!(api.delete(kind, namespace, name), "{kind}");
+        let again = tokio::task::block_in_place(|| {
+            wait_until(Duration::from_secs(10), || {
+                api.object(kind, namespace, name).is_some()
+            })
+        });
+        assert!(
+            again.is_ok(),
+            "{kind} {namespace}/{name} not made again:\n{}",
+            ctl.log()
+        );
+    }
+
+    // The Gateway goes: the garbage collector takes what it owns; the controller deletes the
+    // root namespace RoleBinding, which nothing owns.
+    assert!(api.delete("Gateway", "default", "waypoint"));
+    let unbound = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), || {
+            api.object("RoleBinding", "istio-system", "default.waypoint")
+                .is_none()
+        })
+    });
+    assert!(unbound.is_ok(), "root RoleBinding left:\n{}", ctl.log());
+    let deletes: Vec<String> = api
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "DELETE")
+        .map(|s| s.uri.trim_end_matches('?').to_owned())
+        .collect();
+    assert_eq!(
+        deletes,
+        [
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/istio-system/rolebindings/default.waypoint"
+        ],
+        "the one delete"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_is_ready_once_it_has_listed_the_gateways() {
+    let mesh = mesh();
+    let mut api = ApiServer::new(
+        &mesh.netns("wp"),
+        "127.0.0.1:16443".parse().unwrap(),
+        Duration::from_millis(500),
+    )
+    .expect("API server");
+    api.apply_yaml(GATEWAYS).expect("objects");
+    let kubeconfig = kubeconfig_path(&mesh);
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    // The API server is not listening yet.
+    let mut cmd = Command::new(binary("waypoint"));
+    cmd.arg("--gateway-controller")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--waypoint-image")
+        .arg("example.test/waypoint:dev")
+        .env("RUST_LOG", "info");
+    let netns = mesh.netns("wp");
+    let ctl = Proc::spawn("gateway-controller", &netns, cmd, mesh.dir.path()).expect("controller");
+    let ready = || http_get(&netns, "127.0.0.1:15021".parse().unwrap(), "/healthz/ready");
+    let answered =
+        tokio::task::block_in_place(|| wait_until(Duration::from_secs(10), || ready().is_ok()));
+    assert!(answered.is_ok(), "no readiness endpoint:\n{}", ctl.log());
+    let (status, body) = ready().expect("readiness");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("waiting for the first list of Gateways"),
+        "{body}"
+    );
+
+    api.start().expect("listen");
+    let listed = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(30), || {
+            ready().is_ok_and(|(status, _)| status == 200)
+        })
+    });
+    assert!(listed.is_ok(), "not ready after the list:\n{}", ctl.log());
+    assert!(
+        api.seen().iter().any(|s| s
+            .uri
+            .starts_with("/apis/gateway.networking.k8s.io/v1/gateways?")),
+        "ready without a list"
     );
 }

@@ -61,6 +61,12 @@ struct Args {
     /// good routes keep serving. Readiness waits for the first complete list.
     #[arg(long)]
     kube: bool,
+    /// With `--kube`, read only this namespace (repeat it): one list and watch per kind and
+    /// namespace, for a waypoint whose RoleBindings let it read there only (the Gateway
+    /// controller gives its waypoints their own namespace and the root namespace). Without
+    /// it, all namespaces.
+    #[arg(long, value_name = "NAMESPACE", requires = "kube")]
+    kube_namespace: Vec<String>,
     /// The kubeconfig of `--kube` and `--gateway-controller` (its current context); without
     /// it, the in-cluster config (the pod's service account).
     #[arg(long, value_name = "FILE")]
@@ -68,8 +74,21 @@ struct Args {
     /// Run the Gateway controller instead of a proxy: for each Gateway of `--gateway-class`,
     /// apply the waypoint's ServiceAccount, Service and Deployment (owned by the Gateway)
     /// and set its status.addresses and conditions.
-    #[arg(long, conflicts_with_all = ["check", "kube", "routes"], requires = "waypoint_image")]
+    #[arg(long, conflicts_with_all = ["check", "kube", "routes"])]
     gateway_controller: bool,
+    /// The controller's settings file (the chart's /etc/waypoint-controller/config.yaml):
+    /// its GatewayClass, controllerName, the waypoint ClusterRole, and what each waypoint
+    /// gets (image, replicas, resources, istiod's address, root namespace,
+    /// PodDisruptionBudget, HorizontalPodAutoscaler). Read once at start-up: an invalid file
+    /// stops the controller with its line and column. It replaces the flags of the same
+    /// settings, which may not be given with it.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "gateway_controller",
+        conflicts_with_all = ["gateway_class", "controller_name", "waypoint_image", "waypoint_cluster_role", "root_namespace"]
+    )]
+    controller_config: Option<PathBuf>,
     /// The GatewayClass whose Gateways `--gateway-controller` serves.
     #[arg(long, default_value = "ambient-waypoint")]
     gateway_class: String,
@@ -80,6 +99,11 @@ struct Args {
     /// e.g. `--waypoint-arg=--xds-address=https://istiod.istio-system.svc:15012`.
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
     waypoint_arg: Vec<String>,
+    /// The ClusterRole `--gateway-controller` binds each waypoint's ServiceAccount to, with a
+    /// RoleBinding in the Gateway's namespace and one in `--root-namespace` (the chart's
+    /// `<release>-waypoint`).
+    #[arg(long, default_value = "dataplane-waypoint")]
+    waypoint_cluster_role: String,
     /// The Gateway API `controllerName` of the route status `--kube` writes (and the field
     /// manager of what `--gateway-controller` applies).
     #[arg(long, default_value = waypoint::kube::DEFAULT_CONTROLLER_NAME)]
@@ -113,7 +137,8 @@ struct Args {
     /// HBONE listener.
     #[arg(long, default_value = "0.0.0.0:15008")]
     listen: SocketAddr,
-    /// Readiness (`/healthz/ready`).
+    /// Readiness (`/healthz/ready`; with `--gateway-controller`: 200 once it has listed the
+    /// Gateways).
     #[arg(long, default_value = "0.0.0.0:15021")]
     ready_addr: SocketAddr,
     /// Prometheus metrics (`/metrics`).
@@ -128,7 +153,8 @@ struct Args {
     /// The cluster's DNS domain, for short host names.
     #[arg(long, default_value = "cluster.local")]
     domain: String,
-    /// Istio's root namespace, whose DestinationRules apply mesh-wide.
+    /// Istio's root namespace, whose DestinationRules apply mesh-wide (with
+    /// `--gateway-controller`: the waypoints it makes read it besides their own namespace).
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
     /// Append `-shadow` to the host of mirrored requests, as Envoy and Istio up to 1.27 do
@@ -233,6 +259,7 @@ fn main() -> ExitCode {
             kubeconfig: args.kubeconfig.clone(),
             controller_name: args.controller_name.clone(),
             write_status: !args.no_route_status,
+            namespaces: args.kube_namespace.clone(),
         }),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -257,19 +284,51 @@ fn main() -> ExitCode {
 }
 
 fn gateway_controller(args: &Args) -> ExitCode {
-    use waypoint::kube::gateway::{GatewayOptions, render::Template};
+    use waypoint::kube::gateway::{GatewayOptions, config, render::Template};
+    let (class, controller_name, template) = match &args.controller_config {
+        Some(path) => match config::load(path) {
+            Ok(c) => {
+                let template = c.template(args.waypoint_arg.clone(), &args.domain);
+                (c.gateway_class_name, c.controller_name, template)
+            }
+            Err(e) => {
+                eprintln!("controller settings: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => {
+            let Some(image) = args.waypoint_image.clone() else {
+                eprintln!("--gateway-controller needs --waypoint-image or --controller-config");
+                return ExitCode::FAILURE;
+            };
+            let template = Template::new(
+                image,
+                args.waypoint_arg.clone(),
+                args.domain.clone(),
+                args.root_namespace.clone(),
+                args.waypoint_cluster_role.clone(),
+            );
+            (
+                args.gateway_class.clone(),
+                args.controller_name.clone(),
+                template,
+            )
+        }
+    };
+    if let Err(e) = check_waypoint_args(&template) {
+        eprintln!("controller settings: a waypoint would refuse its arguments: {e}");
+        return ExitCode::FAILURE;
+    }
     let opts = GatewayOptions {
         kube: waypoint::kube::KubeOptions {
             kubeconfig: args.kubeconfig.clone(),
-            controller_name: args.controller_name.clone(),
+            controller_name,
             write_status: true,
+            namespaces: Vec::new(),
         },
-        class: args.gateway_class.clone(),
-        template: Template {
-            image: args.waypoint_image.clone().unwrap_or_default(),
-            extra_args: args.waypoint_arg.clone(),
-            domain: args.domain.clone(),
-        },
+        class,
+        template,
+        ready_addr: args.ready_addr,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -287,6 +346,28 @@ fn gateway_controller(args: &Args) -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Parses the arguments a waypoint Deployment of `template` gets, as the waypoint would, so
+/// that a setting or `--waypoint-arg` it does not take stops the controller now instead of
+/// every waypoint pod later. Only a missing argument is let through (the mesh source may come
+/// from the environment).
+fn check_waypoint_args(template: &waypoint::kube::gateway::render::Template) -> Result<(), String> {
+    let sample = serde_json::json!({"metadata": {"name": "waypoint", "namespace": "default"}});
+    let deployment = waypoint::kube::gateway::render::deployment(&sample, template);
+    let given = deployment
+        .pointer("/spec/template/spec/containers/0/args")
+        .and_then(serde_json::Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let argv = std::iter::once("waypoint".to_owned())
+        .chain(given.iter().filter_map(|a| a.as_str().map(str::to_owned)));
+    match Args::try_parse_from(argv) {
+        Err(e) if e.kind() != clap::error::ErrorKind::MissingRequiredArgument => {
+            Err(e.render().to_string().trim().to_owned())
+        }
+        _ => Ok(()),
     }
 }
 

@@ -14,6 +14,8 @@ pub struct Kind {
     pub version: &'static str,
     pub kind: &'static str,
     pub plural: &'static str,
+    /// False for a cluster-scoped kind (GatewayClass): no namespace in its path or key.
+    pub namespaced: bool,
 }
 
 impl Kind {
@@ -28,54 +30,97 @@ impl Kind {
 
 /// The kinds the waypoint watches, in the versions it asks for, then those the Gateway
 /// controller reads and writes.
-pub const KINDS: [Kind; 8] = [
+pub const KINDS: [Kind; 13] = [
     Kind {
         group: "networking.istio.io",
         version: "v1",
         kind: "VirtualService",
         plural: "virtualservices",
+        namespaced: true,
     },
     Kind {
         group: "networking.istio.io",
         version: "v1",
         kind: "DestinationRule",
         plural: "destinationrules",
+        namespaced: true,
     },
     Kind {
         group: "gateway.networking.k8s.io",
         version: "v1",
         kind: "HTTPRoute",
         plural: "httproutes",
+        namespaced: true,
     },
     Kind {
         group: "gateway.networking.k8s.io",
         version: "v1",
         kind: "GRPCRoute",
         plural: "grpcroutes",
+        namespaced: true,
     },
     Kind {
         group: "gateway.networking.k8s.io",
         version: "v1",
         kind: "Gateway",
         plural: "gateways",
+        namespaced: true,
     },
     Kind {
         group: "",
         version: "v1",
         kind: "Service",
         plural: "services",
+        namespaced: true,
     },
     Kind {
         group: "",
         version: "v1",
         kind: "ServiceAccount",
         plural: "serviceaccounts",
+        namespaced: true,
     },
     Kind {
         group: "apps",
         version: "v1",
         kind: "Deployment",
         plural: "deployments",
+        namespaced: true,
+    },
+    Kind {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "RoleBinding",
+        plural: "rolebindings",
+        namespaced: true,
+    },
+    Kind {
+        group: "policy",
+        version: "v1",
+        kind: "PodDisruptionBudget",
+        plural: "poddisruptionbudgets",
+        namespaced: true,
+    },
+    Kind {
+        group: "autoscaling",
+        version: "v2",
+        kind: "HorizontalPodAutoscaler",
+        plural: "horizontalpodautoscalers",
+        namespaced: true,
+    },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        kind: "GatewayClass",
+        plural: "gatewayclasses",
+        namespaced: false,
+    },
+    Kind {
+        group: "apiextensions.k8s.io",
+        version: "v1",
+        kind: "CustomResourceDefinition",
+        plural: "customresourcedefinitions",
+        namespaced: false,
     },
 ];
 
@@ -83,11 +128,11 @@ pub fn kind_by_name(kind: &str) -> Option<Kind> {
     KINDS.iter().copied().find(|k| k.kind == kind)
 }
 
-pub fn kind_by_plural(group: &str, plural: &str) -> Option<Kind> {
+pub fn kind_by_plural(group: &str, version: &str, plural: &str) -> Option<Kind> {
     KINDS
         .iter()
         .copied()
-        .find(|k| k.group == group && k.plural == plural)
+        .find(|k| k.group == group && k.version == version && k.plural == plural)
 }
 
 /// Where an object is filed: plural, namespace, name.
@@ -123,17 +168,30 @@ impl Objects {
             .and_then(Json::as_str)
             .ok_or("metadata.name is required")?
             .to_owned();
-        let namespace = object
-            .pointer("/metadata/namespace")
-            .and_then(Json::as_str)
-            .unwrap_or("default")
-            .to_owned();
+        let namespace = if kind.namespaced {
+            object
+                .pointer("/metadata/namespace")
+                .and_then(Json::as_str)
+                .unwrap_or("default")
+                .to_owned()
+        } else {
+            String::new()
+        };
         // The API server stores the version it serves, whatever version was applied.
         object["apiVersion"] = json!(kind.api_version());
         let key: Key = (kind.plural, namespace.clone(), name);
         let old = self.by_key.get(&key).cloned();
+        // The content: everything but metadata and status (a RoleBinding has no spec).
+        let content = |o: &Json| -> Json {
+            let mut o = o.clone();
+            if let Json::Object(map) = &mut o {
+                map.remove("metadata");
+                map.remove("status");
+            }
+            o
+        };
         if let Some(old) = &old
-            && old.get("spec") == object.get("spec")
+            && content(old) == content(&object)
             && old.pointer("/metadata/labels") == object.pointer("/metadata/labels")
             && old.pointer("/metadata/annotations") == object.pointer("/metadata/annotations")
         {
@@ -143,7 +201,9 @@ impl Objects {
         let meta = object["metadata"]
             .as_object_mut()
             .ok_or("metadata must be a mapping")?;
-        meta.insert("namespace".into(), json!(namespace));
+        if kind.namespaced {
+            meta.insert("namespace".into(), json!(namespace));
+        }
         meta.insert("resourceVersion".into(), json!(self.revision.to_string()));
         let written = match &old {
             Some(old) => {

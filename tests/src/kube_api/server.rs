@@ -2,8 +2,8 @@
 //! collection's resourceVersion, watch as a chunked stream of JSON events (`ADDED`,
 //! `MODIFIED`, `DELETED`, `BOOKMARK` when `allowWatchBookmarks=true`) resumed from a
 //! resourceVersion, an `ERROR` event carrying a `Status` with code 410 for a resourceVersion
-//! older than the last compaction (as the real server answers), and merge patch on the
-//! `/status` subresource. Every request is recorded for the tests to look at.
+//! older than the last compaction (as the real server answers), get, server-side apply,
+//! delete, and merge patch on the `/status` subresource. Every request is recorded for the tests to look at.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -115,9 +115,9 @@ pub(super) async fn handle(
         body: body_json.clone(),
     });
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (group, rest) = match segments.as_slice() {
-        ["api", "v1", rest @ ..] => ("", rest),
-        ["apis", group, "v1", rest @ ..] => (*group, rest),
+    let (group, version, rest) = match segments.as_slice() {
+        ["api", "v1", rest @ ..] => ("", "v1", rest),
+        ["apis", group, version, rest @ ..] => (*group, *version, rest),
         _ => {
             return Ok(status(
                 StatusCode::NOT_FOUND,
@@ -129,6 +129,8 @@ pub(super) async fn handle(
     let (namespace, plural, name, sub) = match rest {
         [plural] => (None, *plural, None, None),
         ["namespaces", ns, plural] => (Some(*ns), *plural, None, None),
+        [plural, name] if *plural != "namespaces" => (None, *plural, Some(*name), None),
+        [plural, name, sub] if *plural != "namespaces" => (None, *plural, Some(*name), Some(*sub)),
         ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name), None),
         ["namespaces", ns, plural, name, sub] => (Some(*ns), *plural, Some(*name), Some(*sub)),
         _ => {
@@ -139,8 +141,8 @@ pub(super) async fn handle(
             ));
         }
     };
-    let served =
-        kind_by_plural(group, plural).filter(|k| !shared.db().unserved.contains(&k.plural));
+    let served = kind_by_plural(group, version, plural)
+        .filter(|k| !shared.db().unserved.contains(&k.plural));
     let Some(kind) = served else {
         return Ok(status(
             StatusCode::NOT_FOUND,
@@ -154,6 +156,17 @@ pub(super) async fn handle(
             watch_stream(shared, kind, namespace, &query, shutdown)
         }
         (Method::GET, None, None) => list(&shared, kind, namespace),
+        (Method::GET, Some(name), None) => {
+            let key = key_for(kind, namespace, name);
+            match shared.db().objects.by_key.get(&key) {
+                Some(object) => json_response(StatusCode::OK, object),
+                None => status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{}.{} \"{name}\" not found", kind.plural, kind.group),
+                ),
+            }
+        }
         (Method::PATCH, Some(name), None)
             if content_type.as_deref() == Some("application/apply-patch+yaml") =>
         {
@@ -171,12 +184,7 @@ pub(super) async fn handle(
                     "fieldManager is required for apply requests",
                 ));
             }
-            let key: Key = (
-                kind.plural,
-                namespace.unwrap_or("default").to_owned(),
-                name.to_owned(),
-            );
-            apply(&shared, kind, &key, body)
+            apply(&shared, kind, &key_for(kind, namespace, name), body)
         }
         // (Not 503 or 429: kube's client retries those itself.)
         (Method::PATCH, Some(_), Some("status")) if shared.db().refuse_status => status(
@@ -199,12 +207,10 @@ pub(super) async fn handle(
                     "the body is not JSON",
                 ));
             };
-            let key: Key = (
-                kind.plural,
-                namespace.unwrap_or("default").to_owned(),
-                name.to_owned(),
-            );
-            patch_status(&shared, kind, &key, &patch)
+            patch_status(&shared, kind, &key_for(kind, namespace, name), &patch)
+        }
+        (Method::DELETE, Some(name), None) => {
+            delete(&shared, kind, &key_for(kind, namespace, name))
         }
         _ => status(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -212,6 +218,16 @@ pub(super) async fn handle(
             "not supported here",
         ),
     })
+}
+
+/// Where an object of `kind` named in a request is filed.
+fn key_for(kind: Kind, namespace: Option<&str>, name: &str) -> Key {
+    let namespace = if kind.namespaced {
+        namespace.unwrap_or("default")
+    } else {
+        ""
+    };
+    (kind.plural, namespace.to_owned(), name.to_owned())
 }
 
 fn list(shared: &Shared, kind: Kind, namespace: Option<&str>) -> Response<Body> {
@@ -263,6 +279,29 @@ fn apply(shared: &Shared, kind: Kind, key: &Key, body: Json) -> Response<Body> {
         StatusCode::OK
     };
     json_response(code, &object)
+}
+
+/// A delete, as the real server answers it for an object without finalizers: gone at once,
+/// a `DELETED` event, the object in the answer.
+fn delete(shared: &Shared, kind: Kind, key: &Key) -> Response<Body> {
+    let mut db = shared.db();
+    let Some(object) = db.objects.delete(key) else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{}.{} \"{}\" not found", kind.plural, kind.group, key.2),
+        );
+    };
+    let revision = db.objects.revision;
+    db.changes.push(Change {
+        revision,
+        plural: kind.plural,
+        kind: "DELETED",
+        object: object.clone(),
+    });
+    let compactions = shared.news.borrow().1;
+    shared.news.send_replace((revision, compactions));
+    json_response(StatusCode::OK, &object)
 }
 
 fn patch_status(shared: &Shared, kind: Kind, key: &Key, patch: &Json) -> Response<Body> {

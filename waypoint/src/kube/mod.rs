@@ -34,6 +34,9 @@ pub struct KubeOptions {
     pub controller_name: String,
     /// Write route status (off for a waypoint without RBAC to patch it).
     pub write_status: bool,
+    /// The namespaces whose objects the waypoint reads, one watch per kind in each (a
+    /// waypoint may read only where RoleBindings let it); empty: all namespaces.
+    pub namespaces: Vec<String>,
 }
 
 /// Builds the client from the kubeconfig or the pod's service account.

@@ -1,4 +1,5 @@
-//! The task that talks to the API server: one kube-runtime watcher per kind (list, then
+//! The task that talks to the API server: one kube-runtime watcher per kind, in all
+//! namespaces or in each namespace the waypoint may read (`--kube-namespace`) (list, then
 //! watch from the list's resourceVersion; a bookmark moves the resume point; `410 Gone`
 //! starts a new list; errors back off exponentially), merged into one loop that keeps the
 //! [`Store`], compiles the objects in force with the files' compile step, swaps the table in,
@@ -64,17 +65,25 @@ pub(crate) fn spawn(inputs: Inputs) -> Handle {
 type Event = (usize, Result<watcher::Event<DynamicObject>, watcher::Error>);
 
 async fn run(mut inputs: Inputs, synced_tx: watch::Sender<bool>) {
-    let streams = WATCHED.iter().enumerate().map(|(i, kind)| {
-        let api: Api<DynamicObject> = Api::all_with(inputs.client.clone(), &kind.api_resource());
-        watcher(api, watcher::Config::default())
-            .default_backoff()
-            .map(move |event| (i, event))
-            .boxed()
-    });
+    let store = Store::scoped(inputs.load.clone(), inputs.opts.namespaces.clone());
+    let streams: Vec<_> = store
+        .watches()
+        .map(|(slot, kind, namespace)| {
+            let resource = WATCHED[kind].api_resource();
+            let api: Api<DynamicObject> = match namespace {
+                Some(ns) => Api::namespaced_with(inputs.client.clone(), ns, &resource),
+                None => Api::all_with(inputs.client.clone(), &resource),
+            };
+            watcher(api, watcher::Config::default())
+                .default_backoff()
+                .map(move |event| (slot, event))
+                .boxed()
+        })
+        .collect();
     let mut events = futures::stream::select_all(streams);
     let connected = inputs.metrics.source_connected("kube");
     let mut source = Source {
-        store: Store::new(inputs.load.clone()),
+        store,
         metrics: inputs.metrics.clone(),
         connected,
         logged: BTreeSet::new(),
@@ -134,7 +143,8 @@ struct Source {
 
 impl Source {
     /// Applies one watch event; true when the objects in force changed.
-    fn handle(&mut self, (kind, event): Event) -> bool {
+    fn handle(&mut self, (slot, event): Event) -> bool {
+        let kind = self.store.kind_of(slot);
         let name = WATCHED[kind].kind;
         let event = match event {
             Ok(e) => e,
@@ -144,7 +154,7 @@ impl Source {
                 // The kind's CRD is not installed: nothing of it to read, which must not
                 // keep the waypoint unready. The watcher keeps looking, with backoff.
                 self.up();
-                let changed = self.store.absent(kind);
+                let changed = self.store.absent(slot);
                 if changed {
                     tracing::warn!(
                         "{name} is not served by the API server (is its CRD installed?): none \
@@ -180,32 +190,32 @@ impl Source {
         match event {
             watcher::Event::Init => {
                 tracing::debug!("{name}: listing");
-                self.store.init(kind);
+                self.store.init(slot);
                 false
             }
             watcher::Event::InitApply(obj) => {
                 self.up();
-                let entry = self.entry(kind, &obj);
-                self.store.init_apply(kind, entry);
+                let entry = self.entry(slot, &obj);
+                self.store.init_apply(slot, entry);
                 false
             }
             watcher::Event::InitDone => {
                 self.up();
                 tracing::info!("{name}: listed");
-                self.store.init_done(kind) != Change::None
+                self.store.init_done(slot) != Change::None
             }
             watcher::Event::Apply(obj) => {
                 self.up();
                 // A new version of a route may carry a status that is no longer ours to
                 // keep (written over by someone): look at it even if its routes are the same.
                 self.routes_touched |= WATCHED[kind] == HTTP_ROUTE || WATCHED[kind] == GRPC_ROUTE;
-                let entry = self.entry(kind, &obj);
-                self.store.apply(kind, entry) != Change::None
+                let entry = self.entry(slot, &obj);
+                self.store.apply(slot, entry) != Change::None
             }
             watcher::Event::Delete(obj) => {
                 self.up();
                 let json = serde_json::to_value(&obj).unwrap_or(Json::Null);
-                self.store.delete(kind, &json) != Change::None
+                self.store.delete(slot, &json) != Change::None
             }
         }
     }
@@ -218,12 +228,13 @@ impl Source {
     }
 
     /// The decoded object, its findings logged and counted the first time this version is seen.
-    fn entry(&mut self, kind: usize, obj: &DynamicObject) -> Entry {
+    fn entry(&mut self, slot: usize, obj: &DynamicObject) -> Entry {
         let json = serde_json::to_value(obj).unwrap_or(Json::Null);
-        if let Some(known) = self.store.known(kind, &json) {
+        if let Some(known) = self.store.known(slot, &json) {
             return known.clone();
         }
-        let entry = self.store.decode(kind, json);
+        let kind = self.store.kind_of(slot);
+        let entry = self.store.decode(slot, json);
         for d in &entry.loaded.diagnostics {
             match d.severity() {
                 Severity::Error => tracing::warn!("route config: {d}"),
@@ -404,12 +415,13 @@ async fn write_status(inputs: &Inputs, store: &mut Store, compile: &[Diagnostic]
             Ok(Ok(updated)) => {
                 tracing::info!("{name}: status written ({parents} parent(s))");
                 inputs.metrics.config("kube_status", "applied").inc();
-                if let (Some(i), Ok(json)) = (
-                    WATCHED.iter().position(|k| *k == kind),
-                    serde_json::to_value(&updated),
-                ) {
-                    let entry = store.decode(i, json);
-                    store.apply(i, entry);
+                let slot = WATCHED
+                    .iter()
+                    .position(|k| *k == kind)
+                    .and_then(|i| store.slot_of(i, &name.namespace));
+                if let (Some(slot), Ok(json)) = (slot, serde_json::to_value(&updated)) {
+                    let entry = store.decode(slot, json);
+                    store.apply(slot, entry);
                 }
             }
             Ok(Err(e)) => {

@@ -1,5 +1,6 @@
-//! What the watches have delivered, per kind, each object decoded once when it arrives (by
-//! the files' decoder). Pure: the source feeds it watch events and asks it for the accepted
+//! What the watches have delivered, per watch (a kind, in all namespaces or in one of the
+//! namespaces the waypoint may read), each object decoded once when it arrives (by the
+//! files' decoder). Pure: the source feeds it watch events and asks it for the accepted
 //! resources and the findings. A re-list (after `410 Gone` or a broken watch) fills a new
 //! set beside the one in force and replaces it only once the list is complete, so the
 //! routes never lose objects while the list is under way.
@@ -40,10 +41,13 @@ struct KindStore {
     synced: bool,
 }
 
-/// The objects of every watched kind.
+/// The objects of every watch. Watch `slot` is kind `slot / scopes` in namespace
+/// `namespaces[slot % scopes]` (or in all namespaces when none are named).
 #[derive(Debug)]
 pub struct Store {
     kinds: Vec<KindStore>,
+    /// The namespaces watched one by one; empty: all namespaces with one watch per kind.
+    namespaces: Vec<String>,
     opts: LoadOptions,
 }
 
@@ -57,37 +61,80 @@ pub enum Change {
 }
 
 impl Store {
+    /// A store for one watch per kind, in all namespaces.
     pub fn new(opts: LoadOptions) -> Store {
+        Store::scoped(opts, Vec::new())
+    }
+
+    /// A store for one watch per kind and namespace of `namespaces` (all namespaces if it is
+    /// empty).
+    pub fn scoped(opts: LoadOptions, mut namespaces: Vec<String>) -> Store {
+        namespaces.sort();
+        namespaces.dedup();
+        let scopes = namespaces.len().max(1);
         Store {
-            kinds: WATCHED.iter().map(|_| KindStore::default()).collect(),
+            kinds: (0..WATCHED.len() * scopes)
+                .map(|_| KindStore::default())
+                .collect(),
+            namespaces,
             opts,
         }
     }
 
-    /// Every kind has been listed once: the routes are complete.
+    /// Every watch: its slot, the index of its kind in [`WATCHED`] and its namespace
+    /// (`None`: all namespaces).
+    pub fn watches(&self) -> impl Iterator<Item = (usize, usize, Option<&str>)> {
+        (0..self.kinds.len()).map(|slot| {
+            let namespace = self
+                .namespaces
+                .get(slot % self.scopes())
+                .map(String::as_str);
+            (slot, self.kind_of(slot), namespace)
+        })
+    }
+
+    /// The slot of the watch that delivers objects of kind `kind` in `namespace`, if any.
+    pub fn slot_of(&self, kind: usize, namespace: &str) -> Option<usize> {
+        if self.namespaces.is_empty() {
+            return Some(kind);
+        }
+        let scope = self.namespaces.iter().position(|n| n == namespace)?;
+        Some(kind * self.scopes() + scope)
+    }
+
+    /// The index in [`WATCHED`] of the kind of watch `slot`.
+    pub fn kind_of(&self, slot: usize) -> usize {
+        slot / self.scopes()
+    }
+
+    fn scopes(&self) -> usize {
+        self.namespaces.len().max(1)
+    }
+
+    /// Every watch has listed once: the routes are complete.
     pub fn synced(&self) -> bool {
         self.kinds.iter().all(|k| k.synced)
     }
 
     /// A (re-)list starts.
-    pub fn init(&mut self, kind: usize) {
-        self.kinds[kind].relist = Some(BTreeMap::new());
+    pub fn init(&mut self, slot: usize) {
+        self.kinds[slot].relist = Some(BTreeMap::new());
     }
 
     /// An object of a list under way.
-    pub fn init_apply(&mut self, kind: usize, entry: Entry) {
+    pub fn init_apply(&mut self, slot: usize, entry: Entry) {
         let Some(key) = key_of(&entry.raw) else {
             return;
         };
-        self.kinds[kind]
+        self.kinds[slot]
             .relist
             .get_or_insert_with(BTreeMap::new)
             .insert(key, entry);
     }
 
-    /// The list is complete: it replaces what was known of the kind.
-    pub fn init_done(&mut self, kind: usize) -> Change {
-        let store = &mut self.kinds[kind];
+    /// The list is complete: it replaces what the watch knew.
+    pub fn init_done(&mut self, slot: usize) -> Change {
+        let store = &mut self.kinds[slot];
         let listed = store.relist.take().unwrap_or_default();
         let same = store.synced
             && listed.len() == store.objects.len()
@@ -108,10 +155,10 @@ impl Store {
         }
     }
 
-    /// The kind is not served (its CRD is not installed): it has no objects, and counts as
+    /// The watch's kind is not served (its CRD is not installed): it has no objects, and counts as
     /// listed. True when that changed something.
-    pub fn absent(&mut self, kind: usize) -> bool {
-        let store = &mut self.kinds[kind];
+    pub fn absent(&mut self, slot: usize) -> bool {
+        let store = &mut self.kinds[slot];
         store.relist = None;
         let changed = !store.synced || !store.objects.is_empty();
         store.objects.clear();
@@ -120,11 +167,11 @@ impl Store {
     }
 
     /// An object added or changed.
-    pub fn apply(&mut self, kind: usize, entry: Entry) -> Change {
+    pub fn apply(&mut self, slot: usize, entry: Entry) -> Change {
         let Some(key) = key_of(&entry.raw) else {
             return Change::None;
         };
-        let store = &mut self.kinds[kind];
+        let store = &mut self.kinds[slot];
         if store.objects.get(&key).is_some_and(|e| {
             !entry.resource_version.is_empty() && e.resource_version == entry.resource_version
         }) {
@@ -147,18 +194,18 @@ impl Store {
 
     /// The entry in force for this very version of `object` (same resourceVersion), so it
     /// need not be decoded (and its findings reported) again.
-    pub fn known(&self, kind: usize, object: &Json) -> Option<&Entry> {
+    pub fn known(&self, slot: usize, object: &Json) -> Option<&Entry> {
         let version = resource_version(object);
-        let entry = self.kinds[kind].objects.get(&key_of(object)?)?;
+        let entry = self.kinds[slot].objects.get(&key_of(object)?)?;
         (!version.is_empty() && entry.resource_version == version).then_some(entry)
     }
 
     /// An object deleted.
-    pub fn delete(&mut self, kind: usize, object: &Json) -> Change {
+    pub fn delete(&mut self, slot: usize, object: &Json) -> Change {
         let Some(key) = key_of(object) else {
             return Change::None;
         };
-        match self.kinds[kind].objects.remove(&key) {
+        match self.kinds[slot].objects.remove(&key) {
             Some(_) => Change::Updated { rejected: false },
             None => Change::None,
         }
@@ -166,10 +213,10 @@ impl Store {
 
     /// Every object in force, with its kind.
     pub fn entries(&self) -> impl Iterator<Item = (Kind, &Entry)> {
-        WATCHED
-            .iter()
-            .zip(&self.kinds)
-            .flat_map(|(kind, store)| store.objects.values().map(move |e| (*kind, e)))
+        self.kinds.iter().enumerate().flat_map(|(slot, store)| {
+            let kind = WATCHED[self.kind_of(slot)];
+            store.objects.values().map(move |e| (kind, e))
+        })
     }
 
     /// The accepted resources, for the compile step.
@@ -193,9 +240,9 @@ impl Store {
         self.len() == 0
     }
 
-    /// Decodes an object of `kind` as the route files are decoded.
-    pub fn decode(&self, kind: usize, mut object: Json) -> Entry {
-        let k = WATCHED[kind];
+    /// Decodes an object of watch `slot` as the route files are decoded.
+    pub fn decode(&self, slot: usize, mut object: Json) -> Entry {
+        let k = WATCHED[self.kind_of(slot)];
         // Items of a list may come without their type; the watch says what they are.
         if let Json::Object(map) = &mut object {
             map.entry("apiVersion")

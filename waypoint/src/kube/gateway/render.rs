@@ -1,21 +1,80 @@
 //! What a Gateway of our class becomes (pure): its waypoint's ServiceAccount, Service and
 //! Deployment, each owned by the Gateway (so Kubernetes deletes them with it), and the
-//! Gateway's status once they exist. Istio's conventions: the objects are named after the
+//! Gateway's addresses once they exist. Istio's conventions: the objects are named after the
 //! Gateway, the Service carries the HBONE port 15008 named `mesh`, the pods are never
 //! captured themselves (`istio.io/dataplane-mode: none`).
 
+use std::collections::BTreeMap;
+
 use serde_json::{Value as Json, json};
 
-/// How the waypoint Deployments are made.
+use super::config::{Autoscaling, PodDisruptionBudget, PullPolicy, Resources};
+
+/// How the waypoint Deployments are made: from the flags alone ([`Template::new`]) or from
+/// the controller's settings file (`config::ControllerConfig::template`).
 #[derive(Clone, Debug)]
 pub struct Template {
     /// The waypoint's container image.
     pub image: String,
+    pub image_pull_policy: Option<PullPolicy>,
+    /// Secrets with registry credentials, by name.
+    pub image_pull_secrets: Vec<String>,
+    /// The Deployment's replicas (none with an autoscaler, which owns the count).
+    pub replicas: u32,
+    /// The waypoint container's requests and limits.
+    pub resources: Option<Resources>,
+    /// The pod's annotations; `None`: Istio's Prometheus scrape annotations.
+    pub pod_annotations: Option<BTreeMap<String, String>>,
+    /// The ConfigMap with the mesh's root certificate (istiod writes it in every namespace).
+    pub root_cert_config_map: String,
+    /// The audience and lifetime of the projected token shown to istiod.
+    pub token_audience: String,
+    pub token_expiration_seconds: u32,
     /// Arguments after the ones every waypoint gets (`--kube`, its namespace and account),
     /// e.g. istiod's address.
     pub extra_args: Vec<String>,
     /// The cluster's DNS domain, for the Service's host name.
     pub domain: String,
+    /// Istio's root namespace: the waypoint reads it besides its own (`--kube-namespace`)
+    /// and applies its DestinationRules mesh-wide (`--root-namespace`).
+    pub root_namespace: String,
+    /// The ClusterRole each waypoint's ServiceAccount is bound to (the chart's
+    /// `<release>-waypoint`).
+    pub cluster_role: String,
+    /// A PodDisruptionBudget per waypoint, when set.
+    pub pod_disruption_budget: Option<PodDisruptionBudget>,
+    /// A HorizontalPodAutoscaler per waypoint, when set.
+    pub autoscaling: Option<Autoscaling>,
+}
+
+impl Template {
+    /// The settings when only flags are given: one replica, Istio's defaults for the token
+    /// and root certificate, no resources, budget or autoscaler.
+    pub fn new(
+        image: String,
+        extra_args: Vec<String>,
+        domain: String,
+        root_namespace: String,
+        cluster_role: String,
+    ) -> Template {
+        Template {
+            image,
+            image_pull_policy: None,
+            image_pull_secrets: Vec::new(),
+            replicas: 1,
+            resources: None,
+            pod_annotations: None,
+            root_cert_config_map: "istio-ca-root-cert".into(),
+            token_audience: "istio-ca".into(),
+            token_expiration_seconds: 43_200,
+            extra_args,
+            domain,
+            root_namespace,
+            cluster_role,
+            pod_disruption_budget: None,
+            autoscaling: None,
+        }
+    }
 }
 
 /// Where a waypoint pod finds the projected token it shows istiod's CA (audience
@@ -24,6 +83,9 @@ pub struct Template {
 /// (`--token-file`, `--ca-root-cert`; the chart does).
 pub const TOKEN_FILE: &str = "/var/run/secrets/tokens/istio-token";
 pub const ROOT_CERT_FILE: &str = "/var/run/secrets/istio/root-cert.pem";
+
+/// The port of the waypoint's HBONE listener (Istio's).
+pub const HBONE_PORT: u16 = 15008;
 
 /// The label that ties the objects to their Gateway (the Gateway API's own).
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
@@ -44,7 +106,7 @@ pub fn validate(gateway: &Json) -> Result<(), Invalid> {
         .unwrap_or_default();
     let hbone = listeners.iter().any(|l| {
         l.get("protocol").and_then(Json::as_str) == Some("HBONE")
-            && l.get("port").and_then(Json::as_u64) == Some(15008)
+            && l.get("port").and_then(Json::as_u64) == Some(u64::from(HBONE_PORT))
     });
     if hbone {
         Ok(())
@@ -69,7 +131,7 @@ fn owner(gateway: &Json) -> Json {
     }])
 }
 
-fn meta(gateway: &Json, labels: Json) -> Json {
+pub(super) fn meta(gateway: &Json, labels: Json) -> Json {
     json!({
         "name": gateway.pointer("/metadata/name").cloned().unwrap_or(Json::Null),
         "namespace": gateway.pointer("/metadata/namespace").cloned().unwrap_or(Json::Null),
@@ -78,7 +140,7 @@ fn meta(gateway: &Json, labels: Json) -> Json {
     })
 }
 
-fn str_at<'a>(v: &'a Json, pointer: &str) -> &'a str {
+pub(super) fn str_at<'a>(v: &'a Json, pointer: &str) -> &'a str {
     v.pointer(pointer)
         .and_then(Json::as_str)
         .unwrap_or_default()
@@ -86,7 +148,7 @@ fn str_at<'a>(v: &'a Json, pointer: &str) -> &'a str {
 
 /// The labels of every object: the Gateway's name and class, and `istio.io/waypoint-for`
 /// when the Gateway says what it is the waypoint for.
-fn labels(gateway: &Json) -> Json {
+pub(super) fn labels(gateway: &Json) -> Json {
     let mut labels = json!({
         GATEWAY_NAME_LABEL: str_at(gateway, "/metadata/name"),
         "gateway.networking.k8s.io/gateway-class-name": str_at(gateway, "/spec/gatewayClassName"),
@@ -135,10 +197,24 @@ pub fn deployment(gateway: &Json, template: &Template) -> Json {
         namespace.to_owned(),
         "--service-account".to_owned(),
         name.to_owned(),
+        format!("--root-namespace={}", template.root_namespace),
+        // Where its RoleBindings let it read (see `rbac`).
+        format!("--kube-namespace={namespace}"),
     ];
+    if namespace != template.root_namespace {
+        args.push(format!("--kube-namespace={}", template.root_namespace));
+    }
     args.extend(template.extra_args.iter().cloned());
     let field_env = |env: &str, path: &str| json!({"name": env, "valueFrom": {"fieldRef": {"fieldPath": path}}});
-    json!({
+    let annotations = match &template.pod_annotations {
+        Some(a) => json!(a),
+        None => json!({
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": "15020",
+            "prometheus.io/path": "/stats/prometheus",
+        }),
+    };
+    let mut d = json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": meta(gateway, labels(gateway)),
@@ -147,20 +223,18 @@ pub fn deployment(gateway: &Json, template: &Template) -> Json {
             "template": {
                 "metadata": {
                     "labels": pod_labels,
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": "15020",
-                        "prometheus.io/path": "/stats/prometheus",
-                    },
+                    "annotations": annotations,
                 },
                 "spec": {
                     "serviceAccountName": name,
                     "terminationGracePeriodSeconds": 2,
                     "volumes": [
                         {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
-                            "audience": "istio-ca", "expirationSeconds": 43200, "path": "istio-token",
+                            "audience": template.token_audience,
+                            "expirationSeconds": template.token_expiration_seconds,
+                            "path": "istio-token",
                         }}]}},
-                        {"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}},
+                        {"name": "istiod-ca-cert", "configMap": {"name": template.root_cert_config_map}},
                     ],
                     "containers": [{
                         "name": "waypoint",
@@ -195,7 +269,27 @@ pub fn deployment(gateway: &Json, template: &Template) -> Json {
                 },
             },
         },
-    })
+    });
+    let container = &mut d["spec"]["template"]["spec"]["containers"][0];
+    if let Some(policy) = template.image_pull_policy {
+        container["imagePullPolicy"] = json!(policy.as_str());
+    }
+    if let Some(resources) = &template.resources {
+        container["resources"] = resources.to_json();
+    }
+    if !template.image_pull_secrets.is_empty() {
+        let secrets: Vec<Json> = template
+            .image_pull_secrets
+            .iter()
+            .map(|name| json!({ "name": name }))
+            .collect();
+        d["spec"]["template"]["spec"]["imagePullSecrets"] = json!(secrets);
+    }
+    // With an autoscaler the count is its to set: a replicas field here would fight it.
+    if template.autoscaling.is_none() {
+        d["spec"]["replicas"] = json!(template.replicas);
+    }
+    d
 }
 
 /// The Gateway's `status.addresses`: the Service's cluster IP once it has one, else its
@@ -216,69 +310,6 @@ pub fn addresses(gateway: &Json, service: Option<&Json>, domain: &str) -> Json {
             ),
         }]),
     }
-}
-
-/// The merge patch that gives the Gateway `addresses` and the conditions `Accepted` and
-/// `Programmed` (both True, or both False with the problem), or `None` when its status
-/// already says so. A condition keeps its `lastTransitionTime` while its status stays.
-pub fn status_patch(
-    gateway: &Json,
-    addresses: Option<Json>,
-    problem: Option<&Invalid>,
-    now: &str,
-) -> Option<Json> {
-    let generation = gateway
-        .pointer("/metadata/generation")
-        .and_then(Json::as_i64);
-    let (ok, reason_accepted, reason_programmed, message) = match problem {
-        None => (
-            true,
-            "Accepted",
-            "Programmed",
-            "the waypoint's Deployment and Service are applied".to_owned(),
-        ),
-        Some(p) => (
-            false,
-            "Invalid",
-            "Invalid",
-            format!("{}: {}", p.field, p.message),
-        ),
-    };
-    let status = if ok { "True" } else { "False" };
-    let old = gateway
-        .pointer("/status/conditions")
-        .and_then(Json::as_array);
-    let condition = |kind: &str, reason: &str| {
-        let since = old
-            .and_then(|cs| {
-                cs.iter().find(|c| {
-                    c.get("type").and_then(Json::as_str) == Some(kind)
-                        && c.get("status").and_then(Json::as_str) == Some(status)
-                })
-            })
-            .and_then(|c| c.get("lastTransitionTime").cloned())
-            .unwrap_or_else(|| json!(now));
-        let mut c = json!({
-            "type": kind, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": since,
-        });
-        if let Some(g) = generation {
-            c["observedGeneration"] = json!(g);
-        }
-        c
-    };
-    let mut wanted = json!({
-        "conditions": [condition("Accepted", reason_accepted), condition("Programmed", reason_programmed)],
-    });
-    if let Some(a) = addresses {
-        wanted["addresses"] = a;
-    }
-    let current = gateway.get("status");
-    let same = current.is_some_and(|c| {
-        c.get("conditions") == wanted.get("conditions")
-            && (wanted.get("addresses").is_none() || c.get("addresses") == wanted.get("addresses"))
-    });
-    (!same).then(|| json!({"status": wanted}))
 }
 
 #[cfg(test)]

@@ -146,3 +146,41 @@ fn a_new_version_that_reads_the_same_is_kept_but_changes_no_route() {
         "the new version is stored"
     );
 }
+
+#[test]
+fn a_watch_per_kind_and_namespace_each_lists_its_own_objects() {
+    let mut s = Store::scoped(
+        LoadOptions::default(),
+        vec!["istio-system".into(), "default".into(), "default".into()],
+    );
+    let watches: Vec<(usize, usize, Option<&str>)> = s.watches().collect();
+    assert_eq!(
+        watches.len(),
+        2 * WATCHED.len(),
+        "one per kind and namespace"
+    );
+    assert_eq!(watches[0], (0, 0, Some("default")));
+    assert_eq!(watches[1], (1, 0, Some("istio-system")));
+    assert_eq!(watches[2], (2, 1, Some("default")));
+    assert_eq!(s.slot_of(1, "istio-system"), Some(3));
+    assert_eq!(s.slot_of(1, "other"), None, "not watched");
+    let mut root = vs("mesh-wide", "9", "v1");
+    root["metadata"]["namespace"] = json!("istio-system");
+    list(&mut s, 0, vec![vs("reviews", "5", "v1")]);
+    list(&mut s, 1, vec![root]);
+    // A new list of one namespace leaves the other's objects alone.
+    list(&mut s, 0, vec![vs("reviews", "6", "v2")]);
+    let names: Vec<String> = s
+        .entries()
+        .map(|(_, e)| e.resource_version.clone())
+        .collect();
+    assert_eq!(names, ["6", "9"]);
+    assert!(!s.synced(), "the other kinds are not listed yet");
+    for slot in 2..2 * WATCHED.len() {
+        list(&mut s, slot, Vec::new());
+    }
+    assert!(s.synced());
+    let all = Store::new(LoadOptions::default());
+    assert_eq!(all.watches().next(), Some((0, 0, None)));
+    assert_eq!(all.slot_of(3, "anywhere"), Some(3));
+}

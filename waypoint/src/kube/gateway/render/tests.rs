@@ -14,14 +14,16 @@ fn gateway(port: u64) -> Json {
 }
 
 fn template() -> Template {
-    Template {
-        image: "example/waypoint:1".into(),
-        extra_args: vec![
+    Template::new(
+        "example/waypoint:1".into(),
+        vec![
             "--xds-address".into(),
             "https://istiod.istio-system.svc:15012".into(),
         ],
-        domain: "cluster.local".into(),
-    }
+        "cluster.local".into(),
+        "istio-system".into(),
+        "dataplane-waypoint".into(),
+    )
 }
 
 #[test]
@@ -68,34 +70,11 @@ fn every_object_is_owned_by_the_gateway_and_labelled_with_it() {
         ]
     );
     assert!(args.contains(&"--xds-address"));
+    // It reads where its RoleBindings are: its namespace and the root namespace.
+    assert!(args.contains(&"--kube-namespace=bookinfo"), "{args:?}");
+    assert!(args.contains(&"--kube-namespace=istio-system"), "{args:?}");
+    assert!(args.contains(&"--root-namespace=istio-system"), "{args:?}");
     assert_eq!(service(&g)["spec"]["ports"][0]["port"], 15008);
-}
-
-#[test]
-fn status_has_the_cluster_ip_and_is_written_once() {
-    let mut g = gateway(15008);
-    let svc = json!({"spec": {"clusterIP": "198.18.200.7"}});
-    let addrs = addresses(&g, Some(&svc), "cluster.local");
-    assert_eq!(
-        addrs,
-        json!([{"type": "IPAddress", "value": "198.18.200.7"}])
-    );
-    let hostname = addresses(&g, None, "cluster.local");
-    assert_eq!(hostname[0]["value"], "waypoint.bookinfo.svc.cluster.local");
-    let p = status_patch(&g, Some(addrs.clone()), None, "t1").expect("a patch");
-    assert_eq!(p["status"]["conditions"][0]["status"], "True");
-    assert_eq!(p["status"]["conditions"][1]["type"], "Programmed");
-    assert_eq!(p["status"]["conditions"][0]["observedGeneration"], 3);
-    g["status"] = p["status"].clone();
-    assert_eq!(status_patch(&g, Some(addrs), None, "t2"), None);
-    let bad = Invalid {
-        field: "spec.listeners".into(),
-        message: "x".into(),
-    };
-    let p = status_patch(&g, None, Some(&bad), "t3").expect("a patch");
-    assert_eq!(p["status"]["conditions"][0]["reason"], "Invalid");
-    assert_eq!(p["status"]["conditions"][0]["message"], "spec.listeners: x");
-    assert_eq!(p["status"]["conditions"][0]["lastTransitionTime"], "t3");
 }
 
 #[test]
@@ -124,4 +103,59 @@ fn the_waypoint_pod_has_istios_token_and_root_certificate_where_the_constants_sa
         .find(|v| v["name"] == "istiod-ca-cert")
         .expect("root");
     assert_eq!(root["configMap"]["name"], "istio-ca-root-cert");
+}
+
+#[test]
+fn the_settings_reach_the_deployment() {
+    let mut t = template();
+    let d = deployment(&gateway(15008), &t);
+    assert_eq!(d["spec"]["replicas"], 1);
+    assert!(
+        d["spec"]["template"]["spec"]["containers"][0]
+            .get("resources")
+            .is_none()
+    );
+    assert_eq!(
+        d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"],
+        "15020"
+    );
+    let config = crate::kube::gateway::config::parse(
+        "gatewayClassName: c\ncontrollerName: x/y\nwaypointClusterRole: r\nwaypoint:\n  image: i\n  \
+         imagePullPolicy: Always\n  imagePullSecrets: [regcred]\n  replicas: 3\n  \
+         resources: {requests: {cpu: 100m}, limits: {memory: 1Gi}}\n  podAnnotations: {team: mesh}\n  \
+         rootCertConfigMap: roots\n  tokenAudience: aud\n  tokenExpirationSeconds: 3600\n",
+        "f",
+    )
+    .expect("parses");
+    t = config.template(Vec::new(), "cluster.local");
+    let d = deployment(&gateway(15008), &t);
+    let pod = &d["spec"]["template"];
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(d["spec"]["replicas"], 3);
+    assert_eq!(container["imagePullPolicy"], "Always");
+    assert_eq!(
+        container["resources"],
+        json!({"requests": {"cpu": "100m"}, "limits": {"memory": "1Gi"}})
+    );
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        json!([{"name": "regcred"}])
+    );
+    assert_eq!(pod["metadata"]["annotations"], json!({"team": "mesh"}));
+    let volumes = &pod["spec"]["volumes"];
+    let token = &volumes[0]["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(
+        (
+            token["audience"].as_str(),
+            token["expirationSeconds"].as_u64()
+        ),
+        (Some("aud"), Some(3600))
+    );
+    assert_eq!(volumes[1]["configMap"]["name"], "roots");
+    t.autoscaling = Some(crate::kube::gateway::config::Autoscaling::default());
+    let d = deployment(&gateway(15008), &t);
+    assert!(
+        d["spec"].get("replicas").is_none(),
+        "the autoscaler owns the count"
+    );
 }
