@@ -28,7 +28,7 @@ impl Kind {
 
 /// The kinds the waypoint watches, in the versions it asks for, then those the Gateway
 /// controller reads and writes.
-pub const KINDS: [Kind; 8] = [
+pub const KINDS: [Kind; 9] = [
     Kind {
         group: "networking.istio.io",
         version: "v1",
@@ -52,6 +52,12 @@ pub const KINDS: [Kind; 8] = [
         version: "v1",
         kind: "GRPCRoute",
         plural: "grpcroutes",
+    },
+    Kind {
+        group: "security.istio.io",
+        version: "v1",
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
     },
     Kind {
         group: "gateway.networking.k8s.io",
