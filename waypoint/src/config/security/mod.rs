@@ -1,6 +1,7 @@
 //! `security.istio.io` resources the waypoint reads.
 
 pub mod authorization_policy;
+pub mod condition;
 
 pub use authorization_policy::AuthorizationPolicy;
 
