@@ -43,7 +43,7 @@ pub(super) fn check(
     }
     let a = Attributes {
         peer: &down.peer,
-        principal: &down.principal,
+        principal: down.principal(),
         source_ip: down.source_ip,
         destination_ip: down.authority.ip(),
         destination_port: down.authority.port(),

@@ -36,8 +36,8 @@ pub(super) struct Downstream {
     pub(super) authority: SocketAddr,
     /// The identity the client proved (its ztunnel acts for it).
     pub(super) peer: Identity,
-    /// `peer` as a policy principal, made once per tunnel.
-    pub(super) principal: String,
+    /// `peer` as a policy principal, made once per tunnel when a policy first asks.
+    principal: std::sync::OnceLock<String>,
     /// The client's address for policy (`source.ip`): the workload of `source` when there is
     /// one (its address is only believed for a workload of the proven identity), else the
     /// tunnel's TCP peer.
@@ -54,6 +54,11 @@ impl Downstream {
     /// The client's namespace, from its proven identity (`sourceNamespace`).
     pub(super) fn source_namespace(&self) -> &str {
         self.peer.namespace()
+    }
+
+    /// The client's principal (`<trust domain>/ns/<namespace>/sa/<account>`).
+    pub(super) fn principal(&self) -> &str {
+        self.principal.get_or_init(|| self.peer.principal())
     }
 
     /// The client workload's labels (none when it is not known).
@@ -194,7 +199,7 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
         names,
         destination,
         authority,
-        principal: accepted.peer_identity.principal(),
+        principal: std::sync::OnceLock::new(),
         peer: accepted.peer_identity.clone(),
         source_ip,
     });
