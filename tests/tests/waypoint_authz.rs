@@ -418,3 +418,79 @@ spec:
         1.0
     );
 }
+
+/// A port declared TCP is relayed as bytes: the policies' HTTP fields are unseen there, so
+/// an ALLOW rule that needs one never matches and a DENY rule that has one always does (as
+/// Istio treats HTTP fields on TCP). A refused tunnel reaches no application.
+#[test]
+fn relayed_tcp_sees_no_http_fields_and_fails_closed() {
+    let mesh = mesh_with(|m| {
+        m.service_labels.push((
+            "reviews".to_owned(),
+            "istio.io/use-waypoint".to_owned(),
+            "waypoint".to_owned(),
+        ));
+        m.service_protocols
+            .push(("reviews".to_owned(), 9080, "tcp".to_owned()));
+    });
+    let apps = apps(&mesh);
+    let routes = routes_path(&mesh);
+    let allow = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-tcp}
+spec:
+  targetRefs: [{kind: Service, group: "", name: reviews}]
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]
+    to: [{operation: {ports: ["9080"]}}]
+  - from: [{source: {principals: [cluster.local/ns/default/sa/details]}}]
+    to: [{operation: {methods: [GET]}}]
+"#;
+    write_atomic(&routes, allow);
+    let wp = start_waypoint(&mesh, &routes);
+    let url = format!("http://{REVIEWS_VIP}:9080/");
+    let served = || apps.iter().map(|a| a.requests()).sum::<u64>();
+
+    let (code, out) = curl_i(&mesh, "sleep", &[&url]);
+    assert_eq!(code, 0, "{out}\n{}", wp.log());
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // details' rule needs a method, which a relay does not show: refused.
+    let before = served();
+    let (code, out) = curl_i(&mesh, "details", &[&url]);
+    assert_ne!(code, 0, "details got through a relay: {out}");
+    assert_eq!(served(), before, "a refused tunnel reached an application");
+
+    // A DENY of a path: on a relay the path is unseen, so it denies every tunnel.
+    let deny = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-admin}
+spec:
+  targetRefs: [{kind: Service, group: "", name: reviews}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/admin*"]}}]}]
+"#;
+    write_atomic(&routes, &format!("{allow}{deny}"));
+    wait_until(Duration::from_secs(10), || {
+        curl_i(&mesh, "sleep", &[&url]).0 != 0
+    })
+    .unwrap_or_else(|_| panic!("the DENY policy was not applied:\n{}", wp.log()));
+    assert!(
+        metric(
+            &mesh,
+            "waypoint_authz_denied_total",
+            &["policy=\"default/deny-admin\"", "reason=\"deny_matched\""]
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(
+            &mesh,
+            "waypoint_authz_denied_total",
+            &["policy=\"-\"", "reason=\"no_allow_matched\""]
+        ),
+        1.0,
+        "details' relay"
+    );
+}
