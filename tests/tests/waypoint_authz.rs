@@ -219,6 +219,24 @@ fn bookinfo_policy_allows_get_from_sleep_denies_the_rest_and_a_path() {
                 && l.contains("/admin/users")),
         "{log}"
     );
+    // `/config_dump` lists the policies in force.
+    let (code, dump) = mesh_tests::mesh::http_get(
+        &mesh.netns("wp"),
+        "127.0.0.1:15000".parse().expect("addr"),
+        "/config_dump",
+    )
+    .expect("config_dump");
+    assert_eq!(code, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("JSON");
+    assert_eq!(
+        dump["routes"]["authorization_policies"],
+        serde_json::json!([
+            "default/deny-admin",
+            "default/ratings-blocked-header",
+            "default/reviews-viewer"
+        ]),
+        "{dump}"
+    );
 }
 
 const NAMESPACE_WIDE: &str = r#"
