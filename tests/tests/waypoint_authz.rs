@@ -137,6 +137,15 @@ fn bookinfo_policy_allows_get_from_sleep_denies_the_rest_and_a_path() {
     assert_eq!(s, 403);
     let (s, _) = status(&mesh, "sleep", &[&format!("{ratings}/administrator")]);
     assert_eq!(s, 200, "/admin and /admin/* do not cover /administrator");
+    // Dot segments, plain or percent-encoded, do not slip past: the policy sees /admin.
+    for path in ["/public/../admin", "/public/%2e%2e/admin/x"] {
+        let (s, out) = status(
+            &mesh,
+            "sleep",
+            &["--path-as-is", &format!("{ratings}{path}")],
+        );
+        assert_eq!(s, 403, "{path}: {out}");
+    }
 
     // A header condition: a header decides the request, never who the client is.
     let (s, _) = status(&mesh, "sleep", &["-H", "x-block: yes", &ratings]);
@@ -190,7 +199,7 @@ fn bookinfo_policy_allows_get_from_sleep_denies_the_rest_and_a_path() {
     );
     assert_eq!(
         denied(&["policy=\"default/deny-admin\"", "reason=\"deny_matched\""]),
-        2.0
+        4.0
     );
     assert_eq!(denied(&["policy=\"default/ratings-blocked-header\""]), 1.0);
     assert_eq!(
@@ -199,7 +208,7 @@ fn bookinfo_policy_allows_get_from_sleep_denies_the_rest_and_a_path() {
             "istio_requests_total",
             &["response_code=\"403\"", "response_flags=\"RBAC\""]
         ),
-        6.0
+        8.0
     );
     assert_eq!(
         metric(

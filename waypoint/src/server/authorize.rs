@@ -4,6 +4,7 @@
 
 use http::Response;
 
+use crate::policy::authz::path::normalize as normalize_path;
 use crate::policy::authz::{Attributes, HttpAttributes, Target, Verdict};
 use crate::snapshot::{Destination, Snapshot};
 use crate::upstream::Body;
@@ -41,6 +42,12 @@ pub(super) fn check(
     if authz.is_empty() {
         return Verdict::Allow;
     }
+    // Policies judge the normalized path (`policy::authz::path`).
+    let normalized = http.map(|h| normalize_path(h.path));
+    let http = http.map(|h| HttpAttributes {
+        path: normalized.as_deref().unwrap_or(h.path),
+        ..h
+    });
     let a = Attributes {
         peer: &down.peer,
         principal: down.principal(),

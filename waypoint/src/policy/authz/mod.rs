@@ -7,6 +7,9 @@
 //! `istio-waypoint` from the root namespace (every waypoint), or to a Service of the
 //! policy's namespace (the requests for it). What is not applied is reported.
 //!
+//! Paths are judged normalized (`path`: dot segments resolved, as Envoy does under Istio's
+//! default), so `/public/../admin` is `/admin` to a policy.
+//!
 //! The verdict (`Authz::decide`, per request, no I/O): CUSTOM first — external
 //! authorization is not implemented, so a request a CUSTOM policy selects is denied (fail
 //! closed) —, then DENY, then ALLOW: if any ALLOW policy applies, one must match. AUDIT
@@ -19,6 +22,7 @@
 
 mod compile;
 mod eval;
+pub mod path;
 
 use std::collections::HashMap;
 use std::sync::Arc;
