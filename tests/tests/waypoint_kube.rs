@@ -57,11 +57,12 @@ spec:
 "#;
 
 /// What the waypoint watches, by plural.
-const PLURALS: [&str; 4] = [
+const PLURALS: [&str; 5] = [
     "virtualservices",
     "destinationrules",
     "httproutes",
     "grpcroutes",
+    "authorizationpolicies",
 ];
 
 fn watches(api: &ApiServer, plural: &str) -> (usize, usize) {

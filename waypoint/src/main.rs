@@ -119,6 +119,11 @@ struct Args {
     /// spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
     #[arg(long, default_value = "waypoint")]
     service_account: String,
+    /// The name of the waypoint's Gateway, which AuthorizationPolicy `targetRefs` name to
+    /// apply to every request through it; default: the service account (Istio names a
+    /// waypoint's service account after its Gateway).
+    #[arg(long, env = "GATEWAY_NAME")]
+    gateway_name: Option<String>,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// The local CA's directory (ca-key.pem, root-cert.pem; created if absent).
@@ -249,6 +254,7 @@ fn main() -> ExitCode {
             domain_suffix: args.domain.clone(),
             root_namespace: args.root_namespace.clone(),
             namespace: args.namespace.clone(),
+            gateway_name: gateway_name(&args),
             canonical_labels_only: args.xds_address.is_some(),
         },
         poll: Duration::from_millis(args.poll_ms.max(10)),
@@ -389,6 +395,7 @@ fn check(args: &Args) -> ExitCode {
             domain_suffix: args.domain.clone(),
             root_namespace: args.root_namespace.clone(),
             namespace: args.namespace.clone(),
+            gateway_name: gateway_name(args),
             canonical_labels_only: false,
         },
     );
@@ -414,4 +421,11 @@ fn check(args: &Args) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// `--gateway-name`, else the service account's name.
+fn gateway_name(args: &Args) -> String {
+    args.gateway_name
+        .clone()
+        .unwrap_or_else(|| args.service_account.clone())
 }

@@ -1,6 +1,7 @@
 //! The waypoint's Prometheus metrics: Istio's HTTP request metrics, reported as
 //! `reporter="waypoint"` with Istio's label names (so Kiali and the Istio dashboards read
-//! them), and the waypoint's own: mirrored requests, configuration updates.
+//! them), and the waypoint's own: mirrored requests, configuration updates, authorization
+//! denials.
 //!
 //! No label value is built per request: the values of each side of a request (the client,
 //! the endpoint that answered, the service) are made once per snapshot or tunnel as [`Names`]
@@ -93,7 +94,7 @@ pub struct RequestLabels {
     pub response_code: u16,
     /// Envoy's response flags: `-`, `NR` (no route), `UH` (no healthy upstream), `UF`
     /// (upstream connection failure), `UC` (upstream connection ended), `UT` (upstream
-    /// timeout), `FI` (fault abort), `DI` (fault delay).
+    /// timeout), `FI` (fault abort), `DI` (fault delay), `RBAC` (denied by AuthorizationPolicy).
     pub response_flags: &'static str,
 }
 
@@ -163,6 +164,14 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
+/// Requests (and relayed tunnels) denied by AuthorizationPolicy, by the policy that denied
+/// (`-` when ALLOW policies apply and none matched) and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeniedLabels {
+    pub policy: String,
+    pub reason: &'static str,
+}
+
 /// Istio's buckets for `istio_request_duration_milliseconds`.
 const DURATION_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -177,6 +186,7 @@ pub struct Metrics {
     pub config: Family<ConfigLabels, Counter>,
     pub refused: Family<RefusedLabels, Counter>,
     pub sources: Family<SourceLabels, Gauge>,
+    pub denied: Family<DeniedLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -232,15 +242,32 @@ impl Metrics {
             "1 while a watched config source (the Kubernetes API) answers, 0 while it is away",
             sources.clone(),
         );
+        let denied = Family::<DeniedLabels, Counter>::default();
+        registry.register(
+            "waypoint_authz_denied",
+            "Requests denied by AuthorizationPolicy (answered 403 RBAC: access denied, or gRPC status 7), by policy and reason",
+            denied.clone(),
+        );
         Metrics {
             registry,
             sources,
+            denied,
             requests,
             duration,
             mirrors,
             config,
             refused,
         }
+    }
+
+    /// Counts a denial by `policy` (`namespace/name`, or `-`) for `reason`.
+    pub fn authz_denied(&self, policy: &str, reason: &'static str) {
+        self.denied
+            .get_or_create(&DeniedLabels {
+                policy: policy.to_owned(),
+                reason,
+            })
+            .inc();
     }
 
     /// The OpenMetrics text of every metric.

@@ -79,8 +79,10 @@ pub struct Options {
 pub fn load_routes(opts: &Options) -> (RouteTable, Vec<String>) {
     let mut resources = Vec::new();
     let mut problems = Vec::new();
+    let mut rejected = Vec::new();
     for p in &opts.routes {
         let loaded = config::load_path(p, &opts.load);
+        rejected.extend(loaded.rejected.iter().cloned());
         problems.extend(
             loaded
                 .diagnostics
@@ -89,7 +91,8 @@ pub fn load_routes(opts: &Options) -> (RouteTable, Vec<String>) {
         );
         resources.extend(loaded.resources);
     }
-    let compiled = route::compile(&resources, &opts.compile);
+    let mut compiled = route::compile(&resources, &opts.compile);
+    compiled.table.authz.reject_all(&rejected, &opts.compile);
     problems.extend(
         compiled
             .diagnostics
@@ -230,6 +233,7 @@ fn config_dump(
         },
         "routes": {
             "hosts": snap.table.hosts(),
+            "authorization_policies": snap.table.authz.keys(),
             "last_change": last_change,
             "errors": errors,
         },

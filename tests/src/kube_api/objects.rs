@@ -30,7 +30,7 @@ impl Kind {
 
 /// The kinds the waypoint watches, in the versions it asks for, then those the Gateway
 /// controller reads and writes.
-pub const KINDS: [Kind; 13] = [
+pub const KINDS: [Kind; 14] = [
     Kind {
         group: "networking.istio.io",
         version: "v1",
@@ -57,6 +57,13 @@ pub const KINDS: [Kind; 13] = [
         version: "v1",
         kind: "GRPCRoute",
         plural: "grpcroutes",
+        namespaced: true,
+    },
+    Kind {
+        group: "security.istio.io",
+        version: "v1",
+        kind: "AuthorizationPolicy",
+        plural: "authorizationpolicies",
         namespaced: true,
     },
     Kind {

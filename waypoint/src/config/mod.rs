@@ -15,6 +15,7 @@ pub mod duration;
 pub mod gateway;
 pub mod istio;
 pub mod meta;
+pub mod security;
 pub mod yaml;
 
 use std::path::Path as FsPath;
@@ -49,6 +50,7 @@ pub enum Spec {
     HttpRoute(gateway::HttpRoute),
     /// Read as an HTTPRoute on `/<service>/<method>` paths.
     GrpcRoute(gateway::GrpcRoute),
+    AuthorizationPolicy(Box<security::AuthorizationPolicy>),
 }
 
 impl Spec {
@@ -58,6 +60,7 @@ impl Spec {
             Spec::DestinationRule(_) => "DestinationRule",
             Spec::HttpRoute(_) => "HTTPRoute",
             Spec::GrpcRoute(_) => "GRPCRoute",
+            Spec::AuthorizationPolicy(_) => "AuthorizationPolicy",
         }
     }
 }
@@ -264,6 +267,7 @@ enum Kind {
     DestinationRule,
     HttpRoute,
     GrpcRoute,
+    AuthorizationPolicy,
 }
 
 /// Which of our kinds `api_version`/`kind` is; `Err` says why not (`None`: another group).
@@ -292,10 +296,9 @@ fn classify(api_version: &str, kind: &str) -> Result<Kind, Option<Problem>> {
             kind: kind.into(),
             note: "skipped",
         })),
-        ("security.istio.io", "AuthorizationPolicy") => Err(Some(Problem::UnsupportedKind {
-            kind: kind.into(),
-            note: "L7 authorization is not implemented yet; skipped",
-        })),
+        (security::GROUP, "AuthorizationPolicy") => {
+            served(&security::VERSIONS).map(|_| Kind::AuthorizationPolicy)
+        }
         _ => Err(None),
     }
 }
@@ -364,6 +367,11 @@ fn resource(src: &Source, node: &Node, at: &Path<'_>, opts: &LoadOptions, out: &
                 .map(|d| Spec::DestinationRule(Box::new(d))),
             Kind::HttpRoute => f.req("spec", &mut cx).map(Spec::HttpRoute),
             Kind::GrpcRoute => f.req("spec", &mut cx).map(Spec::GrpcRoute),
+            // No spec is Istio's allow-nothing policy, as `spec: {}` is.
+            Kind::AuthorizationPolicy => Some(Spec::AuthorizationPolicy(Box::new(
+                f.opt::<security::AuthorizationPolicy>("spec", &mut cx)
+                    .unwrap_or_default(),
+            ))),
         };
         let ok = f.finish(&mut cx);
         Some((meta?, spec?)).filter(|_| ok)

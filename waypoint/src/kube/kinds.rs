@@ -54,5 +54,18 @@ pub const GRPC_ROUTE: Kind = Kind {
     plural: "grpcroutes",
 };
 
+pub const AUTHORIZATION_POLICY: Kind = Kind {
+    group: "security.istio.io",
+    version: "v1",
+    kind: "AuthorizationPolicy",
+    plural: "authorizationpolicies",
+};
+
 /// Every kind the source watches, in the order their watches are started.
-pub const WATCHED: [Kind; 4] = [VIRTUAL_SERVICE, DESTINATION_RULE, HTTP_ROUTE, GRPC_ROUTE];
+pub const WATCHED: [Kind; 5] = [
+    VIRTUAL_SERVICE,
+    DESTINATION_RULE,
+    HTTP_ROUTE,
+    GRPC_ROUTE,
+    AUTHORIZATION_POLICY,
+];

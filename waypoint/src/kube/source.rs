@@ -257,7 +257,11 @@ impl Source {
     /// Compiles the objects in force and swaps the table in; returns the compile findings.
     fn publish(&mut self, inputs: &Inputs) -> Vec<Diagnostic> {
         let resources = self.store.resources();
-        let compiled = route::compile(&resources, &inputs.compile);
+        let mut compiled = route::compile(&resources, &inputs.compile);
+        compiled
+            .table
+            .authz
+            .reject_all(self.store.rejected(), &inputs.compile);
         let mut now_logged = BTreeSet::new();
         for d in &compiled.diagnostics {
             let text = d.to_string();

@@ -232,6 +232,11 @@ impl Store {
             .flat_map(|(_, e)| e.loaded.diagnostics.iter())
     }
 
+    /// The objects in force that the decoder refused.
+    pub fn rejected(&self) -> impl Iterator<Item = &config::ResourceName> {
+        self.entries().flat_map(|(_, e)| e.loaded.rejected.iter())
+    }
+
     pub fn len(&self) -> usize {
         self.kinds.iter().map(|k| k.objects.len()).sum()
     }

@@ -1,7 +1,8 @@
 //! Per-request policy as data and pure decisions: retries, faults, mirrors, header edits,
-//! rewrites and redirects. The route table carries these per route; the server acts on them.
+//! rewrites and redirects, and L7 authorization (`authz`). The route table carries these per route; the server acts on them.
 //! Random choices take the random number as an argument, so every decision is testable.
 
+pub mod authz;
 pub mod cors;
 pub mod fault;
 pub mod headers;

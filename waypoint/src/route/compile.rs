@@ -23,6 +23,9 @@ pub struct CompileOptions {
     /// The waypoint's own namespace. As for any Istio proxy, `exportTo` is read against it:
     /// a VirtualService or DestinationRule not exported there is not used.
     pub namespace: String,
+    /// The name of the waypoint's Gateway (in `namespace`): what an AuthorizationPolicy's
+    /// `targetRefs` name to apply to every request through this waypoint.
+    pub gateway_name: String,
     /// Workloads carry only the labels Istio's workload API gives (`app` and `version`,
     /// from the canonical name and revision): subsets selecting others are reported.
     pub canonical_labels_only: bool,
@@ -34,6 +37,7 @@ impl Default for CompileOptions {
             domain_suffix: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             namespace: "default".into(),
+            gateway_name: "waypoint".into(),
             canonical_labels_only: false,
         }
     }
@@ -214,7 +218,10 @@ pub fn compile(resources: &[Resource], opts: &CompileOptions) -> Compiled {
             );
         }
     }
-    let mut table = RouteTable::default();
+    let mut table = RouteTable {
+        authz: crate::policy::authz::compile(resources, opts, &mut c.diagnostics, &mut c.rejected),
+        ..RouteTable::default()
+    };
     for (host, (routes, source, _)) in services {
         let sr = ServiceRoutes::new(routes, source);
         if host == "*" {

@@ -210,6 +210,8 @@ pub struct RouteTable {
     pub(crate) exact: HashMap<Box<str>, ServiceRoutes>,
     /// `*.suffix` hosts (stored as `.suffix`), longest first.
     pub(crate) wildcard: Vec<(Box<str>, ServiceRoutes)>,
+    /// The AuthorizationPolicies that apply here (compiled with the routes: one config).
+    pub authz: crate::policy::authz::Authz,
 }
 
 impl RouteTable {

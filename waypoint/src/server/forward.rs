@@ -1,5 +1,5 @@
 //! One request: route it (`route::RouteTable::decide`), act on the route (direct answer,
-//! redirect, fault, CORS, mirrors), apply its rewrites and header edits, and hand it to
+//! redirect, fault, CORS, mirrors) once AuthorizationPolicy allows it (`authorize`), apply its rewrites and header edits, and hand it to
 //! `attempt` for the chosen backend; then record its metrics. Decisions are the pure
 //! functions of `route` and `policy`; this module only applies them.
 
@@ -15,6 +15,7 @@ use hyper::body::Body as _;
 use hyper::body::Incoming;
 
 use crate::metrics::{Names, RequestLabels};
+use crate::policy::authz::HttpAttributes;
 use crate::policy::cors::CorsDecision;
 use crate::policy::fault::AbortCode;
 use crate::policy::redirect::RedirectInput;
@@ -27,6 +28,7 @@ use ztunnel::state::Workload;
 
 use super::Ctx;
 use super::attempt::{self, Outgoing};
+use super::authorize;
 use super::reply;
 use super::tunnel::Downstream;
 use super::upgrade;
@@ -133,6 +135,16 @@ async fn route(
     let path = uri.path();
     let query = uri.query().unwrap_or("");
     let port = down.authority.port();
+    let http = HttpAttributes {
+        method: parts.method.as_str(),
+        host: authority.to_str().unwrap_or_default(),
+        path,
+        headers: &parts.headers,
+    };
+    if !authorize::check(ctx, snap, down, Some(http)).is_allow() {
+        rec.flags = authorize::FLAG;
+        return authorize::denied(rec.grpc);
+    }
     let decision = match &down.destination {
         Destination::Service(service) => {
             let view = RouteRequest {

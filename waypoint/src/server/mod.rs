@@ -62,6 +62,7 @@ macro_rules! write_through {
 }
 
 mod attempt;
+mod authorize;
 mod forward;
 mod h1guard;
 mod mirror;

@@ -5,7 +5,7 @@
 //! are HTTP (`sniff`) and relayed as bytes otherwise.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::StatusCode;
@@ -36,6 +36,12 @@ pub(super) struct Downstream {
     pub(super) authority: SocketAddr,
     /// The identity the client proved (its ztunnel acts for it).
     pub(super) peer: Identity,
+    /// `peer` as a policy principal, made once per tunnel when a policy first asks.
+    principal: std::sync::OnceLock<String>,
+    /// The client's address for policy (`source.ip`): the workload of `source` when there is
+    /// one (its address is only believed for a workload of the proven identity), else the
+    /// tunnel's TCP peer.
+    pub(super) source_ip: IpAddr,
     /// The client workload, when it is known (its labels are `sourceLabels`).
     pub(super) source: Option<Arc<Workload>>,
     /// The client's metric label values, made once per tunnel.
@@ -48,6 +54,11 @@ impl Downstream {
     /// The client's namespace, from its proven identity (`sourceNamespace`).
     pub(super) fn source_namespace(&self) -> &str {
         self.peer.namespace()
+    }
+
+    /// The client's principal (`<trust domain>/ns/<namespace>/sa/<account>`).
+    pub(super) fn principal(&self) -> &str {
+        self.principal.get_or_init(|| self.peer.principal())
     }
 
     /// The client workload's labels (none when it is not known).
@@ -173,25 +184,36 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
         Destination::Service(service) => service.app_protocols.get(&authority.port()).copied(),
         Destination::Workload(_) => None,
     };
-    if declared == Some(AppProtocol::Tcp) {
-        drop(snap);
-        // Boxed: the relay's future would otherwise make every HTTP tunnel's task larger.
-        Box::pin(relay_declared(&ctx, &destination, peer_addr, accepted)).await;
-        return;
-    }
     let client = forwarded_for(&accepted.headers);
     let source = source(&snap, &accepted.peer_identity, client);
     let names = match &source {
         Some(w) => snap.workload_names(w),
         None => Names::peer(None, &accepted.peer_identity),
     };
+    let source_ip = match (&source, client) {
+        (Some(_), Some(c)) => c.ip(),
+        _ => peer_addr.ip(),
+    };
     let down = Arc::new(Downstream {
         source,
         names,
         destination,
         authority,
-        peer: accepted.peer_identity,
+        principal: std::sync::OnceLock::new(),
+        peer: accepted.peer_identity.clone(),
+        source_ip,
     });
+    if declared == Some(AppProtocol::Tcp) {
+        // Bytes only: the policies' HTTP fields are unseen (they fail closed).
+        if !super::authorize::check(&ctx, &snap, &down, None).is_allow() {
+            accepted.responder.reject(StatusCode::FORBIDDEN);
+            return;
+        }
+        drop(snap);
+        // Boxed: the relay's future would otherwise make every HTTP tunnel's task larger.
+        Box::pin(relay_declared(&ctx, &down.destination, peer_addr, accepted)).await;
+        return;
+    }
     drop(snap);
     let mut stream = match accepted.responder.accept() {
         Ok(stream) => stream,
@@ -215,6 +237,10 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
         }
         Ok((detected @ (Detected::Opaque | Detected::Silent), head)) => {
             tracing::debug!(peer = %peer_addr, %authority, ?detected, "not HTTP: relayed as TCP");
+            if !super::authorize::check(&ctx, &ctx.snapshot(), &down, None).is_allow() {
+                stream.abort();
+                return;
+            }
             Box::pin(relay_detected(
                 &ctx,
                 &down,

@@ -41,6 +41,32 @@ pub enum StringMatch {
 }
 
 impl StringMatch {
+    /// A value as Istio's `AuthorizationPolicy` writes it: `*` is any non-empty value,
+    /// `*abc` a suffix, `abc*` a prefix, anything else exact (a `*` elsewhere is a plain
+    /// character, as Istio's matcher generator reads it).
+    pub fn from_istio(s: &str) -> StringMatch {
+        if s == "*" {
+            StringMatch::Presence
+        } else if let Some(suffix) = s.strip_prefix('*') {
+            StringMatch::Suffix(suffix.to_owned())
+        } else if let Some(prefix) = s.strip_suffix('*') {
+            StringMatch::Prefix(prefix.to_owned())
+        } else {
+            StringMatch::Exact(s.to_owned())
+        }
+    }
+
+    /// The same match with its value lowercased, for a value compared without case (host
+    /// names): the caller lowercases what it matches too.
+    pub fn to_lowercase(&self) -> StringMatch {
+        match self {
+            StringMatch::Exact(v) => StringMatch::Exact(v.to_ascii_lowercase()),
+            StringMatch::Prefix(v) => StringMatch::Prefix(v.to_ascii_lowercase()),
+            StringMatch::Suffix(v) => StringMatch::Suffix(v.to_ascii_lowercase()),
+            StringMatch::Presence => StringMatch::Presence,
+        }
+    }
+
     pub fn matches(&self, s: &str) -> bool {
         match self {
             StringMatch::Exact(v) => s == v,
@@ -257,6 +283,21 @@ mod tests {
         ];
         for (m, s, want) in cases {
             assert_eq!(m.matches(s), want, "{m:?} on {s:?}");
+        }
+    }
+
+    #[test]
+    fn istio_written_values() {
+        let cases = [
+            ("*", StringMatch::Presence),
+            ("*/sa/sleep", StringMatch::Suffix("/sa/sleep".into())),
+            ("/api/*", StringMatch::Prefix("/api/".into())),
+            ("/a*b", StringMatch::Exact("/a*b".into())),
+            ("", StringMatch::Exact(String::new())),
+            ("**", StringMatch::Suffix("*".into())),
+        ];
+        for (written, want) in cases {
+            assert_eq!(StringMatch::from_istio(written), want, "{written:?}");
         }
     }
 
