@@ -3,10 +3,13 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::netns::in_netns;
+use crate::wait_until;
 
 /// A server in a pod: for HTTP requests it answers `200` with a body naming the server and
 /// the peer it saw; anything else is echoed back until the client half-closes, after which
@@ -151,4 +154,71 @@ pub fn curl(netns: &str, url: &str) -> io::Result<(i32, String)> {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     ))
+}
+
+/// Sends `msg` on an open connection to an echo server and reads it back; a different answer
+/// is an error.
+pub fn echo_exchange(conn: &mut TcpStream, msg: &[u8]) -> io::Result<()> {
+    conn.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    conn.read_exact(&mut back)?;
+    if back != msg {
+        return Err(io::Error::other("echo mismatch"));
+    }
+    Ok(())
+}
+
+/// Load for upgrade tests: new connections all the time, each an echo exchange, counted as
+/// served or failed (refused, reset, or a wrong answer).
+#[derive(Debug, Default)]
+pub struct Load {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Load {
+    /// New connections all the time from `client`, one thread per destination.
+    pub fn start(client: &str, dsts: &[SocketAddr]) -> (Arc<Load>, Vec<JoinHandle<()>>) {
+        let load = Arc::new(Load::default());
+        let threads = dsts
+            .iter()
+            .map(|&dst| {
+                let (load, client) = (load.clone(), client.to_owned());
+                std::thread::spawn(move || {
+                    while !load.stop.load(Ordering::Relaxed) {
+                        match echo_roundtrip(&client, dst, b"ping".to_vec()) {
+                            Ok(got) if got == b"pingbye" => load.ok.fetch_add(1, Ordering::Relaxed),
+                            other => {
+                                eprintln!("connection to {dst} failed: {other:?}");
+                                load.failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        (load, threads)
+    }
+
+    /// Waits until `n` more connections have been served.
+    pub fn served(&self, n: u64) {
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        wait_until(Duration::from_secs(30), || {
+            self.ok.load(Ordering::Relaxed) >= target
+        })
+        .expect("load stalled");
+    }
+
+    /// Stops the clients; (served, failed).
+    pub fn finish(&self, threads: Vec<JoinHandle<()>>) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
 }

@@ -3,83 +3,16 @@
 //! or reset connections (the goal, and the assertion, is zero) and leaked kernel programs;
 //! in xDS mode with istiod slow to answer the new process, also plaintext on the wire.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use mesh_tests::mesh::{Mesh, PodSpec, http_get};
-use mesh_tests::traffic::{AppServer, connect, echo_roundtrip};
+use mesh_tests::traffic::{AppServer, Load, connect, echo_exchange as exchange, echo_roundtrip};
 use mesh_tests::wait_until;
 use mesh_tests::wire::PacketCapture;
 
 /// The port the test applications listen on.
 const APP_PORT: u16 = 8080;
-
-#[derive(Default)]
-struct Load {
-    ok: AtomicU64,
-    failed: AtomicU64,
-    stop: AtomicBool,
-}
-
-impl Load {
-    /// New connections all the time from `client`, one thread per destination, each an echo
-    /// exchange; a refused, reset or wrong answer counts as failed.
-    fn start(client: &str, dsts: &[SocketAddr]) -> (Arc<Load>, Vec<std::thread::JoinHandle<()>>) {
-        let load = Arc::new(Load::default());
-        let threads = dsts
-            .iter()
-            .map(|&dst| {
-                let (load, client) = (load.clone(), client.to_owned());
-                std::thread::spawn(move || {
-                    while !load.stop.load(Ordering::Relaxed) {
-                        match echo_roundtrip(&client, dst, b"ping".to_vec()) {
-                            Ok(got) if got == b"pingbye" => load.ok.fetch_add(1, Ordering::Relaxed),
-                            other => {
-                                eprintln!("connection to {dst} failed: {other:?}");
-                                load.failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
-                    }
-                })
-            })
-            .collect();
-        (load, threads)
-    }
-
-    /// Waits until `n` more connections have been served.
-    fn served(&self, n: u64) {
-        let target = self.ok.load(Ordering::Relaxed) + n;
-        wait_until(Duration::from_secs(30), || {
-            self.ok.load(Ordering::Relaxed) >= target
-        })
-        .expect("load stalled");
-    }
-
-    /// Stops the clients; (served, failed).
-    fn finish(&self, threads: Vec<std::thread::JoinHandle<()>>) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in threads {
-            t.join().unwrap();
-        }
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
-}
-
-fn exchange(conn: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
-    conn.write_all(msg)?;
-    let mut back = vec![0u8; msg.len()];
-    conn.read_exact(&mut back)?;
-    if back != msg {
-        return Err(std::io::Error::other("echo mismatch"));
-    }
-    Ok(())
-}
 
 fn program_ids(log: &str) -> Vec<u32> {
     log.lines()
