@@ -4,6 +4,7 @@
 
 pub mod ca;
 pub mod chart;
+pub mod container;
 pub mod h2raw;
 pub mod http_app;
 pub mod kube_api;

@@ -293,14 +293,23 @@ impl Mesh {
         generation: u32,
         extra: &[&str],
     ) -> io::Result<Proc> {
+        if !self.ztunnels.iter().any(|(n, _)| n == node) {
+            return Err(io::Error::other(format!("no ztunnel on {node}")));
+        }
         let proc = self.spawn_ztunnel(node, &format!("-{generation}"), extra)?;
-        let i = self
-            .ztunnels
-            .iter()
-            .position(|(n, _)| n == node)
-            .ok_or_else(|| io::Error::other(format!("no ztunnel on {node}")))?;
-        let (_, old) = std::mem::replace(&mut self.ztunnels[i], (node.to_owned(), proc));
-        Ok(old)
+        Ok(self.set_ztunnel(node, proc).expect("checked above"))
+    }
+
+    /// Makes `proc`, started by the test itself (e.g. as the chart's pod), the ztunnel of
+    /// `node`; returns the one it replaces.
+    pub fn set_ztunnel(&mut self, node: &str, proc: Proc) -> Option<Proc> {
+        match self.ztunnels.iter_mut().find(|(n, _)| n == node) {
+            Some((_, old)) => Some(std::mem::replace(old, proc)),
+            None => {
+                self.ztunnels.push((node.to_owned(), proc));
+                None
+            }
+        }
     }
 
     /// Where `node`'s ztunnels pin their capture maps (unique per test run).

@@ -1,6 +1,7 @@
 //! The harness's few libc calls, with no safe wrapper in std: the effective uid, signals,
-//! the clock-tick rate, the open-files limit and the timer slack. Together with `netns` (setns) this is the
-//! only harness code allowed `unsafe`; tests and the other modules call these functions.
+//! the clock-tick rate, the open-files limit and the timer slack. Together with `netns`
+//! (setns, private mount namespaces) this is the only harness code allowed `unsafe`; tests
+//! and the other modules call these functions.
 
 // Each call below is a plain syscall on values this module owns.
 #![allow(unsafe_code)]
