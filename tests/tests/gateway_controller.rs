@@ -12,6 +12,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use mesh_tests::kube_api::harness::start_api;
 use mesh_tests::kube_api::{ApiServer, kubeconfig_path};
 use mesh_tests::mesh::http_get;
 use mesh_tests::process::binary;
@@ -108,16 +109,8 @@ fn condition(object: &Json, kind: &str) -> Json {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
     let mesh = mesh();
-    let mut api = ApiServer::new(
-        &mesh.netns("wp"),
-        "127.0.0.1:16443".parse().unwrap(),
-        Duration::from_millis(500),
-    )
-    .expect("API server");
-    api.apply_yaml(GATEWAYS).expect("objects");
-    api.start().expect("listen");
+    let api = start_api(&mesh, GATEWAYS).await;
     let kubeconfig = kubeconfig_path(&mesh);
-    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
 
     let mut cmd = Command::new(binary("waypoint"));
     cmd.arg("--gateway-controller")

@@ -9,7 +9,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use mesh_tests::kube_api::{ApiServer, kubeconfig_path};
+use mesh_tests::kube_api::harness::start_api;
+use mesh_tests::kube_api::kubeconfig_path;
 use mesh_tests::process::binary;
 use mesh_tests::waypoint::mesh;
 use mesh_tests::{Proc, wait_until};
@@ -61,16 +62,8 @@ waypoint:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_settings_file_gives_each_waypoint_its_resources_budget_and_autoscaler() {
     let mesh = mesh();
-    let mut api = ApiServer::new(
-        &mesh.netns("wp"),
-        "127.0.0.1:16443".parse().unwrap(),
-        Duration::from_millis(500),
-    )
-    .expect("API server");
-    api.apply_yaml(GATEWAY).expect("objects");
-    api.start().expect("listen");
+    let api = start_api(&mesh, GATEWAY).await;
     let kubeconfig = kubeconfig_path(&mesh);
-    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
     let settings = mesh.dir.path().join("config.yaml");
     std::fs::write(&settings, SETTINGS).expect("settings");
 
