@@ -91,6 +91,10 @@ impl Topology {
     fn add_netns(&mut self, name: &str) -> io::Result<()> {
         run("ip", &["netns", "add", name])?;
         self.namespaces.push(name.to_owned());
+        // No duplicate address detection on the interfaces to come: a link-local address
+        // stays tentative for about two seconds, and until then a router cannot solicit its
+        // neighbours, so the first IPv6 packets through each node would wait that long.
+        sysctl(name, "net.ipv6.conf.default.accept_dad", "0")?;
         ip(name, &["link", "set", "lo", "up"])
     }
 

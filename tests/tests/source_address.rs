@@ -134,6 +134,26 @@ impl Sniffer {
     }
 }
 
+impl Drop for Sniffer {
+    /// A failing test shows what its captures saw (the files go with the mesh's directory):
+    /// which packets left a pod, and with what flags, says where a reply went.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let out = Command::new("tcpdump")
+            .arg("-r")
+            .arg(&self.pcap)
+            .args(["-nn", "-tt", "-c", "200"])
+            .output();
+        let text = out.map_or_else(
+            |e| format!("cannot read: {e}"),
+            |o| String::from_utf8_lossy(&o.stdout).into_owned(),
+        );
+        eprintln!("----- capture {} -----\n{text}", self.pcap.display());
+    }
+}
+
 #[test]
 fn servers_see_the_client_pod_address_across_nodes_and_on_the_same_node() {
     let mut f = fixture(&[]);
@@ -143,6 +163,9 @@ fn servers_see_the_client_pod_address_across_nodes_and_on_the_same_node() {
         Sniffer::start(&f.mesh, "echo1-eth0", &f.mesh.netns("echo1"), "eth0"),
         Sniffer::start(&f.mesh, "echo2-eth0", &f.mesh.netns("echo2"), "eth0"),
     ];
+    // Where ztunnel's same-node deliveries into echo1 and their replies travel; shown if the
+    // test fails.
+    let _echo1_lo = Sniffer::start(&f.mesh, "echo1-lo", &f.mesh.netns("echo1"), "lo");
     for pod in ["echo2", "echo1"] {
         for (dst_ip, client_ip) in ips(&f.mesh, pod).into_iter().zip(ips(&f.mesh, "sleep")) {
             let peer = f.peer_of_roundtrip("sleep", SocketAddr::new(dst_ip, APP_PORT));
