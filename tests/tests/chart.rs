@@ -431,6 +431,10 @@ fn waypoint_class_controller_and_settings_by_default() {
         pod["containers"][0]["readinessProbe"]["httpGet"],
         json!({"path": "/healthz/ready", "port": 15021})
     );
+    // Scraped where it serves its metrics (the default of its --metrics-addr).
+    let annotations = &controller["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"], "15020");
+    assert_eq!(annotations["prometheus.io/path"], "/stats/prometheus");
     assert_eq!(
         pod["containers"][0]["volumeMounts"][0]["mountPath"],
         "/etc/waypoint-controller"

@@ -4,7 +4,7 @@
 //! the HBONE listener is refused in its status, naming the field; another class is left alone;
 //! a deleted waypoint Deployment, Service or RoleBinding is made again. The Gateways' listeners get their status, and
 //! our GatewayClass `Accepted` and `SupportedVersion` (from the CRDs' bundle version). The controller is ready once it has
-//! listed the Gateways. Each waypoint's ServiceAccount is bound to the
+//! listed the Gateways, and its metrics count Gateways, reconciles and watch errors. Each waypoint's ServiceAccount is bound to the
 //! waypoint ClusterRole in its namespace (owned by the Gateway) and in the root namespace
 //! (labelled with the Gateway, deleted by the controller when the Gateway goes), and the
 //! waypoint reads those two namespaces only.
@@ -12,7 +12,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use mesh_tests::kube_api::harness::start_api;
+use mesh_tests::kube_api::harness::{sample, start_api};
 use mesh_tests::kube_api::{ApiServer, kubeconfig_path};
 use mesh_tests::mesh::http_get;
 use mesh_tests::process::binary;
@@ -406,7 +406,7 @@ async fn a_waypoint_gateway_gets_its_deployment_service_and_status() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_controller_is_ready_once_it_has_listed_the_gateways() {
+async fn the_controller_is_ready_once_it_has_listed_the_gateways_and_counts_its_work() {
     let mesh = mesh();
     let mut api = ApiServer::new(
         &mesh.netns("wp"),
@@ -437,6 +437,20 @@ async fn the_controller_is_ready_once_it_has_listed_the_gateways() {
         body.contains("waiting for the first list of Gateways"),
         "{body}"
     );
+    let metrics = || {
+        let (status, body) = http_get(&netns, "127.0.0.1:15020".parse().unwrap(), "/metrics")
+            .expect("controller metrics");
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let value = |series: &str| sample(&metrics(), series).unwrap_or(0.0);
+    // The API server away: the Gateway watch's errors are counted.
+    let counted = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), || {
+            value(r#"waypoint_controller_watch_errors_total{watch="gateways"}"#) >= 1.0
+        })
+    });
+    assert!(counted.is_ok(), "no watch error counted:\n{}", metrics());
 
     api.start().expect("listen");
     let listed = tokio::task::block_in_place(|| {
@@ -451,4 +465,60 @@ async fn the_controller_is_ready_once_it_has_listed_the_gateways() {
             .starts_with("/apis/gateway.networking.k8s.io/v1/gateways?")),
         "ready without a list"
     );
+    // Two Gateways of our class (`waypoint`, `broken`; `ingress` is another's), each
+    // reconciled: one made, one refused in its status.
+    let reconciled = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), || {
+            value(r#"waypoint_controller_reconciles_total{result="ok"}"#) >= 2.0
+        })
+    });
+    assert!(reconciled.is_ok(), "{}", metrics());
+    let text = metrics();
+    assert_eq!(
+        sample(&text, "waypoint_controller_gateways "),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"waypoint_controller_reconciles_total{result="failed"}"#
+        ),
+        None,
+        "{text}"
+    );
+
+    // A Gateway whose status cannot be written: a failed reconcile, retried until it passes.
+    api.refuse_status_patches(true);
+    api.apply_yaml(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: second, namespace: default}
+spec:
+  gatewayClassName: ambient-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+"#,
+    )
+    .expect("second Gateway");
+    let failing = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), || {
+            let text = metrics();
+            sample(
+                &text,
+                r#"waypoint_controller_reconciles_total{result="failed"}"#,
+            )
+            .is_some_and(|n| n >= 1.0)
+                && sample(&text, "waypoint_controller_retrying_gateways ") == Some(1.0)
+        })
+    });
+    assert!(failing.is_ok(), "{}\n{}", metrics(), ctl.log());
+    assert_eq!(value("waypoint_controller_gateways "), 3.0);
+    api.refuse_status_patches(false);
+    let recovered = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(15), || {
+            value("waypoint_controller_retrying_gateways ") == 0.0
+        })
+    });
+    assert!(recovered.is_ok(), "{}\n{}", metrics(), ctl.log());
 }

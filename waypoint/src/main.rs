@@ -146,7 +146,8 @@ struct Args {
     /// Gateways).
     #[arg(long, default_value = "0.0.0.0:15021")]
     ready_addr: SocketAddr,
-    /// Prometheus metrics (`/metrics`).
+    /// Prometheus metrics (`/metrics`, `/stats/prometheus`; with `--gateway-controller`, the
+    /// controller's own).
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
     /// Admin (`/config_dump`: identity, mesh, route hosts, the last route change's errors).
@@ -335,6 +336,7 @@ fn gateway_controller(args: &Args) -> ExitCode {
         class,
         template,
         ready_addr: args.ready_addr,
+        metrics_addr: args.metrics_addr,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

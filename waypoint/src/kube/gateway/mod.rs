@@ -8,6 +8,7 @@
 //! module watches and dispatches.
 
 pub mod config;
+mod metrics;
 pub mod rbac;
 mod reconcile;
 pub mod render;
@@ -16,6 +17,7 @@ pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -26,6 +28,7 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use serde_json::Value as Json;
 
 use super::KubeOptions;
+use metrics::ControllerMetrics;
 
 /// What the controller is started with.
 #[derive(Clone, Debug)]
@@ -36,6 +39,13 @@ pub struct GatewayOptions {
     pub template: render::Template,
     /// Where `/healthz/ready` answers 200 once every Gateway has been listed (503 before).
     pub ready_addr: SocketAddr,
+    /// Where the controller's Prometheus metrics are served.
+    pub metrics_addr: SocketAddr,
+}
+
+/// Whether Gateway `g` is of the class the controller serves.
+fn is_ours(g: &Json, opts: &GatewayOptions) -> bool {
+    g.pointer("/spec/gatewayClassName").and_then(Json::as_str) == Some(opts.class.as_str())
 }
 
 /// How often Gateways whose objects could not be written are tried again.
@@ -154,6 +164,23 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
     })
     .await
     .with_context(|| format!("readiness on {}", opts.ready_addr))?;
+    let metrics = Arc::new(ControllerMetrics::new());
+    let served = metrics.clone();
+    let _metrics = ztunnel::endpoint::serve(opts.metrics_addr, move |req| {
+        let metrics = served.clone();
+        async move {
+            if req.path != "/metrics" && req.path != "/stats/prometheus" {
+                return ztunnel::endpoint::text(http::StatusCode::NOT_FOUND, "not found\n");
+            }
+            ztunnel::endpoint::reply(
+                http::StatusCode::OK,
+                ztunnel::metrics::CONTENT_TYPE,
+                metrics.encode(),
+            )
+        }
+    })
+    .await
+    .with_context(|| format!("metrics on {}", opts.metrics_addr))?;
     let mut retry = tokio::time::interval(RETRY);
     tracing::info!(class = %opts.class, "Gateway controller started");
     loop {
@@ -163,15 +190,16 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
                 Some(Ok(event)) => known.gateway_event(event)?,
                 Some(Err(e)) => {
                     tracing::warn!("Gateway watch: {e}; retrying with backoff");
+                    metrics.watch_error("gateways");
                     Vec::new()
                 }
             },
             event = owned.next() => {
                 let Some(event) = event else { return Ok(()) };
-                known.owned_event(event);
+                known.owned_event(event, &metrics);
                 // Everything already delivered first, so a Gateway is applied once for all.
                 while let Some(Some(event)) = owned.next().now_or_never() {
-                    known.owned_event(event);
+                    known.owned_event(event, &metrics);
                 }
                 known.take_touched()
             },
@@ -181,6 +209,7 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
                     Some(Ok(event)) => known.binding_event(event),
                     Some(Err(e)) => {
                         tracing::warn!("root namespace RoleBinding watch: {e}; retrying with backoff");
+                        metrics.watch_error("rolebindings");
                     }
                 }
                 Vec::new()
@@ -195,6 +224,7 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
                         tracing::warn!("GatewayClass watch: {e}; retrying with backoff");
+                        metrics.watch_error("gatewayclasses");
                     }
                 }
                 Vec::new()
@@ -216,8 +246,12 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
                 key.1,
                 g.pointer("/metadata/resourceVersion")
             );
+            let ours = is_ours(&g, &opts);
             match reconcile::reconcile(&client, &opts, &gateway, &g).await {
                 Ok(updated) => {
+                    if ours {
+                        metrics.reconciled(true);
+                    }
                     known.failed.remove(&key);
                     // The Gateway as our status patch left it, so a look from the cache
                     // before the patch comes back as an event does not write it again.
@@ -231,10 +265,19 @@ pub async fn run(opts: GatewayOptions) -> anyhow::Result<()> {
                         key.0,
                         key.1
                     );
+                    metrics.reconciled(false);
                     known.failed.insert(key, g);
                 }
             }
         }
+        metrics.gateways(
+            known
+                .gateways
+                .values()
+                .filter(|g| is_ours(g, &opts))
+                .count(),
+        );
+        metrics.retrying(known.failed.len());
         known.sweep(&root_bindings, &opts).await;
         if known.listed && !*listed_tx.borrow() {
             tracing::info!("Gateways listed: ready");
@@ -287,7 +330,11 @@ impl Known {
 
     /// Takes an event of an object we made in: its Gateway, if it is still there, is applied
     /// again (a no-op when nothing differs).
-    fn owned_event(&mut self, event: Result<watcher::Event<DynamicObject>, watcher::Error>) {
+    fn owned_event(
+        &mut self,
+        event: Result<watcher::Event<DynamicObject>, watcher::Error>,
+        metrics: &ControllerMetrics,
+    ) {
         match event {
             Ok(
                 watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o),
@@ -300,7 +347,10 @@ impl Known {
                 }
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!("watch of the waypoints' objects: {e}; retrying with backoff"),
+            Err(e) => {
+                tracing::warn!("watch of the waypoints' objects: {e}; retrying with backoff");
+                metrics.watch_error("owned");
+            }
         }
     }
 

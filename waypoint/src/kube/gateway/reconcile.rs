@@ -19,7 +19,7 @@ pub(super) async fn reconcile(
     gateway_resource: &ApiResource,
     g: &Json,
 ) -> anyhow::Result<Option<Json>> {
-    if g.pointer("/spec/gatewayClassName").and_then(Json::as_str) != Some(opts.class.as_str()) {
+    if !super::is_ours(g, opts) {
         return Ok(None);
     }
     let (namespace, name) = key_of(g);
