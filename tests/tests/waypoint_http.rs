@@ -1,5 +1,5 @@
 //! What real HTTP clients see of a waypoint, on the whole path (curl in an enrolled pod, its
-//! ztunnel, the waypoint, the routed pod): redirects, rewrites and CORS; and malformed or
+//! ztunnel, the waypoint, the routed pod): redirects, rewrites, CORS and normalized paths; and malformed or
 //! smuggling requests refused with 400 before anything reaches a backend. The reviews port is
 //! declared HTTP here, so bytes that are not HTTP are answered 400 rather than relayed.
 
@@ -23,6 +23,10 @@ spec:
     redirect:
       uri: /new
       redirectCode: 301
+  - match: [{uri: {prefix: /admin}}]
+    directResponse:
+      status: 403
+      body: {string: admin is closed}
   - match: [{uri: {prefix: /api/v1}}]
     rewrite:
       uri: /v2
@@ -87,6 +91,21 @@ fn curl_sees_redirects_rewrites_and_cors() {
     let (_, out) = curl(&mesh, &[&format!("{base}/api/v1/items")]);
     assert!(out.starts_with("http/1.1 200"), "{out}");
     assert!(out.contains("\npath /v2/items\n"), "{out}");
+
+    // Paths are routed normalized, as Envoy does under Istio's default: dot segments (also
+    // percent-encoded) cannot take the /old route to reach /admin, and the application gets
+    // the normalized path.
+    for path in ["/old/../admin", "/old/%2e%2e/admin/x"] {
+        let (_, out) = curl(&mesh, &["--path-as-is", &format!("{base}{path}")]);
+        assert!(out.starts_with("http/1.1 403"), "{path}: {out}");
+        assert!(out.ends_with("admin is closed"), "{path}: {out}");
+    }
+    let (_, out) = curl(
+        &mesh,
+        &["--path-as-is", &format!("{base}/old/./../cart?q=1")],
+    );
+    assert!(out.starts_with("http/1.1 200"), "{out}");
+    assert!(out.contains("\npath /cart?q=1\n"), "{out}");
 
     // CORS preflight from an allowed origin: answered by the waypoint, never forwarded.
     let before = apps[0].requests();

@@ -3,6 +3,7 @@
 //! `attempt` for the chosen backend; then record its metrics. Decisions are the pure
 //! functions of `route` and `policy`; this module only applies them.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use hyper::body::Incoming;
 
 use crate::metrics::{Names, RequestLabels};
 use crate::policy::authz::HttpAttributes;
+use crate::policy::authz::path::normalize as normalize_path;
 use crate::policy::cors::CorsDecision;
 use crate::policy::fault::AbortCode;
 use crate::policy::redirect::RedirectInput;
@@ -110,6 +112,25 @@ fn request_authority(uri: &Uri, headers: &HeaderMap, tunnel: SocketAddr) -> Head
     }
 }
 
+/// The request's URI with its path normalized (`policy::authz::path`), as Envoy normalizes
+/// it under Istio's default `pathNormalization: BASE` before routing: routes, policies and
+/// the application all see the same path, so `/public/../admin` cannot take the `/public`
+/// route to a backend that resolves it to `/admin`. `None` if the normalized path does not
+/// make a URI again (it always should: it only holds characters of the original).
+fn normalized(uri: Uri) -> Option<Uri> {
+    let path = match normalize_path(uri.path()) {
+        Cow::Borrowed(_) => return Some(uri),
+        Cow::Owned(path) => path,
+    };
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut parts = uri.into_parts();
+    parts.path_and_query = Some(PathAndQuery::try_from(path_and_query).ok()?);
+    Uri::from_parts(parts).ok()
+}
+
 async fn route(
     ctx: &Ctx,
     snap: &Snapshot,
@@ -130,7 +151,9 @@ async fn route(
         _ => None,
     };
     let (mut parts, body) = req.into_parts();
-    let uri = std::mem::take(&mut parts.uri);
+    let Some(uri) = normalized(std::mem::take(&mut parts.uri)) else {
+        return reply::text(400, "invalid path");
+    };
     let authority = request_authority(&uri, &parts.headers, down.authority);
     let path = uri.path();
     let query = uri.query().unwrap_or("");

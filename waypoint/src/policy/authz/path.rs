@@ -2,8 +2,9 @@
 //! (percent-encoded unreserved characters decoded, then dot segments removed, section
 //! 5.2.4), as Envoy normalizes paths before its RBAC filter under Istio's default
 //! `pathNormalization: BASE`. Without it `/public/../admin` or `/%2e%2e/admin` would slip
-//! past a DENY of `/admin*` and reach a backend that resolves them to `/admin`. Only the
-//! policies' view changes; the request is forwarded as it came.
+//! past a DENY of `/admin*` and reach a backend that resolves them to `/admin`. As Envoy
+//! does, the waypoint puts the normalized path in the request itself before routing
+//! (`server::forward`), so routes and the application see it too.
 
 use std::borrow::Cow;
 
