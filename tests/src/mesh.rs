@@ -347,10 +347,13 @@ impl Mesh {
             .arg("--ca-dir")
             .arg(self.dir.path().join("ca"))
             .arg("--bpf-pin-dir")
-            .arg(self.pin_dir(node))
-            .arg("--state-dir")
-            .arg(self.dir.path().join(format!("{node}-state")))
-            .args(&self.ztunnel_args)
+            .arg(self.pin_dir(node));
+        // The node's state directory (the hand-over socket), unless `extra` names another.
+        if !extra.contains(&"--state-dir") {
+            cmd.arg("--state-dir")
+                .arg(self.dir.path().join(format!("{node}-state")));
+        }
+        cmd.args(&self.ztunnel_args)
             .args(extra)
             .env("RUST_LOG", &self.log_filter);
         Proc::spawn(

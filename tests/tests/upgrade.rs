@@ -1,7 +1,9 @@
 //! Upgrading ztunnel under load: the new process takes the listening sockets over, the old
 //! one keeps serving its established connections and exits when they end. Counted: refused
 //! or reset connections (the goal, and the assertion, is zero) and leaked kernel programs;
-//! in xDS mode with istiod slow to answer the new process, also plaintext on the wire.
+//! in xDS mode with istiod slow to answer the new process, also plaintext on the wire. A
+//! second ztunnel for a node that cannot reach the running one's hand-over refuses to start
+//! and leaves it serving.
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -342,4 +344,64 @@ fn an_enrolment_failing_half_way_through_an_upgrade_loses_no_connection() {
         plaintext.len(),
         plaintext[..plaintext.len().min(5)].join("\n")
     );
+}
+
+#[test]
+fn a_second_ztunnel_without_the_hand_over_refuses_to_start_and_changes_nothing() {
+    let pods = vec![
+        PodSpec::new("sleep", "node1", "sleep"),
+        PodSpec::new("echo", "node2", "echo"),
+    ];
+    let mut mesh = Mesh::new(&["node1", "node2"], pods, Vec::new()).unwrap();
+    let remote = SocketAddr::new(mesh.ip("echo").into(), APP_PORT);
+    let echo = AppServer::start(&mesh.netns("echo"), "echo", remote).unwrap();
+    mesh.start().unwrap();
+    let sleep = mesh.netns("sleep");
+    let mut conn = connect(&sleep, remote).unwrap();
+    exchange(&mut conn, b"before").unwrap();
+    let programs = program_ids(&mesh.ztunnel("node1").log());
+    assert_eq!(programs.len(), 4, "{}", mesh.ztunnel("node1").log());
+
+    // Same node, same pinned maps, but a state directory of its own: no hand-over socket.
+    let elsewhere = mesh.dir.path().join("elsewhere");
+    let elsewhere = elsewhere.to_str().unwrap();
+    let running = mesh
+        .start_successor("node1", 1, &["--state-dir", elsewhere])
+        .unwrap();
+    let mut status = None;
+    let exited = wait_until(Duration::from_secs(30), || {
+        status = mesh.ztunnel("node1").exited();
+        status.is_some()
+    });
+    let stranger = mesh.set_ztunnel("node1", running).unwrap();
+    let log = stranger.log();
+    assert!(exited.is_ok(), "the second ztunnel kept running:\n{log}");
+    assert!(!status.unwrap().success(), "{log}");
+    assert!(
+        log.contains("another ztunnel serves node node1") && log.contains("handoff.sock"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("eBPF capture programs attached"),
+        "it attached programs:\n{log}"
+    );
+
+    // The running one is untouched: its programs, the open connection, new connections,
+    // all captured (the server sees them come through node2's ztunnel).
+    assert!(programs.iter().all(|id| loaded(*id)), "programs unloaded");
+    exchange(&mut conn, b"after").unwrap();
+    let tunnels = |mesh: &mut Mesh| {
+        mesh.ztunnel("node1")
+            .log()
+            .matches("path=hbone-out")
+            .count()
+    };
+    let before = tunnels(&mut mesh);
+    assert_eq!(
+        echo_roundtrip(&sleep, remote, b"new".to_vec()).unwrap(),
+        b"newbye"
+    );
+    let tunnelled = wait_until(Duration::from_secs(10), || tunnels(&mut mesh) > before);
+    assert!(tunnelled.is_ok(), "{}", mesh.ztunnel("node1").log());
+    assert!(!echo.peers().is_empty());
 }

@@ -123,6 +123,24 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("handoff.sock")
 }
 
+/// Whether a predecessor offers its listeners in `state_dir` within `wait` (its socket is
+/// there: it binds it just after it is ready; looked at without connecting, which would use
+/// up its one hand-over).
+pub async fn offered(state_dir: &Path, wait: Duration) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    let path = socket_path(state_dir);
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Asks a running predecessor for its listeners. `None` when there is none (no socket, or
 /// nobody listening on it: a predecessor that crashed).
 pub fn take_over(state_dir: &Path) -> io::Result<Option<Inherited>> {

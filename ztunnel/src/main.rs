@@ -95,7 +95,24 @@ async fn run(config: Config, logging: LogControl) -> anyhow::Result<()> {
     // With no cgroup v2 mount (`ip netns exec` remounts /sys), one of ztunnel's own.
     let cgroup_root =
         ztunnel::capture::cgroup::root(config.cgroup_root.as_deref(), &state_dir.join("cgroup2"))?;
-    let capture = Arc::new(Capture::load(Some(&cgroup_root), &config.bpf_pin_dir())?);
+    // Another ztunnel of this node that offers no hand-over here (its state directory is
+    // not ours): attaching a second set of programs to its maps and then failing to take
+    // its pods' ports would break the pods' traffic. Refuse; it keeps serving.
+    let pin_dir = config.bpf_pin_dir();
+    let sharing = Capture::programs_sharing(&pin_dir);
+    if !sharing.is_empty() && !handoff::offered(&state_dir, std::time::Duration::from_secs(5)).await
+    {
+        anyhow::bail!(
+            "another ztunnel serves node {} (programs {sharing:?} use the capture maps pinned in \
+             {}) but offers no hand-over at {}: an upgrade needs both processes to share the \
+             state directory (--state-dir; the chart's /var/run/ztunnel hostPath); not starting, \
+             the running one keeps serving",
+            config.node,
+            pin_dir.display(),
+            handoff::socket_path(&state_dir).display()
+        );
+    }
+    let capture = Arc::new(Capture::load(Some(&cgroup_root), &pin_dir)?);
     let proxy = Proxy::new(
         config.node.clone(),
         rx,

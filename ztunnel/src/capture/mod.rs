@@ -146,6 +146,29 @@ impl std::fmt::Debug for Capture {
 }
 
 impl Capture {
+    /// The loaded programs, of any process, that use the capture maps pinned in `pin_dir`:
+    /// while there are any, another ztunnel of this node runs (its programs and their links
+    /// go with its process). Empty when nothing is pinned there or it cannot be looked at.
+    pub fn programs_sharing(pin_dir: &Path) -> Vec<u32> {
+        let Some(id) = MapData::from_pin(pin_dir.join("ENROLLED"))
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.id())
+        else {
+            return Vec::new();
+        };
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| {
+                p.map_ids()
+                    .ok()
+                    .flatten()
+                    .is_some_and(|ids| ids.contains(&id))
+            })
+            .map(|p| p.id())
+            .collect()
+    }
+
     /// Loads the programs and attaches the outbound ones at the cgroup v2 root
     /// (`cgroup_root`, or the first cgroup2 mount when `None`). The maps are pinned in
     /// `pin_dir` (on a BPF filesystem, mounted if needed) and reused when already there, so
