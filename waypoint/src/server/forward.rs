@@ -28,6 +28,7 @@ use ztunnel::state::Workload;
 
 use super::Ctx;
 use super::attempt::{self, Outgoing};
+use super::authenticate;
 use super::authorize;
 use super::reply;
 use super::tunnel::Downstream;
@@ -135,13 +136,20 @@ async fn route(
     let path = uri.path();
     let query = uri.query().unwrap_or("");
     let port = down.authority.port();
+    let claims = match authenticate::check(ctx, snap, down, &mut parts.headers, path, query) {
+        Ok(c) => c,
+        Err(failure) => {
+            rec.flags = authenticate::FLAG;
+            return authenticate::refused(failure, &authority, path);
+        }
+    };
     let http = HttpAttributes {
         method: parts.method.as_str(),
         host: authority.to_str().unwrap_or_default(),
         path,
         headers: &parts.headers,
     };
-    if !authorize::check(ctx, snap, down, Some(http)).is_allow() {
+    if !authorize::check(ctx, snap, down, Some(http), claims.as_ref()).is_allow() {
         rec.flags = authorize::FLAG;
         return authorize::denied(rec.grpc);
     }

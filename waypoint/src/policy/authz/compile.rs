@@ -5,15 +5,12 @@
 
 use std::sync::Arc;
 
-use crate::config::security::authorization_policy::{Action, AuthorizationPolicy};
+use crate::config::security::authorization_policy::Action;
 use crate::config::{Diagnostic, Problem, Resource, ResourceName, Spec};
 use crate::route::CompileOptions;
 
+use super::super::target::{Applies, targets};
 use super::{Authz, Policy};
-
-const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
-/// The GatewayClass of Istio's waypoints, which root-namespace policies may target.
-const WAYPOINT_CLASS: &str = "istio-waypoint";
 
 /// The policies of `resources` that apply here; what was left out or refused is in
 /// `diagnostics` and `rejected`.
@@ -81,7 +78,7 @@ pub fn compile(
             rules: p.rules.clone(),
             rejected: false,
         });
-        match targets(p, ns, opts) {
+        match targets(&p.target_refs, ns, opts) {
             Ok(found) => {
                 for (i, target) in found.into_iter().enumerate() {
                     let at = format!("spec.targetRefs[{i}]");
@@ -101,70 +98,4 @@ pub fn compile(
         }
     }
     authz
-}
-
-/// What one target reference makes of a policy here.
-enum Applies<'p> {
-    All,
-    Service(&'p str),
-    /// Another waypoint's, or a class of gateways this waypoint is not: the reason.
-    Elsewhere(String),
-    NotImplemented(&'static str),
-}
-
-/// Each target reference of `p` (in namespace `ns`) read; `Err` names the first that Istio
-/// would refuse, by index.
-fn targets<'p>(
-    p: &'p AuthorizationPolicy,
-    ns: &str,
-    opts: &CompileOptions,
-) -> Result<Vec<Applies<'p>>, (usize, String)> {
-    let mut out = Vec::with_capacity(p.target_refs.len());
-    for (i, t) in p.target_refs.iter().enumerate() {
-        let applies = match (t.group.as_str(), t.kind.as_str()) {
-            (GATEWAY_GROUP, "Gateway") => {
-                if ns == opts.namespace && t.name == opts.gateway_name {
-                    Applies::All
-                } else {
-                    Applies::Elsewhere(format!(
-                        "names Gateway {ns}/{}, not this waypoint ({}/{})",
-                        t.name, opts.namespace, opts.gateway_name
-                    ))
-                }
-            }
-            (GATEWAY_GROUP, "GatewayClass") => {
-                if ns != opts.root_namespace {
-                    return Err((
-                        i,
-                        format!(
-                            "a GatewayClass may only be targeted from the root namespace {}",
-                            opts.root_namespace
-                        ),
-                    ));
-                }
-                if t.name == WAYPOINT_CLASS {
-                    Applies::All
-                } else {
-                    Applies::Elsewhere(format!(
-                        "names GatewayClass {}, not {WAYPOINT_CLASS}",
-                        t.name
-                    ))
-                }
-            }
-            ("", "Service") => Applies::Service(&t.name),
-            ("networking.istio.io", "ServiceEntry") => Applies::NotImplemented(
-                "ServiceEntry targets: the waypoint serves no ServiceEntry, so the policy applies to nothing here",
-            ),
-            (group, kind) => {
-                return Err((
-                    i,
-                    format!(
-                        "{kind} in group {group:?} is not a target Istio supports (Gateway or GatewayClass of {GATEWAY_GROUP}, Service of the core group \"\", ServiceEntry of networking.istio.io)"
-                    ),
-                ));
-            }
-        };
-        out.push(applies);
-    }
-    Ok(out)
 }
