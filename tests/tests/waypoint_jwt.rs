@@ -230,7 +230,7 @@ fn tokens_give_principals_and_invalid_ones_get_401() {
         metric(
             &mesh,
             "istio_requests_total",
-            &["response_code=\"401\"", "response_flags=\"JWT\""]
+            &["response_code=\"401\"", "response_flags=\"-\""]
         ) >= 6.0
     );
 }

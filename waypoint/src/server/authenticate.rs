@@ -18,10 +18,6 @@ use super::authorize::target;
 use super::reply;
 use super::tunnel::Downstream;
 
-/// The response flag of a request refused for its token (Envoy logs `UAEX`-like details
-/// only in its response code details; this names the filter).
-pub(super) const FLAG: &str = "JWT";
-
 /// Envoy bounds the URI it writes in the realm to this many bytes.
 const MAX_REALM_URI: usize = 256;
 

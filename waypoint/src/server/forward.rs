@@ -138,10 +138,8 @@ async fn route(
     let port = down.authority.port();
     let claims = match authenticate::check(ctx, snap, down, &mut parts.headers, path, query) {
         Ok(c) => c,
-        Err(failure) => {
-            rec.flags = authenticate::FLAG;
-            return authenticate::refused(failure, &authority, path);
-        }
+        // Envoy sets no response flag for a jwt_authn refusal: `-` stays.
+        Err(failure) => return authenticate::refused(failure, &authority, path),
     };
     let http = HttpAttributes {
         method: parts.method.as_str(),
