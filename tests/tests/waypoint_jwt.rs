@@ -212,6 +212,21 @@ fn tokens_give_principals_and_invalid_ones_get_401() {
     })
     .unwrap_or_else(|_| panic!("LATE's keys were never fetched:\n{}", wp.log()));
 
+    // `/config_dump` lists the RequestAuthentications in force.
+    let (code, dump) = mesh_tests::mesh::http_get(
+        &mesh.netns("wp"),
+        "127.0.0.1:15000".parse().expect("addr"),
+        "/config_dump",
+    )
+    .expect("config_dump");
+    assert_eq!(code, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("JSON");
+    assert_eq!(
+        dump["routes"]["request_authentications"],
+        json!(["default/idp", "default/ratings-inline"]),
+        "{dump}"
+    );
+
     // Counted by reason, and as 401s in Istio's request metric.
     let refused = |reason: &str| {
         metric(

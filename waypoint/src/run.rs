@@ -235,6 +235,7 @@ fn config_dump(
         "routes": {
             "hosts": snap.table.hosts(),
             "authorization_policies": snap.table.authz.keys(),
+            "request_authentications": snap.table.authn.keys(),
             "last_change": last_change,
             "errors": errors,
         },

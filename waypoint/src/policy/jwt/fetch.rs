@@ -32,6 +32,9 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// A key set larger than this is refused (a JWKS is a few kilobytes).
 const MAX_BODY: usize = 1024 * 1024;
 
+/// The client TLS configuration for https URIs.
+type Tls = Option<Arc<rustls::ClientConfig>>;
+
 /// The key sets fetched, by URI.
 #[derive(Debug, Default)]
 pub struct JwksStore {
@@ -62,19 +65,31 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) {
     let mut tasks: HashMap<String, (Duration, JoinHandle<()>)> = HashMap::new();
+    let mut tls = None;
     loop {
         let wanted = snapshot.borrow_and_update().table.authn.remote_uris();
         tasks.retain(|uri, (timeout, task)| {
             let keep = wanted.get(uri) == Some(timeout);
             if !keep {
                 task.abort();
+            }
+            if !wanted.contains_key(uri) {
+                // No rule names it any more; a new timeout alone keeps the keys.
                 store.set(uri, None);
             }
             keep
         });
         for (uri, timeout) in wanted {
             tasks.entry(uri.clone()).or_insert_with(|| {
-                let task = tokio::spawn(keep_fetched(store.clone(), uri, timeout, metrics.clone()));
+                // The system's roots, read once, when the first URI needs them.
+                let tls = tls.get_or_insert_with(system_tls).clone();
+                let task = tokio::spawn(keep_fetched(
+                    store.clone(),
+                    uri,
+                    timeout,
+                    tls,
+                    metrics.clone(),
+                ));
                 (timeout, task)
             });
         }
@@ -91,12 +106,13 @@ async fn keep_fetched(
     store: Arc<JwksStore>,
     uri: String,
     timeout: Duration,
+    tls: Tls,
     metrics: Arc<Metrics>,
 ) {
     let mut retry = RETRY_FIRST;
     let mut failing = false;
     loop {
-        match tokio::time::timeout(timeout, fetch(&uri)).await {
+        match tokio::time::timeout(timeout, fetch(&uri, &tls)).await {
             Ok(Ok(jwks)) => {
                 metrics.jwks_fetch("ok");
                 if failing || store.get(&uri).is_none() {
@@ -136,8 +152,8 @@ async fn keep_fetched(
     }
 }
 
-/// One GET of `uri`, read as a JWKS.
-async fn fetch(uri: &str) -> Result<Jwks, String> {
+/// One GET of `uri` (https with `tls`), read as a JWKS.
+async fn fetch(uri: &str, tls: &Tls) -> Result<Jwks, String> {
     let parsed: http::Uri = uri.parse().map_err(|e| format!("bad URI: {e}"))?;
     let https = parsed.scheme_str() == Some("https");
     let host = parsed.host().ok_or("no host")?.to_owned();
@@ -156,10 +172,11 @@ async fn fetch(uri: &str) -> Result<Jwks, String> {
     if https {
         let name = rustls_pki_types::ServerName::try_from(bare_host.to_owned())
             .map_err(|e| format!("{host} is not a TLS server name: {e}"))?;
-        let tls = tokio_rustls::TlsConnector::from(tls_config()?)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS with {host}: {e}"))?;
+        let tls =
+            tokio_rustls::TlsConnector::from(tls.clone().ok_or("no TLS client configuration")?)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS with {host}: {e}"))?;
         get(tls, &authority, &path).await
     } else {
         get(tcp, &authority, &path).await
@@ -197,17 +214,35 @@ where
     Jwks::parse(text)
 }
 
-/// Client TLS with the system's roots, on the ring provider the workspace uses.
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+/// Client TLS with the system's roots.
+fn system_tls() -> Tls {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!("reading the system's CA certificates (for https jwksUri): {e}");
+    }
+    for cert in found.certs {
         let _ = roots.add(cert);
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+    tls_with_roots(roots)
 }
+
+/// Client TLS trusting `roots`, on the ring provider the workspace uses; `None` (https
+/// fetches fail, and say why) if the provider cannot make one.
+fn tls_with_roots(roots: rustls::RootCertStore) -> Tls {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    match rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+    {
+        Ok(b) => Some(Arc::new(
+            b.with_root_certificates(roots).with_no_client_auth(),
+        )),
+        Err(e) => {
+            tracing::error!("no TLS client configuration for https jwksUri: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -131,6 +131,26 @@ impl Authn {
             && self.rejected_by_namespace.is_empty()
     }
 
+    /// The keys (`namespace/name`) of the policies in force, rejected ones included (for
+    /// `/config_dump`).
+    pub fn keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = self
+            .all
+            .iter()
+            .chain(self.by_service.values().flat_map(|m| m.values().flatten()))
+            .map(|r| r.policy.to_string())
+            .chain(
+                self.rejected_all
+                    .iter()
+                    .chain(self.rejected_by_namespace.values().flatten())
+                    .map(ToString::to_string),
+            )
+            .collect();
+        k.sort();
+        k.dedup();
+        k
+    }
+
     /// Every `jwksUri` in force, with the longest timeout a rule gives it.
     pub fn remote_uris(&self) -> HashMap<String, Duration> {
         let mut out: HashMap<String, Duration> = HashMap::new();

@@ -443,6 +443,7 @@ spec:
     // A reference Istio refuses rejects the policy while compiling (`Authn::reject`).
     let c = compile(&loaded.resources, &opts);
     let a = &c.table.authn;
+    assert_eq!(a.keys(), ["default/on-reviews", "shop/bad-target"]);
     let notes: Vec<String> = c.diagnostics.iter().map(ToString::to_string).collect();
     assert!(
         notes
