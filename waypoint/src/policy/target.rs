@@ -10,6 +10,28 @@ const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 /// The GatewayClass of Istio's waypoints, which root-namespace policies may target.
 const WAYPOINT_CLASS: &str = "istio-waypoint";
 
+/// A policy that selects workloads, or names no target, is not applied at a waypoint (as
+/// in Istio): the field to report and why, or `None` when its `targetRefs` are to be read.
+/// `without_refs` says what becomes of a policy with neither.
+pub(crate) fn not_here(
+    selector: bool,
+    refs: &[TargetRef],
+    without_refs: &str,
+) -> Option<(&'static str, String)> {
+    if selector {
+        return Some((
+            "spec.selector",
+            "a workload selector does not apply at a waypoint (Istio ignores it there): not applied; use targetRefs".into(),
+        ));
+    }
+    refs.is_empty().then(|| {
+        (
+            "spec",
+            format!("no targetRefs: {without_refs}: not applied here"),
+        )
+    })
+}
+
 /// What one target reference makes of a policy here.
 pub(crate) enum Applies<'p> {
     All,

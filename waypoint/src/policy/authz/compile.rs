@@ -9,7 +9,7 @@ use crate::config::security::authorization_policy::Action;
 use crate::config::{Diagnostic, Problem, Resource, ResourceName, Spec};
 use crate::route::CompileOptions;
 
-use super::super::target::{Applies, targets};
+use super::super::target::{Applies, not_here, targets};
 use super::{Authz, Policy};
 
 /// The policies of `resources` that apply here; what was left out or refused is in
@@ -54,22 +54,12 @@ pub fn compile(
             ),
             Action::Allow | Action::Deny => {}
         }
-        if p.selector.is_some() {
-            note(
-                "spec.selector",
-                Problem::Note(
-                    "a workload selector does not apply at a waypoint (Istio ignores it there): not applied; use targetRefs".into(),
-                ),
-            );
-            continue;
-        }
-        if p.target_refs.is_empty() {
-            note(
-                "spec",
-                Problem::Note(
-                    "no targetRefs: a namespace- or mesh-wide policy is enforced by ztunnel, not the waypoint: not applied here".into(),
-                ),
-            );
+        if let Some((path, why)) = not_here(
+            p.selector.is_some(),
+            &p.target_refs,
+            "a namespace- or mesh-wide policy is enforced by ztunnel, not the waypoint",
+        ) {
+            note(path, Problem::Note(why));
             continue;
         }
         let policy = Arc::new(Policy {

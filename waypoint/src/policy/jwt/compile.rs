@@ -9,7 +9,7 @@ use crate::config::security::request_authentication::{JwtRule, RequestAuthentica
 use crate::config::{Diagnostic, Problem, Resource, ResourceName, Spec};
 use crate::route::CompileOptions;
 
-use super::super::target::{Applies, targets};
+use super::super::target::{Applies, not_here, targets};
 use super::extract::{Location, defaults};
 use super::jwks::Jwks;
 use super::{Authn, DEFAULT_FETCH_TIMEOUT, Keys, Rule};
@@ -38,22 +38,12 @@ pub fn compile(
             });
         };
         let ns = res.meta.namespace.as_str();
-        if p.selector.is_some() {
-            note(
-                "spec.selector",
-                Problem::Note(
-                    "a workload selector does not apply at a waypoint (Istio ignores it there): not applied; use targetRefs".into(),
-                ),
-            );
-            continue;
-        }
-        if p.target_refs.is_empty() {
-            note(
-                "spec",
-                Problem::Note(
-                    "no targetRefs: a namespace- or mesh-wide RequestAuthentication is not applied at a waypoint; use targetRefs".into(),
-                ),
-            );
+        if let Some((path, why)) = not_here(
+            p.selector.is_some(),
+            &p.target_refs,
+            "a namespace- or mesh-wide RequestAuthentication is for sidecars, not a waypoint",
+        ) {
+            note(path, Problem::Note(why));
             continue;
         }
         for (i, r) in p.jwt_rules.iter().enumerate() {

@@ -192,7 +192,8 @@ impl Authn {
         }
     }
 
-    fn applying<'s>(&'s self, target: Target<'_>) -> Vec<&'s Rule> {
+    /// The rules for `target`, borrowed from the config (nothing collected per request).
+    fn applying<'s>(&'s self, target: Target<'_>) -> impl Iterator<Item = &'s Rule> + Clone {
         let service = match target {
             Target::Service { namespace, name } => self
                 .by_service
@@ -205,7 +206,6 @@ impl Authn {
             .iter()
             .chain(service.into_iter().flatten())
             .map(|r| &**r)
-            .collect()
     }
 
     fn rejected(&self, target: Target<'_>) -> Option<&Arc<str>> {
@@ -232,7 +232,7 @@ impl Authn {
         if let Some(policy) = self.rejected(target) {
             let defaults = extract::defaults();
             let places = rules
-                .iter()
+                .clone()
                 .flat_map(|r| r.locations.iter())
                 .chain(defaults.iter());
             if places.into_iter().any(|l| l.find(headers, query).is_some()) {
@@ -246,7 +246,7 @@ impl Authn {
         // and the first gives the request its principal.
         let mut seen: Vec<&Location> = Vec::new();
         let mut verified: Option<Verified> = None;
-        for loc in rules.iter().flat_map(|r| r.locations.iter()) {
+        for loc in rules.clone().flat_map(|r| r.locations.iter()) {
             if seen.contains(&loc) {
                 continue;
             }
@@ -254,7 +254,7 @@ impl Authn {
             let Some(token) = loc.find(headers, query) else {
                 continue;
             };
-            let v = check(&rules, loc, &token, remote, now)?;
+            let v = check(rules.clone(), loc, &token, remote, now)?;
             if verified.is_none() {
                 verified = Some(v);
             } else if let Some(first) = verified.as_mut() {
@@ -266,19 +266,21 @@ impl Authn {
 
     /// Headers the rules for `target` write: removed from every request, so that only a
     /// verified token ever sets them (a header never stands in for a claim).
-    pub fn output_headers(&self, target: Target<'_>) -> Vec<HeaderName> {
-        let mut out = Vec::new();
-        for r in self.applying(target) {
-            out.extend(r.output_payload_to_header.iter().cloned());
-            out.extend(r.output_claim_to_headers.iter().map(|(h, _)| h.clone()));
-        }
-        out
+    pub fn output_headers<'s>(
+        &'s self,
+        target: Target<'_>,
+    ) -> impl Iterator<Item = &'s HeaderName> {
+        self.applying(target).flat_map(|r| {
+            r.output_payload_to_header
+                .iter()
+                .chain(r.output_claim_to_headers.iter().map(|(h, _)| h))
+        })
     }
 }
 
 /// One token found at `loc`, against the rule of its issuer that reads `loc`.
-fn check(
-    rules: &[&Rule],
+fn check<'r>(
+    mut rules: impl Iterator<Item = &'r Rule>,
     loc: &Location,
     token: &str,
     remote: &dyn RemoteKeys,
@@ -289,9 +291,7 @@ fn check(
         policy: policy.cloned(),
     };
     let parsed = Parsed::parse(token).map_err(|f| refuse(f, None))?;
-    let Some(rule) = rules
-        .iter()
-        .find(|r| r.issuer == parsed.issuer() && r.locations.contains(loc))
+    let Some(rule) = rules.find(|r| r.issuer == parsed.issuer() && r.locations.contains(loc))
     else {
         return Err(refuse(Failure::UnknownIssuer, None));
     };

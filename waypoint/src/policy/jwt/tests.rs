@@ -326,7 +326,6 @@ fn claims_paths_and_header_outputs() {
     assert!(run(&a, &h, "").expect("cookie").is_some());
     assert_eq!(
         a.output_headers(SERVICE)
-            .iter()
             .map(|h| h.as_str())
             .collect::<Vec<_>>(),
         ["x-jwt-payload", "x-sub", "x-team", "x-groups"]
