@@ -1,7 +1,7 @@
 //! RequestAuthentication at a real waypoint, with curl in enrolled pods and tokens signed
 //! by test issuers (`mesh_tests::jwt`): no token passes without a principal, a valid token
 //! gives the principal and claims AuthorizationPolicy reads, an invalid one or one of an
-//! issuer nobody configured gets Envoy's 401; the token header is removed unless
+//! issuer nobody configured gets Envoy's 401 (gRPC: UNAUTHENTICATED); the token header is removed unless
 //! `forwardOriginalToken`, and claims are copied to headers. Keys come inline, or from a
 //! `jwksUri` served by a small HTTP server on a host outside the mesh; while that server is
 //! not there its issuer's tokens are refused (fail closed), and once it is they pass. The
@@ -175,6 +175,33 @@ fn tokens_give_principals_and_invalid_ones_get_401() {
             "{out}"
         );
     }
+    // gRPC is answered as Envoy answers it: HTTP 200, grpc-status 16 UNAUTHENTICATED.
+    let (s, out) = status(
+        &mesh,
+        "sleep",
+        &[
+            "--http2-prior-knowledge",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-H",
+            &bearer(&forged),
+            "--data-binary",
+            "",
+            &format!("http://{REVIEWS_VIP}:9080/reviews.Reviews/Get"),
+        ],
+    );
+    assert_eq!(s, 200, "{out}");
+    let lower = out.to_ascii_lowercase();
+    assert!(lower.contains("grpc-status: 16\r\n"), "{out}");
+    assert!(
+        lower.contains("grpc-message: jwt verification fails"),
+        "{out}"
+    );
+
     // A wrong audience: Envoy answers 403.
     let other_aud = idp.token("alice", json!({"aud": "other"}));
     let (s, out) = status(&mesh, "sleep", &["-H", &bearer(&other_aud), &ratings]);
@@ -235,7 +262,11 @@ fn tokens_give_principals_and_invalid_ones_get_401() {
             &[&format!("reason=\"{reason}\"")],
         )
     };
-    assert_eq!(refused("bad_signature"), 1.0);
+    assert_eq!(
+        refused("bad_signature"),
+        2.0,
+        "forged, over HTTP/1.1 and gRPC"
+    );
     assert_eq!(refused("expired"), 1.0);
     assert_eq!(refused("unknown_issuer"), 2.0);
     assert_eq!(refused("malformed"), 1.0);

@@ -2,7 +2,8 @@
 //! the token checked, the headers its rule names edited (the token removed unless
 //! `forwardOriginalToken`, claims and payload copied), and on a refusal Envoy's answer
 //! (401 with the reason as body and `www-authenticate: Bearer realm="<uri>",
-//! error="invalid_token"`; 403 for an audience not allowed), a log line and a count.
+//! error="invalid_token"`; 403 for an audience not allowed; gRPC status 16 or 7 with the
+//! reason), a log line and a count.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -73,9 +74,21 @@ pub(super) fn check(
 }
 
 /// Envoy's answer to a refused token; the realm is the request's URI without its query
-/// (which may hold the token).
-pub(super) fn refused(failure: Failure, authority: &HeaderValue, path: &str) -> Response<Body> {
-    let mut r = reply::text(failure.status(), failure.message());
+/// (which may hold the token). To gRPC, the mapped status with the reason as its message
+/// (16 UNAUTHENTICATED; 7 PERMISSION_DENIED for an audience).
+pub(super) fn refused(
+    failure: Failure,
+    authority: &HeaderValue,
+    path: &str,
+    grpc: bool,
+) -> Response<Body> {
+    let mut r = if grpc {
+        let mut r = reply::grpc(reply::grpc_status_of(failure.status()), failure.message());
+        r.extensions_mut().insert(reply::Local);
+        r
+    } else {
+        reply::text(failure.status(), failure.message())
+    };
     let mut uri = format!("http://{}{path}", authority.to_str().unwrap_or_default());
     if uri.len() > MAX_REALM_URI {
         let mut end = MAX_REALM_URI;

@@ -139,7 +139,7 @@ async fn route(
     let claims = match authenticate::check(ctx, snap, down, &mut parts.headers, path, query) {
         Ok(c) => c,
         // Envoy sets no response flag for a jwt_authn refusal: `-` stays.
-        Err(failure) => return authenticate::refused(failure, &authority, path),
+        Err(failure) => return authenticate::refused(failure, &authority, path, rec.grpc),
     };
     let http = HttpAttributes {
         method: parts.method.as_str(),
