@@ -8,7 +8,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{HeaderMap, HeaderValue};
 use ring::rand::SystemRandom;
-use ring::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair};
+use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
 use serde_json::{Value as Json, json};
 
 use super::verify::Failure;
@@ -23,6 +23,7 @@ const NOW: u64 = 1_800_000_000;
 enum Signer {
     Rsa(RsaKeyPair),
     Ec(EcdsaKeyPair, &'static str),
+    Ed(Ed25519KeyPair),
 }
 
 /// A key, its `kid`, and the JWK of its public half.
@@ -71,6 +72,15 @@ impl Key {
         }
     }
 
+    fn ed(kid: &'static str) -> Key {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).expect("Ed25519 key");
+        let key = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("Ed25519 PKCS#8");
+        Key {
+            kid,
+            signer: Signer::Ed(key),
+        }
+    }
+
     fn jwk(&self) -> Json {
         let b64 = |b: &[u8]| URL_SAFE_NO_PAD.encode(b);
         match &self.signer {
@@ -83,6 +93,9 @@ impl Key {
                 let half = (point.len() - 1) / 2;
                 json!({"kty": "EC", "kid": self.kid, "crv": curve,
                        "x": b64(&point[1..=half]), "y": b64(&point[half + 1..])})
+            }
+            Signer::Ed(k) => {
+                json!({"kty": "OKP", "kid": self.kid, "crv": "Ed25519", "x": b64(k.public_key().as_ref())})
             }
         }
     }
@@ -109,6 +122,7 @@ impl Key {
                     .expect("RSA sign");
                 sig
             }
+            Signer::Ed(k) => k.sign(signed.as_bytes()).as_ref().to_vec(),
             Signer::Ec(k, _) => k
                 .sign(&rng, signed.as_bytes())
                 .expect("EC sign")
@@ -179,9 +193,10 @@ fn tokens_are_checked_as_envoy_checks_them() {
     let rsa = Key::rsa("r1");
     let p256 = Key::ec("e1", "P-256");
     let p384 = Key::ec("e2", "P-384");
+    let ed = Key::ed("d1");
     let rules = format!(
         "[{{issuer: \"{ISS}\", audiences: [bookinfo], jwks: '{}'}}]",
-        jwks(&[&rsa, &p256, &p384])
+        jwks(&[&rsa, &p256, &p384, &ed])
     );
     let (a, _) = authn(&policy(&rules));
     // No token: through, with no principal.
@@ -194,6 +209,7 @@ fn tokens_are_checked_as_envoy_checks_them() {
         (&rsa, "PS256"),
         (&p256, "ES256"),
         (&p384, "ES384"),
+        (&ed, "EdDSA"),
     ] {
         let v = run(&a, &bearer(&key.sign(alg, json!({}), &claims("alice"))), "")
             .unwrap_or_else(|f| panic!("{alg}: {f:?}"))
