@@ -255,10 +255,11 @@ impl Authn {
                 continue;
             };
             let v = check(rules.clone(), loc, &token, remote, now)?;
-            if verified.is_none() {
-                verified = Some(v);
-            } else if let Some(first) = verified.as_mut() {
+            // A second token is checked too, and its header removed like the first's.
+            if let Some(first) = &mut verified {
                 first.remove.extend(v.remove);
+            } else {
+                verified = Some(v);
             }
         }
         Ok(verified)
