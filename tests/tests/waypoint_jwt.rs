@@ -202,6 +202,20 @@ fn tokens_give_principals_and_invalid_ones_get_401() {
         "{out}"
     );
 
+    // The realm is the URI as sent, query included (as Envoy writes it).
+    let (s, out) = status(
+        &mesh,
+        "sleep",
+        &["-H", &bearer(&forged), &format!("{ratings}?page=2")],
+    );
+    assert_eq!(s, 401, "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains(&format!(
+            "www-authenticate: bearer realm=\"{ratings}?page=2\", error=\"invalid_token\"\r\n"
+        )),
+        "{out}"
+    );
+
     // A wrong audience: Envoy answers 403.
     let other_aud = idp.token("alice", json!({"aud": "other"}));
     let (s, out) = status(&mesh, "sleep", &["-H", &bearer(&other_aud), &ratings]);
@@ -264,8 +278,8 @@ fn tokens_give_principals_and_invalid_ones_get_401() {
     };
     assert_eq!(
         refused("bad_signature"),
-        2.0,
-        "forged, over HTTP/1.1 and gRPC"
+        3.0,
+        "forged: twice over HTTP/1.1, once over gRPC"
     );
     assert_eq!(refused("expired"), 1.0);
     assert_eq!(refused("unknown_issuer"), 2.0);

@@ -19,8 +19,8 @@ use super::authorize::target;
 use super::reply;
 use super::tunnel::Downstream;
 
-/// Envoy bounds the URI it writes in the realm to this many bytes.
-const MAX_REALM_URI: usize = 256;
+/// Envoy bounds the path (with its query) it writes in the realm to this many bytes.
+const MAX_REALM_PATH: usize = 256;
 
 /// The verified claims (`None`: no token), or why the request is refused (answered with
 /// `refused`).
@@ -73,13 +73,13 @@ pub(super) fn check(
     }
 }
 
-/// Envoy's answer to a refused token; the realm is the request's URI without its query
-/// (which may hold the token). To gRPC, the mapped status with the reason as its message
-/// (16 UNAUTHENTICATED; 7 PERMISSION_DENIED for an audience).
+/// Envoy's answer to a refused token; the realm is the request's URI as Envoy writes it
+/// (`http://<host><path and query>`, the path cut at 256 bytes). To gRPC, the mapped status
+/// with the reason as its message (16 UNAUTHENTICATED; 7 PERMISSION_DENIED for an audience).
 pub(super) fn refused(
     failure: Failure,
     authority: &HeaderValue,
-    path: &str,
+    path_and_query: &str,
     grpc: bool,
 ) -> Response<Body> {
     let mut r = if grpc {
@@ -89,14 +89,15 @@ pub(super) fn refused(
     } else {
         reply::text(failure.status(), failure.message())
     };
-    let mut uri = format!("http://{}{path}", authority.to_str().unwrap_or_default());
-    if uri.len() > MAX_REALM_URI {
-        let mut end = MAX_REALM_URI;
-        while !uri.is_char_boundary(end) {
-            end -= 1;
-        }
-        uri.truncate(end);
+    let mut end = path_and_query.len().min(MAX_REALM_PATH);
+    while !path_and_query.is_char_boundary(end) {
+        end -= 1;
     }
+    let uri = format!(
+        "http://{}{}",
+        authority.to_str().unwrap_or_default(),
+        &path_and_query[..end]
+    );
     let value = format!("Bearer realm=\"{uri}\", error=\"invalid_token\"");
     if let Ok(v) = HeaderValue::from_str(&value) {
         r.headers_mut().insert(header::WWW_AUTHENTICATE, v);

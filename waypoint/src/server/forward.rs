@@ -139,7 +139,10 @@ async fn route(
     let claims = match authenticate::check(ctx, snap, down, &mut parts.headers, path, query) {
         Ok(c) => c,
         // Envoy sets no response flag for a jwt_authn refusal: `-` stays.
-        Err(failure) => return authenticate::refused(failure, &authority, path, rec.grpc),
+        Err(failure) => {
+            let pq = uri.path_and_query().map_or(path, |p| p.as_str());
+            return authenticate::refused(failure, &authority, pq, rec.grpc);
+        }
     };
     let http = HttpAttributes {
         method: parts.method.as_str(),
