@@ -1,5 +1,6 @@
 //! Which AuthorizationPolicies apply to this waypoint, from their `targetRefs` (istio/api
-//! `PolicyTargetReference`, read as Istio reads it for waypoints). Everything left out is
+//! `PolicyTargetReference`, read as Istio reads it for waypoints, by `policy::target`, which
+//! RequestAuthentication shares). Everything left out is
 //! reported by resource and field path; a reference Istio would refuse rejects the policy,
 //! and the rejected policy fails closed (`Authz::reject`).
 
