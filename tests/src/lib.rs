@@ -7,6 +7,7 @@ pub mod chart;
 pub mod container;
 pub mod h2raw;
 pub mod http_app;
+pub mod jwt;
 pub mod kube_api;
 pub mod mesh;
 pub mod mesh_xds;

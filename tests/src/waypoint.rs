@@ -56,6 +56,21 @@ pub fn mesh_with(before_start: impl FnOnce(&mut Mesh)) -> Mesh {
     mesh
 }
 
+/// reviews and ratings use the waypoint, both declared HTTP.
+pub fn labelled_mesh() -> Mesh {
+    mesh_with(|m| {
+        for service in ["reviews", "ratings"] {
+            m.service_labels.push((
+                service.to_owned(),
+                "istio.io/use-waypoint".to_owned(),
+                "waypoint".to_owned(),
+            ));
+            m.service_protocols
+                .push((service.to_owned(), 9080, "http".to_owned()));
+        }
+    })
+}
+
 /// The topology and its declaration, changed by `before_start`; nothing runs yet.
 fn declared(before_start: impl FnOnce(&mut Mesh)) -> Mesh {
     let pods = vec![
@@ -225,6 +240,19 @@ pub fn curl_i(mesh: &Mesh, pod: &str, args: &[&str]) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
+}
+
+/// [`curl_i`] that must succeed: the status of the answer (`HTTP/1.1 403 Forbidden` →
+/// `403`), and the answer.
+pub fn curl_status(mesh: &Mesh, pod: &str, args: &[&str]) -> (u16, String) {
+    let (code, out) = curl_i(mesh, pod, args);
+    assert_eq!(code, 0, "curl {args:?} from {pod} failed:\n{out}");
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, out)
 }
 
 /// The value of the metric series named `name` whose labels include every one of `labels`,

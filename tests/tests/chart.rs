@@ -670,13 +670,13 @@ fn the_kubernetes_examples_validate_and_the_waypoint_accepts_their_routes() {
     let tools = Tools::find();
     let dir = chart::repo_path("deploy/examples/kubernetes");
     let mut objects = Vec::new();
-    for file in ["waypoint.yaml", "routes.yaml"] {
+    for file in ["waypoint.yaml", "routes.yaml", "security.yaml"] {
         let text = std::fs::read_to_string(dir.join(file)).unwrap();
         objects.extend(chart::parse_documents(&text));
     }
-    // The Namespace against Kubernetes' schemas; Gateway, HTTPRoute and DestinationRule
-    // against their CRDs.
-    assert_eq!(tools.validate(&objects), Ok((1, 3)));
+    // The Namespace against Kubernetes' schemas; Gateway, HTTPRoute, DestinationRule,
+    // RequestAuthentication and AuthorizationPolicy against their CRDs.
+    assert_eq!(tools.validate(&objects), Ok((1, 5)));
 
     let gateway = object(&objects, "Gateway", "waypoint");
     let class = object(&render_default(), "GatewayClass", "ambient-waypoint").clone();
@@ -711,7 +711,7 @@ fn the_kubernetes_examples_validate_and_the_waypoint_accepts_their_routes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        report.contains("2 resources accepted, 0 rejected"),
+        report.contains("4 resources accepted, 0 rejected"),
         "{report}"
     );
 }

@@ -12,39 +12,11 @@ use std::time::Duration;
 use mesh_tests::http_app::Version;
 use mesh_tests::kube_api::harness::{start_api, until, waypoint_mesh};
 use mesh_tests::kube_api::{kubeconfig_path, start_waypoint_kube};
-use mesh_tests::mesh::Mesh;
 use mesh_tests::process::wait_until;
 use mesh_tests::waypoint::{
-    RATINGS_VIP, REVIEWS_VIP, apps, curl_i, mesh_with, metric, routes_path, start_waypoint,
-    through_waypoint, write_atomic,
+    RATINGS_VIP, REVIEWS_VIP, apps, curl_i, curl_status as status, labelled_mesh, mesh_with,
+    metric, routes_path, start_waypoint, through_waypoint, write_atomic,
 };
-
-/// reviews and ratings use the waypoint, both declared HTTP.
-fn labelled_mesh() -> Mesh {
-    mesh_with(|m| {
-        for service in ["reviews", "ratings"] {
-            m.service_labels.push((
-                service.to_owned(),
-                "istio.io/use-waypoint".to_owned(),
-                "waypoint".to_owned(),
-            ));
-            m.service_protocols
-                .push((service.to_owned(), 9080, "http".to_owned()));
-        }
-    })
-}
-
-/// The status line of curl's answer (`HTTP/1.1 403 Forbidden` → `403`), and the answer.
-fn status(mesh: &Mesh, pod: &str, args: &[&str]) -> (u16, String) {
-    let (code, out) = curl_i(mesh, pod, args);
-    assert_eq!(code, 0, "curl {args:?} from {pod} failed:\n{out}");
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, out)
-}
 
 /// The Bookinfo ambient tutorial's policy, on reviews here (the mesh has no productpage),
 /// as its YAML is written; a DENY of /admin on the waypoint's Gateway (every service

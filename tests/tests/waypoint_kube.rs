@@ -57,12 +57,13 @@ spec:
 "#;
 
 /// What the waypoint watches, by plural.
-const PLURALS: [&str; 5] = [
+const PLURALS: [&str; 6] = [
     "virtualservices",
     "destinationrules",
     "httproutes",
     "grpcroutes",
     "authorizationpolicies",
+    "requestauthentications",
 ];
 
 fn watches(api: &ApiServer, plural: &str) -> (usize, usize) {

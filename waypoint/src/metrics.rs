@@ -172,6 +172,19 @@ pub struct DeniedLabels {
     pub reason: &'static str,
 }
 
+/// Requests refused by RequestAuthentication (an invalid token), by why (bounded:
+/// `policy::jwt::verify::Failure::reason`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwtRefusedLabels {
+    pub reason: &'static str,
+}
+
+/// Fetches of `jwksUri` key sets, by result (`ok`, `error`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwksFetchLabels {
+    pub result: &'static str,
+}
+
 /// Istio's buckets for `istio_request_duration_milliseconds`.
 const DURATION_BUCKETS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
@@ -187,6 +200,8 @@ pub struct Metrics {
     pub refused: Family<RefusedLabels, Counter>,
     pub sources: Family<SourceLabels, Gauge>,
     pub denied: Family<DeniedLabels, Counter>,
+    pub jwt_refused: Family<JwtRefusedLabels, Counter>,
+    pub jwks_fetches: Family<JwksFetchLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -248,10 +263,24 @@ impl Metrics {
             "Requests denied by AuthorizationPolicy (answered 403 RBAC: access denied, or gRPC status 7), by policy and reason",
             denied.clone(),
         );
+        let jwt_refused = Family::<JwtRefusedLabels, Counter>::default();
+        registry.register(
+            "waypoint_jwt_refused",
+            "Requests refused by RequestAuthentication (answered 401, or 403 for an audience not allowed), by reason",
+            jwt_refused.clone(),
+        );
+        let jwks_fetches = Family::<JwksFetchLabels, Counter>::default();
+        registry.register(
+            "waypoint_jwks_fetches",
+            "Fetches of RequestAuthentication jwksUri key sets, by result; while a set cannot be fetched its issuer's tokens are refused",
+            jwks_fetches.clone(),
+        );
         Metrics {
             registry,
             sources,
             denied,
+            jwt_refused,
+            jwks_fetches,
             requests,
             duration,
             mirrors,
@@ -267,6 +296,18 @@ impl Metrics {
                 policy: policy.to_owned(),
                 reason,
             })
+            .inc();
+    }
+
+    pub fn jwt_refused(&self, reason: &'static str) {
+        self.jwt_refused
+            .get_or_create(&JwtRefusedLabels { reason })
+            .inc();
+    }
+
+    pub fn jwks_fetch(&self, result: &'static str) {
+        self.jwks_fetches
+            .get_or_create(&JwksFetchLabels { result })
             .inc();
     }
 

@@ -93,6 +93,7 @@ pub fn load_routes(opts: &Options) -> (RouteTable, Vec<String>) {
     }
     let mut compiled = route::compile(&resources, &opts.compile);
     compiled.table.authz.reject_all(&rejected, &opts.compile);
+    compiled.table.authn.reject_all(&rejected, &opts.compile);
     problems.extend(
         compiled
             .diagnostics
@@ -234,6 +235,7 @@ fn config_dump(
         "routes": {
             "hosts": snap.table.hosts(),
             "authorization_policies": snap.table.authz.keys(),
+            "request_authentications": snap.table.authn.keys(),
             "last_change": last_change,
             "errors": errors,
         },
@@ -381,6 +383,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     ctx.protocol_detection_timeout = opts.protocol_detection_timeout;
     ctx.metrics = metrics.clone();
     let ctx = Arc::new(ctx);
+    // RequestAuthentication `jwksUri`s of the config in force, fetched and refreshed.
+    tokio::spawn(crate::policy::jwt::fetch::run(
+        ctx.jwks.clone(),
+        ctx.snapshot.clone(),
+        metrics.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("listening on {}", opts.listen))?;

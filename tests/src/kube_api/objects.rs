@@ -30,7 +30,7 @@ impl Kind {
 
 /// The kinds the waypoint watches, in the versions it asks for, then those the Gateway
 /// controller reads and writes.
-pub const KINDS: [Kind; 14] = [
+pub const KINDS: [Kind; 15] = [
     Kind {
         group: "networking.istio.io",
         version: "v1",
@@ -64,6 +64,13 @@ pub const KINDS: [Kind; 14] = [
         version: "v1",
         kind: "AuthorizationPolicy",
         plural: "authorizationpolicies",
+        namespaced: true,
+    },
+    Kind {
+        group: "security.istio.io",
+        version: "v1",
+        kind: "RequestAuthentication",
+        plural: "requestauthentications",
         namespaced: true,
     },
     Kind {

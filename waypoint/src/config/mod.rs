@@ -51,6 +51,7 @@ pub enum Spec {
     /// Read as an HTTPRoute on `/<service>/<method>` paths.
     GrpcRoute(gateway::GrpcRoute),
     AuthorizationPolicy(Box<security::AuthorizationPolicy>),
+    RequestAuthentication(Box<security::RequestAuthentication>),
 }
 
 impl Spec {
@@ -61,6 +62,7 @@ impl Spec {
             Spec::HttpRoute(_) => "HTTPRoute",
             Spec::GrpcRoute(_) => "GRPCRoute",
             Spec::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Spec::RequestAuthentication(_) => "RequestAuthentication",
         }
     }
 }
@@ -268,6 +270,7 @@ enum Kind {
     HttpRoute,
     GrpcRoute,
     AuthorizationPolicy,
+    RequestAuthentication,
 }
 
 /// Which of our kinds `api_version`/`kind` is; `Err` says why not (`None`: another group).
@@ -298,6 +301,9 @@ fn classify(api_version: &str, kind: &str) -> Result<Kind, Option<Problem>> {
         })),
         (security::GROUP, "AuthorizationPolicy") => {
             served(&security::VERSIONS).map(|_| Kind::AuthorizationPolicy)
+        }
+        (security::GROUP, "RequestAuthentication") => {
+            served(&security::VERSIONS).map(|_| Kind::RequestAuthentication)
         }
         _ => Err(None),
     }
@@ -370,6 +376,11 @@ fn resource(src: &Source, node: &Node, at: &Path<'_>, opts: &LoadOptions, out: &
             // No spec is Istio's allow-nothing policy, as `spec: {}` is.
             Kind::AuthorizationPolicy => Some(Spec::AuthorizationPolicy(Box::new(
                 f.opt::<security::AuthorizationPolicy>("spec", &mut cx)
+                    .unwrap_or_default(),
+            ))),
+            // No spec (or no jwtRules) verifies nothing, as in Istio.
+            Kind::RequestAuthentication => Some(Spec::RequestAuthentication(Box::new(
+                f.opt::<security::RequestAuthentication>("spec", &mut cx)
                     .unwrap_or_default(),
             ))),
         };

@@ -61,11 +61,19 @@ pub const AUTHORIZATION_POLICY: Kind = Kind {
     plural: "authorizationpolicies",
 };
 
+pub const REQUEST_AUTHENTICATION: Kind = Kind {
+    group: "security.istio.io",
+    version: "v1",
+    kind: "RequestAuthentication",
+    plural: "requestauthentications",
+};
+
 /// Every kind the source watches, in the order their watches are started.
-pub const WATCHED: [Kind; 5] = [
+pub const WATCHED: [Kind; 6] = [
     VIRTUAL_SERVICE,
     DESTINATION_RULE,
     HTTP_ROUTE,
     GRPC_ROUTE,
     AUTHORIZATION_POLICY,
+    REQUEST_AUTHENTICATION,
 ];

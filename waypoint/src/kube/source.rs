@@ -262,6 +262,10 @@ impl Source {
             .table
             .authz
             .reject_all(self.store.rejected(), &inputs.compile);
+        compiled
+            .table
+            .authn
+            .reject_all(self.store.rejected(), &inputs.compile);
         let mut now_logged = BTreeSet::new();
         for d in &compiled.diagnostics {
             let text = d.to_string();

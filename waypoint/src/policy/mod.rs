@@ -1,13 +1,15 @@
 //! Per-request policy as data and pure decisions: retries, faults, mirrors, header edits,
-//! rewrites and redirects, and L7 authorization (`authz`). The route table carries these per route; the server acts on them.
+//! rewrites and redirects, L7 authorization (`authz`) and request authentication (`jwt`). The route table carries these per route; the server acts on them.
 //! Random choices take the random number as an argument, so every decision is testable.
 
 pub mod authz;
 pub mod cors;
 pub mod fault;
 pub mod headers;
+pub mod jwt;
 pub mod redirect;
 pub mod retry;
+pub mod target;
 
 /// Maps a uniform random `u64` onto `0..n` (multiply and shift: no division, no modulo
 /// bias worth speaking of for the small `n` used here).

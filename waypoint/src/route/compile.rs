@@ -220,6 +220,7 @@ pub fn compile(resources: &[Resource], opts: &CompileOptions) -> Compiled {
     }
     let mut table = RouteTable {
         authz: crate::policy::authz::compile(resources, opts, &mut c.diagnostics, &mut c.rejected),
+        authn: crate::policy::jwt::compile(resources, opts, &mut c.diagnostics, &mut c.rejected),
         ..RouteTable::default()
     };
     for (host, (routes, source, _)) in services {

@@ -212,6 +212,8 @@ pub struct RouteTable {
     pub(crate) wildcard: Vec<(Box<str>, ServiceRoutes)>,
     /// The AuthorizationPolicies that apply here (compiled with the routes: one config).
     pub authz: crate::policy::authz::Authz,
+    /// The RequestAuthentication rules that apply here.
+    pub authn: crate::policy::jwt::Authn,
 }
 
 impl RouteTable {

@@ -6,6 +6,7 @@ use http::Response;
 
 use crate::policy::authz::path::normalize as normalize_path;
 use crate::policy::authz::{Attributes, HttpAttributes, Target, Verdict};
+use crate::policy::jwt::Claims;
 use crate::snapshot::{Destination, Snapshot};
 use crate::upstream::Body;
 
@@ -18,7 +19,7 @@ pub(super) const DENIED: &str = "RBAC: access denied";
 /// Envoy's response flag for an RBAC denial.
 pub(super) const FLAG: &str = "RBAC";
 
-fn target(destination: &Destination) -> Target<'_> {
+pub(super) fn target(destination: &Destination) -> Target<'_> {
     match destination {
         Destination::Service(s) => Target::Service {
             namespace: &s.namespace,
@@ -37,6 +38,7 @@ pub(super) fn check(
     snap: &Snapshot,
     down: &Downstream,
     http: Option<HttpAttributes<'_>>,
+    auth: Option<&Claims>,
 ) -> Verdict {
     let authz = &snap.table.authz;
     if authz.is_empty() {
@@ -55,6 +57,7 @@ pub(super) fn check(
         destination_ip: down.authority.ip(),
         destination_port: down.authority.port(),
         http,
+        auth,
     };
     let verdict = authz.decide(target(&down.destination), &a);
     if let Verdict::Deny { policy, reason } = &verdict {

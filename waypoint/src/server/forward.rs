@@ -30,6 +30,7 @@ use ztunnel::state::Workload;
 
 use super::Ctx;
 use super::attempt::{self, Outgoing};
+use super::authenticate;
 use super::authorize;
 use super::reply;
 use super::tunnel::Downstream;
@@ -158,13 +159,21 @@ async fn route(
     let path = uri.path();
     let query = uri.query().unwrap_or("");
     let port = down.authority.port();
+    let claims = match authenticate::check(ctx, snap, down, &mut parts.headers, path, query) {
+        Ok(c) => c,
+        // Envoy sets no response flag for a jwt_authn refusal: `-` stays.
+        Err(failure) => {
+            let pq = uri.path_and_query().map_or(path, |p| p.as_str());
+            return authenticate::refused(failure, &authority, pq, rec.grpc);
+        }
+    };
     let http = HttpAttributes {
         method: parts.method.as_str(),
         host: authority.to_str().unwrap_or_default(),
         path,
         headers: &parts.headers,
     };
-    if !authorize::check(ctx, snap, down, Some(http)).is_allow() {
+    if !authorize::check(ctx, snap, down, Some(http), claims.as_ref()).is_allow() {
         rec.flags = authorize::FLAG;
         return authorize::denied(rec.grpc);
     }

@@ -62,6 +62,7 @@ macro_rules! write_through {
 }
 
 mod attempt;
+mod authenticate;
 mod authorize;
 mod forward;
 mod h1guard;
@@ -106,6 +107,8 @@ pub struct Ctx {
     /// before relaying it as TCP (a protocol where the server speaks first). `None`: wait
     /// as long as it takes (Istio's default, `protocolDetectionTimeout: 0s`).
     pub protocol_detection_timeout: Option<Duration>,
+    /// The key sets of RequestAuthentication `jwksUri`s, as fetched.
+    pub jwks: Arc<crate::policy::jwt::fetch::JwksStore>,
     /// The server TLS configuration and the certificate it was made with.
     tls: Mutex<Option<(Arc<WorkloadCert>, Arc<rustls::ServerConfig>)>>,
 }
@@ -128,6 +131,7 @@ impl Ctx {
             metrics: Arc::default(),
             mirror_shadow_suffix: false,
             protocol_detection_timeout: None,
+            jwks: Arc::default(),
             tls: Mutex::new(None),
         }
     }

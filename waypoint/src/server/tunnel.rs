@@ -205,7 +205,7 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
     });
     if declared == Some(AppProtocol::Tcp) {
         // Bytes only: the policies' HTTP fields are unseen (they fail closed).
-        if !super::authorize::check(&ctx, &snap, &down, None).is_allow() {
+        if !super::authorize::check(&ctx, &snap, &down, None, None).is_allow() {
             accepted.responder.reject(StatusCode::FORBIDDEN);
             return;
         }
@@ -237,7 +237,7 @@ pub(super) async fn serve(ctx: Arc<Ctx>, peer_addr: SocketAddr, accepted: Accept
         }
         Ok((detected @ (Detected::Opaque | Detected::Silent), head)) => {
             tracing::debug!(peer = %peer_addr, %authority, ?detected, "not HTTP: relayed as TCP");
-            if !super::authorize::check(&ctx, &ctx.snapshot(), &down, None).is_allow() {
+            if !super::authorize::check(&ctx, &ctx.snapshot(), &down, None, None).is_allow() {
                 stream.abort();
                 return;
             }

@@ -70,9 +70,9 @@ pub struct Source {
     /// Matched against `<trust domain>/ns/<namespace>/sa/<account>`.
     pub principals: Vec<StringMatch>,
     pub not_principals: Vec<StringMatch>,
-    /// JWT principals: set or not is all the waypoint looks at (it validates no JWT).
-    pub request_principals: bool,
-    pub not_request_principals: bool,
+    /// JWT request principals (`<iss>/<sub>` of a token RequestAuthentication verified).
+    pub request_principals: Vec<StringMatch>,
+    pub not_request_principals: Vec<StringMatch>,
     pub namespaces: Vec<StringMatch>,
     pub not_namespaces: Vec<StringMatch>,
     pub service_accounts: Vec<ServiceAccountMatch>,
@@ -310,18 +310,8 @@ impl Decode for Source {
         let not_ip_blocks = cidr(&mut f, "notIpBlocks", cx);
         let remote_ip_blocks = cidr(&mut f, "remoteIpBlocks", cx);
         let not_remote_ip_blocks = cidr(&mut f, "notRemoteIpBlocks", cx);
-        let request_principals = f.has("requestPrincipals");
-        let not_request_principals = f.has("notRequestPrincipals");
-        f.not_implemented(
-            "requestPrincipals",
-            cx,
-            "JWT request principals (no RequestAuthentication): never matches in ALLOW, always in DENY",
-        );
-        f.not_implemented(
-            "notRequestPrincipals",
-            cx,
-            "JWT request principals (no RequestAuthentication): never matches in ALLOW, always in DENY",
-        );
+        let request_principals = matches(&mut f, "requestPrincipals", cx);
+        let not_request_principals = matches(&mut f, "notRequestPrincipals", cx);
         let s = Source {
             principals: matches(&mut f, "principals", cx),
             not_principals: matches(&mut f, "notPrincipals", cx),

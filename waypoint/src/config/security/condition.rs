@@ -29,8 +29,14 @@ pub enum Key {
     DestinationPort,
     /// `connection.sni`: the tunnel has none (HBONE carries no SNI; the HTTP inside is plain).
     ConnectionSni,
-    /// `request.auth.*` (JWT claims): the waypoint validates no JWT.
-    RequestAuth(String),
+    /// `request.auth.principal`: `<iss>/<sub>` of the verified token.
+    RequestPrincipal,
+    /// `request.auth.audiences`: its `aud`.
+    RequestAudiences,
+    /// `request.auth.presenter`: its `azp`.
+    RequestPresenter,
+    /// `request.auth.claims[a][b]`: a claim, by its path (string or list of strings).
+    RequestClaim(Vec<String>),
     /// `experimental.envoy.filters.*`: Envoy filter metadata, which the waypoint has none of.
     Experimental(String),
 }
@@ -54,16 +60,35 @@ impl Key {
             "destination.ip" => Key::DestinationIp,
             "destination.port" => Key::DestinationPort,
             "connection.sni" => Key::ConnectionSni,
-            "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter" => {
-                Key::RequestAuth(s.to_owned())
-            }
-            _ if s.starts_with("request.auth.claims[") && s.ends_with(']') => {
-                Key::RequestAuth(s.to_owned())
-            }
+            "request.auth.principal" => Key::RequestPrincipal,
+            "request.auth.audiences" => Key::RequestAudiences,
+            "request.auth.presenter" => Key::RequestPresenter,
+            _ if s.starts_with("request.auth.claims[") => Key::RequestClaim(claim_path(s)?),
             _ if s.starts_with("experimental.envoy.filters.") => Key::Experimental(s.to_owned()),
             _ => return Err(format!("{s:?} is not a condition key Istio knows")),
         })
     }
+}
+
+/// `request.auth.claims[a][b]` → `["a", "b"]`: one or more non-empty bracketed names.
+fn claim_path(s: &str) -> Result<Vec<String>, String> {
+    let bad = || format!("{s:?}: write a claim as request.auth.claims[name] (nested: [a][b])");
+    let mut rest = s.strip_prefix("request.auth.claims").ok_or_else(bad)?;
+    let mut path = Vec::new();
+    while !rest.is_empty() {
+        let inner = rest.strip_prefix('[').ok_or_else(bad)?;
+        let end = inner.find(']').ok_or_else(bad)?;
+        let name = &inner[..end];
+        if name.is_empty() || name.contains('[') {
+            return Err(bad());
+        }
+        path.push(name.to_owned());
+        rest = &inner[end + 1..];
+    }
+    if path.is_empty() {
+        return Err(bad());
+    }
+    Ok(path)
 }
 
 /// A condition's values, read by the type its key has.
@@ -167,11 +192,6 @@ impl Decode for Condition {
             ok = false;
         }
         match &key {
-            Some(Key::RequestAuth(_)) => f.not_implemented(
-                "key",
-                cx,
-                "request.auth.* (JWT, no RequestAuthentication): never matches in ALLOW, always in DENY",
-            ),
             Some(Key::ConnectionSni) => f.not_implemented(
                 "key",
                 cx,

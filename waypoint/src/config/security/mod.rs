@@ -2,8 +2,10 @@
 
 pub mod authorization_policy;
 pub mod condition;
+pub mod request_authentication;
 
 pub use authorization_policy::AuthorizationPolicy;
+pub use request_authentication::RequestAuthentication;
 
 pub const GROUP: &str = "security.istio.io";
 /// The versions the CRD serves; both have the same schema.

@@ -3,9 +3,13 @@
 //! `to` (any operation) and `when` (every condition) hold; a source or operation when every
 //! field it sets holds (a positive list: any entry; a `not` list: no entry).
 //!
-//! Some attributes the waypoint cannot see: JWT claims (`requestPrincipals`,
-//! `request.auth.*`: it validates no JWT), `connection.sni` (the tunnel carries none), Envoy
-//! filter metadata, and every HTTP attribute when a tunnel is relayed as bytes. A field on
+//! JWT attributes (`requestPrincipals`, `request.auth.*`) are those of the token
+//! RequestAuthentication verified (`policy::jwt`); a request without one has no request
+//! principal and no claims, so a positive match fails and a `not` match holds, as in Envoy.
+//!
+//! Some attributes the waypoint cannot see: `connection.sni` (the tunnel carries none), Envoy
+//! filter metadata, and every HTTP attribute (JWT ones included) when a tunnel is relayed
+//! as bytes. A field on
 //! such an attribute takes the value that fails closed: it never matches in an ALLOW policy
 //! (fewer requests allowed) and always matches in a DENY or CUSTOM one (more denied). This is
 //! what Istio does to HTTP fields in policies enforced on TCP.
@@ -20,6 +24,7 @@ use ztunnel::state::policy::{Cidr, ServiceAccountMatch};
 use crate::config::security::authorization_policy::{
     Condition, Key, Operation, Rule, Source, Values,
 };
+use crate::policy::jwt::Claims;
 
 /// What a policy sees of a request.
 #[derive(Clone, Copy, Debug)]
@@ -36,6 +41,8 @@ pub struct Attributes<'a> {
     pub destination_port: u16,
     /// `None` for a tunnel relayed as bytes.
     pub http: Option<HttpAttributes<'a>>,
+    /// What the request's verified JWT says; `None` without one.
+    pub auth: Option<&'a Claims>,
 }
 
 /// The HTTP part of a request.
@@ -75,7 +82,16 @@ impl Matcher<'_> {
             m.namespace == ns && m.service_account == a.peer.service_account()
         };
         let ip_hit = |c: &Cidr| c.contains(a.source_ip);
-        let jwt = !(s.request_principals || s.not_request_principals) || self.unseen;
+        let jwt = if s.request_principals.is_empty() && s.not_request_principals.is_empty() {
+            true
+        } else if a.http.is_none() {
+            self.unseen
+        } else {
+            let principal = a.auth.map_or("", |c| c.principal.as_str());
+            both(&s.request_principals, &s.not_request_principals, |m| {
+                !principal.is_empty() && m.matches(principal)
+            })
+        };
         jwt && both(&s.principals, &s.not_principals, |m| m.matches(a.principal))
             && both(&s.namespaces, &s.not_namespaces, |m| m.matches(ns))
             && both(&s.service_accounts, &s.not_service_accounts, sa_hit)
@@ -138,7 +154,30 @@ impl Matcher<'_> {
             }),
             Key::SourceNamespace => holds(&|v| strings(v, Some(a.peer.namespace()))),
             Key::SourcePrincipal => holds(&|v| strings(v, Some(a.principal))),
-            Key::ConnectionSni | Key::RequestAuth(_) | Key::Experimental(_) => self.unseen,
+            Key::RequestPrincipal
+            | Key::RequestAudiences
+            | Key::RequestPresenter
+            | Key::RequestClaim(_)
+                if a.http.is_none() =>
+            {
+                self.unseen
+            }
+            Key::RequestPrincipal => holds(&|v| strings(v, a.auth.map(|c| c.principal.as_str()))),
+            Key::RequestAudiences => holds(&|v| {
+                a.auth
+                    .is_some_and(|c| c.audiences.iter().any(|aud| strings(v, Some(aud))))
+            }),
+            Key::RequestPresenter => {
+                holds(&|v| strings(v, a.auth.and_then(|c| c.presenter.as_deref())))
+            }
+            Key::RequestClaim(path) => holds(&|v| match a.auth.and_then(|c| c.get(path)) {
+                Some(serde_json::Value::String(s)) => strings(v, Some(s)),
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .any(|e| e.as_str().is_some_and(|s| strings(v, Some(s)))),
+                _ => false,
+            }),
+            Key::ConnectionSni | Key::Experimental(_) => self.unseen,
         }
     }
 }

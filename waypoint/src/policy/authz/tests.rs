@@ -1,6 +1,7 @@
 use std::net::IpAddr;
 
 use http::HeaderMap;
+use serde_json::json;
 use ztunnel::identity::Identity;
 
 use super::*;
@@ -31,6 +32,7 @@ struct Req {
     headers: HeaderMap,
     port: u16,
     http: bool,
+    auth: Option<crate::policy::jwt::Claims>,
 }
 
 fn req(sa: &str, method: &'static str, path: &'static str) -> Req {
@@ -45,6 +47,7 @@ fn req(sa: &str, method: &'static str, path: &'static str) -> Req {
         headers: HeaderMap::new(),
         port: 9080,
         http: true,
+        auth: None,
     }
 }
 
@@ -59,6 +62,21 @@ impl Req {
             .append(name, http::HeaderValue::from_static(value));
         self
     }
+    /// With a verified token of `iss`/`sub` whose payload is `payload`.
+    fn token(mut self, iss: &str, sub: &str, payload: serde_json::Value) -> Req {
+        let payload = match payload {
+            serde_json::Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        let s = |k: &str| payload.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        self.auth = Some(crate::policy::jwt::Claims {
+            principal: format!("{iss}/{sub}"),
+            audiences: s("aud").into_iter().collect(),
+            presenter: s("azp"),
+            payload,
+        });
+        self
+    }
     fn bytes_only(mut self) -> Req {
         self.http = false;
         self
@@ -70,6 +88,7 @@ impl Req {
             source_ip: self.source_ip,
             destination_ip: "198.18.100.1".parse().expect("ip"),
             destination_port: self.port,
+            auth: self.auth.as_ref(),
             http: self.http.then_some(HttpAttributes {
                 method: self.method,
                 host: self.host,
@@ -315,9 +334,14 @@ fn every_field_of_a_rule_must_hold() {
                 ..ok()
             },
         ),
-        // The JWT rule never matches in an ALLOW policy, and a tunnel of bytes shows no
-        // method, host, path or header.
+        // A tunnel of bytes shows no method, host, path, header or token.
         ("bytes", ok().bytes_only()),
+        (
+            "bytes with a token",
+            req("x", "GET", "/p")
+                .token("iss", "me", json!({}))
+                .bytes_only(),
+        ),
     ];
     for (what, r) in denied {
         assert_eq!(
@@ -335,17 +359,121 @@ fn every_field_of_a_rule_must_hold() {
         .decide(&a, "productpage")
         .is_allow()
     );
-    // A JWT condition in a DENY policy always matches: reviews is closed.
-    assert_eq!(
-        denied_by(&req("sleep", "GET", "/").decide(&a, "reviews")),
-        Some(("default/deny-jwt", DenyReason::DenyMatched))
+    // requestPrincipals ["*"]: any verified token, from anyone, is allowed; none is not.
+    let jwt = req("blocked", "POST", "/x").in_namespace("other");
+    assert!(
+        !jwt.decide(&a, "productpage").is_allow(),
+        "no token, no principal"
     );
-    for field in ["requestPrincipals", "request.auth.*"] {
-        assert!(
-            notes.iter().any(|n| n.contains(field)),
-            "{field}: {notes:#?}"
+    let jwt = jwt.token("https://issuer", "alice", json!({}));
+    assert!(jwt.decide(&a, "productpage").is_allow());
+    // The claims condition of the DENY policy: only a token with group admin is denied.
+    assert!(req("sleep", "GET", "/").decide(&a, "reviews").is_allow());
+    let groups =
+        |g: serde_json::Value| req("sleep", "GET", "/").token("iss", "bob", json!({"groups": g}));
+    assert!(groups(json!(["dev"])).decide(&a, "reviews").is_allow());
+    assert!(groups(json!("dev")).decide(&a, "reviews").is_allow());
+    for admin in [json!(["dev", "admin"]), json!("admin")] {
+        assert_eq!(
+            denied_by(&groups(admin).decide(&a, "reviews")),
+            Some(("default/deny-jwt", DenyReason::DenyMatched))
         );
     }
+    // Relayed bytes cannot show a claim: the DENY holds (fail closed).
+    assert!(
+        !req("sleep", "GET", "/")
+            .bytes_only()
+            .decide(&a, "reviews")
+            .is_allow()
+    );
+    // Nothing about JWT fields is reported as not implemented any more.
+    assert!(
+        !notes
+            .iter()
+            .any(|n| n.contains("request.auth") || n.contains("requestPrincipals")),
+        "{notes:#?}"
+    );
+}
+
+const JWT_KEYS: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: jwt}
+spec:
+  targetRefs: [{kind: Service, name: productpage}]
+  rules:
+  - from: [{source: {requestPrincipals: ["https://accounts.example.com/*"], notRequestPrincipals: ["*/mallory"]}}]
+    when:
+    - {key: request.auth.audiences, values: ["bookinfo"]}
+    - {key: request.auth.presenter, values: ["web-*"]}
+    - {key: request.auth.principal, notValues: ["*/eve"]}
+    - {key: "request.auth.claims[org][team]", values: ["books"]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-anonymous}
+spec:
+  targetRefs: [{kind: Service, name: reviews}]
+  action: DENY
+  rules:
+  - from: [{source: {notRequestPrincipals: ["*"]}}]
+"#;
+
+#[test]
+fn jwt_keys_read_the_verified_token() {
+    let (a, _) = authz(JWT_KEYS);
+    let iss = "https://accounts.example.com";
+    let claims =
+        |sub: &str, payload: serde_json::Value| req("sleep", "GET", "/").token(iss, sub, payload);
+    let good = json!({"aud": "bookinfo", "azp": "web-app", "org": {"team": "books"}});
+    assert!(
+        claims("alice", good.clone())
+            .decide(&a, "productpage")
+            .is_allow()
+    );
+    let refused = [
+        ("no token", req("sleep", "GET", "/")),
+        (
+            "other issuer",
+            req("sleep", "GET", "/").token("https://other", "alice", good.clone()),
+        ),
+        ("notRequestPrincipals", claims("mallory", good.clone())),
+        ("principal notValues", claims("eve", good.clone())),
+        (
+            "audience",
+            claims(
+                "alice",
+                json!({"aud": "other", "azp": "web-app", "org": {"team": "books"}}),
+            ),
+        ),
+        (
+            "presenter",
+            claims(
+                "alice",
+                json!({"aud": "bookinfo", "azp": "cli", "org": {"team": "books"}}),
+            ),
+        ),
+        (
+            "nested claim",
+            claims(
+                "alice",
+                json!({"aud": "bookinfo", "azp": "web-app", "org": {"team": "toys"}}),
+            ),
+        ),
+        (
+            "nested claim absent",
+            claims(
+                "alice",
+                json!({"aud": "bookinfo", "azp": "web-app", "team": "books"}),
+            ),
+        ),
+    ];
+    for (what, r) in refused {
+        assert!(!r.decide(&a, "productpage").is_allow(), "{what}");
+    }
+    // DENY notRequestPrincipals ["*"]: requests without a verified token are denied.
+    assert!(!req("sleep", "GET", "/").decide(&a, "reviews").is_allow());
+    assert!(claims("alice", json!({})).decide(&a, "reviews").is_allow());
 }
 
 #[test]
@@ -405,6 +533,7 @@ spec:
             destination_ip: "198.18.0.1".parse().expect("ip"),
             destination_port: 80,
             http: None,
+            auth: None,
         };
         c.table.authz.decide(
             Target::Service {
