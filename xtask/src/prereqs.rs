@@ -17,6 +17,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "HTTP client in the tests and demo"),
     ("nghttp2-client", "h2load, HTTP/2 load"),
     ("tcpdump", "packet captures in the tests"),
+    (
+        "openssl",
+        "RSA keys for the JWT tests (ring cannot generate them)",
+    ),
     ("procps", "sysctl"),
     (
         "nftables",
