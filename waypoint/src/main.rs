@@ -256,6 +256,7 @@ fn main() -> ExitCode {
             root_namespace: args.root_namespace.clone(),
             namespace: args.namespace.clone(),
             gateway_name: gateway_name(&args),
+            gateway_class: None,
             canonical_labels_only: args.xds_address.is_some(),
         },
         poll: Duration::from_millis(args.poll_ms.max(10)),
@@ -398,6 +399,7 @@ fn check(args: &Args) -> ExitCode {
             root_namespace: args.root_namespace.clone(),
             namespace: args.namespace.clone(),
             gateway_name: gateway_name(args),
+            gateway_class: None,
             canonical_labels_only: false,
         },
     );

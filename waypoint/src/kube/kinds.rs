@@ -77,3 +77,11 @@ pub const WATCHED: [Kind; 6] = [
     AUTHORIZATION_POLICY,
     REQUEST_AUTHENTICATION,
 ];
+
+/// The waypoint's own Gateway, watched apart from the route kinds (`own_gateway`).
+pub const GATEWAY: Kind = Kind {
+    group: "gateway.networking.k8s.io",
+    version: "v1",
+    kind: "Gateway",
+    plural: "gateways",
+};

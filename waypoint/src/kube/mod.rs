@@ -1,17 +1,20 @@
 //! The Kubernetes API as the waypoint's route config source (`--kube`): VirtualService,
-//! DestinationRule, HTTPRoute and GRPCRoute listed and watched with kube-runtime's watcher
+//! DestinationRule, HTTPRoute, GRPCRoute, AuthorizationPolicy and RequestAuthentication
+//! listed and watched with kube-runtime's watcher
 //! (resourceVersion resume, re-list after `410 Gone`, bookmarks, backoff on errors), each
 //! object decoded by the same decoder as the route files and the whole set compiled by the
 //! same compile step, then swapped in as the files' table is. It also writes the Gateway API
 //! status of the routes attached to the Services the waypoint serves.
 //!
 //! `kinds` names what is watched, `json` turns objects into the decoder's input, `store`
-//! holds the objects (pure), `status` computes route status (pure); `source` is the only
-//! part that talks to the API server. `gateway` is the Gateway controller, a mode of its own.
+//! holds the objects (pure), `status` computes route status (pure), `own_gateway` follows
+//! the waypoint's own Gateway for its class; `source` is the only part that talks to the
+//! API server. `gateway` is the Gateway controller, a mode of its own.
 
 pub mod gateway;
 pub mod json;
 pub mod kinds;
+mod own_gateway;
 pub mod source;
 pub mod status;
 pub mod store;

@@ -17,7 +17,8 @@ use serde_json::Value as Json;
 use tokio::sync::watch;
 
 use super::KubeOptions;
-use super::kinds::{GRPC_ROUTE, HTTP_ROUTE, WATCHED};
+use super::kinds::{GATEWAY, GRPC_ROUTE, HTTP_ROUTE, WATCHED};
+use super::own_gateway::OwnGateway;
 use super::status;
 use super::store::{Change, Entry, Store};
 use crate::config::{Diagnostic, LoadOptions, ResourceName, Severity};
@@ -81,6 +82,17 @@ async fn run(mut inputs: Inputs, synced_tx: watch::Sender<bool>) {
         })
         .collect();
     let mut events = futures::stream::select_all(streams);
+    // The waypoint's own Gateway, for its class (`own_gateway`).
+    let own_api: Api<DynamicObject> = Api::namespaced_with(
+        inputs.client.clone(),
+        &inputs.compile.namespace,
+        &GATEWAY.api_resource(),
+    );
+    let own_selector = format!("metadata.name={}", inputs.compile.gateway_name);
+    let mut own_events = watcher(own_api, watcher::Config::default().fields(&own_selector))
+        .default_backoff()
+        .boxed();
+    let mut own = OwnGateway::new(&inputs.compile.gateway_name);
     let connected = inputs.metrics.source_connected("kube");
     let mut source = Source {
         store,
@@ -104,13 +116,20 @@ async fn run(mut inputs: Inputs, synced_tx: watch::Sender<bool>) {
                     changed |= source.handle(event);
                 }
             }
+            event = own_events.next() => {
+                let Some(event) = event else { return };
+                if own.handle(event) {
+                    inputs.compile.gateway_class = own.class().cloned();
+                    changed = true;
+                }
+            }
             result = inputs.state.changed() => {
                 if result.is_err() { return }
                 state_changed = true;
             }
             () = tokio::time::sleep_until(retry_at), if status_retry => {}
         }
-        if !source.store.synced() {
+        if !source.store.synced() || !own.listed() {
             continue;
         }
         if changed || !*synced_tx.borrow() {

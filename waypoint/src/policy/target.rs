@@ -1,7 +1,8 @@
 //! Which waypoint a security policy (AuthorizationPolicy, RequestAuthentication) applies to,
 //! from its `targetRefs` (istio/api `PolicyTargetReference`, read as Istio reads it for
-//! waypoints): the waypoint's own Gateway, the `istio-waypoint` GatewayClass from the root
-//! namespace, or a Service of the policy's namespace. Shared so both kinds select alike.
+//! waypoints): the waypoint's own Gateway, the `istio-waypoint` GatewayClass (or, read from
+//! the API, the class of the waypoint's own Gateway) from the root namespace, or a Service of
+//! the policy's namespace. Shared so both kinds select alike.
 
 use crate::config::security::authorization_policy::TargetRef;
 use crate::route::CompileOptions;
@@ -71,11 +72,16 @@ pub(crate) fn targets<'p>(
                         ),
                     ));
                 }
-                if t.name == WAYPOINT_CLASS {
+                if t.name == WAYPOINT_CLASS || opts.gateway_class.as_ref() == Some(&t.name) {
                     Applies::All
                 } else {
+                    let own = opts
+                        .gateway_class
+                        .as_ref()
+                        .map(|c| format!(" or this waypoint's {c}"))
+                        .unwrap_or_default();
                     Applies::Elsewhere(format!(
-                        "names GatewayClass {}, not {WAYPOINT_CLASS}",
+                        "names GatewayClass {}, not {WAYPOINT_CLASS}{own}",
                         t.name
                     ))
                 }

@@ -26,6 +26,10 @@ pub struct CompileOptions {
     /// The name of the waypoint's Gateway (in `namespace`): what an AuthorizationPolicy's
     /// `targetRefs` name to apply to every request through this waypoint.
     pub gateway_name: String,
+    /// The GatewayClass of that Gateway, when it was read from the API (`--kube`): a
+    /// root-namespace policy targeting this class applies here too, besides
+    /// `istio-waypoint`.
+    pub gateway_class: Option<String>,
     /// Workloads carry only the labels Istio's workload API gives (`app` and `version`,
     /// from the canonical name and revision): subsets selecting others are reported.
     pub canonical_labels_only: bool,
@@ -38,6 +42,7 @@ impl Default for CompileOptions {
             root_namespace: "istio-system".into(),
             namespace: "default".into(),
             gateway_name: "waypoint".into(),
+            gateway_class: None,
             canonical_labels_only: false,
         }
     }
