@@ -592,6 +592,10 @@ fn rbac_grants_each_component_the_least_it_needs() {
         );
     }
     assert!(rules_grant(waypoint, gateway, "httproutes/status", "patch"));
+    for policies in ["authorizationpolicies", "requestauthentications"] {
+        let status = format!("{policies}/status");
+        assert!(rules_grant(waypoint, "security.istio.io", &status, "patch"));
+    }
 }
 
 #[test]

@@ -271,3 +271,115 @@ async fn a_rejected_object_names_its_field_and_the_http_route_gets_its_status() 
         "{m}"
     );
 }
+
+/// Policies for this waypoint, for another, and one it refuses (a field RequestAuthentication
+/// does not have).
+const POLICIES: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: own-gateway, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/private*"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ratings-only, namespace: default}
+spec:
+  targetRefs: [{group: "", kind: Service, name: ratings}]
+  action: ALLOW
+  rules: [{from: [{source: {namespaces: [default]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: another-waypoint, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: other}]
+  action: DENY
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
+  jwtRules:
+  - issuer: https://issuer.example
+    jwksUri: http://198.18.0.250/jwks.json
+    forwardToken: true
+"#;
+
+/// The `WaypointAccepted` condition of a policy: (status, reason, message), once it has one.
+fn waypoint_accepted(
+    api: &mesh_tests::kube_api::ApiServer,
+    kind: &str,
+    name: &str,
+) -> Option<(String, String, String)> {
+    let object = api.object(kind, "default", name)?;
+    let c = object
+        .pointer("/status/conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "WaypointAccepted")?
+        .clone();
+    let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+    Some((s("status"), s("reason"), s("message")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_bound_to_the_waypoint_or_refused_by_it_get_waypoint_accepted() {
+    let mesh = waypoint_mesh();
+    let _apps = apps(&mesh);
+    let api = start_api(&mesh, POLICIES).await;
+    let wp = start_waypoint_kube(&mesh, &kubeconfig_path(&mesh), &[]);
+    let condition = |kind: &'static str, name: &'static str| {
+        let api = &api;
+        move || waypoint_accepted(api, kind, name)
+    };
+    let bound = (
+        "True".to_owned(),
+        "Accepted".to_owned(),
+        "bound to default/waypoint".to_owned(),
+    );
+    for name in ["own-gateway", "ratings-only"] {
+        let got = tokio::task::block_in_place(|| {
+            wait_until(Duration::from_secs(10), || {
+                condition("AuthorizationPolicy", name)().is_some()
+            })
+        });
+        assert!(got.is_ok(), "{name}: no condition\n{}", wp.log());
+        assert_eq!(
+            condition("AuthorizationPolicy", name)(),
+            Some(bound.clone())
+        );
+    }
+    let refused = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), || {
+            condition("RequestAuthentication", "jwt")().is_some()
+        })
+    });
+    assert!(refused.is_ok(), "{}", wp.log());
+    let (status, reason, message) = condition("RequestAuthentication", "jwt")().unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Invalid"));
+    assert!(
+        message.contains("spec.jwtRules[0].forwardToken"),
+        "{message}"
+    );
+    // Another waypoint's policy is not ours to speak for.
+    assert_eq!(condition("AuthorizationPolicy", "another-waypoint")(), None);
+
+    // Fixed: accepted, and bound here.
+    api.apply_yaml(&POLICIES.replace("forwardToken", "forwardOriginalToken"))
+        .expect("fixed");
+    let fixed = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), || {
+            condition("RequestAuthentication", "jwt")() == Some(bound.clone())
+        })
+    });
+    assert!(
+        fixed.is_ok(),
+        "{:?}\n{}",
+        condition("RequestAuthentication", "jwt")(),
+        wp.log()
+    );
+}

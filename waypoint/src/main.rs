@@ -108,8 +108,9 @@ struct Args {
     /// manager of what `--gateway-controller` applies).
     #[arg(long, default_value = waypoint::kube::DEFAULT_CONTROLLER_NAME)]
     controller_name: String,
-    /// With `--kube`, do not write route status (`Accepted`, `ResolvedRefs` on HTTPRoutes and
-    /// GRPCRoutes attached to the Services the waypoint serves).
+    /// With `--kube`, do not write status (`Accepted`, `ResolvedRefs` on HTTPRoutes and
+    /// GRPCRoutes attached to the Services the waypoint serves; `WaypointAccepted` on the
+    /// AuthorizationPolicies and RequestAuthentications bound to it or refused by it).
     #[arg(long, requires = "kube")]
     no_route_status: bool,
     /// The waypoint's namespace; also that of resources that do not name one.

@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod json;
 pub mod kinds;
 mod own_gateway;
+pub mod policy_status;
 pub mod source;
 pub mod status;
 pub mod store;

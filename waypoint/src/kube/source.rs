@@ -17,8 +17,11 @@ use serde_json::Value as Json;
 use tokio::sync::watch;
 
 use super::KubeOptions;
-use super::kinds::{GATEWAY, GRPC_ROUTE, HTTP_ROUTE, WATCHED};
+use super::kinds::{
+    AUTHORIZATION_POLICY, GATEWAY, GRPC_ROUTE, HTTP_ROUTE, REQUEST_AUTHENTICATION, WATCHED,
+};
 use super::own_gateway::OwnGateway;
+use super::policy_status;
 use super::status;
 use super::store::{Change, Entry, Store};
 use crate::config::{Diagnostic, LoadOptions, ResourceName, Severity};
@@ -132,13 +135,16 @@ async fn run(mut inputs: Inputs, synced_tx: watch::Sender<bool>) {
         if !source.store.synced() || !own.listed() {
             continue;
         }
-        if changed || !*synced_tx.borrow() {
+        // The first complete set, whichever watch completed it (the own Gateway's list
+        // changes nothing when there is no Gateway): published, and its status written.
+        let first = !*synced_tx.borrow();
+        if changed || first {
             source.compile_findings = source.publish(&inputs);
             synced_tx.send_replace(true);
         }
         let routes_touched = std::mem::take(&mut source.routes_touched);
-        if inputs.opts.write_status && (changed || state_changed || status_retry || routes_touched)
-        {
+        let look = changed || first || state_changed || status_retry || routes_touched;
+        if inputs.opts.write_status && look {
             status_retry =
                 !write_status(&inputs, &mut source.store, &source.compile_findings).await;
             if status_retry {
@@ -374,6 +380,13 @@ impl status::Mesh for MeshView<'_> {
     fn has_service(&self, namespace: &str, name: &str) -> bool {
         self.find(namespace, name).is_some()
     }
+
+    fn serves_namespace(&self, namespace: &str) -> bool {
+        self.state
+            .services()
+            .filter(|s| s.namespace == namespace)
+            .any(|s| self.serves(&s.namespace, &s.name))
+    }
 }
 
 /// The first error that rejected the route (from decoding or compiling), as `field: problem`.
@@ -402,7 +415,9 @@ fn first_error(entry: &Entry, compile: &[Diagnostic]) -> Option<String> {
         })
 }
 
-/// Patches the status of every Gateway API route whose status we own and that changed;
+/// Patches the status of every Gateway API route whose status we own, and the
+/// `WaypointAccepted` condition of every policy that is ours to say (`policy_status`), that
+/// changed;
 /// false when a patch failed (the loop tries again on its next event). The object the API
 /// server answers replaces the stored one, so a look before our own write comes back as a
 /// watch event sees the status already written and does not write it twice.
@@ -416,23 +431,38 @@ async fn write_status(inputs: &Inputs, store: &mut Store, compile: &[Diagnostic]
         .to_string();
     let controller = &inputs.opts.controller_name;
     let mut wanted = Vec::new();
+    let here = policy_status::Here {
+        namespace: &inputs.compile.namespace,
+        gateway: &inputs.compile.gateway_name,
+        root_namespace: &inputs.compile.root_namespace,
+    };
     for (kind, entry) in store.entries() {
-        if kind != HTTP_ROUTE && kind != GRPC_ROUTE {
-            continue;
-        }
         let error = first_error(entry, compile);
-        let ours = status::parents(&entry.raw, error.as_deref(), &mesh);
-        if let Some(patch) = status::patch(&entry.raw, &ours, controller, &now) {
+        let (patch, what) = if kind == HTTP_ROUTE || kind == GRPC_ROUTE {
+            let ours = status::parents(&entry.raw, error.as_deref(), &mesh);
+            let what = format!("{} parent(s)", ours.len());
+            (status::patch(&entry.raw, &ours, controller, &now), what)
+        } else if kind == AUTHORIZATION_POLICY || kind == REQUEST_AUTHENTICATION {
+            let ours = policy_status::wanted(&entry.raw, error.as_deref(), &here, &mesh);
+            let what = match &ours {
+                policy_status::Wanted::Set(c) => format!("WaypointAccepted {}", c.ok),
+                _ => "WaypointAccepted removed".to_owned(),
+            };
+            (policy_status::patch(&entry.raw, &ours, &now), what)
+        } else {
+            continue;
+        };
+        if let Some(patch) = patch {
             let name = ResourceName {
                 kind: kind.kind.to_owned(),
                 namespace: json_str(&entry.raw, "/metadata/namespace"),
                 name: json_str(&entry.raw, "/metadata/name"),
             };
-            wanted.push((kind, name, patch, ours.len()));
+            wanted.push((kind, name, patch, what));
         }
     }
     let mut all_written = true;
-    for (kind, name, patch, parents) in wanted {
+    for (kind, name, patch, what) in wanted {
         let api: Api<DynamicObject> =
             Api::namespaced_with(inputs.client.clone(), &name.namespace, &kind.api_resource());
         let params = PatchParams::default();
@@ -440,7 +470,7 @@ async fn write_status(inputs: &Inputs, store: &mut Store, compile: &[Diagnostic]
         let call = api.patch_status(&name.name, &params, &patch);
         match tokio::time::timeout(PATCH_TIMEOUT, call).await {
             Ok(Ok(updated)) => {
-                tracing::info!("{name}: status written ({parents} parent(s))");
+                tracing::info!("{name}: status written ({what})");
                 inputs.metrics.config("kube_status", "applied").inc();
                 let slot = WATCHED
                     .iter()

@@ -12,6 +12,8 @@ pub trait Mesh {
     fn serves(&self, namespace: &str, name: &str) -> bool;
     /// Whether the Service `namespace/name` exists in the mesh.
     fn has_service(&self, namespace: &str, name: &str) -> bool;
+    /// Whether the waypoint serves any Service of `namespace`.
+    fn serves_namespace(&self, namespace: &str) -> bool;
 }
 
 /// One condition before it gets its transition time.
@@ -122,6 +124,33 @@ fn resolved_refs(route: &Json, namespace: &str, mesh: &dyn Mesh) -> Condition {
     }
 }
 
+/// Condition `c` as written: its `lastTransitionTime` kept from the same condition with the
+/// same status in `old` (a list of conditions), else `now`.
+pub fn condition(old: Option<&Json>, c: &Condition, generation: Option<i64>, now: &str) -> Json {
+    let status = if c.ok { "True" } else { "False" };
+    let since = old
+        .and_then(Json::as_array)
+        .and_then(|cs| {
+            cs.iter().find(|x| {
+                x.get("type").and_then(Json::as_str) == Some(c.kind)
+                    && x.get("status").and_then(Json::as_str) == Some(status)
+            })
+        })
+        .and_then(|x| x.get("lastTransitionTime").cloned())
+        .unwrap_or_else(|| Json::String(now.to_owned()));
+    let mut cond = json!({
+        "type": c.kind,
+        "status": status,
+        "reason": c.reason,
+        "message": c.message,
+        "lastTransitionTime": since,
+    });
+    if let Some(g) = generation {
+        cond["observedGeneration"] = json!(g);
+    }
+    cond
+}
+
 /// The merge patch that makes the route's status say `ours`, or `None` when it already does.
 /// Other controllers' entries are kept (a merge patch replaces a list whole). A condition
 /// keeps its `lastTransitionTime` while its status stays; `now` stamps the ones that change.
@@ -143,33 +172,10 @@ pub fn patch(
     let mut wanted = Vec::with_capacity(ours.len());
     for (parent_ref, conditions) in ours {
         let old = mine.iter().find(|p| p.get("parentRef") == Some(parent_ref));
+        let old = old.and_then(|p| p.get("conditions"));
         let conditions: Vec<Json> = conditions
             .iter()
-            .map(|c| {
-                let status = if c.ok { "True" } else { "False" };
-                let since = old
-                    .and_then(|p| p.get("conditions"))
-                    .and_then(Json::as_array)
-                    .and_then(|cs| {
-                        cs.iter().find(|x| {
-                            x.get("type").and_then(Json::as_str) == Some(c.kind)
-                                && x.get("status").and_then(Json::as_str) == Some(status)
-                        })
-                    })
-                    .and_then(|x| x.get("lastTransitionTime").cloned())
-                    .unwrap_or_else(|| Json::String(now.to_owned()));
-                let mut cond = json!({
-                    "type": c.kind,
-                    "status": status,
-                    "reason": c.reason,
-                    "message": c.message,
-                    "lastTransitionTime": since,
-                });
-                if let Some(g) = generation {
-                    cond["observedGeneration"] = json!(g);
-                }
-                cond
-            })
+            .map(|c| condition(old, c, generation, now))
             .collect();
         wanted.push(json!({
             "parentRef": parent_ref,

@@ -11,6 +11,9 @@ impl Mesh for Known {
     fn has_service(&self, ns: &str, name: &str) -> bool {
         ns == "default" && (name == "ratings" || name == "reviews")
     }
+    fn serves_namespace(&self, ns: &str) -> bool {
+        ns == "default"
+    }
 }
 
 fn route(backend: &str) -> Json {
