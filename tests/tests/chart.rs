@@ -592,9 +592,14 @@ fn rbac_grants_each_component_the_least_it_needs() {
         );
     }
     assert!(rules_grant(waypoint, gateway, "httproutes/status", "patch"));
-    for policies in ["authorizationpolicies", "requestauthentications"] {
-        let status = format!("{policies}/status");
-        assert!(rules_grant(waypoint, "security.istio.io", &status, "patch"));
+    for (group, kind) in [
+        ("security.istio.io", "authorizationpolicies"),
+        ("security.istio.io", "requestauthentications"),
+        ("networking.istio.io", "virtualservices"),
+        ("networking.istio.io", "destinationrules"),
+    ] {
+        let status = format!("{kind}/status");
+        assert!(rules_grant(waypoint, group, &status, "patch"), "{status}");
     }
 }
 

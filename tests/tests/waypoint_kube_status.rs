@@ -107,6 +107,14 @@ async fn a_rejected_object_names_its_field_and_the_http_route_gets_its_status() 
         .await
         .expect("request");
     assert_eq!(a.status, 404, "the HTTPRoute's match applies: {a:?}");
+    // ...and its refusal taken back.
+    let taken_back = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), || {
+            api.object("VirtualService", "default", "details")
+                .is_some_and(|o| !o.to_string().contains("WaypointAccepted"))
+        })
+    });
+    assert!(taken_back.is_ok(), "{}", wp.log());
     let m = metrics(&mesh);
     assert_eq!(
         sample(
@@ -166,7 +174,7 @@ async fn a_rejected_object_names_its_field_and_the_http_route_gets_its_status() 
     let patch = api
         .seen()
         .into_iter()
-        .find(|s| s.method == "PATCH")
+        .find(|s| s.method == "PATCH" && s.uri.contains("/httproutes/"))
         .expect("a PATCH");
     assert_eq!(
         patch.uri.split('?').next(),
@@ -235,10 +243,28 @@ async fn a_rejected_object_names_its_field_and_the_http_route_gets_its_status() 
         .object("HTTPRoute", "default", "reviews")
         .expect("route");
     assert!(reviews_route.get("status").is_none(), "{reviews_route}");
+    // The broken VirtualService (details uses this waypoint) says why it is refused.
+    let details = api
+        .object("VirtualService", "default", "details")
+        .expect("details");
+    let refused = details["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "WaypointAccepted"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(refused["status"], "False", "{details}");
+    assert_eq!(refused["reason"], "Invalid", "{details}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("spec.http[0].retries.attempts")),
+        "{details}"
+    );
     assert_eq!(
         api.status_patches(),
-        2,
-        "a patch per change of the status, none for our own echo"
+        3,
+        "a patch per change of a status (two of the route's, the VirtualService's), none for \
+         our own echo"
     );
 
     // The broken VirtualService fixed: accepted, and the errors are gone.

@@ -3,7 +3,9 @@
 //! `True`, reason `Accepted`, `bound to <namespace>/<gateway>` on a policy every `targetRefs`
 //! entry of which is this waypoint (its Gateway, or a Service it serves); `False`, reason
 //! `Invalid`, with the field and the problem, on a policy it refused that covers requests
-//! through it (and which it therefore fails closed on).
+//! through it (and which it therefore fails closed on). A VirtualService or DestinationRule
+//! it refuses (in its namespace, the root namespace, or one of a Service it serves) gets the
+//! same `False`, taken back once the object is fixed; an accepted one gets nothing.
 //!
 //! Several waypoints may read one policy; each writes only what it alone can say, so they
 //! never overwrite one another back and forth: nothing on a policy for the `istio-waypoint`
@@ -41,8 +43,15 @@ pub enum Wanted {
     Leave,
 }
 
-/// Our condition for `policy`; `error` is the first error that made us refuse it.
-pub fn wanted(policy: &Json, error: Option<&str>, here: &Here<'_>, mesh: &dyn Mesh) -> Wanted {
+/// Our condition for `policy`, an object of kind `kind`; `error` is the first error that
+/// made us refuse it.
+pub fn wanted(
+    kind: &str,
+    policy: &Json,
+    error: Option<&str>,
+    here: &Here<'_>,
+    mesh: &dyn Mesh,
+) -> Wanted {
     let namespace = policy
         .pointer("/metadata/namespace")
         .and_then(Json::as_str)
@@ -64,6 +73,9 @@ pub fn wanted(policy: &Json, error: Option<&str>, here: &Here<'_>, mesh: &dyn Me
             Wanted::Leave
         };
     }
+    if !matches!(kind, "AuthorizationPolicy" | "RequestAuthentication") {
+        return unsaid(policy, here);
+    }
     let refs = target_refs(policy);
     let here_only = !refs.is_empty()
         && refs.iter().all(|r| {
@@ -83,13 +95,19 @@ pub fn wanted(policy: &Json, error: Option<&str>, here: &Here<'_>, mesh: &dyn Me
             reason: "Accepted",
             message: here.bound(),
         })
-    } else if existing(policy)
-        .is_some_and(|c| c.get("message").and_then(Json::as_str) == Some(here.bound().as_str()))
-    {
-        Wanted::Remove
     } else {
-        Wanted::Leave
+        unsaid(policy, here)
     }
+}
+
+/// An object accepted here that is not bound here: what we said of it before, if anything,
+/// no longer holds (a `bound to` us, or a refusal every waypoint would now take back).
+fn unsaid(object: &Json, here: &Here<'_>) -> Wanted {
+    let ours = existing(object).is_some_and(|c| {
+        let field = |k: &str| c.get(k).and_then(Json::as_str);
+        field("message") == Some(here.bound().as_str()) || field("reason") == Some("Invalid")
+    });
+    if ours { Wanted::Remove } else { Wanted::Leave }
 }
 
 /// `targetRefs`, or the older single `targetRef`.
@@ -187,7 +205,7 @@ mod tests {
 
     #[test]
     fn bound_only_when_every_target_is_this_waypoint() {
-        let w = |p: &Json| wanted(p, None, &HERE, &MESH);
+        let w = |p: &Json| wanted("AuthorizationPolicy", p, None, &HERE, &MESH);
         let accepted = w(&policy("default", json!([gateway("waypoint")])));
         assert_eq!(
             accepted,
@@ -229,6 +247,7 @@ mod tests {
     fn a_refused_policy_is_invalid_where_it_fails_closed() {
         for ns in ["default", "istio-system", "shop"] {
             let w = wanted(
+                "RequestAuthentication",
                 &policy(ns, json!([])),
                 Some("spec.rules[0].to: unknown field"),
                 &HERE,
@@ -250,15 +269,50 @@ mod tests {
                 c.message
             );
         }
-        let elsewhere = wanted(&policy("other", json!([])), Some("bad"), &HERE, &MESH);
+        let elsewhere = wanted(
+            "AuthorizationPolicy",
+            &policy("other", json!([])),
+            Some("bad"),
+            &HERE,
+            &MESH,
+        );
         assert_eq!(elsewhere, Wanted::Leave);
+    }
+
+    #[test]
+    fn a_refused_route_object_is_invalid_until_it_is_fixed() {
+        let mut vs = json!({
+            "metadata": {"name": "details", "namespace": "default", "generation": 1},
+            "spec": {"hosts": ["details"]},
+        });
+        let w = wanted(
+            "VirtualService",
+            &vs,
+            Some("spec.http[0].retries.attempts: not a number"),
+            &HERE,
+            &MESH,
+        );
+        assert!(set(false)(&w), "{w:?}");
+        vs["status"] = patch(&vs, &w, "2026-12-08T00:00:00Z").unwrap()["status"].clone();
+        // Fixed: taken back; accepted and never refused: nothing to say.
+        let w = wanted("VirtualService", &vs, None, &HERE, &MESH);
+        assert_eq!(w, Wanted::Remove);
+        assert_eq!(
+            patch(&vs, &w, "2026-12-08T01:00:00Z").unwrap()["status"]["conditions"],
+            json!([])
+        );
+        vs["status"] = json!({});
+        assert_eq!(
+            wanted("VirtualService", &vs, None, &HERE, &MESH),
+            Wanted::Leave
+        );
     }
 
     #[test]
     fn patches_keep_other_conditions_and_are_made_only_on_change() {
         let mut p = policy("default", json!([gateway("waypoint")]));
         p["status"] = json!({"conditions": [{"type": "ZtunnelAccepted", "status": "True"}]});
-        let w = wanted(&p, None, &HERE, &MESH);
+        let w = wanted("AuthorizationPolicy", &p, None, &HERE, &MESH);
         let first = patch(&p, &w, "2026-12-08T00:00:00Z").expect("a patch");
         let conds = first["status"]["conditions"].as_array().unwrap();
         assert_eq!(conds.len(), 2);
@@ -270,7 +324,7 @@ mod tests {
         assert_eq!(patch(&p, &w, "2026-12-08T01:00:00Z"), None);
         // No longer bound here: our condition goes, istiod's stays.
         p["spec"]["targetRefs"] = json!([gateway("other")]);
-        let w = wanted(&p, None, &HERE, &MESH);
+        let w = wanted("AuthorizationPolicy", &p, None, &HERE, &MESH);
         assert_eq!(w, Wanted::Remove);
         let removed = patch(&p, &w, "2026-12-08T02:00:00Z").expect("a patch");
         assert_eq!(

@@ -18,7 +18,8 @@ use tokio::sync::watch;
 
 use super::KubeOptions;
 use super::kinds::{
-    AUTHORIZATION_POLICY, GATEWAY, GRPC_ROUTE, HTTP_ROUTE, REQUEST_AUTHENTICATION, WATCHED,
+    AUTHORIZATION_POLICY, DESTINATION_RULE, GATEWAY, GRPC_ROUTE, HTTP_ROUTE,
+    REQUEST_AUTHENTICATION, VIRTUAL_SERVICE, WATCHED,
 };
 use super::own_gateway::OwnGateway;
 use super::policy_status;
@@ -442,8 +443,15 @@ async fn write_status(inputs: &Inputs, store: &mut Store, compile: &[Diagnostic]
             let ours = status::parents(&entry.raw, error.as_deref(), &mesh);
             let what = format!("{} parent(s)", ours.len());
             (status::patch(&entry.raw, &ours, controller, &now), what)
-        } else if kind == AUTHORIZATION_POLICY || kind == REQUEST_AUTHENTICATION {
-            let ours = policy_status::wanted(&entry.raw, error.as_deref(), &here, &mesh);
+        } else if [
+            AUTHORIZATION_POLICY,
+            REQUEST_AUTHENTICATION,
+            VIRTUAL_SERVICE,
+            DESTINATION_RULE,
+        ]
+        .contains(&kind)
+        {
+            let ours = policy_status::wanted(kind.kind, &entry.raw, error.as_deref(), &here, &mesh);
             let what = match &ours {
                 policy_status::Wanted::Set(c) => format!("WaypointAccepted {}", c.ok),
                 _ => "WaypointAccepted removed".to_owned(),
