@@ -15,10 +15,10 @@ pub mod gateway;
 pub mod json;
 pub mod kinds;
 mod own_gateway;
-pub mod policy_status;
 pub mod source;
 pub mod status;
 pub mod store;
+pub mod waypoint_accepted;
 
 use std::path::PathBuf;
 

@@ -22,9 +22,9 @@ use super::kinds::{
     REQUEST_AUTHENTICATION, VIRTUAL_SERVICE, WATCHED,
 };
 use super::own_gateway::OwnGateway;
-use super::policy_status;
 use super::status;
 use super::store::{Change, Entry, Store};
+use super::waypoint_accepted;
 use crate::config::{Diagnostic, LoadOptions, ResourceName, Severity};
 use crate::metrics::Metrics;
 use crate::route::{self, CompileOptions, RouteTable};
@@ -416,10 +416,9 @@ fn first_error(entry: &Entry, compile: &[Diagnostic]) -> Option<String> {
         })
 }
 
-/// Patches the status of every Gateway API route whose status we own, and the
-/// `WaypointAccepted` condition of every policy that is ours to say (`policy_status`), that
-/// changed;
-/// false when a patch failed (the loop tries again on its next event). The object the API
+/// Patches what changed of the status of every Gateway API route whose status we own, and
+/// of the `WaypointAccepted` condition of every object that is ours to say
+/// (`waypoint_accepted`); false when a patch failed (the loop tries again on its next event). The object the API
 /// server answers replaces the stored one, so a look before our own write comes back as a
 /// watch event sees the status already written and does not write it twice.
 async fn write_status(inputs: &Inputs, store: &mut Store, compile: &[Diagnostic]) -> bool {
@@ -432,7 +431,7 @@ async fn write_status(inputs: &Inputs, store: &mut Store, compile: &[Diagnostic]
         .to_string();
     let controller = &inputs.opts.controller_name;
     let mut wanted = Vec::new();
-    let here = policy_status::Here {
+    let here = waypoint_accepted::Here {
         namespace: &inputs.compile.namespace,
         gateway: &inputs.compile.gateway_name,
         root_namespace: &inputs.compile.root_namespace,
@@ -451,12 +450,13 @@ async fn write_status(inputs: &Inputs, store: &mut Store, compile: &[Diagnostic]
         ]
         .contains(&kind)
         {
-            let ours = policy_status::wanted(kind.kind, &entry.raw, error.as_deref(), &here, &mesh);
+            let ours =
+                waypoint_accepted::wanted(kind.kind, &entry.raw, error.as_deref(), &here, &mesh);
             let what = match &ours {
-                policy_status::Wanted::Set(c) => format!("WaypointAccepted {}", c.ok),
+                waypoint_accepted::Wanted::Set(c) => format!("WaypointAccepted {}", c.ok),
                 _ => "WaypointAccepted removed".to_owned(),
             };
-            (policy_status::patch(&entry.raw, &ours, &now), what)
+            (waypoint_accepted::patch(&entry.raw, &ours, &now), what)
         } else {
             continue;
         };
