@@ -418,9 +418,10 @@ fn first_error(entry: &Entry, compile: &[Diagnostic]) -> Option<String> {
 
 /// Patches what changed of the status of every Gateway API route whose status we own, and
 /// of the `WaypointAccepted` condition of every object that is ours to say
-/// (`waypoint_accepted`); false when a patch failed (the loop tries again on its next event). The object the API
-/// server answers replaces the stored one, so a look before our own write comes back as a
-/// watch event sees the status already written and does not write it twice.
+/// (`waypoint_accepted`); false when a patch failed (the loop tries again on its next
+/// event). The object the API server answers replaces the stored one, so a look before our
+/// own write comes back as a watch event sees the status already written and does not write
+/// it twice.
 async fn write_status(inputs: &Inputs, store: &mut Store, compile: &[Diagnostic]) -> bool {
     let mesh = MeshView {
         state: inputs.state.borrow().clone(),
