@@ -97,6 +97,18 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
+    /// `problem` at field `path` of a resource already read (compile findings: no position).
+    pub fn about(res: &super::Resource, path: &str, problem: Problem) -> Diagnostic {
+        Diagnostic {
+            file: res.source.file.clone(),
+            document: res.source.document,
+            resource: Some(res.name()),
+            path: path.into(),
+            pos: None,
+            problem,
+        }
+    }
+
     pub fn severity(&self) -> Severity {
         self.problem.severity()
     }

@@ -70,25 +70,14 @@ pub(super) struct Compiler<'c> {
 }
 
 impl<'c> Compiler<'c> {
-    fn diag(res: &Resource, path: &str, problem: Problem) -> Diagnostic {
-        Diagnostic {
-            file: res.source.file.clone(),
-            document: res.source.document,
-            resource: Some(res.name()),
-            path: path.into(),
-            pos: None,
-            problem,
-        }
-    }
-
     /// A warning about `res`.
     pub(super) fn note(&mut self, res: &Resource, path: &str, problem: Problem) {
-        self.diagnostics.push(Self::diag(res, path, problem));
+        self.diagnostics.push(Diagnostic::about(res, path, problem));
     }
 
     /// An error that leaves `res` out.
     pub(super) fn reject(&mut self, res: &Resource, path: &str, problem: Problem) -> Rejected {
-        self.diagnostics.push(Self::diag(res, path, problem));
+        self.diagnostics.push(Diagnostic::about(res, path, problem));
         if !self.rejected.contains(&res.name()) {
             self.rejected.push(res.name());
         }

@@ -99,16 +99,45 @@ pub struct Operation {
     pub not_paths: Vec<StringMatch>,
 }
 
+/// What a security policy applies to, read as both kinds write it: `selector`, or
+/// `targetRefs` with the older single `targetRef` folded in; false when more than one is set
+/// (reported).
+pub(super) fn selection(
+    f: &mut Fields<'_, '_>,
+    cx: &mut Cx,
+) -> (Option<Labels>, Vec<TargetRef>, bool) {
+    let selector = f.opt_with("selector", cx, |n, at, cx| {
+        let mut s = Fields::new(n, at, cx)?;
+        let labels = s.map::<String>("matchLabels", cx);
+        s.finish(cx).then_some(labels)
+    });
+    let target_ref = f.opt::<TargetRef>("targetRef", cx);
+    let mut target_refs = f.list::<TargetRef>("targetRefs", cx);
+    let mut ok = true;
+    if target_ref.is_some() && !target_refs.is_empty() {
+        f.invalid(
+            "targetRef",
+            cx,
+            "only one of targetRef, targetRefs may be set",
+        );
+        ok = false;
+    }
+    if selector.is_some() && (target_ref.is_some() || !target_refs.is_empty()) {
+        f.invalid(
+            "selector",
+            cx,
+            "only one of selector, targetRef, targetRefs may be set",
+        );
+        ok = false;
+    }
+    target_refs.extend(target_ref);
+    (selector, target_refs, ok)
+}
+
 impl Decode for AuthorizationPolicy {
     fn decode(node: &Node, at: &Path<'_>, cx: &mut Cx) -> Option<Self> {
         let mut f = Fields::new(node, at, cx)?;
-        let selector = f.opt_with("selector", cx, |n, at, cx| {
-            let mut s = Fields::new(n, at, cx)?;
-            let labels = s.map::<String>("matchLabels", cx);
-            s.finish(cx).then_some(labels)
-        });
-        let target_ref = f.opt::<TargetRef>("targetRef", cx);
-        let mut target_refs = f.list::<TargetRef>("targetRefs", cx);
+        let (selector, target_refs, mut ok) = selection(&mut f, cx);
         let action = f.opt_with("action", cx, action).unwrap_or_default();
         let provider = f.opt_with("provider", cx, |n, at, cx| {
             let mut p = Fields::new(n, at, cx)?;
@@ -116,23 +145,6 @@ impl Decode for AuthorizationPolicy {
             p.finish(cx).then_some(name).flatten()
         });
         let rules = f.list::<Rule>("rules", cx);
-        let mut ok = true;
-        if target_ref.is_some() && !target_refs.is_empty() {
-            f.invalid(
-                "targetRef",
-                cx,
-                "only one of targetRef, targetRefs may be set",
-            );
-            ok = false;
-        }
-        if selector.is_some() && (target_ref.is_some() || !target_refs.is_empty()) {
-            f.invalid(
-                "selector",
-                cx,
-                "only one of selector, targetRef, targetRefs may be set",
-            );
-            ok = false;
-        }
         match (action, &provider) {
             (Action::Custom, None) => {
                 f.invalid("provider", cx, "a CUSTOM policy needs provider.name");
@@ -144,7 +156,6 @@ impl Decode for AuthorizationPolicy {
             }
             _ => {}
         }
-        target_refs.extend(target_ref);
         let ok = f.finish(cx) && ok;
         ok.then_some(AuthorizationPolicy {
             selector,

@@ -11,7 +11,7 @@ use super::super::decode::{Cx, Decode, Fields, Path};
 use super::super::duration::duration;
 use super::super::istio::common::Labels;
 use super::super::yaml::Node;
-use super::authorization_policy::TargetRef;
+use super::authorization_policy::{TargetRef, selection};
 
 /// `RequestAuthentication.spec`.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -61,32 +61,8 @@ pub struct ClaimToHeader {
 impl Decode for RequestAuthentication {
     fn decode(node: &Node, at: &Path<'_>, cx: &mut Cx) -> Option<Self> {
         let mut f = Fields::new(node, at, cx)?;
-        let selector = f.opt_with("selector", cx, |n, at, cx| {
-            let mut s = Fields::new(n, at, cx)?;
-            let labels = s.map::<String>("matchLabels", cx);
-            s.finish(cx).then_some(labels)
-        });
-        let target_ref = f.opt::<TargetRef>("targetRef", cx);
-        let mut target_refs = f.list::<TargetRef>("targetRefs", cx);
+        let (selector, target_refs, ok) = selection(&mut f, cx);
         let jwt_rules = f.list::<JwtRule>("jwtRules", cx);
-        let mut ok = true;
-        if target_ref.is_some() && !target_refs.is_empty() {
-            f.invalid(
-                "targetRef",
-                cx,
-                "only one of targetRef, targetRefs may be set",
-            );
-            ok = false;
-        }
-        if selector.is_some() && (target_ref.is_some() || !target_refs.is_empty()) {
-            f.invalid(
-                "selector",
-                cx,
-                "only one of selector, targetRef, targetRefs may be set",
-            );
-            ok = false;
-        }
-        target_refs.extend(target_ref);
         let ok = f.finish(cx) && ok;
         ok.then_some(RequestAuthentication {
             selector,

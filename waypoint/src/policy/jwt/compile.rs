@@ -28,14 +28,7 @@ pub fn compile(
             continue;
         };
         let mut note = |path: &str, problem: Problem| {
-            diagnostics.push(Diagnostic {
-                file: res.source.file.clone(),
-                document: res.source.document,
-                resource: Some(res.name()),
-                path: path.into(),
-                pos: None,
-                problem,
-            });
+            diagnostics.push(Diagnostic::about(res, path, problem));
         };
         let ns = res.meta.namespace.as_str();
         if let Some((path, why)) = not_here(
